@@ -1,0 +1,79 @@
+//! `pinner-hook`: libvirt's qemu hook. libvirt runs it holding the domain's
+//! job lock, so it never calls libvirt: it reads the event, hands it to the
+//! daemon over the unix socket within a hard deadline, and exits 0 whatever
+//! the daemon's state (a non-zero exit would abort the guest's start).
+
+mod domain_xml;
+mod send;
+
+use pinner_shared::log::{Level, Logger};
+use pinner_shared::paths::DEFAULT_SOCKET;
+use pinner_shared::protocol::{HookEvent, HookOp, Request};
+use pinner_shared::wire;
+use std::io::{Read, Write};
+use std::process::ExitCode;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Budget for handing the event over; the whole run must stay under 50 ms.
+const SEND_BUDGET: Duration = Duration::from_millis(30);
+
+const USAGE: &str = "usage: pinner-hook DOMAIN OPERATION SUB-OPERATION EXTRA < domain.xml
+
+libvirt runs this as its qemu hook (/etc/libvirt/hooks/qemu.d/50-pinner).
+It forwards the event to the pinner daemon and never blocks libvirt.";
+
+fn main() -> ExitCode {
+    let started = Instant::now();
+    let args: Vec<String> = std::env::args_os()
+        .skip(1)
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    if args.len() < 2 {
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
+    }
+    let logger = Logger::new("pinner-hook", Level::Info);
+    let (arg_name, op_word) = (&args[0], &args[1]);
+    let sub_op = args.get(2).cloned().unwrap_or_default();
+
+    // Always drain stdin: libvirt writes the whole XML before waiting on us.
+    let mut xml = Vec::new();
+    let _ = std::io::stdin().lock().read_to_end(&mut xml);
+
+    let Some(op) = HookOp::parse(op_word) else {
+        // A newer libvirt may send ops we do not know; they are not ours to fail.
+        logger.debug("ignoring unknown hook operation", &[("OP", op_word)]);
+        return ExitCode::SUCCESS;
+    };
+    if op.echoes_xml() {
+        // libvirt uses our stdout as the XML to start from.
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(&xml).and_then(|_| out.flush());
+    }
+
+    let facts = domain_xml::read(&xml);
+    let event = HookEvent {
+        op,
+        sub_op,
+        name: facts.name.unwrap_or_else(|| arg_name.clone()),
+        uuid: facts.uuid.unwrap_or_default(),
+        vcpus: facts.vcpus.unwrap_or(0),
+        sent_at_unix_ns: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64),
+    };
+    let outcome = wire::encode(&Request::Event(event.clone()))
+        .map_err(|e| e.to_string())
+        .and_then(|frame| {
+            send::send_frame(DEFAULT_SOCKET.as_ref(), &frame, started + SEND_BUDGET)
+                .map_err(|e| e.to_string())
+        });
+    if let Err(reason) = outcome {
+        // Not lost: the daemon reconciles the whole host at start and on a timer.
+        logger.warn(
+            &format!("event not delivered to pinner daemon: {reason}"),
+            &[("DOMAIN", &event.name), ("OP", op.as_str())],
+        );
+    }
+    ExitCode::SUCCESS
+}

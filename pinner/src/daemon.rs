@@ -1,0 +1,569 @@
+//! `pinner daemon`: the socket intake, the coalescing queue and the
+//! reconcile loop that owns the libvirt connection.
+//!
+//! Threads: one accepts connections (and one short-lived thread per
+//! connection, so a slow client cannot stall others), one turns signals into
+//! messages, and the main thread reconciles. Events are only queued; all
+//! libvirt work happens on the main thread, after the hook has returned and
+//! libvirt has released the domain's job lock.
+
+use crate::config::Config;
+use crate::hypervisor::{HvError, Hypervisor, Libvirt};
+use crate::placement::HostPolicy;
+use crate::reconcile::{self, Action};
+use crate::topology::Topology;
+use pinner_shared::log::Logger;
+use pinner_shared::protocol::{
+    Counters, HookEvent, ReconcileReport, Request, Response, StatusReport,
+};
+use pinner_shared::wire::{self, WireError};
+use std::collections::BTreeSet;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Connections served at once; more are closed at once (hooks retry nothing,
+/// the periodic reconcile covers them).
+const MAX_CONNECTIONS: usize = 64;
+/// A client must send its whole request within this.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// A CLI request waits this long for the reconcile loop.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
+const RECONNECT_MIN: Duration = Duration::from_millis(250);
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
+const BUSY_RETRY: Duration = Duration::from_secs(1);
+
+enum Work {
+    Event(HookEvent),
+    Status(Sender<Response>),
+    Reconcile(Sender<Response>),
+    Reload,
+    Stop,
+}
+
+pub fn run(config_path: Option<PathBuf>) -> Result<(), String> {
+    let config = Config::load(config_path.as_deref()).map_err(|e| e.to_string())?;
+    let topology = Topology::read(Path::new("/"))?;
+    config.check_against(&topology).map_err(|e| e.to_string())?;
+    let logger = Arc::new(Logger::new("pinner", config.log_level));
+
+    let listener = bind_socket(&config.socket)?;
+    let (tx, rx) = mpsc::channel();
+    spawn_signal_thread(tx.clone())?;
+    {
+        let (tx, logger) = (tx.clone(), logger.clone());
+        std::thread::Builder::new()
+            .name("intake".into())
+            .spawn(move || accept_loop(listener, tx, logger))
+            .map_err(|e| format!("cannot start intake thread: {e}"))?;
+    }
+    logger.info(
+        &format!(
+            "pinner daemon started: socket {}, libvirt {}, reserved CPUs \"{}\", online {}",
+            config.socket.display(),
+            config.libvirt_uri,
+            config.reserved_cpus,
+            topology.online
+        ),
+        &[],
+    );
+    let socket = config.socket.clone();
+    let mut daemon = Daemon::new(config, config_path, topology, logger.clone());
+    daemon.run(&rx);
+    let _ = std::fs::remove_file(&socket);
+    logger.info("pinner daemon stopped", &[]);
+    Ok(())
+}
+
+fn bind_socket(path: &Path) -> Result<UnixListener, String> {
+    let shown = path.display();
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(format!("another pinner daemon is listening on {shown}"));
+        }
+        // A stale socket from a daemon that died; anything else is not ours.
+        let meta = std::fs::symlink_metadata(path).map_err(|e| format!("{shown}: {e}"))?;
+        if !std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) {
+            return Err(format!(
+                "{shown} exists and is not a socket; refusing to replace it"
+            ));
+        }
+        std::fs::remove_file(path).map_err(|e| format!("cannot remove stale {shown}: {e}"))?;
+    }
+    let listener =
+        UnixListener::bind(path).map_err(|e| format!("cannot listen on {shown}: {e}"))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("cannot restrict {shown}: {e}"))?;
+    Ok(listener)
+}
+
+fn spawn_signal_thread(tx: Sender<Work>) -> Result<(), String> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM])
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                let work = if signal == SIGHUP {
+                    Work::Reload
+                } else {
+                    Work::Stop
+                };
+                if tx.send(work).is_err() {
+                    break;
+                }
+            }
+        })
+        .map_err(|e| format!("cannot start signal thread: {e}"))?;
+    Ok(())
+}
+
+fn accept_loop(listener: UnixListener, tx: Sender<Work>, logger: Arc<Logger>) {
+    let active = Arc::new(AtomicUsize::new(0));
+    for conn in listener.incoming() {
+        let Ok(stream) = conn else { continue };
+        if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+            active.fetch_sub(1, Ordering::SeqCst);
+            logger.warn("too many connections; closing one", &[]);
+            continue;
+        }
+        let (conn_tx, conn_logger, conn_active) = (tx.clone(), logger.clone(), active.clone());
+        let spawned = std::thread::Builder::new()
+            .name("conn".into())
+            .spawn(move || {
+                serve_connection(stream, &conn_tx, &conn_logger);
+                conn_active.fetch_sub(1, Ordering::SeqCst);
+            });
+        if spawned.is_err() {
+            active.fetch_sub(1, Ordering::SeqCst);
+            logger.warn("cannot start a connection thread", &[]);
+        }
+    }
+}
+
+/// Reads one request; events are queued without an answer, CLI requests are
+/// answered once the reconcile loop has handled them.
+fn serve_connection(mut stream: UnixStream, tx: &Sender<Work>, logger: &Logger) {
+    if let Err(reason) = check_peer(&stream) {
+        logger.warn(&format!("refused connection: {reason}"), &[]);
+        let _ = wire::write_message(&mut stream, &Response::Error(reason));
+        return;
+    }
+    let _ = stream.set_read_timeout(Some(REQUEST_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(REQUEST_TIMEOUT));
+    let request = match wire::read_message::<Request>(&mut stream) {
+        Ok(r) => r,
+        Err(e) => {
+            let level_is_quiet = matches!(e, WireError::Truncated);
+            let message = format!("bad request: {e}");
+            if level_is_quiet {
+                logger.debug(&message, &[]);
+            } else {
+                logger.warn(&message, &[]);
+            }
+            let _ = wire::write_message(&mut stream, &Response::Error(message));
+            return;
+        }
+    };
+    let (reply_tx, reply_rx) = mpsc::channel();
+    let work = match request {
+        Request::Event(event) => {
+            let _ = tx.send(Work::Event(event));
+            return;
+        }
+        Request::Status => Work::Status(reply_tx),
+        Request::Reconcile => Work::Reconcile(reply_tx),
+    };
+    if tx.send(work).is_err() {
+        return;
+    }
+    let response = reply_rx
+        .recv_timeout(REPLY_TIMEOUT)
+        .unwrap_or_else(|_| Response::Error("daemon did not answer in time".into()));
+    let _ = stream.set_write_timeout(Some(REPLY_TIMEOUT));
+    let _ = wire::write_message(&mut stream, &response);
+}
+
+/// Only root (or the daemon's own user) may talk to the daemon.
+fn check_peer(stream: &UnixStream) -> Result<(), String> {
+    let creds = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)
+        .map_err(|e| format!("cannot read peer credentials: {e}"))?;
+    let own = nix::unistd::geteuid().as_raw();
+    if creds.uid() == 0 || creds.uid() == own {
+        Ok(())
+    } else {
+        Err(format!(
+            "permission denied for uid {} (pid {}): only root may use the pinner socket",
+            creds.uid(),
+            creds.pid()
+        ))
+    }
+}
+
+struct Daemon {
+    config: Config,
+    config_path: Option<PathBuf>,
+    topology: Topology,
+    logger: Arc<Logger>,
+    libvirt: Option<Libvirt>,
+    counters: Counters,
+    next_periodic: Instant,
+    retry_at: Option<Instant>,
+    reconnect_delay: Duration,
+    next_connect: Instant,
+    /// Set while libvirt is unreachable, so the outage is logged once.
+    outage_logged: bool,
+    ever_connected: bool,
+    last_warnings: BTreeSet<String>,
+}
+
+impl Daemon {
+    fn new(
+        config: Config,
+        config_path: Option<PathBuf>,
+        topology: Topology,
+        logger: Arc<Logger>,
+    ) -> Daemon {
+        let now = Instant::now();
+        Daemon {
+            next_periodic: now + config.reconcile_interval,
+            config,
+            config_path,
+            topology,
+            logger,
+            libvirt: None,
+            counters: Counters::default(),
+            retry_at: None,
+            reconnect_delay: RECONNECT_MIN,
+            next_connect: now,
+            outage_logged: false,
+            ever_connected: false,
+            last_warnings: BTreeSet::new(),
+        }
+    }
+
+    fn run(&mut self, rx: &Receiver<Work>) {
+        // Guests started while the daemon was down get pinned now.
+        self.reconcile();
+        loop {
+            let now = Instant::now();
+            let wake = self
+                .retry_at
+                .map_or(self.next_periodic, |r| r.min(self.next_periodic));
+            let mut batch = Vec::new();
+            match rx.recv_timeout(wake.saturating_duration_since(now)) {
+                Ok(work) => batch.push(work),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            // Coalesce: everything queued meanwhile is served by one reconcile.
+            batch.extend(rx.try_iter());
+
+            let mut needed = false;
+            let mut reconcile_replies = Vec::new();
+            let mut status_replies = Vec::new();
+            for work in batch {
+                match work {
+                    Work::Event(event) => needed |= self.note_event(&event),
+                    Work::Reconcile(reply) => {
+                        needed = true;
+                        reconcile_replies.push(reply);
+                    }
+                    Work::Status(reply) => status_replies.push(reply),
+                    Work::Reload => needed |= self.reload(),
+                    Work::Stop => {
+                        for reply in reconcile_replies.iter().chain(&status_replies) {
+                            let _ = reply.send(Response::Error("daemon is stopping".into()));
+                        }
+                        return;
+                    }
+                }
+            }
+            let now = Instant::now();
+            if now >= self.next_periodic {
+                needed = true;
+            }
+            if self.retry_at.is_some_and(|r| now >= r) {
+                needed = true;
+            }
+            if needed {
+                let report = self.reconcile();
+                for reply in reconcile_replies {
+                    let _ = reply.send(Response::Reconciled(report.clone()));
+                }
+            }
+            for reply in status_replies {
+                let _ = reply.send(self.status());
+            }
+        }
+    }
+
+    fn note_event(&mut self, event: &HookEvent) -> bool {
+        self.counters.events_received += 1;
+        self.logger.debug(
+            &format!("hook event {} {}", event.op.as_str(), event.sub_op),
+            &[("DOMAIN", &event.name), ("OP", event.op.as_str())],
+        );
+        event.op.changes_placement()
+    }
+
+    /// Re-reads the config; a broken one is reported and the old one kept.
+    fn reload(&mut self) -> bool {
+        let loaded = Config::load(self.config_path.as_deref()).and_then(|c| {
+            c.check_against(&self.topology)?;
+            Ok(c)
+        });
+        match loaded {
+            Ok(config) => {
+                if config.socket != self.config.socket {
+                    self.logger.warn(
+                        "socket path changed in the config; it takes effect at the next restart",
+                        &[],
+                    );
+                }
+                let uri_changed = config.libvirt_uri != self.config.libvirt_uri;
+                self.config = config;
+                if uri_changed {
+                    self.libvirt = None;
+                }
+                self.logger.info("configuration reloaded", &[]);
+                true
+            }
+            Err(e) => {
+                self.logger.error(
+                    &format!("configuration not reloaded, keeping the running one: {e}"),
+                    &[],
+                );
+                false
+            }
+        }
+    }
+
+    fn host_policy(&self) -> HostPolicy<'_> {
+        HostPolicy {
+            topology: &self.topology,
+            reserved: &self.config.reserved_cpus,
+            cpu_allocation_ratio: self.config.cpu_allocation_ratio,
+        }
+    }
+
+    /// Returns the connection, (re)connecting with backoff.
+    fn connection(&mut self) -> Option<&mut Libvirt> {
+        if self.libvirt.is_none() {
+            let now = Instant::now();
+            if now < self.next_connect {
+                return None;
+            }
+            match Libvirt::connect(&self.config.libvirt_uri, self.topology.cpumap_width) {
+                Ok(conn) => {
+                    if self.ever_connected {
+                        self.counters.libvirt_reconnects += 1;
+                    }
+                    self.logger.info(
+                        &format!("connected to libvirt at {}", self.config.libvirt_uri),
+                        &[],
+                    );
+                    self.ever_connected = true;
+                    self.outage_logged = false;
+                    self.reconnect_delay = RECONNECT_MIN;
+                    self.libvirt = Some(conn);
+                }
+                Err(e) => {
+                    let message = format!(
+                        "cannot reach libvirt at {} ({e}); retrying in {:?}",
+                        self.config.libvirt_uri, self.reconnect_delay
+                    );
+                    if self.outage_logged {
+                        self.logger.debug(&message, &[]);
+                    } else {
+                        self.logger.warn(&message, &[]);
+                        self.outage_logged = true;
+                    }
+                    self.next_connect = now + self.reconnect_delay;
+                    self.retry_at = Some(self.next_connect);
+                    self.reconnect_delay = (self.reconnect_delay * 2).min(RECONNECT_MAX);
+                    return None;
+                }
+            }
+        }
+        self.libvirt.as_mut()
+    }
+
+    fn reconcile(&mut self) -> ReconcileReport {
+        self.next_periodic = Instant::now() + self.config.reconcile_interval;
+        self.retry_at = None;
+        // A connection found dead is replaced and the pass tried once more:
+        // after a libvirtd restart the first call is what notices it.
+        for _attempt in 0..2 {
+            match self.reconcile_pass() {
+                Err(HvError::Disconnected(m)) => {
+                    self.logger
+                        .warn(&format!("lost libvirt connection: {m}"), &[]);
+                    self.libvirt = None;
+                }
+                Err(e) => return self.failed_report(e.to_string()),
+                Ok(report) => return report,
+            }
+        }
+        self.failed_report("libvirt not reachable".into())
+    }
+
+    fn failed_report(&mut self, error: String) -> ReconcileReport {
+        if self.retry_at.is_none() {
+            self.retry_at = Some(Instant::now() + self.reconnect_delay);
+        }
+        ReconcileReport {
+            errors: vec![error],
+            ..ReconcileReport::default()
+        }
+    }
+
+    fn reconcile_pass(&mut self) -> Result<ReconcileReport, HvError> {
+        let Some(libvirt) = self.connection() else {
+            return Err(HvError::Other(format!(
+                "libvirt not reachable at {}",
+                self.config.libvirt_uri
+            )));
+        };
+        let (specs, unreadable) = libvirt.running_domains()?;
+        let plan = reconcile::plan_for(&self.host_policy(), &specs);
+        let work = reconcile::diff(&specs, &plan);
+        let logger = self.logger.clone();
+        let libvirt = self.libvirt.as_mut().expect("connected above");
+        let outcome = reconcile::apply(libvirt as &mut dyn Hypervisor, &work, |domain, action| {
+            log_applied(&logger, &domain.name, action)
+        })?;
+        self.counters.reconciles += 1;
+        self.counters.pins_applied += u64::from(outcome.changed);
+        self.counters.apply_errors += outcome.errors.len() as u64;
+        for error in outcome.errors.iter().chain(&unreadable) {
+            self.logger.warn(error, &[]);
+        }
+        if outcome.busy {
+            self.retry_at = Some(Instant::now() + BUSY_RETRY);
+        }
+        self.log_new_warnings(&plan.warnings);
+        if outcome.changed > 0 {
+            self.logger.info(
+                &format!(
+                    "reconciled {} domains in {} mode: {} pins changed",
+                    specs.len(),
+                    plan.mode.as_str(),
+                    outcome.changed
+                ),
+                &[],
+            );
+        }
+        let mut errors = outcome.errors;
+        errors.extend(unreadable);
+        Ok(ReconcileReport {
+            mode: plan.mode.as_str().into(),
+            domains: specs.len() as u32,
+            pins_changed: outcome.changed,
+            errors,
+            warnings: plan.warnings,
+        })
+    }
+
+    /// Warnings repeat every reconcile; log each only when it first appears.
+    fn log_new_warnings(&mut self, warnings: &[String]) {
+        let current: BTreeSet<String> = warnings.iter().cloned().collect();
+        for w in current.difference(&self.last_warnings) {
+            self.logger.warn(w, &[]);
+        }
+        self.last_warnings = current;
+    }
+
+    fn status(&mut self) -> Response {
+        let counters = self.counters.clone();
+        let reserved = self.config.reserved_cpus.to_vec();
+        let observed = match self.connection() {
+            Some(libvirt) => libvirt.running_domains(),
+            None => Err(HvError::Disconnected(format!(
+                "libvirt not reachable at {}",
+                self.config.libvirt_uri
+            ))),
+        };
+        match observed {
+            Ok((specs, unreadable)) => {
+                let plan = reconcile::plan_for(&self.host_policy(), &specs);
+                let mut warnings = plan.warnings.clone();
+                warnings.extend(unreadable);
+                Response::Status(StatusReport {
+                    mode: plan.mode.as_str().into(),
+                    pool: plan.pool.to_vec(),
+                    reserved,
+                    libvirt_connected: true,
+                    domains: reconcile::domain_status(&specs, &plan),
+                    warnings,
+                    counters,
+                })
+            }
+            Err(e) => {
+                if matches!(e, HvError::Disconnected(_)) {
+                    self.libvirt = None;
+                }
+                Response::Status(StatusReport {
+                    mode: "unknown".into(),
+                    reserved,
+                    libvirt_connected: false,
+                    warnings: vec![e.to_string()],
+                    counters,
+                    ..StatusReport::default()
+                })
+            }
+        }
+    }
+}
+
+fn log_applied(logger: &Logger, domain: &str, action: &Action) {
+    match action {
+        Action::SetMetadata { element } => logger.debug(
+            &format!("marked as managed: {element}"),
+            &[("DOMAIN", domain), ("OP", "metadata")],
+        ),
+        Action::PinVcpu { vcpu, cpus } => logger.info(
+            &format!("pinned vCPU {vcpu} to CPUs {cpus}"),
+            &[
+                ("DOMAIN", domain),
+                ("VCPU", &vcpu.to_string()),
+                ("CPUS", &cpus.to_string()),
+                ("OP", "pin_vcpu"),
+            ],
+        ),
+        Action::PinEmulator { cpus } => logger.info(
+            &format!("pinned emulator threads to CPUs {cpus}"),
+            &[
+                ("DOMAIN", domain),
+                ("CPUS", &cpus.to_string()),
+                ("OP", "pin_emulator"),
+            ],
+        ),
+    }
+}
+
+/// For the CLI: one request, one answer.
+pub fn request(socket: &Path, request: &Request, timeout: Duration) -> Result<Response, String> {
+    let shown = socket.display();
+    let mut stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => format!("pinner daemon is not running (no socket at {shown})"),
+        io::ErrorKind::ConnectionRefused => {
+            format!("pinner daemon is not running (stale socket at {shown})")
+        }
+        io::ErrorKind::PermissionDenied => format!("permission denied on {shown}: run as root"),
+        _ => format!("cannot connect to {shown}: {e}"),
+    })?;
+    let _ = stream.set_read_timeout(Some(timeout));
+    wire::write_message(&mut stream, request).map_err(|e| format!("sending to the daemon: {e}"))?;
+    wire::read_message(&mut stream).map_err(|e| format!("reading the daemon's answer: {e}"))
+}

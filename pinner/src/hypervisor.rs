@@ -1,0 +1,135 @@
+//! Everything the daemon asks of libvirt, behind a small trait so reconcile
+//! logic can be driven against fixtures.
+
+use crate::cpuset::CpuSet;
+use crate::domain::DomainSpec;
+use pinner_shared::paths::{METADATA_KEY, METADATA_URI};
+use std::fmt;
+use virt::connect::Connect;
+use virt::domain::Domain;
+use virt::sys;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HvError {
+    /// The connection is gone (libvirtd stopped or restarted): reconnect.
+    Disconnected(String),
+    /// "cannot acquire state change lock": another job holds the domain.
+    Busy(String),
+    /// The domain stopped or vanished meanwhile.
+    Gone(String),
+    Other(String),
+}
+
+impl fmt::Display for HvError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HvError::Disconnected(m) => write!(f, "libvirt connection lost: {m}"),
+            HvError::Busy(m) => write!(f, "domain busy: {m}"),
+            HvError::Gone(m) => write!(f, "domain gone: {m}"),
+            HvError::Other(m) => write!(f, "{m}"),
+        }
+    }
+}
+
+pub trait Hypervisor {
+    /// Every running domain with its live XML facts. Domains whose XML cannot
+    /// be read are reported in the second list (name or uuid, reason).
+    fn running_domains(&mut self) -> Result<(Vec<DomainSpec>, Vec<String>), HvError>;
+    fn set_metadata(&mut self, uuid: &str, element: &str) -> Result<(), HvError>;
+    fn pin_vcpu(&mut self, uuid: &str, vcpu: u32, cpus: &CpuSet) -> Result<(), HvError>;
+    fn pin_emulator(&mut self, uuid: &str, cpus: &CpuSet) -> Result<(), HvError>;
+}
+
+/// libvirt through the `virt` crate. Only live state is changed: pins and
+/// metadata vanish with the guest, and the persistent definition is the
+/// operator's.
+pub struct Libvirt {
+    conn: Connect,
+    cpumap_width: u32,
+}
+
+impl Libvirt {
+    pub fn connect(uri: &str, cpumap_width: u32) -> Result<Libvirt, HvError> {
+        // Without this libvirt prints every error to stderr on its own.
+        virt::error::clear_error_callback();
+        let conn =
+            Connect::open(Some(uri)).map_err(|e| HvError::Disconnected(e.message().to_string()))?;
+        Ok(Libvirt { conn, cpumap_width })
+    }
+
+    fn domain(&self, uuid: &str) -> Result<Domain, HvError> {
+        self.conn
+            .lookup_domain_by_uuid_string(uuid)
+            .map_err(|e| self.classify(e))
+    }
+
+    /// Maps a libvirt error to what the reconciler does about it.
+    fn classify(&self, e: virt::error::Error) -> HvError {
+        let message = e.message().to_string();
+        match e.code().to_raw() {
+            sys::VIR_ERR_OPERATION_TIMEOUT | sys::VIR_ERR_RESOURCE_BUSY => HvError::Busy(message),
+            sys::VIR_ERR_NO_DOMAIN | sys::VIR_ERR_OPERATION_INVALID => HvError::Gone(message),
+            _ if !self.conn.is_alive().unwrap_or(false) => HvError::Disconnected(message),
+            _ => HvError::Other(message),
+        }
+    }
+}
+
+impl Hypervisor for Libvirt {
+    fn running_domains(&mut self) -> Result<(Vec<DomainSpec>, Vec<String>), HvError> {
+        let domains = self
+            .conn
+            .list_all_domains(sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+            .map_err(|e| self.classify(e))?;
+        let mut specs = Vec::with_capacity(domains.len());
+        let mut unreadable = Vec::new();
+        for dom in domains {
+            match dom.xml_desc(0) {
+                Ok(xml) => match DomainSpec::parse(&xml) {
+                    Ok(spec) => specs.push(spec),
+                    Err(e) => unreadable.push(e),
+                },
+                Err(e) => match self.classify(e) {
+                    HvError::Gone(_) => {}
+                    HvError::Disconnected(m) => return Err(HvError::Disconnected(m)),
+                    other => unreadable.push(format!(
+                        "{}: {other}",
+                        dom.name().unwrap_or_else(|_| "(unknown)".into())
+                    )),
+                },
+            }
+        }
+        Ok((specs, unreadable))
+    }
+
+    fn set_metadata(&mut self, uuid: &str, element: &str) -> Result<(), HvError> {
+        self.domain(uuid)?
+            .set_metadata(
+                sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+                Some(element),
+                Some(METADATA_KEY),
+                Some(METADATA_URI),
+                sys::VIR_DOMAIN_AFFECT_LIVE,
+            )
+            .map_err(|e| self.classify(e))
+    }
+
+    fn pin_vcpu(&mut self, uuid: &str, vcpu: u32, cpus: &CpuSet) -> Result<(), HvError> {
+        self.domain(uuid)?
+            .pin_vcpu_flags(
+                vcpu,
+                &cpus.to_cpumap(self.cpumap_width),
+                sys::VIR_DOMAIN_AFFECT_LIVE,
+            )
+            .map_err(|e| self.classify(e))
+    }
+
+    fn pin_emulator(&mut self, uuid: &str, cpus: &CpuSet) -> Result<(), HvError> {
+        self.domain(uuid)?
+            .pin_emulator(
+                &cpus.to_cpumap(self.cpumap_width),
+                sys::VIR_DOMAIN_AFFECT_LIVE,
+            )
+            .map_err(|e| self.classify(e))
+    }
+}

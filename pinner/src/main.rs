@@ -1,0 +1,108 @@
+//! `pinner`: the daemon and its command-line client.
+
+mod config;
+mod cpuset;
+mod daemon;
+mod domain;
+mod hypervisor;
+mod placement;
+mod reconcile;
+mod report;
+mod topology;
+
+use clap::{Parser, Subcommand};
+use pinner_shared::paths::DEFAULT_SOCKET;
+use pinner_shared::protocol::{Request, Response};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "pinner",
+    version,
+    about = "Keeps libvirt guests' vCPUs on the right physical CPUs"
+)]
+struct Cli {
+    /// Configuration file (default /etc/pinner/pinner.toml).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The daemon's socket (default: from the configuration).
+    #[arg(long, global = true, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon: take hook events, place guests, keep them placed.
+    Daemon,
+    /// Each running guest's policy and vCPU pins against the plan.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Reconcile now and wait for the result.
+    Reconcile {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("pinner: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode, String> {
+    if let Command::Daemon = cli.command {
+        daemon::run(cli.config)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let socket = match (cli.socket, &cli.config) {
+        (Some(socket), _) => socket,
+        (None, Some(path)) => {
+            config::Config::load(Some(path))
+                .map_err(|e| e.to_string())?
+                .socket
+        }
+        (None, None) => config::Config::load(None)
+            .map(|c| c.socket)
+            .unwrap_or_else(|_| PathBuf::from(DEFAULT_SOCKET)),
+    };
+    let (request, json) = match cli.command {
+        Command::Status { json } => (Request::Status, json),
+        Command::Reconcile { json } => (Request::Reconcile, json),
+        Command::Daemon => unreachable!("handled above"),
+    };
+    let response = daemon::request(&socket, &request, Duration::from_secs(150))?;
+    let text = match &response {
+        Response::Error(message) => return Err(format!("daemon: {message}")),
+        Response::Status(report) if json => to_json(report)?,
+        Response::Reconciled(report) if json => to_json(report)?,
+        Response::Status(report) => report::status_text(report),
+        Response::Reconciled(report) => report::reconcile_text(report),
+    };
+    print!("{text}");
+    // A reconcile that hit errors is a failure for scripts.
+    let failed = matches!(&response, Response::Reconciled(r) if !r.errors.is_empty());
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn to_json(value: &impl serde::Serialize) -> Result<String, String> {
+    serde_json::to_string_pretty(value)
+        .map(|s| s + "\n")
+        .map_err(|e| format!("cannot render JSON: {e}"))
+}

@@ -1,0 +1,389 @@
+//! One reconcile: read the running domains, plan, apply only what differs.
+//! Level-triggered: it needs no memory of earlier events, so a missed event
+//! or a daemon restart costs nothing but a delay.
+
+use crate::cpuset::CpuSet;
+use crate::domain::{DomainSpec, PinnerMetadata, Policy};
+use crate::hypervisor::{HvError, Hypervisor};
+use crate::placement::{self, Guest, HostPolicy, Plan, Role};
+use pinner_shared::protocol::{DomainStatus, VcpuStatus};
+
+/// One change to make on a domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Marks the domain as pinner's before any pin, so pins survive a crash
+    /// mid-apply as recognisably ours rather than someone else's.
+    SetMetadata {
+        element: String,
+    },
+    PinVcpu {
+        vcpu: u32,
+        cpus: CpuSet,
+    },
+    PinEmulator {
+        cpus: CpuSet,
+    },
+}
+
+/// The changes for one domain, in the order they must be made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainActions {
+    pub name: String,
+    pub uuid: String,
+    pub actions: Vec<Action>,
+}
+
+/// What placement sees of each running domain.
+pub fn guests_of(specs: &[DomainSpec]) -> Vec<Guest> {
+    specs
+        .iter()
+        .map(|spec| {
+            let role = if spec.is_foreign() {
+                Role::Foreign {
+                    taken: spec.pinned_cpus(),
+                }
+            } else {
+                match spec.metadata.as_ref().map_or(Policy::Auto, |m| m.policy) {
+                    Policy::None => Role::OptedOut,
+                    policy => Role::Managed {
+                        policy,
+                        current: (0..spec.vcpus).map(|v| spec.vcpu_pin(v).cloned()).collect(),
+                    },
+                }
+            };
+            Guest {
+                name: spec.name.clone(),
+                uuid: spec.uuid.clone(),
+                vcpus: spec.vcpus,
+                role,
+            }
+        })
+        .collect()
+}
+
+pub fn plan_for(host: &HostPolicy, specs: &[DomainSpec]) -> Plan {
+    let mut plan = placement::plan(host, &guests_of(specs));
+    for spec in specs {
+        if let Some(word) = spec
+            .metadata
+            .as_ref()
+            .and_then(|m| m.unknown_policy.as_deref())
+        {
+            plan.warnings.push(format!(
+                "{}: unknown pinner policy {word:?}, treated as auto",
+                spec.name
+            ));
+        }
+    }
+    plan
+}
+
+/// The difference between what libvirt holds and the plan.
+pub fn diff(specs: &[DomainSpec], plan: &Plan) -> Vec<DomainActions> {
+    plan.guests
+        .iter()
+        .filter_map(|gp| {
+            let spec = specs.iter().find(|s| s.uuid == gp.uuid)?;
+            let mut actions = Vec::new();
+            let recorded_mode = spec.metadata.as_ref().and_then(|m| m.mode.as_deref());
+            if recorded_mode != Some(gp.placement.as_str()) {
+                let meta = spec.metadata.clone().unwrap_or(PinnerMetadata {
+                    policy: Policy::Auto,
+                    unknown_policy: None,
+                    mode: None,
+                });
+                actions.push(Action::SetMetadata {
+                    element: meta.to_xml(gp.placement.as_str()),
+                });
+            }
+            for (vcpu, cpus) in gp.vcpus.iter().enumerate() {
+                if spec.vcpu_pin(vcpu as u32) != Some(cpus) {
+                    actions.push(Action::PinVcpu {
+                        vcpu: vcpu as u32,
+                        cpus: cpus.clone(),
+                    });
+                }
+            }
+            if spec.emulator_pin.as_ref() != Some(&gp.emulator) {
+                actions.push(Action::PinEmulator {
+                    cpus: gp.emulator.clone(),
+                });
+            }
+            (!actions.is_empty()).then(|| DomainActions {
+                name: gp.name.clone(),
+                uuid: gp.uuid.clone(),
+                actions,
+            })
+        })
+        .collect()
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ApplyOutcome {
+    pub changed: u32,
+    pub errors: Vec<String>,
+    /// Some domain was busy with another libvirt job: try again soon.
+    pub busy: bool,
+}
+
+/// Applies the actions; a domain that is busy or gone is skipped (its
+/// remaining actions with it), a lost connection stops everything.
+pub fn apply(
+    hv: &mut dyn Hypervisor,
+    work: &[DomainActions],
+    mut on_applied: impl FnMut(&DomainActions, &Action),
+) -> Result<ApplyOutcome, HvError> {
+    let mut outcome = ApplyOutcome::default();
+    for domain in work {
+        for action in &domain.actions {
+            let result = match action {
+                Action::SetMetadata { element } => hv.set_metadata(&domain.uuid, element),
+                Action::PinVcpu { vcpu, cpus } => hv.pin_vcpu(&domain.uuid, *vcpu, cpus),
+                Action::PinEmulator { cpus } => hv.pin_emulator(&domain.uuid, cpus),
+            };
+            match result {
+                Ok(()) => {
+                    if !matches!(action, Action::SetMetadata { .. }) {
+                        outcome.changed += 1;
+                    }
+                    on_applied(domain, action);
+                }
+                Err(HvError::Disconnected(m)) => return Err(HvError::Disconnected(m)),
+                // Stopped meanwhile: nothing to do, and no error to report.
+                Err(HvError::Gone(_)) => break,
+                Err(HvError::Busy(m)) => {
+                    outcome.busy = true;
+                    outcome
+                        .errors
+                        .push(format!("{}: busy, will retry: {m}", domain.name));
+                    break;
+                }
+                Err(HvError::Other(m)) => {
+                    outcome.errors.push(format!("{}: {m}", domain.name));
+                    break;
+                }
+            }
+        }
+    }
+    Ok(outcome)
+}
+
+/// Per-domain status: what libvirt holds next to what the plan says.
+pub fn domain_status(specs: &[DomainSpec], plan: &Plan) -> Vec<DomainStatus> {
+    let mut out: Vec<DomainStatus> = specs
+        .iter()
+        .map(|spec| {
+            let gp = plan.guests.iter().find(|g| g.uuid == spec.uuid);
+            let current = |v: u32| spec.vcpu_pin(v).map(CpuSet::to_vec).unwrap_or_default();
+            let vcpus = (0..spec.vcpus)
+                .map(|v| VcpuStatus {
+                    vcpu: v,
+                    cpus: current(v),
+                    planned: gp.map_or_else(|| current(v), |g| g.vcpus[v as usize].to_vec()),
+                })
+                .collect::<Vec<_>>();
+            let emulator = spec
+                .emulator_pin
+                .as_ref()
+                .map(CpuSet::to_vec)
+                .unwrap_or_default();
+            let planned_emulator = gp.map_or_else(|| emulator.clone(), |g| g.emulator.to_vec());
+            let (policy, reason) = match gp {
+                Some(g) => (g.placement.as_str().to_string(), g.reason.clone()),
+                None if spec.is_foreign() => (
+                    "foreign".to_string(),
+                    "pinned by someone else; left alone".to_string(),
+                ),
+                None if spec
+                    .metadata
+                    .as_ref()
+                    .is_some_and(|m| m.policy == Policy::None) =>
+                {
+                    (
+                        "none".to_string(),
+                        "opted out (policy none); left alone".to_string(),
+                    )
+                }
+                None => ("none".to_string(), "no vCPUs to place".to_string()),
+            };
+            let in_sync = vcpus.iter().all(|v| v.cpus == v.planned) && emulator == planned_emulator;
+            DomainStatus {
+                name: spec.name.clone(),
+                uuid: spec.uuid.clone(),
+                policy,
+                vcpus,
+                emulator,
+                planned_emulator,
+                in_sync,
+                reason,
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topology::Topology;
+    use std::collections::BTreeMap;
+
+    /// In-memory libvirt: domains by uuid, with a switch to fail calls.
+    #[derive(Default)]
+    struct FakeHypervisor {
+        domains: BTreeMap<String, DomainSpec>,
+        fail_with: Option<HvError>,
+        calls: u32,
+    }
+
+    impl Hypervisor for FakeHypervisor {
+        fn running_domains(&mut self) -> Result<(Vec<DomainSpec>, Vec<String>), HvError> {
+            Ok((self.domains.values().cloned().collect(), vec![]))
+        }
+        fn set_metadata(&mut self, uuid: &str, element: &str) -> Result<(), HvError> {
+            self.call()?;
+            let d = self.domains.get_mut(uuid).unwrap();
+            let probe = format!(
+                "<domain><name>x</name><vcpu>1</vcpu><metadata>{}</metadata></domain>",
+                element.replace("<state ", "<p:state xmlns:p=\"urn:pinner:1\" ")
+            );
+            let parsed = DomainSpec::parse(&probe).unwrap();
+            d.metadata = parsed.metadata;
+            Ok(())
+        }
+        fn pin_vcpu(&mut self, uuid: &str, vcpu: u32, cpus: &CpuSet) -> Result<(), HvError> {
+            self.call()?;
+            self.domains
+                .get_mut(uuid)
+                .unwrap()
+                .vcpu_pins
+                .insert(vcpu, cpus.clone());
+            Ok(())
+        }
+        fn pin_emulator(&mut self, uuid: &str, cpus: &CpuSet) -> Result<(), HvError> {
+            self.call()?;
+            self.domains.get_mut(uuid).unwrap().emulator_pin = Some(cpus.clone());
+            Ok(())
+        }
+    }
+
+    impl FakeHypervisor {
+        fn call(&mut self) -> Result<(), HvError> {
+            self.calls += 1;
+            self.fail_with.clone().map_or(Ok(()), Err)
+        }
+        fn add(&mut self, xml: &str) {
+            let spec = DomainSpec::parse(xml).unwrap();
+            self.domains.insert(spec.uuid.clone(), spec);
+        }
+    }
+
+    fn host() -> (Topology, CpuSet) {
+        (
+            Topology::uniform(&CpuSet::parse("0-3").unwrap(), 1),
+            CpuSet::parse("0").unwrap(),
+        )
+    }
+
+    fn reconcile(hv: &mut FakeHypervisor) -> Result<(Plan, ApplyOutcome), HvError> {
+        let (topo, reserved) = host();
+        let policy = HostPolicy {
+            topology: &topo,
+            reserved: &reserved,
+            cpu_allocation_ratio: 1.0,
+        };
+        let (specs, _) = hv.running_domains()?;
+        let plan = plan_for(&policy, &specs);
+        let work = diff(&specs, &plan);
+        let outcome = apply(hv, &work, |_, _| {})?;
+        Ok((plan, outcome))
+    }
+
+    fn vm(name: &str, vcpus: u32, extra: &str) -> String {
+        format!(
+            "<domain><name>{name}</name><uuid>u-{name}</uuid><vcpu>{vcpus}</vcpu>{extra}</domain>"
+        )
+    }
+
+    #[test]
+    fn converges_and_then_changes_nothing() {
+        let mut hv = FakeHypervisor::default();
+        hv.add(&vm("a", 2, ""));
+        let (plan, outcome) = reconcile(&mut hv).unwrap();
+        assert_eq!(outcome.changed, 3, "two vCPU pins and the emulator pin");
+        let a = &hv.domains["u-a"];
+        assert_eq!(
+            a.metadata.as_ref().unwrap().mode.as_deref(),
+            Some("dedicated")
+        );
+        assert_eq!(a.emulator_pin, Some(CpuSet::parse("0").unwrap()));
+        let status = domain_status(std::slice::from_ref(a), &plan);
+        assert!(status[0].in_sync);
+
+        let calls = hv.calls;
+        let (_, again) = reconcile(&mut hv).unwrap();
+        assert_eq!(again, ApplyOutcome::default());
+        assert_eq!(hv.calls, calls, "a settled host costs no libvirt writes");
+    }
+
+    #[test]
+    fn foreign_and_opted_out_domains_are_never_touched() {
+        let mut hv = FakeHypervisor::default();
+        hv.add(&vm(
+            "nova",
+            1,
+            "<cputune><vcpupin vcpu='0' cpuset='1'/></cputune>",
+        ));
+        hv.add(&vm(
+            "optout",
+            1,
+            r#"<metadata><p:state xmlns:p="urn:pinner:1" policy="none"/></metadata>"#,
+        ));
+        hv.add(&vm("a", 1, ""));
+        let before_nova = hv.domains["u-nova"].clone();
+        let before_optout = hv.domains["u-optout"].clone();
+        let (plan, _) = reconcile(&mut hv).unwrap();
+        assert_eq!(hv.domains["u-nova"], before_nova);
+        assert_eq!(hv.domains["u-optout"], before_optout);
+        assert!(
+            !hv.domains["u-a"].vcpu_pins[&0].contains(1),
+            "CPU 1 is nova's"
+        );
+        let specs: Vec<_> = hv.domains.values().cloned().collect();
+        let status = domain_status(&specs, &plan);
+        let policies: Vec<_> = status
+            .iter()
+            .map(|s| (s.name.as_str(), s.policy.as_str()))
+            .collect();
+        assert_eq!(
+            policies,
+            vec![("a", "dedicated"), ("nova", "foreign"), ("optout", "none")]
+        );
+    }
+
+    #[test]
+    fn errors_are_classified() {
+        let mut hv = FakeHypervisor::default();
+        hv.add(&vm("a", 1, ""));
+        hv.fail_with = Some(HvError::Busy("cannot acquire state change lock".into()));
+        let (_, outcome) = reconcile(&mut hv).unwrap();
+        assert!(outcome.busy);
+        assert_eq!(
+            outcome.errors.len(),
+            1,
+            "one error per domain, not per action"
+        );
+
+        hv.fail_with = Some(HvError::Gone("domain is not running".into()));
+        let (_, outcome) = reconcile(&mut hv).unwrap();
+        assert_eq!(
+            outcome,
+            ApplyOutcome::default(),
+            "a guest that stopped is no error"
+        );
+
+        hv.fail_with = Some(HvError::Disconnected("eof".into()));
+        assert!(matches!(reconcile(&mut hv), Err(HvError::Disconnected(_))));
+    }
+}

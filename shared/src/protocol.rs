@@ -1,0 +1,159 @@
+//! Messages on the daemon socket: hook events and CLI requests/responses.
+
+use serde::{Deserialize, Serialize};
+
+/// The operations libvirt passes to a qemu hook as its second argument.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HookOp {
+    Prepare,
+    Start,
+    Started,
+    Stopped,
+    Release,
+    Migrate,
+    Restore,
+    Reconnect,
+    Attach,
+}
+
+impl HookOp {
+    pub const ALL: [HookOp; 9] = [
+        HookOp::Prepare,
+        HookOp::Start,
+        HookOp::Started,
+        HookOp::Stopped,
+        HookOp::Release,
+        HookOp::Migrate,
+        HookOp::Restore,
+        HookOp::Reconnect,
+        HookOp::Attach,
+    ];
+
+    pub fn parse(word: &str) -> Option<HookOp> {
+        HookOp::ALL.into_iter().find(|op| op.as_str() == word)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HookOp::Prepare => "prepare",
+            HookOp::Start => "start",
+            HookOp::Started => "started",
+            HookOp::Stopped => "stopped",
+            HookOp::Release => "release",
+            HookOp::Migrate => "migrate",
+            HookOp::Restore => "restore",
+            HookOp::Reconnect => "reconnect",
+            HookOp::Attach => "attach",
+        }
+    }
+
+    /// Whether the set of running guests (and so the placement) may have
+    /// changed once libvirt finishes this operation. `prepare`/`start` come
+    /// before the guest runs and `migrate`/`restore` before `started`, so only
+    /// the others trigger a reconcile.
+    pub fn changes_placement(self) -> bool {
+        matches!(
+            self,
+            HookOp::Started
+                | HookOp::Stopped
+                | HookOp::Release
+                | HookOp::Reconnect
+                | HookOp::Attach
+        )
+    }
+
+    /// libvirt reads the hook's stdout as the domain XML for these.
+    pub fn echoes_xml(self) -> bool {
+        matches!(self, HookOp::Migrate | HookOp::Restore)
+    }
+}
+
+/// One domain event, as the hook hands it to the daemon.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct HookEvent {
+    pub op: HookOp,
+    pub sub_op: String,
+    /// Domain name; data only, never a path or shell word.
+    pub name: String,
+    /// Domain UUID from the XML; empty when the XML could not be read.
+    pub uuid: String,
+    /// vCPUs online at start (`<vcpu current=…>` or its text); 0 if unknown.
+    pub vcpus: u32,
+    /// When the hook ran, nanoseconds since the Unix epoch.
+    pub sent_at_unix_ns: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub enum Request {
+    /// From the hook; the daemon sends no answer.
+    Event(HookEvent),
+    /// Current pins against the plan, without changing anything.
+    Status,
+    /// Reconcile now and report what was done.
+    Reconcile,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub enum Response {
+    Status(StatusReport),
+    Reconciled(ReconcileReport),
+    Error(String),
+}
+
+/// What the daemon knows of the host and every running guest.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+pub struct StatusReport {
+    /// `dedicated` (one-to-one) or `shared` (range binding).
+    pub mode: String,
+    pub pool: Vec<u32>,
+    pub reserved: Vec<u32>,
+    pub libvirt_connected: bool,
+    pub domains: Vec<DomainStatus>,
+    pub warnings: Vec<String>,
+    pub counters: Counters,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+pub struct DomainStatus {
+    pub name: String,
+    pub uuid: String,
+    /// `dedicated`, `shared`, `none` (opted out) or `foreign` (pinned by
+    /// someone else; left alone).
+    pub policy: String,
+    pub vcpus: Vec<VcpuStatus>,
+    /// Emulator threads' CPUs as libvirt reports them (empty: unpinned).
+    pub emulator: Vec<u32>,
+    pub planned_emulator: Vec<u32>,
+    /// Every pin matches the plan.
+    pub in_sync: bool,
+    pub reason: String,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+pub struct VcpuStatus {
+    pub vcpu: u32,
+    /// CPUs as libvirt reports them (empty: unpinned, may run anywhere).
+    pub cpus: Vec<u32>,
+    pub planned: Vec<u32>,
+}
+
+/// Running totals since the daemon started.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+pub struct Counters {
+    pub events_received: u64,
+    pub reconciles: u64,
+    pub pins_applied: u64,
+    pub apply_errors: u64,
+    pub libvirt_reconnects: u64,
+}
+
+/// The outcome of one reconcile.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+pub struct ReconcileReport {
+    pub mode: String,
+    pub domains: u32,
+    /// vCPU and emulator pins changed by this reconcile.
+    pub pins_changed: u32,
+    pub errors: Vec<String>,
+    pub warnings: Vec<String>,
+}
