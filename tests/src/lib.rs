@@ -1,1 +1,584 @@
-//! placeholder
+//! A private libvirtd for end-to-end tests, so nothing touches the host's
+//! own libvirt.
+//!
+//! A holder process (`unshare --mount`, then `sleep`) owns a private mount
+//! namespace in which sandbox directories are bind-mounted over `/run`,
+//! `/etc/libvirt`, `/var/lib/libvirt`, `/var/log/libvirt` and
+//! `/var/cache/libvirt`. libvirtd runs inside it (`nsenter`), and with it the
+//! real `pinner-hook` installed as `/etc/libvirt/hooks/qemu.d/50-pinner`,
+//! which connects to `/run/pinner/pinner.sock`. Because `/run` is a bind
+//! mount of the sandbox's own `run/` directory, the daemon and every client
+//! can stay outside: the daemon listens on `<sandbox>/run/pinner/pinner.sock`
+//! and reaches libvirt through `qemu:///system?socket=<sandbox>/run/libvirt/libvirt-sock`.
+//!
+//! Guests are TCG (`type='qemu'`), 64 MiB, no disk. Everything is torn down
+//! on drop, also when a test panics.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+const SANDBOX_MOUNTS: [(&str, &str); 5] = [
+    ("run", "/run"),
+    ("etc", "/etc/libvirt"),
+    ("lib", "/var/lib/libvirt"),
+    ("log", "/var/log/libvirt"),
+    ("cache", "/var/cache/libvirt"),
+];
+
+static SANDBOX_SEQ: AtomicU32 = AtomicU32::new(0);
+
+pub struct Sandbox {
+    pub dir: PathBuf,
+    /// Prefix of every guest name, unique per sandbox: libvirt names machine
+    /// cgroups after guests, and the host's cgroupfs is shared.
+    prefix: String,
+    bin_dir: PathBuf,
+    holder: Child,
+    libvirtd: Option<Child>,
+    daemon: Option<Child>,
+}
+
+/// Why a sandbox cannot run here, or None when it can.
+pub fn missing_requirement() -> Option<String> {
+    let uid = fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m));
+    if uid.ok() != Some(0) {
+        return Some("needs root (mount namespaces, libvirtd)".into());
+    }
+    for tool in [
+        "unshare",
+        "nsenter",
+        "libvirtd",
+        "virsh",
+        "qemu-system-x86_64",
+    ] {
+        if which(tool).is_none() {
+            return Some(format!(
+                "needs `{tool}` (Debian: libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86)"
+            ));
+        }
+    }
+    let passwd = fs::read_to_string("/etc/passwd").unwrap_or_default();
+    if !passwd.lines().any(|l| l.starts_with("libvirt-qemu:")) {
+        return Some("needs the libvirt-qemu user, which libvirtd resolves before reading qemu.conf (scripts/setup creates it)".into());
+    }
+    let bins = bin_dir();
+    for bin in ["pinner", "pinner-hook"] {
+        if !bins.join(bin).exists() {
+            return Some(format!(
+                "needs {} built (cargo build --workspace)",
+                bins.join(bin).display()
+            ));
+        }
+    }
+    None
+}
+
+/// Skips (returns None) when the sandbox cannot run here, saying why; under
+/// CI a missing requirement is a failure, never a silent skip.
+pub fn sandbox_or_skip(test: &str) -> Option<Sandbox> {
+    if let Some(reason) = missing_requirement() {
+        if std::env::var_os("CI").is_some() {
+            panic!("{test}: end-to-end test cannot run: {reason}");
+        }
+        eprintln!("SKIPPED {test}: {reason}");
+        return None;
+    }
+    Some(Sandbox::start())
+}
+
+fn which(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
+}
+
+/// Where the workspace's binaries are: beside this executable (a bin), or
+/// one level up (a test, which lives in `deps/`). `PINNER_BIN_DIR` overrides.
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("PINNER_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let here = exe.parent().expect("exe dir").to_path_buf();
+    if here.join("pinner").exists() || here.file_name() != Some("deps".as_ref()) {
+        here
+    } else {
+        here.parent().expect("target dir").to_path_buf()
+    }
+}
+
+/// Parses the kernel/libvirt list syntax ("0-2,5").
+pub fn cpu_list(text: &str) -> Vec<u32> {
+    let mut cpus = Vec::new();
+    for part in text.trim().split(',').filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                cpus.extend(a.trim().parse::<u32>().unwrap()..=b.trim().parse::<u32>().unwrap())
+            }
+            None => cpus.push(part.trim().parse().unwrap()),
+        }
+    }
+    cpus
+}
+
+/// The host's online CPUs.
+pub fn online_cpus() -> Vec<u32> {
+    cpu_list(&fs::read_to_string("/sys/devices/system/cpu/online").expect("sysfs"))
+}
+
+/// Polls `check` until it returns Ok or `timeout` passes; the error says what
+/// was last seen.
+pub fn wait_for<T>(
+    timeout: Duration,
+    mut check: impl FnMut() -> Result<T, String>,
+) -> Result<T, String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check() {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() >= deadline => return Err(format!("after {timeout:?}: {e}")),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+impl Sandbox {
+    pub fn start() -> Sandbox {
+        let seq = SANDBOX_SEQ.fetch_add(1, Ordering::SeqCst);
+        let tag = format!("{}{seq}", std::process::id() % 100_000);
+        let dir = PathBuf::from(format!("/tmp/pinner-e2e-{tag}"));
+        let _ = fs::remove_dir_all(&dir);
+        for (sub, _) in SANDBOX_MOUNTS {
+            fs::create_dir_all(dir.join(sub)).expect("sandbox dir");
+        }
+        fs::create_dir_all(dir.join("etc/hooks/qemu.d")).unwrap();
+        // libvirtd as root without virtlogd, AppArmor or SELinux labelling.
+        fs::write(
+            dir.join("etc/qemu.conf"),
+            "user = \"root\"\ngroup = \"root\"\nsecurity_driver = \"none\"\nstdio_handler = \"file\"\n",
+        )
+        .unwrap();
+        fs::write(
+            dir.join("etc/libvirtd.conf"),
+            "unix_sock_group = \"root\"\n",
+        )
+        .unwrap();
+        let hook = dir.join("etc/hooks/qemu.d/50-pinner");
+        fs::copy(bin_dir().join("pinner-hook"), &hook).expect("install pinner-hook");
+        fs::set_permissions(&hook, fs::Permissions::from_mode(0o755)).unwrap();
+
+        // Bind mounts need their mount points; these are the directories the
+        // libvirt daemon package owns, created empty when absent.
+        let mut script = String::from("set -e\n");
+        for (sub, target) in SANDBOX_MOUNTS {
+            script += &format!(
+                "mkdir -p {target}\nmount --bind {} {target}\n",
+                dir.join(sub).display()
+            );
+        }
+        script += &format!("touch {}\nexec sleep 86400\n", dir.join("ready").display());
+        let holder = Command::new("unshare")
+            .args([
+                "--mount",
+                "--propagation",
+                "private",
+                "--",
+                "sh",
+                "-c",
+                &script,
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                fs::File::create(dir.join("holder.log")).unwrap(),
+            ))
+            .spawn()
+            .expect("spawn unshare");
+        let mut sandbox = Sandbox {
+            prefix: format!("e{tag}-"),
+            dir,
+            bin_dir: bin_dir(),
+            holder,
+            libvirtd: None,
+            daemon: None,
+        };
+        let ready = sandbox.dir.join("ready");
+        if let Err(e) = wait_for(Duration::from_secs(10), || {
+            if ready.exists() {
+                Ok(())
+            } else {
+                Err("mount namespace not ready".into())
+            }
+        }) {
+            panic!("{e}: {}", sandbox.read("holder.log"));
+        }
+        sandbox.start_libvirtd();
+        sandbox
+    }
+
+    pub fn uri(&self) -> String {
+        format!(
+            "qemu:///system?socket={}",
+            self.dir.join("run/libvirt/libvirt-sock").display()
+        )
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("run/pinner/pinner.sock")
+    }
+
+    pub fn hook_path(&self) -> PathBuf {
+        self.dir.join("etc/hooks/qemu.d/50-pinner")
+    }
+
+    fn read(&self, file: &str) -> String {
+        fs::read_to_string(self.dir.join(file)).unwrap_or_default()
+    }
+
+    pub fn daemon_log(&self) -> String {
+        self.read("daemon.log")
+    }
+
+    pub fn start_libvirtd(&mut self) {
+        assert!(self.libvirtd.is_none(), "libvirtd already running");
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("libvirtd.log"))
+            .unwrap();
+        let child = Command::new("nsenter")
+            .args(["-t", &self.holder.id().to_string(), "-m", "--", "libvirtd"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn libvirtd");
+        self.libvirtd = Some(child);
+        let sock = self.dir.join("run/libvirt/libvirt-sock");
+        let result = wait_for(Duration::from_secs(30), || {
+            UnixStream::connect(&sock)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+        .and_then(|_| {
+            wait_for(Duration::from_secs(30), || {
+                let out = self.virsh(&["version"]);
+                if out.status.success() {
+                    Ok(())
+                } else {
+                    Err(String::from_utf8_lossy(&out.stderr).into_owned())
+                }
+            })
+        });
+        if let Err(e) = result {
+            panic!(
+                "libvirtd did not come up: {e}\n{}",
+                self.read("libvirtd.log")
+            );
+        }
+    }
+
+    /// Stops libvirtd the way a service manager does; guests keep running.
+    pub fn stop_libvirtd(&mut self) {
+        if let Some(mut child) = self.libvirtd.take() {
+            terminate(&mut child, Duration::from_secs(15));
+        }
+    }
+
+    pub fn restart_libvirtd(&mut self) {
+        self.stop_libvirtd();
+        self.start_libvirtd();
+    }
+
+    /// Writes the daemon's config (`reserved_cpus`, everything else pointing
+    /// into the sandbox) and starts `pinner daemon`, waiting for its socket.
+    pub fn start_daemon(&mut self, reserved_cpus: &str) {
+        assert!(self.daemon.is_none(), "daemon already running");
+        let config = self.dir.join("pinner.toml");
+        fs::write(
+            &config,
+            format!(
+                "reserved_cpus = \"{reserved_cpus}\"\nsocket = \"{}\"\nreconcile_interval_secs = 10\nlog_level = \"debug\"\n[libvirt]\nuri = \"{}\"\n",
+                self.socket().display(),
+                self.uri()
+            ),
+        )
+        .unwrap();
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("daemon.log"))
+            .unwrap();
+        let child = Command::new(self.bin_dir.join("pinner"))
+            .args(["daemon", "--config"])
+            .arg(&config)
+            .env("PINNER_LOG", "stderr")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn pinner daemon");
+        self.daemon = Some(child);
+        let sock = self.socket();
+        if let Err(e) = wait_for(Duration::from_secs(10), || {
+            UnixStream::connect(&sock)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }) {
+            panic!("pinner daemon did not listen: {e}\n{}", self.daemon_log());
+        }
+    }
+
+    pub fn stop_daemon(&mut self) {
+        if let Some(mut child) = self.daemon.take() {
+            terminate(&mut child, Duration::from_secs(10));
+        }
+    }
+
+    pub fn virsh(&self, args: &[&str]) -> Output {
+        Command::new("virsh")
+            .arg("-q")
+            .arg("-c")
+            .arg(self.uri())
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run virsh")
+    }
+
+    /// Runs virsh and returns its stdout, failing the test on error.
+    pub fn virsh_ok(&self, args: &[&str]) -> String {
+        let out = self.virsh(args);
+        assert!(
+            out.status.success(),
+            "virsh {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The full libvirt name of a test guest.
+    pub fn name(&self, short: &str) -> String {
+        format!("{}{short}", self.prefix)
+    }
+
+    /// Defines a TCG guest with `vcpus` vCPUs and optional `<cputune>` XML.
+    pub fn define_guest(&self, short: &str, vcpus: u32, cputune: &str) -> String {
+        let name = self.name(short);
+        let xml = format!(
+            "<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>64</memory>
+  <vcpu>{vcpus}</vcpu>
+  {cputune}
+  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  <on_poweroff>destroy</on_poweroff>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <memballoon model='none'/>
+  </devices>
+</domain>"
+        );
+        let path = self.dir.join(format!("{short}.xml"));
+        fs::write(&path, xml).unwrap();
+        self.virsh_ok(&["define", path.to_str().unwrap()]);
+        name
+    }
+
+    /// `virsh start`, returning how long it took.
+    pub fn start_guest(&self, short: &str) -> Duration {
+        let t = Instant::now();
+        self.virsh_ok(&["start", &self.name(short)]);
+        t.elapsed()
+    }
+
+    pub fn destroy_guest(&self, short: &str) {
+        self.virsh_ok(&["destroy", &self.name(short)]);
+    }
+
+    /// Per-vCPU affinity as libvirt reports it (virDomainGetVcpuPinInfo).
+    pub fn vcpu_pins(&self, short: &str) -> Vec<Vec<u32>> {
+        self.virsh_ok(&["vcpupin", &self.name(short)])
+            .lines()
+            .filter_map(|l| {
+                let mut cols = l.split_whitespace();
+                let _vcpu: u32 = cols.next()?.parse().ok()?;
+                Some(cpu_list(cols.next()?))
+            })
+            .collect()
+    }
+
+    pub fn emulator_pin(&self, short: &str) -> Vec<u32> {
+        let out = self.virsh_ok(&["emulatorpin", &self.name(short)]);
+        // "*: 0-1", or just "0-1" under `virsh -q`.
+        let line = out
+            .lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty())
+            .expect("emulatorpin output");
+        cpu_list(line.trim_start_matches("*:"))
+    }
+
+    /// Whether the live XML holds `<vcpupin>` elements (pins set, not just
+    /// libvirt's all-CPUs default).
+    pub fn has_live_vcpupin(&self, short: &str) -> bool {
+        self.virsh_ok(&["dumpxml", &self.name(short)])
+            .contains("<vcpupin ")
+    }
+
+    /// pinner's live metadata element, if the domain has one.
+    pub fn metadata(&self, short: &str) -> Option<String> {
+        let out = self.virsh(&[
+            "metadata",
+            &self.name(short),
+            "--live",
+            "--uri",
+            "urn:pinner:1",
+        ]);
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// The guest's vCPU cgroup (cgroup v1 cpuset) and the affinity of every
+    /// thread in it: (cpuset.cpus, [Cpus_allowed_list of each thread]).
+    pub fn vcpu_cgroup(&self, short: &str, vcpu: u32) -> (Vec<u32>, Vec<Vec<u32>>) {
+        let name = self.name(short);
+        let id = self.virsh_ok(&["domid", &name]).trim().to_string();
+        let dir = PathBuf::from(format!(
+            "/sys/fs/cgroup/cpuset/machine/qemu-{id}-{name}.libvirt-qemu/vcpu{vcpu}"
+        ));
+        let cpus = fs::read_to_string(dir.join("cpuset.cpus"))
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        let threads = fs::read_to_string(dir.join("tasks"))
+            .unwrap()
+            .lines()
+            .map(|tid| {
+                let status = fs::read_to_string(format!("/proc/{tid}/status")).unwrap_or_default();
+                let list = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                    .unwrap_or("");
+                cpu_list(list)
+            })
+            .collect();
+        (cpu_list(&cpus), threads)
+    }
+
+    /// Runs the real `pinner` CLI against this sandbox's daemon.
+    pub fn pinner(&self, args: &[&str]) -> Output {
+        Command::new(self.bin_dir.join("pinner"))
+            .arg("--socket")
+            .arg(self.socket())
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run pinner")
+    }
+
+    pub fn status_json(&self) -> serde_json::Value {
+        let out = self.pinner(&["status", "--json"]);
+        assert!(
+            out.status.success(),
+            "pinner status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("status JSON")
+    }
+
+    /// Every running test guest, pinned exactly as the daemon's plan says?
+    pub fn all_in_sync(&self) -> Result<serde_json::Value, String> {
+        let status = self.status_json();
+        let domains = status["domains"].as_array().cloned().unwrap_or_default();
+        match domains.iter().find(|d| d["in_sync"] != true) {
+            None => Ok(status),
+            Some(d) => Err(format!("{} not in sync: {d}", d["name"])),
+        }
+    }
+
+    fn guests(&self) -> Vec<String> {
+        String::from_utf8_lossy(&self.virsh(&["list", "--all", "--name"]).stdout)
+            .lines()
+            .map(str::trim)
+            .filter(|n| n.starts_with(&self.prefix))
+            .map(String::from)
+            .collect()
+    }
+
+    /// Kills whatever still runs in the sandbox's mount namespace (qemu
+    /// processes outlive libvirtd by design).
+    fn kill_namespace(&mut self) {
+        let ns = fs::read_link(format!("/proc/{}/ns/mnt", self.holder.id())).ok();
+        if let (Some(ns), Ok(entries)) = (ns, fs::read_dir("/proc")) {
+            for entry in entries.flatten() {
+                let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                    continue;
+                };
+                if pid as u32 != self.holder.id()
+                    && fs::read_link(format!("/proc/{pid}/ns/mnt")).ok().as_ref() == Some(&ns)
+                {
+                    // SAFETY: plain kill(2) on a pid in our own namespace.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+        let _ = self.holder.kill();
+        let _ = self.holder.wait();
+    }
+}
+
+/// SIGTERM, then SIGKILL after `grace`.
+fn terminate(child: &mut Child, grace: Duration) {
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let mut err = std::io::stderr().lock();
+            let _ = writeln!(err, "---- daemon.log ----\n{}", self.daemon_log());
+            let log = self.read("libvirtd.log");
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            let _ = writeln!(err, "---- libvirtd.log (last 30 lines) ----");
+            for line in tail.iter().rev() {
+                let _ = writeln!(err, "{line}");
+            }
+        }
+        self.stop_daemon();
+        if self.libvirtd.is_some() {
+            for guest in self.guests() {
+                let _ = self.virsh(&["destroy", &guest]);
+                let _ = self.virsh(&["undefine", &guest]);
+            }
+        }
+        self.stop_libvirtd();
+        self.kill_namespace();
+        if std::env::var_os("PINNER_KEEP_SANDBOX").is_none() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Median of durations (the middle one; upper middle for even counts).
+pub fn median(samples: &mut [Duration]) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}

@@ -1,0 +1,318 @@
+//! The working core, end to end: a private libvirtd with TCG guests, the real
+//! `pinner-hook` as its qemu hook and the real daemon. Results are read back
+//! from libvirt (`virsh vcpupin`/`emulatorpin`/`metadata`) and cgroupfs.
+
+use pinner_e2e::{median, online_cpus, sandbox_or_skip, wait_for, Sandbox};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// One sandbox at a time: guests share the machine's two cores.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The two CPUs the tests place guests on: the machine's last two.
+fn two_cpus() -> (u32, u32) {
+    let online = online_cpus();
+    assert!(
+        online.len() >= 2,
+        "end-to-end tests need 2 online CPUs, have {online:?}"
+    );
+    (online[online.len() - 2], online[online.len() - 1])
+}
+
+/// reserved_cpus leaving exactly `keep` CPUs (the last ones) as the pool.
+fn reserve_all_but(keep: usize) -> String {
+    let online = online_cpus();
+    let reserved = &online[..online.len() - keep];
+    reserved
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn assert_pinned(sb: &Sandbox, guest: &str, expected: &[Vec<u32>]) {
+    assert_eq!(
+        sb.vcpu_pins(guest),
+        expected,
+        "{guest}: libvirt's vCPU pins"
+    );
+    for (vcpu, cpus) in expected.iter().enumerate() {
+        let (cgroup, threads) = sb.vcpu_cgroup(guest, vcpu as u32);
+        assert_eq!(&cgroup, cpus, "{guest} vcpu{vcpu}: cgroup cpuset.cpus");
+        assert!(
+            !threads.is_empty(),
+            "{guest} vcpu{vcpu}: no thread in its cgroup"
+        );
+        for affinity in threads {
+            assert_eq!(&affinity, cpus, "{guest} vcpu{vcpu}: thread affinity");
+        }
+    }
+}
+
+/// 1. A started guest is pinned per the plan within 1 s of `virsh start`
+///    returning, its emulator threads on the reserved CPUs, and marked.
+#[test]
+fn started_guest_is_pinned_within_a_second() {
+    let _serial = serial();
+    let Some(mut sb) = sandbox_or_skip("started_guest_is_pinned_within_a_second") else {
+        return;
+    };
+    let (_, last) = two_cpus();
+    let reserved = reserve_all_but(1);
+    sb.start_daemon(&reserved);
+    sb.define_guest("solo", 1, "");
+    sb.start_guest("solo");
+    wait_for(Duration::from_secs(1), || {
+        let pins = sb.vcpu_pins("solo");
+        if pins == vec![vec![last]] && sb.emulator_pin("solo") == pinner_e2e::cpu_list(&reserved) {
+            Ok(())
+        } else {
+            Err(format!("pins {pins:?}"))
+        }
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "not pinned within 1 s of virsh start: {e}\n{}",
+            sb.daemon_log()
+        )
+    });
+    assert_pinned(&sb, "solo", &[vec![last]]);
+    let meta = sb
+        .metadata("solo")
+        .expect("pinner metadata on the managed guest");
+    assert!(meta.contains("mode=\"dedicated\""), "{meta}");
+
+    let status = sb.status_json();
+    assert_eq!(status["mode"], "dedicated");
+    let domain = &status["domains"][0];
+    assert_eq!(domain["name"], sb.name("solo"));
+    assert_eq!(domain["in_sync"], true, "{domain}");
+    assert!(
+        status["counters"]["events_received"].as_u64().unwrap() >= 3,
+        "prepare, start, started"
+    );
+}
+
+/// 2. More vCPUs than the pool → shared mode, every guest range-bound;
+///    stopping a guest → back to one-to-one.
+#[test]
+fn overcommit_switches_to_shared_and_back() {
+    let _serial = serial();
+    let Some(mut sb) = sandbox_or_skip("overcommit_switches_to_shared_and_back") else {
+        return;
+    };
+    let (a, b) = two_cpus();
+    sb.start_daemon(&reserve_all_but(2));
+    for g in ["a", "b", "c"] {
+        sb.define_guest(g, 1, "");
+    }
+    sb.start_guest("a");
+    sb.start_guest("b");
+    wait_for(Duration::from_secs(5), || sb.all_in_sync()).unwrap();
+    let mut dedicated: Vec<u32> = ["a", "b"]
+        .iter()
+        .flat_map(|g| sb.vcpu_pins(g).concat())
+        .collect();
+    dedicated.sort();
+    assert_eq!(dedicated, vec![a, b], "one pCPU each, none shared");
+
+    sb.start_guest("c");
+    let status = wait_for(Duration::from_secs(5), || {
+        let s = sb.all_in_sync()?;
+        if s["mode"] == "shared" {
+            Ok(s)
+        } else {
+            Err(format!("mode {}", s["mode"]))
+        }
+    })
+    .unwrap();
+    for g in ["a", "b", "c"] {
+        assert_pinned(&sb, g, &[vec![a, b]]);
+        assert!(
+            sb.has_live_vcpupin(g),
+            "{g}: range binding is an explicit pin"
+        );
+        assert!(sb.metadata(g).unwrap().contains("mode=\"shared\""));
+    }
+    assert_eq!(status["domains"].as_array().unwrap().len(), 3);
+
+    sb.destroy_guest("c");
+    wait_for(Duration::from_secs(5), || {
+        let s = sb.all_in_sync()?;
+        if s["mode"] == "dedicated" {
+            Ok(())
+        } else {
+            Err(format!("mode {}", s["mode"]))
+        }
+    })
+    .unwrap();
+    let pa = sb.vcpu_pins("a");
+    let pb = sb.vcpu_pins("b");
+    assert_eq!(pa.len(), 1);
+    assert_eq!(pa[0].len(), 1, "a is one-to-one again: {pa:?}");
+    assert_eq!(pb[0].len(), 1, "b is one-to-one again: {pb:?}");
+    assert_ne!(pa, pb, "no pCPU serves two vCPUs");
+    assert_pinned(&sb, "a", &pa);
+    assert_pinned(&sb, "b", &pb);
+}
+
+/// 3. With the daemon down, starts stay quick (the hook adds < 100 ms to
+///    `virsh start`) and the daemon pins all guests when it starts.
+#[test]
+fn guests_started_while_daemon_down_are_pinned_at_startup() {
+    let _serial = serial();
+    let Some(mut sb) = sandbox_or_skip("guests_started_while_daemon_down_are_pinned_at_startup")
+    else {
+        return;
+    };
+    let (_, last) = two_cpus();
+    let guests = ["d1", "d2", "d3"];
+    for g in guests {
+        sb.define_guest(g, 1, "");
+    }
+    // libvirt rescans hooks/qemu.d on every call, so moving the hook aside
+    // gives the same libvirtd without it. Interleave to cancel drift.
+    let hook = sb.hook_path();
+    let parked = sb.dir.join("50-pinner.parked");
+    let (mut with_hook, mut without_hook) = (Vec::new(), Vec::new());
+    for _round in 0..3 {
+        for g in guests {
+            with_hook.push(sb.start_guest(g));
+            sb.destroy_guest(g);
+            std::fs::rename(&hook, &parked).unwrap();
+            without_hook.push(sb.start_guest(g));
+            sb.destroy_guest(g);
+            std::fs::rename(&parked, &hook).unwrap();
+        }
+    }
+    let (w, wo) = (median(&mut with_hook), median(&mut without_hook));
+    eprintln!("virsh start median: {w:?} with the hook (daemon down), {wo:?} without");
+    assert!(
+        w.saturating_sub(wo) < Duration::from_millis(100),
+        "hook added {:?} to virsh start ({w:?} vs {wo:?})",
+        w.saturating_sub(wo)
+    );
+
+    for g in guests {
+        sb.start_guest(g);
+        assert_eq!(
+            sb.metadata(g),
+            None,
+            "nothing pinned while the daemon is down"
+        );
+    }
+    // Pool of one CPU: three 1-vCPU guests share it.
+    sb.start_daemon(&reserve_all_but(1));
+    wait_for(Duration::from_secs(5), || sb.all_in_sync()).unwrap();
+    for g in guests {
+        assert_pinned(&sb, g, &[vec![last]]);
+        assert_eq!(
+            sb.emulator_pin(g),
+            vec![last],
+            "shared guests keep emulator threads on their range"
+        );
+        assert!(sb.metadata(g).is_some());
+    }
+}
+
+/// 4. A guest pinned by someone else (no pinner metadata) is left exactly as
+///    it was, and its CPU is not given to others.
+#[test]
+fn guest_pinned_by_hand_is_left_alone() {
+    let _serial = serial();
+    let Some(mut sb) = sandbox_or_skip("guest_pinned_by_hand_is_left_alone") else {
+        return;
+    };
+    let (a, b) = two_cpus();
+    sb.define_guest(
+        "nova",
+        1,
+        &format!("<cputune><vcpupin vcpu='0' cpuset='{b}'/></cputune>"),
+    );
+    sb.start_guest("nova");
+    let before = sb.virsh_ok(&["dumpxml", &sb.name("nova")]);
+    sb.start_daemon(&reserve_all_but(2));
+    sb.define_guest("mine", 1, "");
+    sb.start_guest("mine");
+    wait_for(Duration::from_secs(5), || sb.all_in_sync()).unwrap();
+    assert_pinned(&sb, "mine", &[vec![a]]);
+
+    // A reconcile round trip, then the foreign guest must be untouched.
+    let out = sb.pinner(&["reconcile"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        sb.virsh_ok(&["dumpxml", &sb.name("nova")]),
+        before,
+        "foreign guest's XML changed"
+    );
+    assert_eq!(sb.metadata("nova"), None);
+    assert_pinned(&sb, "nova", &[vec![b]]);
+    let status = sb.status_json();
+    let nova = status["domains"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == sb.name("nova"))
+        .unwrap();
+    assert_eq!(nova["policy"], "foreign");
+}
+
+/// 5. libvirtd restarted under a running daemon: the daemon reconnects, pins
+///    stay right, and a new guest still gets pinned.
+#[test]
+fn daemon_survives_libvirtd_restart() {
+    let _serial = serial();
+    let Some(mut sb) = sandbox_or_skip("daemon_survives_libvirtd_restart") else {
+        return;
+    };
+    let (a, b) = two_cpus();
+    sb.start_daemon(&reserve_all_but(2));
+    sb.define_guest("before", 1, "");
+    sb.define_guest("after", 1, "");
+    sb.start_guest("before");
+    wait_for(Duration::from_secs(5), || sb.all_in_sync()).unwrap();
+    let pinned = sb.vcpu_pins("before");
+
+    sb.restart_libvirtd();
+    assert_eq!(
+        sb.vcpu_pins("before"),
+        pinned,
+        "pins survive the libvirtd restart"
+    );
+    sb.start_guest("after");
+    wait_for(Duration::from_secs(5), || {
+        let pins = sb.vcpu_pins("after");
+        if pins.len() == 1 && pins[0].len() == 1 {
+            Ok(())
+        } else {
+            Err(format!("after: {pins:?}"))
+        }
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "new guest not pinned after libvirtd restart: {e}\n{}",
+            sb.daemon_log()
+        )
+    });
+    let status = wait_for(Duration::from_secs(5), || sb.all_in_sync()).unwrap();
+    assert_eq!(status["libvirt_connected"], true);
+    assert!(
+        status["counters"]["libvirt_reconnects"].as_u64().unwrap() >= 1,
+        "{status}"
+    );
+    let mut all: Vec<u32> = ["before", "after"]
+        .iter()
+        .flat_map(|g| sb.vcpu_pins(g).concat())
+        .collect();
+    all.sort();
+    assert_eq!(all, vec![a, b], "one-to-one across the restart");
+    assert_eq!(sb.vcpu_pins("before"), pinned, "existing guest not moved");
+}
