@@ -301,6 +301,7 @@ fn place_shared(
     let mut order: Vec<usize> = (0..guests.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(guests[i].0.vcpus));
     let mut plans = vec![None; guests.len()];
+    let mut range_of = vec![None; guests.len()];
     for i in order {
         let (g, current) = guests[i];
         let ratio = |r: usize| f64::from(load[r] + g.vcpus) / ranges[r].1.len() as f64;
@@ -323,20 +324,12 @@ fn place_shared(
             (Some(h), Some(l)) if ratio(h) - ratio(l) < 1.0 => Some(h),
             (_, l) => l,
         };
-        let (cpus, reason) = match chosen {
+        let cpus = match chosen {
             Some(r) => {
-                let reason = format!(
-                    "shared: node {} ({:.2} vCPUs per pCPU)",
-                    ranges[r].0,
-                    ratio(r)
-                );
                 load[r] += g.vcpus;
-                (ranges[r].1.clone(), reason)
+                ranges[r].1.clone()
             }
-            None => (
-                shared_pool.clone(),
-                "shared: larger than any node, bound to the whole pool".to_string(),
-            ),
+            None => shared_pool.clone(),
         };
         plans[i] = Some(GuestPlan {
             name: g.name.clone(),
@@ -345,8 +338,22 @@ fn place_shared(
             vcpus: vec![cpus.clone(); g.vcpus as usize],
             emulator: cpus.clone(),
             numa_nodes: topo.nodes_of(&cpus),
-            reason,
+            reason: String::new(),
         });
+        range_of[i] = chosen;
+    }
+    // Reasons name each range's final load, the same for all who share it.
+    for (plan, range) in plans.iter_mut().zip(&range_of) {
+        let Some(plan) = plan else { continue };
+        plan.reason = match *range {
+            Some(r) => format!(
+                "shared: node {} ({} vCPUs on {} pCPUs)",
+                ranges[r].0,
+                load[r],
+                ranges[r].1.len()
+            ),
+            None => "shared: larger than any node, bound to the whole pool".to_string(),
+        };
     }
     plans.into_iter().flatten().collect()
 }

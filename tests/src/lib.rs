@@ -289,7 +289,7 @@ impl Sandbox {
     /// Stops libvirtd the way a service manager does; guests keep running.
     pub fn stop_libvirtd(&mut self) {
         if let Some(mut child) = self.libvirtd.take() {
-            terminate(&mut child, Duration::from_secs(15));
+            let _ = terminate(&mut child, Duration::from_secs(15));
         }
     }
 
@@ -298,13 +298,15 @@ impl Sandbox {
         self.start_libvirtd();
     }
 
-    /// Writes the daemon's config (`reserved_cpus`, everything else pointing
-    /// into the sandbox) and starts `pinner daemon`, waiting for its socket.
-    pub fn start_daemon(&mut self, reserved_cpus: &str) {
-        assert!(self.daemon.is_none(), "daemon already running");
-        let config = self.dir.join("pinner.toml");
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("pinner.toml")
+    }
+
+    /// Writes the daemon's config: `reserved_cpus`, everything else pointing
+    /// into the sandbox.
+    pub fn write_config(&self, reserved_cpus: &str) {
         fs::write(
-            &config,
+            self.config_path(),
             format!(
                 "reserved_cpus = \"{reserved_cpus}\"\nsocket = \"{}\"\nreconcile_interval_secs = 10\nlog_level = \"debug\"\n[libvirt]\nuri = \"{}\"\n",
                 self.socket().display(),
@@ -312,6 +314,13 @@ impl Sandbox {
             ),
         )
         .unwrap();
+    }
+
+    /// Writes the config and starts `pinner daemon`, waiting for its socket.
+    pub fn start_daemon(&mut self, reserved_cpus: &str) {
+        assert!(self.daemon.is_none(), "daemon already running");
+        self.write_config(reserved_cpus);
+        let config = self.config_path();
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -337,10 +346,18 @@ impl Sandbox {
         }
     }
 
-    pub fn stop_daemon(&mut self) {
-        if let Some(mut child) = self.daemon.take() {
-            terminate(&mut child, Duration::from_secs(10));
-        }
+    /// Stops the daemon with SIGTERM; returns its exit status.
+    pub fn stop_daemon(&mut self) -> Option<std::process::ExitStatus> {
+        self.daemon
+            .take()
+            .and_then(|mut child| terminate(&mut child, Duration::from_secs(10)))
+    }
+
+    /// Sends `signal` to the running daemon.
+    pub fn signal_daemon(&self, signal: i32) {
+        let pid = self.daemon.as_ref().expect("daemon running").id();
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(pid as i32, signal) };
     }
 
     pub fn virsh(&self, args: &[&str]) -> Output {
@@ -535,19 +552,20 @@ impl Sandbox {
     }
 }
 
-/// SIGTERM, then SIGKILL after `grace`.
-fn terminate(child: &mut Child, grace: Duration) {
+/// SIGTERM, then SIGKILL after `grace`; the exit status if it exited by itself.
+fn terminate(child: &mut Child, grace: Duration) -> Option<std::process::ExitStatus> {
     // SAFETY: plain kill(2) on our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let deadline = Instant::now() + grace;
     while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     let _ = child.kill();
     let _ = child.wait();
+    None
 }
 
 impl Drop for Sandbox {
@@ -562,7 +580,7 @@ impl Drop for Sandbox {
                 let _ = writeln!(err, "{line}");
             }
         }
-        self.stop_daemon();
+        let _ = self.stop_daemon();
         if self.libvirtd.is_some() {
             for guest in self.guests() {
                 let _ = self.virsh(&["destroy", &guest]);
@@ -581,4 +599,43 @@ impl Drop for Sandbox {
 pub fn median(samples: &mut [Duration]) -> Duration {
     samples.sort();
     samples[samples.len() / 2]
+}
+
+/// A command that runs `program` in a private mount namespace whose `/run`
+/// is `run_dir`, so the hook's fixed socket path lands in the test's own
+/// directory (never the host's `/run`).
+pub fn with_private_run(run_dir: &std::path::Path, program: &std::path::Path) -> Command {
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg("mount --bind \"$0\" /run && exec \"$@\"")
+        .arg(run_dir)
+        .arg(program);
+    cmd
+}
+
+/// A directory under /tmp for one test's private `/run`, removed on drop.
+pub struct PrivateRun(PathBuf);
+
+impl PrivateRun {
+    pub fn new(tag: &str) -> PrivateRun {
+        let dir = PathBuf::from(format!("/tmp/pinner-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("pinner")).expect("temp dir");
+        PrivateRun(dir)
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+
+    /// Where the hook's `/run/pinner/pinner.sock` lands.
+    pub fn socket(&self) -> PathBuf {
+        self.0.join("pinner/pinner.sock")
+    }
+}
+
+impl Drop for PrivateRun {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
 }

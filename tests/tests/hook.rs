@@ -1,0 +1,154 @@
+//! The real `pinner-hook` binary against the hook contract: what libvirt
+//! sees (exit status, stdout) and what the daemon receives.
+
+use pinner_e2e::{bin_dir, missing_requirement, with_private_run, PrivateRun};
+use std::io::{Read, Write};
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+
+const XML: &str = "<domain type='qemu'>\n  <name>web-1</name>\n  <uuid>c7a5fdbd-edaf-9455-926a-d65c16db1809</uuid>\n  <vcpu placement='static' current='2'>4</vcpu>\n  <cputune><vcpupin vcpu='0' cpuset='3'/></cputune>\n</domain>\n";
+
+fn hook() -> PathBuf {
+    bin_dir().join("pinner-hook")
+}
+
+/// Runs the hook as libvirt does: args, XML on stdin, in a private /run.
+fn run_hook(run: &PrivateRun, args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = with_private_run(run.path(), &hook())
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn hook");
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn skip(test: &str) -> bool {
+    match missing_requirement() {
+        Some(reason) if std::env::var_os("CI").is_some() => panic!("{test}: {reason}"),
+        Some(reason) => {
+            eprintln!("SKIPPED {test}: {reason}");
+            true
+        }
+        None => false,
+    }
+}
+
+/// Reads the one frame a hook run sent: [u32 BE length][version][postcard].
+fn received_frame(listener: &UnixListener) -> Vec<u8> {
+    let (mut conn, _) = listener.accept().unwrap();
+    let mut bytes = Vec::new();
+    conn.read_to_end(&mut bytes).unwrap();
+    bytes
+}
+
+#[test]
+fn by_hand_without_arguments_is_a_usage_error() {
+    let out = Command::new(hook()).stdin(Stdio::null()).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("usage: pinner-hook DOMAIN OPERATION"));
+}
+
+#[test]
+fn event_reaches_the_daemon_socket() {
+    if skip("event_reaches_the_daemon_socket") {
+        return;
+    }
+    let run = PrivateRun::new("hook-deliver");
+    let listener = UnixListener::bind(run.socket()).unwrap();
+    let out = run_hook(&run, &["web-1", "started", "begin", "-"], XML.as_bytes());
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.stdout.is_empty(), "started must print nothing");
+    let frame = received_frame(&listener);
+    let len = u32::from_be_bytes(frame[..4].try_into().unwrap()) as usize;
+    assert_eq!(len, frame.len() - 4, "one whole frame");
+    assert_eq!(frame[4], 1, "protocol version");
+    let body = String::from_utf8_lossy(&frame[5..]);
+    for needle in ["web-1", "c7a5fdbd-edaf-9455-926a-d65c16db1809", "begin"] {
+        assert!(body.contains(needle), "{needle} missing from {body:?}");
+    }
+    // postcard: Request::Event = variant 0, HookOp::Started = variant 2.
+    assert_eq!(&frame[5..7], &[0, 2]);
+}
+
+#[test]
+fn daemon_absent_exits_zero_and_logs_the_drop() {
+    if skip("daemon_absent_exits_zero_and_logs_the_drop") {
+        return;
+    }
+    let run = PrivateRun::new("hook-absent");
+    let out = run_hook(&run, &["web-1", "prepare", "begin", "-"], XML.as_bytes());
+    assert_eq!(out.status.code(), Some(0));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("event not delivered to pinner daemon"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("DOMAIN=\"web-1\"") && stderr.contains("OP=\"prepare\""),
+        "{stderr}"
+    );
+
+    // A regular file where the socket should be: same outcome.
+    std::fs::write(run.socket(), b"junk").unwrap();
+    let out = run_hook(&run, &["web-1", "stopped", "end", "-"], XML.as_bytes());
+    assert_eq!(out.status.code(), Some(0));
+}
+
+#[test]
+fn migrate_and_restore_echo_the_xml_unchanged() {
+    if skip("migrate_and_restore_echo_the_xml_unchanged") {
+        return;
+    }
+    let run = PrivateRun::new("hook-echo");
+    let listener = UnixListener::bind(run.socket()).unwrap();
+    for op in ["migrate", "restore"] {
+        let out = run_hook(&run, &["web-1", op, "begin", "-"], XML.as_bytes());
+        assert_eq!(out.status.code(), Some(0));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            XML,
+            "{op}: libvirt reads stdout as the XML"
+        );
+        assert!(
+            !received_frame(&listener).is_empty(),
+            "{op}: event still sent"
+        );
+    }
+}
+
+#[test]
+fn hostile_input_still_exits_zero_with_the_name_as_data() {
+    if skip("hostile_input_still_exits_zero_with_the_name_as_data") {
+        return;
+    }
+    let run = PrivateRun::new("hook-hostile");
+    let listener = UnixListener::bind(run.socket()).unwrap();
+    let name = "../../etc/passwd\n$(reboot)";
+    let bomb = "<!DOCTYPE d [<!ENTITY a \"aaaaaaaaaa\"><!ENTITY b \"&a;&a;&a;&a;&a;&a;\">]><domain><name>&b;</name></domain>";
+    let out = run_hook(&run, &[name, "started", "begin", "-"], bomb.as_bytes());
+    assert_eq!(out.status.code(), Some(0));
+    let frame = received_frame(&listener);
+    assert!(
+        String::from_utf8_lossy(&frame).contains(name),
+        "unreadable XML: the name comes from libvirt's argument, as data"
+    );
+    // Unknown operations (a newer libvirt) are not ours to fail.
+    let out = run_hook(&run, &["web-1", "future-op", "begin", "-"], XML.as_bytes());
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        std::fs::read_dir(run.path().join("pinner"))
+            .unwrap()
+            .count()
+            == 1,
+        "nothing but the socket created"
+    );
+}
