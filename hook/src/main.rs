@@ -32,7 +32,8 @@ fn main() -> ExitCode {
         eprintln!("{USAGE}");
         return ExitCode::from(2);
     }
-    let logger = Logger::new("pinner-hook", Level::Info);
+    // Opened only when there is something to log: most runs log nothing.
+    let logger = || Logger::new("pinner-hook", Level::Info);
     let (arg_name, op_word) = (&args[0], &args[1]);
     let sub_op = args.get(2).cloned().unwrap_or_default();
 
@@ -42,7 +43,7 @@ fn main() -> ExitCode {
 
     let Some(op) = HookOp::parse(op_word) else {
         // A newer libvirt may send ops we do not know; they are not ours to fail.
-        logger.debug("ignoring unknown hook operation", &[("OP", op_word)]);
+        logger().debug("ignoring unknown hook operation", &[("OP", op_word)]);
         return ExitCode::SUCCESS;
     };
     if op.echoes_xml() {
@@ -70,7 +71,7 @@ fn main() -> ExitCode {
         });
     if let Err(reason) = outcome {
         // Not lost: the daemon reconciles the whole host at start and on a timer.
-        logger.warn(
+        logger().warn(
             &format!("event not delivered to pinner daemon: {reason}"),
             &[("DOMAIN", &event.name), ("OP", op.as_str())],
         );
