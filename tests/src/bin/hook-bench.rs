@@ -64,7 +64,10 @@ fn report(label: &str, mut samples: Vec<Duration>, floor: Option<f64>) -> f64 {
 }
 
 fn main() {
-    let runs: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(300);
+    let runs: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(300);
     if std::env::var_os(IN_NAMESPACE).is_none() {
         let run = PrivateRun::new("hook-bench");
         let me = std::env::current_exe().unwrap();
@@ -78,14 +81,27 @@ fn main() {
 
     let hook = bin_dir().join("pinner-hook");
     let size = std::fs::metadata(&hook).map(|m| m.len()).unwrap_or(0);
-    println!("pinner-hook: {} ({:.0} KiB)", hook.display(), size as f64 / 1024.0);
+    println!(
+        "pinner-hook: {} ({:.0} KiB)",
+        hook.display(),
+        size as f64 / 1024.0
+    );
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("model name").map(|m| m.trim_start_matches([' ', '\t', ':']).to_string()))
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+        })
         .unwrap_or_default();
-    println!("machine: {} CPUs, {cpu}; {runs} runs per row, times in ms", std::thread::available_parallelism().map_or(0, |n| n.get()));
-    println!("{:<40} {:>8} {:>8} {:>8} {:>8} {:>7}", "scenario", "min", "median", "p99", "max", "/floor");
+    println!(
+        "machine: {} CPUs, {cpu}; {runs} runs per row, times in ms",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!(
+        "{:<40} {:>8} {:>8} {:>8} {:>8} {:>7}",
+        "scenario", "min", "median", "p99", "max", "/floor"
+    );
 
     let xml = domain_xml();
     let args = ["instance-0000002a", "started", "begin", "-"];
@@ -93,14 +109,30 @@ fn main() {
     let _ = std::fs::remove_file(sock);
     std::fs::create_dir_all("/run/pinner").unwrap();
 
-    let floor = report("floor: /bin/true", time_runs(Path::new("/bin/true"), &[], xml.as_bytes(), runs), None);
+    let floor = report(
+        "floor: /bin/true",
+        time_runs(Path::new("/bin/true"), &[], xml.as_bytes(), runs),
+        None,
+    );
     let sh_hook = std::env::temp_dir().join(format!("sh-hook-{}", std::process::id()));
     std::fs::write(&sh_hook, "#!/bin/sh\ncat >/dev/null\n").unwrap();
-    std::fs::set_permissions(&sh_hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    report("shell hook: sh reading stdin", time_runs(&sh_hook, &args, xml.as_bytes(), runs), Some(floor));
+    std::fs::set_permissions(
+        &sh_hook,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    report(
+        "shell hook: sh reading stdin",
+        time_runs(&sh_hook, &args, xml.as_bytes(), runs),
+        Some(floor),
+    );
     let _ = std::fs::remove_file(&sh_hook);
 
-    report("pinner-hook, daemon absent", time_runs(&hook, &args, xml.as_bytes(), runs), Some(floor));
+    report(
+        "pinner-hook, daemon absent",
+        time_runs(&hook, &args, xml.as_bytes(), runs),
+        Some(floor),
+    );
 
     {
         let listener = UnixListener::bind(sock).unwrap();
@@ -110,20 +142,32 @@ fn main() {
                 let _ = conn.unwrap().read_to_end(&mut buf);
             }
         });
-        report("pinner-hook, daemon listening", time_runs(&hook, &args, xml.as_bytes(), runs), Some(floor));
+        report(
+            "pinner-hook, daemon listening",
+            time_runs(&hook, &args, xml.as_bytes(), runs),
+            Some(floor),
+        );
         reader.join().unwrap();
         std::fs::remove_file(sock).unwrap();
     }
     {
         let listener = UnixListener::bind(sock).unwrap();
         let holder = std::thread::spawn(move || listener.incoming().take(runs).collect::<Vec<_>>());
-        report("pinner-hook, daemon accepts, never reads", time_runs(&hook, &args, xml.as_bytes(), runs), Some(floor));
+        report(
+            "pinner-hook, daemon accepts, never reads",
+            time_runs(&hook, &args, xml.as_bytes(), runs),
+            Some(floor),
+        );
         drop(holder.join());
         std::fs::remove_file(sock).unwrap();
     }
     {
         let _listener = UnixListener::bind(sock).unwrap();
-        report("pinner-hook, daemon hung (never accepts)", time_runs(&hook, &args, xml.as_bytes(), runs), Some(floor));
+        report(
+            "pinner-hook, daemon hung (never accepts)",
+            time_runs(&hook, &args, xml.as_bytes(), runs),
+            Some(floor),
+        );
         std::fs::remove_file(sock).unwrap();
     }
 }
