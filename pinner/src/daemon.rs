@@ -36,7 +36,10 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
 const RECONNECT_MIN: Duration = Duration::from_millis(250);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
-const BUSY_RETRY: Duration = Duration::from_secs(1);
+/// "cannot acquire state change lock": retry after this, doubling up to the
+/// maximum while the domain stays busy.
+const BUSY_RETRY_MIN: Duration = Duration::from_millis(500);
+const BUSY_RETRY_MAX: Duration = Duration::from_secs(8);
 
 enum Work {
     Event(HookEvent),
@@ -220,6 +223,7 @@ struct Daemon {
     next_periodic: Instant,
     retry_at: Option<Instant>,
     reconnect_delay: Duration,
+    busy_delay: Duration,
     next_connect: Instant,
     /// Set while libvirt is unreachable, so the outage is logged once.
     outage_logged: bool,
@@ -245,6 +249,7 @@ impl Daemon {
             counters: Counters::default(),
             retry_at: None,
             reconnect_delay: RECONNECT_MIN,
+            busy_delay: BUSY_RETRY_MIN,
             next_connect: now,
             outage_logged: false,
             ever_connected: false,
@@ -450,7 +455,10 @@ impl Daemon {
             self.logger.warn(error, &[]);
         }
         if outcome.busy {
-            self.retry_at = Some(Instant::now() + BUSY_RETRY);
+            self.retry_at = Some(Instant::now() + self.busy_delay);
+            self.busy_delay = (self.busy_delay * 2).min(BUSY_RETRY_MAX);
+        } else {
+            self.busy_delay = BUSY_RETRY_MIN;
         }
         self.log_new_warnings(&plan.warnings);
         if outcome.changed > 0 {

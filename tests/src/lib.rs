@@ -42,6 +42,8 @@ pub struct Sandbox {
     holder: Child,
     libvirtd: Option<Child>,
     daemon: Option<Child>,
+    /// `reconcile_interval_secs` for the daemon's config.
+    pub reconcile_interval_secs: u64,
 }
 
 /// Why a sandbox cannot run here, or None when it can.
@@ -209,6 +211,7 @@ impl Sandbox {
             holder,
             libvirtd: None,
             daemon: None,
+            reconcile_interval_secs: 10,
         };
         let ready = sandbox.dir.join("ready");
         if let Err(e) = wait_for(Duration::from_secs(10), || {
@@ -308,8 +311,9 @@ impl Sandbox {
         fs::write(
             self.config_path(),
             format!(
-                "reserved_cpus = \"{reserved_cpus}\"\nsocket = \"{}\"\nreconcile_interval_secs = 10\nlog_level = \"debug\"\n[libvirt]\nuri = \"{}\"\n",
+                "reserved_cpus = \"{reserved_cpus}\"\nsocket = \"{}\"\nreconcile_interval_secs = {}\nlog_level = \"debug\"\n[libvirt]\nuri = \"{}\"\n",
                 self.socket().display(),
+                self.reconcile_interval_secs,
                 self.uri()
             ),
         )
