@@ -252,18 +252,9 @@ impl Sandbox {
 
     pub fn start_libvirtd(&mut self) {
         assert!(self.libvirtd.is_none(), "libvirtd already running");
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("libvirtd.log"))
-            .unwrap();
-        let child = Command::new("nsenter")
-            .args(["-t", &self.holder.id().to_string(), "-m", "--", "libvirtd"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log.try_clone().unwrap()))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("spawn libvirtd");
+        let mut cmd = Command::new("nsenter");
+        cmd.args(["-t", &self.holder.id().to_string(), "-m", "--", "libvirtd"]);
+        let child = self.spawn_logged(cmd, "libvirtd.log");
         self.libvirtd = Some(child);
         let sock = self.dir.join("run/libvirt/libvirt-sock");
         let result = wait_for(Duration::from_secs(30), || {
@@ -287,6 +278,20 @@ impl Sandbox {
                 self.read("libvirtd.log")
             );
         }
+    }
+
+    /// Spawns `cmd` with stdout and stderr appended to the sandbox's `log`.
+    fn spawn_logged(&self, mut cmd: Command, log: &str) -> Child {
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(log))
+            .unwrap();
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::from(file.try_clone().unwrap()))
+            .stderr(Stdio::from(file))
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"))
     }
 
     /// Stops libvirtd the way a service manager does; guests keep running.
@@ -325,20 +330,11 @@ impl Sandbox {
         assert!(self.daemon.is_none(), "daemon already running");
         self.write_config(reserved_cpus);
         let config = self.config_path();
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("daemon.log"))
-            .unwrap();
-        let child = Command::new(self.bin_dir.join("pinner"))
-            .args(["daemon", "--config"])
+        let mut cmd = Command::new(self.bin_dir.join("pinner"));
+        cmd.args(["daemon", "--config"])
             .arg(&config)
-            .env("PINNER_LOG", "stderr")
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log.try_clone().unwrap()))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("spawn pinner daemon");
+            .env("PINNER_LOG", "stderr");
+        let child = self.spawn_logged(cmd, "daemon.log");
         self.daemon = Some(child);
         let sock = self.socket();
         if let Err(e) = wait_for(Duration::from_secs(10), || {
@@ -435,6 +431,26 @@ impl Sandbox {
                 Some(cpu_list(cols.next()?))
             })
             .collect()
+    }
+
+    /// Waits until the guest's vCPU pins satisfy `accept`; on timeout fails
+    /// the test, saying `what` was awaited, with the daemon's log.
+    pub fn await_pins(
+        &self,
+        short: &str,
+        timeout: Duration,
+        what: &str,
+        accept: impl Fn(&[Vec<u32>]) -> bool,
+    ) -> Vec<Vec<u32>> {
+        wait_for(timeout, || {
+            let pins = self.vcpu_pins(short);
+            if accept(&pins) {
+                Ok(pins)
+            } else {
+                Err(format!("{short}: {pins:?}"))
+            }
+        })
+        .unwrap_or_else(|e| panic!("{what}: {e}\n{}", self.daemon_log()))
     }
 
     pub fn emulator_pin(&self, short: &str) -> Vec<u32> {

@@ -66,20 +66,12 @@ fn started_guest_is_pinned_within_a_second() {
     sb.start_daemon(&reserved);
     sb.define_guest("solo", 1, "");
     sb.start_guest("solo");
-    wait_for(Duration::from_secs(1), || {
-        let pins = sb.vcpu_pins("solo");
-        if pins == vec![vec![last]] && sb.emulator_pin("solo") == pinner_e2e::cpu_list(&reserved) {
-            Ok(())
-        } else {
-            Err(format!("pins {pins:?}"))
-        }
-    })
-    .unwrap_or_else(|e| {
-        panic!(
-            "not pinned within 1 s of virsh start: {e}\n{}",
-            sb.daemon_log()
-        )
-    });
+    sb.await_pins(
+        "solo",
+        Duration::from_secs(1),
+        "pinned within 1 s of virsh start",
+        |pins| pins == [vec![last]] && sb.emulator_pin("solo") == pinner_e2e::cpu_list(&reserved),
+    );
     assert_pinned(&sb, "solo", &[vec![last]]);
     let meta = sb
         .metadata("solo")
@@ -288,20 +280,12 @@ fn daemon_survives_libvirtd_restart() {
         "pins survive the libvirtd restart"
     );
     sb.start_guest("after");
-    wait_for(Duration::from_secs(5), || {
-        let pins = sb.vcpu_pins("after");
-        if pins.len() == 1 && pins[0].len() == 1 {
-            Ok(())
-        } else {
-            Err(format!("after: {pins:?}"))
-        }
-    })
-    .unwrap_or_else(|e| {
-        panic!(
-            "new guest not pinned after libvirtd restart: {e}\n{}",
-            sb.daemon_log()
-        )
-    });
+    sb.await_pins(
+        "after",
+        Duration::from_secs(5),
+        "new guest pinned after libvirtd restart",
+        |pins| pins.len() == 1 && pins[0].len() == 1,
+    );
     let status = wait_for(Duration::from_secs(5), || sb.all_in_sync()).unwrap();
     assert_eq!(status["libvirt_connected"], true);
     assert!(
@@ -342,14 +326,11 @@ fn periodic_reconcile_corrects_pins_changed_behind_its_back() {
         "--live",
     ]);
     assert_eq!(sb.vcpu_pins("g"), vec![vec![reserved]], "moved by hand");
-    wait_for(Duration::from_secs(5), || {
-        let pins = sb.vcpu_pins("g");
-        if pins == vec![vec![pool]] {
-            Ok(())
-        } else {
-            Err(format!("still {pins:?}"))
-        }
-    })
-    .unwrap_or_else(|e| panic!("hand-made pin not corrected: {e}\n{}", sb.daemon_log()));
+    sb.await_pins(
+        "g",
+        Duration::from_secs(5),
+        "hand-made pin corrected",
+        |pins| pins == [vec![pool]],
+    );
     assert_pinned(&sb, "g", &[vec![pool]]);
 }

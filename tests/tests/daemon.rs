@@ -90,20 +90,12 @@ fn sighup_reloads_and_sigterm_stops_cleanly() {
         .join(",");
     sb.write_config(&reserve_first);
     sb.signal_daemon(libc::SIGHUP);
-    wait_for(Duration::from_secs(5), || {
-        let pins = sb.vcpu_pins("g");
-        if pins == vec![vec![last]] {
-            Ok(())
-        } else {
-            Err(format!("{pins:?}"))
-        }
-    })
-    .unwrap_or_else(|e| {
-        panic!(
-            "reload did not re-place the guest: {e}\n{}",
-            sb.daemon_log()
-        )
-    });
+    sb.await_pins(
+        "g",
+        Duration::from_secs(5),
+        "reload re-placed the guest",
+        |pins| pins == vec![vec![last]],
+    );
     assert!(sb.daemon_log().contains("configuration reloaded"));
 
     let status = sb.stop_daemon().expect("daemon exits on SIGTERM");
