@@ -49,6 +49,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The host's CPUs as pinner reads them from sysfs.
+    Topology {
+        /// Read sysfs under this root (e.g. an extracted snapshot).
+        #[arg(long, value_name = "DIR", default_value = "/")]
+        sysfs_root: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -63,9 +71,24 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<ExitCode, String> {
-    if let Command::Daemon = cli.command {
-        daemon::run(cli.config)?;
-        return Ok(ExitCode::SUCCESS);
+    match &cli.command {
+        Command::Daemon => {
+            daemon::run(cli.config)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Topology { sysfs_root, json } => {
+            let topo = topology::Topology::read(sysfs_root)?;
+            print!(
+                "{}",
+                if *json {
+                    topo.to_json()
+                } else {
+                    topology::render_tree(&topo)
+                }
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Status { .. } | Command::Reconcile { .. } => {}
     }
     let socket = match (cli.socket, &cli.config) {
         (Some(socket), _) => socket,
@@ -81,7 +104,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
     let (request, json) = match cli.command {
         Command::Status { json } => (Request::Status, json),
         Command::Reconcile { json } => (Request::Reconcile, json),
-        Command::Daemon => unreachable!("handled above"),
+        Command::Daemon | Command::Topology { .. } => unreachable!("handled above"),
     };
     let response = daemon::request(&socket, &request, Duration::from_secs(150))?;
     let text = match &response {

@@ -255,11 +255,11 @@ fn pick_dedicated(
     }
     let free_in = |cpus: &CpuSet| cpus.intersection(free);
     let home = topo
-        .nodes
+        .numa_nodes
         .iter()
         .find(|n| !n.cpus.intersection(already).is_empty() && free_in(&n.cpus).len() >= count);
     let best_fit = || {
-        topo.nodes
+        topo.numa_nodes
             .iter()
             .filter(|n| free_in(&n.cpus).len() >= count)
             .min_by_key(|n| (free_in(&n.cpus).len(), n.id))
@@ -268,7 +268,7 @@ fn pick_dedicated(
         let cpus = free_in(&node.cpus).iter().take(count).collect();
         return (cpus, format!("dedicated: fits node {}", node.id));
     }
-    let mut nodes: Vec<_> = topo.nodes.iter().collect();
+    let mut nodes: Vec<_> = topo.numa_nodes.iter().collect();
     nodes.sort_by_key(|n| (std::cmp::Reverse(free_in(&n.cpus).len()), n.id));
     let cpus: CpuSet = nodes
         .iter()
@@ -292,7 +292,7 @@ fn place_shared(
 ) -> Vec<GuestPlan> {
     // Ranges a shared guest can be bound to: each node's share of the pool.
     let ranges: Vec<(u32, CpuSet)> = topo
-        .nodes
+        .numa_nodes
         .iter()
         .map(|n| (n.id, n.cpus.intersection(shared_pool)))
         .filter(|(_, cpus)| !cpus.is_empty())
