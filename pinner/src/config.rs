@@ -2,6 +2,7 @@
 //! and the key where one is at fault.
 
 use crate::cpuset::CpuSet;
+use crate::placement::HostPolicy;
 use crate::topology::Topology;
 use pinner_shared::log::Level;
 use pinner_shared::paths::{DEFAULT_CONFIG, DEFAULT_SOCKET};
@@ -182,6 +183,14 @@ impl Config {
             config.libvirt_uri = uri.into_inner();
         }
         Ok(config)
+    }
+
+    /// What placement needs of this configuration.
+    pub fn host_policy(&self) -> HostPolicy {
+        HostPolicy {
+            cpu_allocation_ratio: self.cpu_allocation_ratio,
+            ..HostPolicy::with_reserved(self.reserved_cpus.clone())
+        }
     }
 
     /// Checks what only the host can tell: reserved CPUs must exist and be

@@ -49,6 +49,12 @@ impl CpuSet {
     pub fn contains(&self, cpu: u32) -> bool {
         self.0.contains(&cpu)
     }
+    pub fn insert(&mut self, cpu: u32) {
+        self.0.insert(cpu);
+    }
+    pub fn is_subset(&self, other: &CpuSet) -> bool {
+        self.0.is_subset(&other.0)
+    }
     pub fn remove(&mut self, cpu: u32) {
         self.0.remove(&cpu);
     }

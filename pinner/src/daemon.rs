@@ -9,7 +9,6 @@
 
 use crate::config::Config;
 use crate::hypervisor::{HvError, Hypervisor, Libvirt};
-use crate::placement::HostPolicy;
 use crate::reconcile::{self, Action};
 use crate::topology::Topology;
 use pinner_shared::log::Logger;
@@ -354,12 +353,8 @@ impl Daemon {
         }
     }
 
-    fn host_policy(&self) -> HostPolicy<'_> {
-        HostPolicy {
-            topology: &self.topology,
-            reserved: &self.config.reserved_cpus,
-            cpu_allocation_ratio: self.config.cpu_allocation_ratio,
-        }
+    fn plan(&self, specs: &[crate::domain::DomainSpec]) -> crate::placement::Plan {
+        reconcile::plan_for(&self.topology, &self.config.host_policy(), specs)
     }
 
     /// Returns the connection, (re)connecting with backoff.
@@ -441,7 +436,7 @@ impl Daemon {
             )));
         };
         let (specs, unreadable) = libvirt.running_domains()?;
-        let plan = reconcile::plan_for(&self.host_policy(), &specs);
+        let plan = self.plan(&specs);
         let work = reconcile::diff(&specs, &plan);
         let logger = self.logger.clone();
         let libvirt = self.libvirt.as_mut().expect("connected above");
@@ -504,7 +499,7 @@ impl Daemon {
         };
         match observed {
             Ok((specs, unreadable)) => {
-                let plan = reconcile::plan_for(&self.host_policy(), &specs);
+                let plan = self.plan(&specs);
                 let mut warnings = plan.warnings.clone();
                 warnings.extend(unreadable);
                 Response::Status(StatusReport {

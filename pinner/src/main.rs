@@ -1,14 +1,6 @@
 //! `pinner`: the daemon and its command-line client.
 
-mod config;
-mod cpuset;
-mod daemon;
-mod domain;
-mod hypervisor;
-mod placement;
-mod reconcile;
-mod report;
-mod topology;
+use pinner::{config, daemon, report, topology};
 
 use clap::{Parser, Subcommand};
 use pinner_shared::paths::DEFAULT_SOCKET;

@@ -1,15 +1,19 @@
-//! The placement engine: a pure function of topology × guests × config →
-//! plan. No I/O, so it can be tested and benchmarked on any machine.
+//! The placement engine: a pure function of topology × guests × host policy
+//! (× the guests' current pins) → plan. No I/O.
 //!
-//! Policy (see DESIGN.md): pool = online − reserved − CPUs pinned by others.
-//! While the dedicated demand fits the pool every vCPU gets a pCPU of its own,
-//! a guest kept within one NUMA node when it fits one; beyond that guests are
-//! range-bound to a NUMA node's pool CPUs (or the whole pool), balancing
-//! vCPUs per pCPU. Existing pins that still satisfy the rules are kept.
+//! Pool = online − reserved − isolated − CPUs pinned by others. While the
+//! guests that may have CPUs of their own fit the pool, every vCPU gets a
+//! pCPU of its own (dedicated); beyond, guests are range-bound (shared),
+//! balancing vCPUs per pCPU. Locality, in order: one NUMA node if the guest
+//! fits, else the fewest and closest nodes; one L3 domain inside it if it
+//! fits; whole SMT cores, no core split between two guests while avoidable;
+//! never performance and efficiency cores in one guest. Memory follows the
+//! vCPUs. Pins that still satisfy the rules are kept.
 
 use crate::cpuset::CpuSet;
 use crate::domain::Policy;
-use crate::topology::Topology;
+use crate::topology::{CpuKind, Topology};
+use std::collections::{BTreeMap, BTreeSet};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Role {
@@ -33,6 +37,40 @@ pub struct Guest {
     pub role: Role,
 }
 
+/// Where emulator (and I/O) threads of dedicated guests run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EmulatorPolicy {
+    /// On the reserved CPUs (the guest's own CPUs when none are reserved).
+    #[default]
+    Housekeeping,
+    /// On the guest's own CPUs.
+    Guest,
+}
+
+/// The host-wide inputs of placement, from the config (and nova.conf).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostPolicy {
+    pub reserved: CpuSet,
+    pub cpu_allocation_ratio: f64,
+    /// nova's `cpu_dedicated_set`: the only CPUs dedicated guests may get.
+    pub dedicated_set: Option<CpuSet>,
+    /// nova's `cpu_shared_set`: the only CPUs shared guests may float on.
+    pub shared_set: Option<CpuSet>,
+    pub emulator: EmulatorPolicy,
+}
+
+impl HostPolicy {
+    pub fn with_reserved(reserved: CpuSet) -> HostPolicy {
+        HostPolicy {
+            reserved,
+            cpu_allocation_ratio: 1.0,
+            dedicated_set: None,
+            shared_set: None,
+            emulator: EmulatorPolicy::Housekeeping,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Placement {
     /// One pCPU per vCPU, not shared with any other vCPU.
@@ -50,6 +88,24 @@ impl Placement {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Dedicated,
+    Shared,
+    /// Some guests dedicated, some shared.
+    Mixed,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Dedicated => "dedicated",
+            Mode::Shared => "shared",
+            Mode::Mixed => "mixed",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuestPlan {
     pub name: String,
@@ -57,39 +113,165 @@ pub struct GuestPlan {
     pub placement: Placement,
     /// CPUs for each vCPU, by vCPU number.
     pub vcpus: Vec<CpuSet>,
+    /// Emulator and I/O threads.
     pub emulator: CpuSet,
+    /// Nodes of the guest's vCPUs.
     pub numa_nodes: Vec<u32>,
+    /// Memory binding (strict) to these nodes; None when some of the
+    /// guest's CPUs belong to no node, so memory is left alone.
+    pub memory_nodes: Option<Vec<u32>>,
     pub reason: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
-    /// Dedicated unless any guest is range-bound.
-    pub mode: Placement,
+    pub mode: Mode,
     pub pool: CpuSet,
     pub reserved: CpuSet,
     pub guests: Vec<GuestPlan>,
     pub warnings: Vec<String>,
+    /// vCPUs whose existing pin the plan changes.
+    pub pins_moved: u32,
 }
 
-pub struct HostPolicy<'a> {
-    pub topology: &'a Topology,
-    pub reserved: &'a CpuSet,
-    pub cpu_allocation_ratio: f64,
+/// Per-CPU facts, indexed by CPU id, for fast lookups while placing.
+struct Layout<'a> {
+    topo: &'a Topology,
+    node: Vec<Option<u32>>,
+    l3: Vec<Option<u32>>,
+    core: Vec<Option<u32>>,
+    kind: Vec<Option<CpuKind>>,
+    siblings: BTreeMap<u32, CpuSet>,
 }
 
-pub fn plan(host: &HostPolicy, guests: &[Guest]) -> Plan {
-    let topo = host.topology;
+impl<'a> Layout<'a> {
+    fn new(topo: &'a Topology) -> Layout<'a> {
+        let width = topo.cpus.iter().map(|c| c.id + 1).max().unwrap_or(0) as usize;
+        let mut layout = Layout {
+            topo,
+            node: vec![None; width],
+            l3: vec![None; width],
+            core: vec![None; width],
+            kind: vec![None; width],
+            siblings: BTreeMap::new(),
+        };
+        for cpu in topo.cpus.iter().filter(|c| c.online) {
+            let i = cpu.id as usize;
+            layout.node[i] = cpu.numa_node;
+            layout.l3[i] = cpu.l3;
+            layout.core[i] = cpu.core;
+            layout.kind[i] = cpu.kind;
+            if let Some(core) = cpu.core {
+                layout
+                    .siblings
+                    .insert(core, cpu.smt_siblings.iter().copied().collect());
+            }
+        }
+        layout
+    }
+
+    fn node_of(&self, cpu: u32) -> Option<u32> {
+        self.node.get(cpu as usize).copied().flatten()
+    }
+
+    fn kind_of(&self, cpu: u32) -> Option<CpuKind> {
+        self.kind.get(cpu as usize).copied().flatten()
+    }
+
+    /// `cpus` split by `key`, in key order.
+    fn group<K: Ord>(&self, cpus: &CpuSet, key: impl Fn(u32) -> K) -> BTreeMap<K, CpuSet> {
+        let mut groups: BTreeMap<K, Vec<u32>> = BTreeMap::new();
+        for cpu in cpus.iter() {
+            groups.entry(key(cpu)).or_default().push(cpu);
+        }
+        groups
+            .into_iter()
+            .map(|(k, v)| (k, v.into_iter().collect()))
+            .collect()
+    }
+
+    /// The CPUs sharing `cpu`'s core (itself alone when its core is unknown).
+    fn core_of(&self, cpu: u32) -> CpuSet {
+        self.core
+            .get(cpu as usize)
+            .copied()
+            .flatten()
+            .and_then(|c| self.siblings.get(&c).cloned())
+            .unwrap_or_else(|| std::iter::once(cpu).collect())
+    }
+
+    fn nodes_of(&self, cpus: &CpuSet) -> Vec<u32> {
+        cpus.iter()
+            .filter_map(|c| self.node_of(c))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect()
+    }
+
+    fn distance(&self, a: Option<u32>, b: Option<u32>) -> u32 {
+        match (a, b) {
+            (Some(a), Some(b)) => self.topo.distance(a, b),
+            _ => 20,
+        }
+    }
+
+    /// Kinds present among `cpus`: performance first, unknown last.
+    fn kinds_in(&self, cpus: &CpuSet) -> Vec<Option<CpuKind>> {
+        let present: BTreeSet<u8> = cpus.iter().map(|c| kind_rank(self.kind_of(c))).collect();
+        present.into_iter().map(kind_of_rank).collect()
+    }
+}
+
+fn kind_rank(kind: Option<CpuKind>) -> u8 {
+    match kind {
+        Some(CpuKind::Performance) => 0,
+        Some(CpuKind::Efficiency) => 1,
+        None => 2,
+    }
+}
+
+fn kind_of_rank(rank: u8) -> Option<CpuKind> {
+    match rank {
+        0 => Some(CpuKind::Performance),
+        1 => Some(CpuKind::Efficiency),
+        _ => None,
+    }
+}
+
+fn node_label(node: Option<u32>) -> String {
+    node.map_or_else(|| "-".to_string(), |n| n.to_string())
+}
+
+fn join_nodes(nodes: &[Option<u32>]) -> String {
+    nodes
+        .iter()
+        .map(|n| node_label(*n))
+        .collect::<Vec<_>>()
+        .join("+")
+}
+
+type Current<'g> = &'g [Option<CpuSet>];
+
+pub fn plan(topo: &Topology, host: &HostPolicy, guests: &[Guest]) -> Plan {
+    let layout = Layout::new(topo);
     let reserved = host.reserved.intersection(&topo.online);
     let taken = guests.iter().fold(CpuSet::new(), |acc, g| match &g.role {
         Role::Foreign { taken } => acc.union(taken),
         _ => acc,
     });
-    let pool = topo.online.difference(&reserved).difference(&taken);
+    let pool = topo
+        .online
+        .difference(&reserved)
+        .difference(&topo.isolated)
+        .difference(&taken);
+    let dedicated_pool = host
+        .dedicated_set
+        .as_ref()
+        .map_or_else(|| pool.clone(), |s| s.intersection(&pool));
     let mut warnings = Vec::new();
 
     // Managed guests in a stable order: by name, then uuid.
-    let mut managed: Vec<(&Guest, Policy, &[Option<CpuSet>])> = guests
+    let mut managed: Vec<(&Guest, Policy, Current)> = guests
         .iter()
         .filter_map(|g| match &g.role {
             Role::Managed { policy, current } if g.vcpus > 0 => {
@@ -105,47 +287,51 @@ pub fn plan(host: &HostPolicy, guests: &[Guest]) -> Plan {
         .filter(|(_, p, _)| *p != Policy::Shared)
         .map(|(g, _, _)| g.vcpus as usize)
         .sum();
-    let all_fit = dedicated_demand <= pool.len();
+    let all_fit = dedicated_demand <= dedicated_pool.len();
+    // Guests asking for dedicated CPUs go first, then auto guests when all fit.
+    let mut wanting: Vec<(&Guest, Current)> = managed
+        .iter()
+        .filter(|(_, p, _)| *p == Policy::Dedicated)
+        .chain(
+            managed
+                .iter()
+                .filter(|(_, p, _)| *p == Policy::Auto && all_fit),
+        )
+        .map(|(g, _, c)| (*g, *c))
+        .collect();
+    wanting.sort_by(|a, b| (&a.0.name, &a.0.uuid).cmp(&(&b.0.name, &b.0.uuid)));
 
-    // Who gets CPUs of their own: everyone not asking for shared while all
-    // fit; otherwise only guests that ask for dedicated, while they fit.
-    let mut dedicated: Vec<(&Guest, &[Option<CpuSet>])> = Vec::new();
-    let mut shared: Vec<(&Guest, &[Option<CpuSet>])> = Vec::new();
-    let mut explicit_room = pool.len();
-    for &(g, policy, current) in &managed {
-        let wants_dedicated = match policy {
-            Policy::Dedicated => {
-                let fits = g.vcpus as usize <= explicit_room;
-                if fits {
-                    explicit_room -= g.vcpus as usize;
-                } else {
-                    warnings.push(format!(
-                        "{}: asks for {} dedicated CPUs but only {explicit_room} are free; shared instead",
-                        g.name, g.vcpus
-                    ));
-                }
-                fits
-            }
-            Policy::Auto => all_fit,
-            Policy::Shared | Policy::None => false,
-        };
-        if wants_dedicated {
-            dedicated.push((g, current));
-        } else {
-            shared.push((g, current));
-        }
+    let mut free = dedicated_pool.clone();
+    let (mut plans, refused) = place_dedicated(&layout, host, &reserved, &wanting, &mut free);
+    for g in &refused {
+        warnings.push(format!(
+            "{}: {} dedicated CPUs of one core kind are not free; shared instead",
+            g.name, g.vcpus
+        ));
     }
+    let mut shared: Vec<(&Guest, Current)> = managed
+        .iter()
+        .filter(|(g, _, _)| {
+            !plans
+                .iter()
+                .any(|p: &GuestPlan| p.uuid == g.uuid && p.name == g.name)
+        })
+        .map(|(g, _, c)| (*g, *c))
+        .collect();
+    shared.sort_by(|a, b| (&a.0.name, &a.0.uuid).cmp(&(&b.0.name, &b.0.uuid)));
 
-    let mut free = pool.clone();
-    let mut plans = place_dedicated(topo, &reserved, &dedicated, &mut free);
-    let shared_pool = if free.is_empty() && !shared.is_empty() {
+    let used: CpuSet = dedicated_pool.difference(&free);
+    let shared_base = host
+        .shared_set
+        .as_ref()
+        .map_or_else(|| pool.clone(), |s| s.intersection(&pool));
+    let mut shared_pool = shared_base.difference(&used);
+    if shared_pool.is_empty() && !shared.is_empty() {
         warnings
             .push("no CPUs left beside dedicated guests; shared guests use the whole pool".into());
-        pool.clone()
-    } else {
-        free
-    };
-    plans.extend(place_shared(topo, &shared_pool, &shared));
+        shared_pool = pool.clone();
+    }
+    plans.extend(place_shared(&layout, &shared_pool, &shared));
 
     let shared_demand: u32 = shared.iter().map(|(g, _)| g.vcpus).sum();
     let capacity = shared_pool.len() as f64 * host.cpu_allocation_ratio;
@@ -157,10 +343,30 @@ pub fn plan(host: &HostPolicy, guests: &[Guest]) -> Plan {
         ));
     }
     plans.sort_by(|a, b| (&a.name, &a.uuid).cmp(&(&b.name, &b.uuid)));
-    let mode = if plans.iter().any(|p| p.placement == Placement::Shared) {
-        Placement::Shared
-    } else {
-        Placement::Dedicated
+
+    let pins_moved = managed
+        .iter()
+        .filter_map(|(g, _, current)| {
+            let plan = plans
+                .iter()
+                .find(|p| p.uuid == g.uuid && p.name == g.name)?;
+            Some(
+                current
+                    .iter()
+                    .zip(&plan.vcpus)
+                    .filter(|(cur, new)| cur.as_ref().is_some_and(|c| c != *new))
+                    .count() as u32,
+            )
+        })
+        .sum();
+    let dedicated_count = plans
+        .iter()
+        .filter(|p| p.placement == Placement::Dedicated)
+        .count();
+    let mode = match (dedicated_count, plans.len() - dedicated_count) {
+        (_, 0) => Mode::Dedicated,
+        (0, _) => Mode::Shared,
+        _ => Mode::Mixed,
     };
     Plan {
         mode,
@@ -168,28 +374,60 @@ pub fn plan(host: &HostPolicy, guests: &[Guest]) -> Plan {
         reserved,
         guests: plans,
         warnings,
+        pins_moved,
     }
 }
 
-fn place_dedicated(
-    topo: &Topology,
+fn guest_plan(
+    layout: &Layout,
+    g: &Guest,
+    placement: Placement,
+    vcpus: Vec<CpuSet>,
+    emulator: CpuSet,
+    reason: String,
+) -> GuestPlan {
+    let own = vcpus.iter().fold(CpuSet::new(), |acc, s| acc.union(s));
+    let numa_nodes = layout.nodes_of(&own);
+    let all_in_nodes = own.iter().all(|c| layout.node_of(c).is_some());
+    GuestPlan {
+        name: g.name.clone(),
+        uuid: g.uuid.clone(),
+        placement,
+        vcpus,
+        emulator,
+        memory_nodes: (all_in_nodes && !numa_nodes.is_empty()).then(|| numa_nodes.clone()),
+        numa_nodes,
+        reason,
+    }
+}
+
+/// Places guests one pCPU per vCPU from `free`; returns the plans and the
+/// guests that could not be placed (not enough free CPUs of one kind).
+fn place_dedicated<'g>(
+    layout: &Layout,
+    host: &HostPolicy,
     reserved: &CpuSet,
-    guests: &[(&Guest, &[Option<CpuSet>])],
+    guests: &[(&'g Guest, Current)],
     free: &mut CpuSet,
-) -> Vec<GuestPlan> {
-    // First keep every single-CPU pin that is still free, so a replan moves
-    // nothing that need not move.
+) -> (Vec<GuestPlan>, Vec<&'g Guest>) {
+    // First keep every single-CPU pin that is still free (and of the kind the
+    // guest's first kept pin has), so a replan moves nothing it need not.
     let mut kept: Vec<Vec<Option<u32>>> = Vec::with_capacity(guests.len());
     for (g, current) in guests {
         let mut slots = vec![None; g.vcpus as usize];
+        let mut kind = None;
         for (vcpu, slot) in slots.iter_mut().enumerate() {
-            if let Some(Some(pin)) = current.get(vcpu) {
-                if let (1, Some(cpu)) = (pin.len(), pin.first()) {
-                    if free.contains(cpu) {
-                        free.remove(cpu);
-                        *slot = Some(cpu);
-                    }
-                }
+            let Some(Some(pin)) = current.get(vcpu) else {
+                continue;
+            };
+            let (1, Some(cpu)) = (pin.len(), pin.first()) else {
+                continue;
+            };
+            let same_kind = kind.is_none_or(|k| k == layout.kind_of(cpu));
+            if free.contains(cpu) && same_kind {
+                kind = Some(layout.kind_of(cpu));
+                free.remove(cpu);
+                *slot = Some(cpu);
             }
         }
         kept.push(slots);
@@ -197,169 +435,389 @@ fn place_dedicated(
     // Then fill the rest, larger guests first (they are the hardest to fit).
     let mut order: Vec<usize> = (0..guests.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(guests[i].0.vcpus));
-    let mut plans = vec![None; guests.len()];
+    let mut plans = Vec::new();
+    let mut refused = Vec::new();
     for i in order {
         let (g, _) = guests[i];
         let slots = &mut kept[i];
+        let mine: CpuSet = slots.iter().flatten().copied().collect();
         let missing = slots.iter().filter(|s| s.is_none()).count();
-        let already: CpuSet = slots.iter().flatten().copied().collect();
-        let (chosen, reason) = pick_dedicated(topo, free, &already, missing);
-        let mut fresh = chosen.iter();
-        for slot in slots.iter_mut().filter(|s| s.is_none()) {
-            *slot = fresh.next();
-        }
-        for cpu in chosen.iter() {
-            free.remove(cpu);
-        }
+        let reason = if missing == 0 {
+            format!(
+                "dedicated: kept pins on node {}",
+                join_nodes(&nodes_opt(layout, &mine))
+            )
+        } else {
+            match pick_dedicated(layout, free, &mine, missing) {
+                Some((chosen, reason)) => {
+                    let mut fresh = chosen.iter();
+                    for slot in slots.iter_mut().filter(|s| s.is_none()) {
+                        *slot = fresh.next();
+                    }
+                    for cpu in chosen.iter() {
+                        free.remove(cpu);
+                    }
+                    reason
+                }
+                None => {
+                    for cpu in mine.iter() {
+                        free.insert(cpu);
+                    }
+                    refused.push(g);
+                    continue;
+                }
+            }
+        };
         let vcpus: Vec<CpuSet> = slots
             .iter()
             .map(|s| s.map(|c| std::iter::once(c).collect()).unwrap_or_default())
             .collect();
         let own = vcpus.iter().fold(CpuSet::new(), |acc, s| acc.union(s));
-        let numa_nodes = topo.nodes_of(&own);
-        let reason = if missing == 0 {
-            format!("dedicated: kept pins on node {}", join_ids(&numa_nodes))
-        } else {
-            reason
+        let emulator = match host.emulator {
+            EmulatorPolicy::Housekeeping if !reserved.is_empty() => reserved.clone(),
+            _ => own,
         };
-        plans[i] = Some(GuestPlan {
-            name: g.name.clone(),
-            uuid: g.uuid.clone(),
-            placement: Placement::Dedicated,
-            // Emulator threads stay off dedicated CPUs when there is a
-            // housekeeping set to put them on.
-            emulator: if reserved.is_empty() {
-                own.clone()
-            } else {
-                reserved.clone()
-            },
+        plans.push(guest_plan(
+            layout,
+            g,
+            Placement::Dedicated,
             vcpus,
-            numa_nodes,
+            emulator,
             reason,
-        });
+        ));
     }
-    plans.into_iter().flatten().collect()
+    (plans, refused)
 }
 
-/// `count` free CPUs for one guest: the node already holding its kept pins
-/// if it has room, else the fullest node that fits them all (best fit keeps
-/// large holes for large guests), else spread over the nodes with most room.
+fn nodes_opt(layout: &Layout, cpus: &CpuSet) -> Vec<Option<u32>> {
+    cpus.iter()
+        .map(|c| layout.node_of(c))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect()
+}
+
+/// `need` free CPUs for a guest that already holds `mine`: one core kind,
+/// the best nodes, then L3 and SMT locality inside them.
 fn pick_dedicated(
-    topo: &Topology,
+    layout: &Layout,
     free: &CpuSet,
-    already: &CpuSet,
-    count: usize,
-) -> (CpuSet, String) {
-    if count == 0 {
-        return (CpuSet::new(), String::new());
-    }
-    let free_in = |cpus: &CpuSet| cpus.intersection(free);
-    let home = topo
-        .numa_nodes
-        .iter()
-        .find(|n| !n.cpus.intersection(already).is_empty() && free_in(&n.cpus).len() >= count);
-    let best_fit = || {
-        topo.numa_nodes
-            .iter()
-            .filter(|n| free_in(&n.cpus).len() >= count)
-            .min_by_key(|n| (free_in(&n.cpus).len(), n.id))
+    mine: &CpuSet,
+    need: usize,
+) -> Option<(CpuSet, String)> {
+    let kinds = match mine.first() {
+        Some(cpu) => vec![layout.kind_of(cpu)],
+        None => layout.kinds_in(free),
     };
-    if let Some(node) = home.or_else(best_fit) {
-        let cpus = free_in(&node.cpus).iter().take(count).collect();
-        return (cpus, format!("dedicated: fits node {}", node.id));
+    for kind in kinds {
+        let candidates: CpuSet = free.iter().filter(|&c| layout.kind_of(c) == kind).collect();
+        if candidates.len() < need {
+            continue;
+        }
+        let (region, where_) = choose_nodes(layout, &candidates, mine, need);
+        let (cpus, l3_note) = pick_in_region(layout, &region, free, mine, need);
+        let kind_note = match kind {
+            Some(CpuKind::Performance) => ", performance cores",
+            Some(CpuKind::Efficiency) => ", efficiency cores",
+            None => "",
+        };
+        return Some((cpus, format!("dedicated: {where_}{l3_note}{kind_note}")));
     }
-    let mut nodes: Vec<_> = topo.numa_nodes.iter().collect();
-    nodes.sort_by_key(|n| (std::cmp::Reverse(free_in(&n.cpus).len()), n.id));
-    let cpus: CpuSet = nodes
+    None
+}
+
+/// The nodes to take `need` CPUs from: where the guest already is if it has
+/// room, else the node that fits it most tightly, else the fewest nodes,
+/// closest by the distance matrix. Returns their candidate CPUs and a reason.
+fn choose_nodes(
+    layout: &Layout,
+    candidates: &CpuSet,
+    mine: &CpuSet,
+    need: usize,
+) -> (CpuSet, String) {
+    let by_node = layout.group(candidates, |c| layout.node_of(c));
+    let home_nodes = nodes_opt(layout, mine);
+    let home = home_nodes
         .iter()
-        .flat_map(|n| free_in(&n.cpus).to_vec())
-        .take(count)
-        .collect();
-    let spanned = topo.nodes_of(&cpus);
+        .filter_map(|n| by_node.get(n))
+        .fold(CpuSet::new(), |acc, s| acc.union(s));
+    if !mine.is_empty() && home.len() >= need {
+        return (
+            home,
+            format!("joins its pins on node {}", join_nodes(&home_nodes)),
+        );
+    }
+    if let Some((node, cpus)) = by_node
+        .iter()
+        .filter(|(_, cpus)| cpus.len() >= need)
+        .min_by_key(|(node, cpus)| (cpus.len(), **node))
+    {
+        return (cpus.clone(), format!("fits node {}", node_label(*node)));
+    }
+    // Start from the node with most room, add the closest until it fits.
+    let mut selected: Vec<Option<u32>> = Vec::new();
+    let mut total = 0;
+    while total < need {
+        let next = by_node
+            .iter()
+            .filter(|(n, _)| !selected.contains(n))
+            .min_by_key(|(n, cpus)| {
+                let distance: u32 = selected.iter().map(|s| layout.distance(*s, **n)).sum();
+                (distance, std::cmp::Reverse(cpus.len()), **n)
+            });
+        let Some((node, cpus)) = next else { break };
+        selected.push(*node);
+        total += cpus.len();
+    }
+    let farthest = selected
+        .iter()
+        .flat_map(|a| selected.iter().map(move |b| (*a, *b)))
+        .map(|(a, b)| layout.distance(a, b))
+        .max()
+        .unwrap_or(10);
+    let region = selected
+        .iter()
+        .filter_map(|n| by_node.get(n))
+        .fold(CpuSet::new(), |acc, s| acc.union(s));
+    selected.sort();
     (
-        cpus,
+        region,
         format!(
-            "dedicated: larger than any node's free CPUs, spans nodes {}",
-            join_ids(&spanned)
+            "no node has {need} free CPUs; spans nodes {} (distance {farthest})",
+            join_nodes(&selected)
         ),
     )
 }
 
-fn place_shared(
-    topo: &Topology,
-    shared_pool: &CpuSet,
-    guests: &[(&Guest, &[Option<CpuSet>])],
-) -> Vec<GuestPlan> {
-    // Ranges a shared guest can be bound to: each node's share of the pool.
-    let ranges: Vec<(u32, CpuSet)> = topo
-        .numa_nodes
+/// `need` CPUs from `region`: the L3 domain of the guest's pins if it has
+/// room, else the tightest L3 that fits, else the roomiest L3s in turn; and
+/// inside each, whole cores first.
+fn pick_in_region(
+    layout: &Layout,
+    region: &CpuSet,
+    free: &CpuSet,
+    mine: &CpuSet,
+    need: usize,
+) -> (CpuSet, String) {
+    let by_l3 = layout.group(region, |c| {
+        (
+            layout.node_of(c),
+            layout.l3.get(c as usize).copied().flatten(),
+        )
+    });
+    let mine_l3: BTreeSet<_> = mine
         .iter()
-        .map(|n| (n.id, n.cpus.intersection(shared_pool)))
-        .filter(|(_, cpus)| !cpus.is_empty())
+        .map(|c| {
+            (
+                layout.node_of(c),
+                layout.l3.get(c as usize).copied().flatten(),
+            )
+        })
         .collect();
-    let mut load = vec![0u32; ranges.len()];
-    let mut order: Vec<usize> = (0..guests.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(guests[i].0.vcpus));
-    let mut plans = vec![None; guests.len()];
-    let mut range_of = vec![None; guests.len()];
-    for i in order {
-        let (g, current) = guests[i];
-        let ratio = |r: usize| f64::from(load[r] + g.vcpus) / ranges[r].1.len() as f64;
-        let fitting: Vec<usize> = (0..ranges.len())
-            .filter(|&r| ranges[r].1.len() >= g.vcpus as usize)
-            .collect();
-        let least = fitting.iter().copied().min_by(|&a, &b| {
-            ratio(a)
-                .total_cmp(&ratio(b))
-                .then(ranges[a].0.cmp(&ranges[b].0))
-        });
-        // Stay where the guest already is unless another node is lighter by
-        // a whole vCPU per pCPU.
-        let here = (0..ranges.len()).find(|&r| {
-            fitting.contains(&r)
-                && current.len() == g.vcpus as usize
-                && current.iter().all(|c| c.as_ref() == Some(&ranges[r].1))
-        });
-        let chosen = match (here, least) {
-            (Some(h), Some(l)) if ratio(h) - ratio(l) < 1.0 => Some(h),
-            (_, l) => l,
-        };
-        let cpus = match chosen {
-            Some(r) => {
-                load[r] += g.vcpus;
-                ranges[r].1.clone()
-            }
-            None => shared_pool.clone(),
-        };
-        plans[i] = Some(GuestPlan {
-            name: g.name.clone(),
-            uuid: g.uuid.clone(),
-            placement: Placement::Shared,
-            vcpus: vec![cpus.clone(); g.vcpus as usize],
-            emulator: cpus.clone(),
-            numa_nodes: topo.nodes_of(&cpus),
-            reason: String::new(),
-        });
-        range_of[i] = chosen;
+    let mut domains: Vec<(&(Option<u32>, Option<u32>), &CpuSet)> = by_l3.iter().collect();
+    let single = domains
+        .iter()
+        .filter(|(k, s)| s.len() >= need && mine_l3.contains(*k))
+        .min_by_key(|(_, s)| s.len())
+        .or_else(|| {
+            domains
+                .iter()
+                .filter(|(_, s)| s.len() >= need)
+                .min_by_key(|(k, s)| (s.len(), **k))
+        })
+        .copied();
+    let note = match single {
+        Some(((_, Some(l3)), _))
+            if by_l3.len() > 1 || layout.l3.iter().flatten().any(|l| l != l3) =>
+        {
+            format!(", L3 {l3}")
+        }
+        _ => String::new(),
+    };
+    match single {
+        Some(domain) => domains = vec![domain],
+        None => {
+            domains.sort_by_key(|(k, s)| (!mine_l3.contains(*k), std::cmp::Reverse(s.len()), **k))
+        }
     }
-    // Reasons name each range's final load, the same for all who share it.
-    for (plan, range) in plans.iter_mut().zip(&range_of) {
-        let Some(plan) = plan else { continue };
-        plan.reason = match *range {
-            Some(r) => format!(
-                "shared: node {} ({} vCPUs on {} pCPUs)",
-                ranges[r].0,
-                load[r],
-                ranges[r].1.len()
-            ),
-            None => "shared: larger than any node, bound to the whole pool".to_string(),
-        };
+    let mut picked = CpuSet::new();
+    for (_, cpus) in domains {
+        let want = need - picked.len();
+        if want == 0 {
+            break;
+        }
+        picked = picked.union(&pick_cores(layout, cpus, free, mine, want));
     }
-    plans.into_iter().flatten().collect()
+    (picked, note)
 }
 
-fn join_ids(ids: &[u32]) -> String {
-    ids.iter().map(u32::to_string).collect::<Vec<_>>().join("+")
+/// `want` CPUs from `cpus` by whole cores: first the free threads of cores
+/// the guest already uses, then whole free cores that fit entirely, then
+/// threads of cores another guest already uses, and only then breaks a
+/// whole free core (leaving a half core another guest may get).
+fn pick_cores(layout: &Layout, cpus: &CpuSet, free: &CpuSet, mine: &CpuSet, want: usize) -> CpuSet {
+    let mut own = Vec::new();
+    let mut whole = Vec::new();
+    let mut partial = Vec::new();
+    let mut seen = BTreeSet::new();
+    for cpu in cpus.iter() {
+        let core = layout.core_of(cpu);
+        if !seen.insert(core.first()) {
+            continue;
+        }
+        let threads = core.intersection(cpus);
+        if !core.intersection(mine).is_empty() {
+            own.push(threads);
+        } else if core.difference(free).is_empty() {
+            whole.push(threads);
+        } else {
+            partial.push(threads);
+        }
+    }
+    let mut picked = Vec::with_capacity(want);
+    let take = |set: &CpuSet, picked: &mut Vec<u32>| {
+        for cpu in set.iter() {
+            if picked.len() < want && !picked.contains(&cpu) {
+                picked.push(cpu);
+            }
+        }
+    };
+    for core in &own {
+        take(core, &mut picked);
+    }
+    for core in &whole {
+        if want - picked.len() >= core.len() {
+            take(core, &mut picked);
+        }
+    }
+    for core in partial.iter().chain(&whole) {
+        take(core, &mut picked);
+    }
+    picked.into_iter().collect()
+}
+
+/// Binds each shared guest to one range: an L3 domain of a node if the guest
+/// fits one, else a node, else the fewest closest nodes, else the whole
+/// shared pool; always the least loaded candidate (vCPUs per pCPU), unless
+/// the guest's current range is within one vCPU per pCPU of it.
+fn place_shared(
+    layout: &Layout,
+    shared_pool: &CpuSet,
+    guests: &[(&Guest, Current)],
+) -> Vec<GuestPlan> {
+    let width = layout
+        .node
+        .len()
+        .max(shared_pool.iter().max().map_or(0, |m| m as usize + 1));
+    let mut load = vec![0f64; width];
+    let mean_after = |load: &[f64], range: &CpuSet, vcpus: u32| {
+        let n = range.len() as f64;
+        range.iter().map(|c| load[c as usize]).sum::<f64>() / n + f64::from(vcpus) / n
+    };
+    let by_kind = layout.group(shared_pool, |c| kind_rank(layout.kind_of(c)));
+    let l3_ranges: Vec<CpuSet> = by_kind
+        .values()
+        .flat_map(|cpus| {
+            layout
+                .group(cpus, |c| {
+                    (
+                        layout.node_of(c),
+                        layout.l3.get(c as usize).copied().flatten(),
+                    )
+                })
+                .into_values()
+        })
+        .collect();
+    let node_ranges: Vec<CpuSet> = by_kind
+        .values()
+        .flat_map(|cpus| layout.group(cpus, |c| layout.node_of(c)).into_values())
+        .collect();
+
+    let mut order: Vec<usize> = (0..guests.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(guests[i].0.vcpus));
+    let mut chosen: Vec<Option<CpuSet>> = vec![None; guests.len()];
+    for i in order {
+        let (g, current) = guests[i];
+        let need = g.vcpus as usize;
+        let fitting = |ranges: &[CpuSet]| -> Vec<CpuSet> {
+            ranges.iter().filter(|r| r.len() >= need).cloned().collect()
+        };
+        let mut candidates = fitting(&l3_ranges);
+        if candidates.is_empty() {
+            candidates = fitting(&node_ranges);
+        }
+        if candidates.is_empty() {
+            // Larger than any node: the fewest closest nodes of the largest kind.
+            let largest = by_kind
+                .values()
+                .max_by_key(|s| s.len())
+                .cloned()
+                .unwrap_or_default();
+            let span = if largest.len() >= need {
+                choose_nodes(layout, &largest, &CpuSet::new(), need).0
+            } else {
+                shared_pool.clone()
+            };
+            candidates = vec![span];
+        }
+        let best = candidates
+            .iter()
+            .min_by(|a, b| mean_after(&load, a, g.vcpus).total_cmp(&mean_after(&load, b, g.vcpus)))
+            .cloned()
+            .unwrap_or_else(|| shared_pool.clone());
+        let here = candidates
+            .iter()
+            .find(|r| current.len() == need && current.iter().all(|c| c.as_ref() == Some(*r)));
+        let range = match here {
+            Some(h) if mean_after(&load, h, g.vcpus) - mean_after(&load, &best, g.vcpus) < 1.0 => {
+                h.clone()
+            }
+            _ => best,
+        };
+        let share = f64::from(g.vcpus) / range.len().max(1) as f64;
+        for cpu in range.iter() {
+            load[cpu as usize] += share;
+        }
+        chosen[i] = Some(range);
+    }
+    guests
+        .iter()
+        .zip(chosen)
+        .filter_map(|((g, _), range)| {
+            let range = range?;
+            let per_pcpu =
+                range.iter().map(|c| load[c as usize]).sum::<f64>() / range.len().max(1) as f64;
+            let nodes = nodes_opt(layout, &range);
+            let l3s: BTreeSet<_> = range
+                .iter()
+                .map(|c| layout.l3.get(c as usize).copied().flatten())
+                .collect();
+            let where_ = match (nodes.len(), l3s.len()) {
+                (1, 1) if node_ranges.len() < l3_ranges.len() => {
+                    format!(
+                        "node {} L3 {}",
+                        node_label(nodes[0]),
+                        l3s.iter()
+                            .next()
+                            .copied()
+                            .flatten()
+                            .map_or("-".into(), |l| l.to_string())
+                    )
+                }
+                (1, _) => format!("node {}", node_label(nodes[0])),
+                _ => format!("nodes {}", join_nodes(&nodes)),
+            };
+            let reason = format!("shared: {where_} ({per_pcpu:.2} vCPUs per pCPU)");
+            Some(guest_plan(
+                layout,
+                g,
+                Placement::Shared,
+                vec![range.clone(); g.vcpus as usize],
+                range,
+                reason,
+            ))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -383,18 +841,10 @@ mod tests {
         }
     }
 
-    /// 2 nodes × 4 CPUs (0-3, 4-7), CPU 0 reserved.
+    /// 2 nodes × 4 CPUs (0-3, 4-7), one core each, CPU 0 reserved.
     fn host_plan(guests: &[Guest]) -> Plan {
         let topo = Topology::uniform(&set("0-7"), 2);
-        let reserved = set("0");
-        plan(
-            &HostPolicy {
-                topology: &topo,
-                reserved: &reserved,
-                cpu_allocation_ratio: 1.0,
-            },
-            guests,
-        )
+        plan(&topo, &HostPolicy::with_reserved(set("0")), guests)
     }
 
     fn by_name<'a>(plan: &'a Plan, name: &str) -> &'a GuestPlan {
@@ -405,10 +855,21 @@ mod tests {
         p.vcpus.iter().cloned().map(Some).collect()
     }
 
+    fn settled(plan: &Plan) -> Vec<Guest> {
+        plan.guests
+            .iter()
+            .map(|p| managed(&p.name, p.vcpus.len() as u32, Policy::Auto, current_of(p)))
+            .collect()
+    }
+
+    fn all_cpus(p: &GuestPlan) -> CpuSet {
+        p.vcpus.iter().fold(CpuSet::new(), |a, s| a.union(s))
+    }
+
     #[test]
     fn dedicated_while_it_fits_one_cpu_per_vcpu_within_a_node() {
         let plan = host_plan(&[guest("a", 3), guest("b", 4)]);
-        assert_eq!(plan.mode, Placement::Dedicated);
+        assert_eq!(plan.mode, Mode::Dedicated);
         assert_eq!(plan.pool, set("1-7"));
         let mut used = CpuSet::new();
         for g in &plan.guests {
@@ -420,6 +881,11 @@ mod tests {
                 g.name,
                 g.vcpus
             );
+            assert_eq!(
+                g.memory_nodes.as_ref(),
+                Some(&g.numa_nodes),
+                "memory follows the vCPUs"
+            );
             for cpus in &g.vcpus {
                 assert_eq!(cpus.len(), 1);
                 assert!(!used.contains(cpus.first().unwrap()), "pCPU given twice");
@@ -427,31 +893,22 @@ mod tests {
             }
             assert_eq!(g.emulator, set("0"), "emulator goes to the reserved CPUs");
         }
-        assert!(!used.contains(0), "reserved CPU used");
-        assert_eq!(
-            by_name(&plan, "b")
-                .vcpus
-                .iter()
-                .fold(CpuSet::new(), |a, s| a.union(s)),
-            set("4-7")
-        );
+        assert_eq!(all_cpus(by_name(&plan, "b")), set("4-7"));
     }
 
     #[test]
     fn beyond_the_pool_guests_share_a_node_range_balanced() {
         let guests: Vec<Guest> = (0..6).map(|i| guest(&format!("g{i}"), 2)).collect();
         let plan = host_plan(&guests);
-        assert_eq!(plan.mode, Placement::Shared);
-        let mut load = std::collections::BTreeMap::new();
+        assert_eq!(plan.mode, Mode::Shared);
+        let mut load = BTreeMap::new();
         for g in &plan.guests {
-            assert_eq!(g.placement, Placement::Shared);
             let range = &g.vcpus[0];
             assert!(g.vcpus.iter().all(|c| c == range), "one range per guest");
             assert!(range == &set("1-3") || range == &set("4-7"), "{range}");
             assert_eq!(&g.emulator, range);
             *load.entry(range.to_string()).or_insert(0u32) += 2;
         }
-        // 12 vCPUs on 3 + 4 pCPUs: per-pCPU loads within one of each other.
         let per_cpu: Vec<f64> = load
             .iter()
             .map(|(r, l)| f64::from(*l) / set(r).len() as f64)
@@ -465,16 +922,117 @@ mod tests {
     }
 
     #[test]
-    fn guest_larger_than_a_node_spans_nodes() {
-        let plan = host_plan(&[guest("big", 6)]);
+    fn guest_larger_than_a_node_spans_the_closest_nodes() {
+        let topo = Topology::synthetic(4, 1, 4, 1);
+        // Node 0 is full; 6 vCPUs need two nodes: 1, and its pair 0 is
+        // full, so the closest with room to 1 at distance 32 is 2.
+        let plan = plan(
+            &topo,
+            &HostPolicy::with_reserved(set("0-3")),
+            &[guest("big", 6)],
+        );
         let g = by_name(&plan, "big");
         assert_eq!(g.placement, Placement::Dedicated);
-        assert_eq!(g.numa_nodes, vec![0, 1]);
-        assert!(g.reason.contains("spans nodes 0+1"), "{}", g.reason);
+        assert_eq!(g.numa_nodes.len(), 2, "{:?}", g.vcpus);
+        assert!(g.reason.contains("spans nodes"), "{}", g.reason);
+        let topo = Topology::synthetic(4, 1, 4, 1);
+        let plan = super::plan(
+            &topo,
+            &HostPolicy::with_reserved(CpuSet::new()),
+            &[guest("big", 6)],
+        );
+        let g = by_name(&plan, "big");
+        assert_eq!(
+            g.numa_nodes,
+            vec![0, 1],
+            "a node and its close pair (16), not a far one (32)"
+        );
+        assert!(g.reason.contains("distance 16"), "{}", g.reason);
     }
 
     #[test]
-    fn foreign_pins_are_taken_and_opted_out_guests_ignored() {
+    fn whole_cores_and_one_l3_per_guest() {
+        // 1 node, 2 L3 × 4 cores × 2 threads: CPUs c and c+8 share a core.
+        let topo = Topology::synthetic(1, 2, 4, 2);
+        let plan = plan(
+            &topo,
+            &HostPolicy::with_reserved(CpuSet::new()),
+            &[guest("a", 4), guest("b", 4), guest("c", 2)],
+        );
+        for g in &plan.guests {
+            let cpus = all_cpus(g);
+            let l3s: BTreeSet<_> = cpus.iter().map(|c| (c % 8) / 4).collect();
+            assert_eq!(l3s.len(), 1, "{} spans L3 domains: {cpus}", g.name);
+            for c in cpus.iter() {
+                let sibling = if c < 8 { c + 8 } else { c - 8 };
+                assert!(
+                    cpus.contains(sibling),
+                    "{} has half of core {c}/{sibling}: {cpus}",
+                    g.name
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn odd_sizes_complete_half_used_cores_before_breaking_whole_ones() {
+        let topo = Topology::synthetic(1, 1, 4, 2);
+        let first = plan(
+            &topo,
+            &HostPolicy::with_reserved(CpuSet::new()),
+            &[guest("a", 3)],
+        );
+        let mut guests = settled(&first);
+        guests.push(guest("b", 3));
+        let second = plan(&topo, &HostPolicy::with_reserved(CpuSet::new()), &guests);
+        let split_cores = (0..4u32)
+            .filter(|core| {
+                let owners: BTreeSet<_> = second
+                    .guests
+                    .iter()
+                    .filter(|g| all_cpus(g).contains(*core) || all_cpus(g).contains(core + 4))
+                    .map(|g| g.name.clone())
+                    .collect();
+                owners.len() > 1
+            })
+            .count();
+        assert_eq!(
+            split_cores, 1,
+            "3+3 threads on 2-thread cores need exactly one shared core: {:?}",
+            second.guests
+        );
+    }
+
+    #[test]
+    fn never_mixes_core_kinds() {
+        let mut topo = Topology::synthetic(1, 1, 6, 1);
+        for cpu in topo.cpus.iter_mut() {
+            cpu.kind = Some(if cpu.id < 2 {
+                CpuKind::Performance
+            } else {
+                CpuKind::Efficiency
+            });
+        }
+        let plan = plan(
+            &topo,
+            &HostPolicy::with_reserved(CpuSet::new()),
+            &[guest("p", 2), guest("e", 3)],
+        );
+        assert_eq!(
+            all_cpus(by_name(&plan, "p")),
+            set("0-1"),
+            "the larger guest does not fit P-cores"
+        );
+        assert_eq!(all_cpus(by_name(&plan, "e")), set("2-4"));
+        assert!(
+            by_name(&plan, "e").reason.contains("efficiency"),
+            "{}",
+            by_name(&plan, "e").reason
+        );
+    }
+
+    #[test]
+    fn foreign_pins_reserved_and_isolated_cpus_are_never_used() {
         let foreign = Guest {
             name: "nova".into(),
             uuid: "n".into(),
@@ -487,23 +1045,22 @@ mod tests {
             vcpus: 2,
             role: Role::OptedOut,
         };
-        let plan = host_plan(&[foreign, opted, guest("a", 5)]);
-        assert_eq!(plan.pool, set("1-3,6-7"));
+        let mut topo = Topology::uniform(&set("0-7"), 2);
+        topo.isolated = set("7");
+        let plan = plan(
+            &topo,
+            &HostPolicy::with_reserved(set("0")),
+            &[foreign, opted, guest("a", 4)],
+        );
+        assert_eq!(plan.pool, set("1-3,6"));
         assert_eq!(plan.guests.len(), 1, "only managed guests are planned");
-        let a = by_name(&plan, "a");
-        let used = a.vcpus.iter().fold(CpuSet::new(), |acc, s| acc.union(s));
-        assert_eq!(used, set("1-3,6-7"));
+        assert_eq!(all_cpus(by_name(&plan, "a")), set("1-3,6"));
     }
 
     #[test]
     fn adding_a_guest_moves_no_existing_pin() {
         let first = host_plan(&[guest("a", 2), guest("b", 3)]);
-        let settled: Vec<Guest> = first
-            .guests
-            .iter()
-            .map(|p| managed(&p.name, p.vcpus.len() as u32, Policy::Auto, current_of(p)))
-            .collect();
-        let mut more = settled.clone();
+        let mut more = settled(&first);
         more.push(guest("c", 2));
         let second = host_plan(&more);
         for before in &first.guests {
@@ -514,40 +1071,33 @@ mod tests {
                 before.name
             );
         }
-        assert_eq!(second.mode, Placement::Dedicated);
+        assert_eq!(second.pins_moved, 0);
     }
 
     #[test]
-    fn shared_guests_stay_on_their_node_when_balanced() {
+    fn shared_guests_stay_on_their_range_when_balanced() {
         let guests: Vec<Guest> = (0..6).map(|i| guest(&format!("g{i}"), 2)).collect();
         let first = host_plan(&guests);
-        let settled: Vec<Guest> = first
-            .guests
-            .iter()
-            .map(|p| managed(&p.name, 2, Policy::Auto, current_of(p)))
-            .collect();
-        assert_eq!(host_plan(&settled).guests, first.guests);
+        let second = host_plan(&settled(&first));
+        assert_eq!(second.guests, first.guests);
+        assert_eq!(second.pins_moved, 0);
     }
 
     #[test]
-    fn explicit_policies() {
+    fn explicit_policies_and_mixed_mode() {
         let plan = host_plan(&[
             managed("d", 2, Policy::Dedicated, vec![]),
             managed("s", 1, Policy::Shared, vec![]),
             guest("a", 2),
         ]);
+        assert_eq!(plan.mode, Mode::Mixed);
         assert_eq!(by_name(&plan, "d").placement, Placement::Dedicated);
         assert_eq!(by_name(&plan, "s").placement, Placement::Shared);
         assert_eq!(by_name(&plan, "a").placement, Placement::Dedicated);
-        let d_cpus = by_name(&plan, "d")
-            .vcpus
-            .iter()
-            .fold(CpuSet::new(), |a, s| a.union(s));
-        assert!(d_cpus
+        assert!(all_cpus(by_name(&plan, "d"))
             .intersection(&by_name(&plan, "s").vcpus[0])
             .is_empty());
 
-        // A dedicated request that cannot fit is shared, with a warning.
         let plan = host_plan(&[managed("huge", 9, Policy::Dedicated, vec![])]);
         assert_eq!(by_name(&plan, "huge").placement, Placement::Shared);
         assert!(
@@ -555,6 +1105,26 @@ mod tests {
             "{:?}",
             plan.warnings
         );
+    }
+
+    #[test]
+    fn nova_sets_split_dedicated_and_shared_pools() {
+        let topo = Topology::uniform(&set("0-7"), 1);
+        let host = HostPolicy {
+            dedicated_set: Some(set("4-7")),
+            shared_set: Some(set("1-3")),
+            ..HostPolicy::with_reserved(set("0"))
+        };
+        let plan = plan(
+            &topo,
+            &host,
+            &[
+                managed("d", 2, Policy::Dedicated, vec![]),
+                managed("s", 2, Policy::Shared, vec![]),
+            ],
+        );
+        assert!(all_cpus(by_name(&plan, "d")).is_subset(&set("4-7")));
+        assert_eq!(by_name(&plan, "s").vcpus[0], set("1-3"));
     }
 
     #[test]
@@ -569,5 +1139,23 @@ mod tests {
             vec![1],
             "replacement joins the kept pin's node"
         );
+        assert_eq!(plan.pins_moved, 1);
+    }
+
+    #[test]
+    fn cpus_without_a_node_leave_memory_alone() {
+        let mut topo = Topology::uniform(&set("0-3"), 1);
+        for cpu in topo.cpus.iter_mut() {
+            cpu.numa_node = None;
+        }
+        topo.numa_nodes.clear();
+        let plan = plan(
+            &topo,
+            &HostPolicy::with_reserved(CpuSet::new()),
+            &[guest("a", 2)],
+        );
+        let a = by_name(&plan, "a");
+        assert_eq!(a.memory_nodes, None);
+        assert_eq!(all_cpus(a).len(), 2);
     }
 }

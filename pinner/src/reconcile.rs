@@ -6,6 +6,7 @@ use crate::cpuset::CpuSet;
 use crate::domain::{DomainSpec, PinnerMetadata, Policy};
 use crate::hypervisor::{HvError, Hypervisor};
 use crate::placement::{self, Guest, HostPolicy, Plan, Role};
+use crate::topology::Topology;
 use pinner_shared::protocol::{DomainStatus, VcpuStatus};
 
 /// One change to make on a domain.
@@ -61,8 +62,8 @@ pub fn guests_of(specs: &[DomainSpec]) -> Vec<Guest> {
         .collect()
 }
 
-pub fn plan_for(host: &HostPolicy, specs: &[DomainSpec]) -> Plan {
-    let mut plan = placement::plan(host, &guests_of(specs));
+pub fn plan_for(topology: &Topology, host: &HostPolicy, specs: &[DomainSpec]) -> Plan {
+    let mut plan = placement::plan(topology, host, &guests_of(specs));
     for spec in specs {
         if let Some(word) = spec
             .metadata
@@ -226,7 +227,6 @@ pub fn domain_status(specs: &[DomainSpec], plan: &Plan) -> Vec<DomainStatus> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::topology::Topology;
     use std::collections::BTreeMap;
 
     /// In-memory libvirt: domains by uuid, with a switch to fail calls.
@@ -279,22 +279,11 @@ mod tests {
         }
     }
 
-    fn host() -> (Topology, CpuSet) {
-        (
-            Topology::uniform(&CpuSet::parse("0-3").unwrap(), 1),
-            CpuSet::parse("0").unwrap(),
-        )
-    }
-
     fn reconcile(hv: &mut FakeHypervisor) -> Result<(Plan, ApplyOutcome), HvError> {
-        let (topo, reserved) = host();
-        let policy = HostPolicy {
-            topology: &topo,
-            reserved: &reserved,
-            cpu_allocation_ratio: 1.0,
-        };
+        let topo = Topology::uniform(&CpuSet::parse("0-3").unwrap(), 1);
+        let policy = HostPolicy::with_reserved(CpuSet::parse("0").unwrap());
         let (specs, _) = hv.running_domains()?;
-        let plan = plan_for(&policy, &specs);
+        let plan = plan_for(&topo, &policy, &specs);
         let work = diff(&specs, &plan);
         let outcome = apply(hv, &work, |_, _| {})?;
         Ok((plan, outcome))

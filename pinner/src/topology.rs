@@ -234,8 +234,7 @@ impl Topology {
     }
 
     /// A synthetic host: `online` split evenly over `node_count` nodes, one
-    /// core per CPU.
-    #[cfg(test)]
+    /// core per CPU, no caches (tests).
     pub fn uniform(online: &CpuSet, node_count: u32) -> Topology {
         let ids = online.to_vec();
         let per_node = ids.len().div_ceil(node_count.max(1) as usize).max(1);
@@ -275,6 +274,79 @@ impl Topology {
             nohz_full: CpuSet::new(),
             cpumap_width: online.iter().max().map_or(1, |m| m + 1),
         }
+    }
+
+    /// A synthetic host laid out like a real x86 server, for property tests
+    /// and benchmarks: `nodes` × `l3_per_node` × `cores_per_l3` cores of
+    /// `threads` each, numbered as Linux does (all first threads, then all
+    /// second threads). Distances: 10 local, 16 to the node's pair, 32 beyond.
+    pub fn synthetic(nodes: u32, l3_per_node: u32, cores_per_l3: u32, threads: u32) -> Topology {
+        let cores = nodes * l3_per_node * cores_per_l3;
+        let mut cpus = Vec::new();
+        for thread in 0..threads {
+            for core in 0..cores {
+                let node = core / (l3_per_node * cores_per_l3);
+                cpus.push(Cpu {
+                    id: thread * cores + core,
+                    online: true,
+                    package: Some(node / 2),
+                    die: None,
+                    numa_node: Some(node),
+                    core: Some(core),
+                    l2: Some(core),
+                    l3: Some(core / cores_per_l3),
+                    smt_siblings: (0..threads).map(|t| t * cores + core).collect(),
+                    kind: None,
+                });
+            }
+        }
+        cpus.sort_by_key(|c| c.id);
+        let numa_nodes = (0..nodes)
+            .map(|n| NumaNode {
+                id: n,
+                cpus: cpus
+                    .iter()
+                    .filter(|c| c.numa_node == Some(n))
+                    .map(|c| c.id)
+                    .collect(),
+                memory_mib: Some(65536),
+                distances: (0..nodes)
+                    .map(|m| {
+                        if m == n {
+                            10
+                        } else if m / 2 == n / 2 {
+                            16
+                        } else {
+                            32
+                        }
+                    })
+                    .collect(),
+            })
+            .collect();
+        let online: CpuSet = cpus.iter().map(|c| c.id).collect();
+        Topology {
+            cpumap_width: cores * threads,
+            cpus,
+            online,
+            numa_nodes,
+            isolated: CpuSet::new(),
+            nohz_full: CpuSet::new(),
+        }
+    }
+
+    /// Distance between two nodes (10 for a node to itself; 20 where sysfs
+    /// gives none, as the kernel assumes for remote nodes).
+    pub fn distance(&self, a: u32, b: u32) -> u32 {
+        if a == b {
+            return 10;
+        }
+        let index = self.numa_nodes.iter().position(|n| n.id == b);
+        self.numa_nodes
+            .iter()
+            .find(|n| n.id == a)
+            .and_then(|n| n.distances.get(index?))
+            .copied()
+            .unwrap_or(20)
     }
 
     /// The ids of the nodes holding any of `cpus`.

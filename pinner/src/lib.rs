@@ -1,0 +1,16 @@
+//! pinner: keeps libvirt/KVM guests' vCPUs on the right physical CPUs.
+//!
+//! One module per concern. `placement` is pure (no I/O); everything that
+//! touches the system (`topology` reads sysfs, `hypervisor` talks to libvirt,
+//! `daemon` owns the socket) sits behind small types so the logic between
+//! can be driven against fixtures.
+
+pub mod config;
+pub mod cpuset;
+pub mod daemon;
+pub mod domain;
+pub mod hypervisor;
+pub mod placement;
+pub mod reconcile;
+pub mod report;
+pub mod topology;
