@@ -134,6 +134,9 @@ pub struct Plan {
     pub pins_moved: u32,
 }
 
+/// (NUMA node, L3 id) of a CPU.
+type L3Key = (Option<u32>, Option<u32>);
+
 /// Per-CPU facts, indexed by CPU id, for fast lookups while placing.
 struct Layout<'a> {
     topo: &'a Topology,
@@ -168,6 +171,14 @@ impl<'a> Layout<'a> {
             }
         }
         layout
+    }
+
+    /// An L3 domain is only meaningful within its node.
+    fn l3_key(&self, cpu: u32) -> L3Key {
+        (
+            self.node_of(cpu),
+            self.l3.get(cpu as usize).copied().flatten(),
+        )
     }
 
     fn node_of(&self, cpu: u32) -> Option<u32> {

@@ -145,7 +145,7 @@ impl Topology {
                 .iter()
                 .filter(|&id| {
                     read_text(&cpu_dir.join(format!("cpu{id}/online")))
-                        .map_or(true, |t| t.starts_with('1'))
+                        .is_none_or(|t| t.starts_with('1'))
                 })
                 .collect(),
         };
