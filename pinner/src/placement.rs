@@ -610,22 +610,9 @@ fn pick_in_region(
     mine: &CpuSet,
     need: usize,
 ) -> (CpuSet, String) {
-    let by_l3 = layout.group(region, |c| {
-        (
-            layout.node_of(c),
-            layout.l3.get(c as usize).copied().flatten(),
-        )
-    });
-    let mine_l3: BTreeSet<_> = mine
-        .iter()
-        .map(|c| {
-            (
-                layout.node_of(c),
-                layout.l3.get(c as usize).copied().flatten(),
-            )
-        })
-        .collect();
-    let mut domains: Vec<(&(Option<u32>, Option<u32>), &CpuSet)> = by_l3.iter().collect();
+    let by_l3 = layout.group(region, |c| layout.l3_key(c));
+    let mine_l3: BTreeSet<L3Key> = mine.iter().map(|c| layout.l3_key(c)).collect();
+    let mut domains: Vec<(&L3Key, &CpuSet)> = by_l3.iter().collect();
     let single = domains
         .iter()
         .filter(|(k, s)| s.len() >= need && mine_l3.contains(*k))
@@ -728,16 +715,7 @@ fn place_shared(
     let by_kind = layout.group(shared_pool, |c| kind_rank(layout.kind_of(c)));
     let l3_ranges: Vec<CpuSet> = by_kind
         .values()
-        .flat_map(|cpus| {
-            layout
-                .group(cpus, |c| {
-                    (
-                        layout.node_of(c),
-                        layout.l3.get(c as usize).copied().flatten(),
-                    )
-                })
-                .into_values()
-        })
+        .flat_map(|cpus| layout.group(cpus, |c| layout.l3_key(c)).into_values())
         .collect();
     let node_ranges: Vec<CpuSet> = by_kind
         .values()
