@@ -2,7 +2,8 @@
 //! and the key where one is at fault.
 
 use crate::cpuset::CpuSet;
-use crate::placement::HostPolicy;
+use crate::nova;
+use crate::placement::{EmulatorPolicy, HostPolicy};
 use crate::topology::Topology;
 use pinner_shared::log::Level;
 use pinner_shared::paths::{DEFAULT_CONFIG, DEFAULT_SOCKET};
@@ -22,10 +23,14 @@ pub struct Config {
     pub reconcile_interval: Duration,
     pub log_level: Level,
     pub libvirt_uri: String,
+    pub emulator_threads: EmulatorPolicy,
+    /// An OpenStack compute node's nova.conf to take CPU settings from.
+    pub nova_conf: Option<PathBuf>,
     /// The file this came from (None: built-in defaults).
     pub source: Option<PathBuf>,
-    /// Line of `reserved_cpus` in the file, for errors found later.
+    /// Lines of keys in the file, for errors found later (None: not set).
     reserved_cpus_line: Option<usize>,
+    ratio_line: Option<usize>,
 }
 
 impl Default for Config {
@@ -37,8 +42,11 @@ impl Default for Config {
             reconcile_interval: Duration::from_secs(10),
             log_level: Level::Info,
             libvirt_uri: "qemu:///system".into(),
+            emulator_threads: EmulatorPolicy::Housekeeping,
+            nova_conf: None,
             source: None,
             reserved_cpus_line: None,
+            ratio_line: None,
         }
     }
 }
@@ -74,7 +82,15 @@ struct RawConfig {
     socket: Option<Spanned<String>>,
     reconcile_interval_secs: Option<Spanned<u64>>,
     log_level: Option<Spanned<String>>,
+    emulator_threads: Option<Spanned<String>>,
     libvirt: Option<RawLibvirt>,
+    openstack: Option<RawOpenstack>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOpenstack {
+    nova_conf: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -139,6 +155,7 @@ impl Config {
                 ));
             }
             config.cpu_allocation_ratio = ratio;
+            config.ratio_line = Some(line_col(text, v.span().start).0);
         }
         if let Some(v) = raw.socket {
             if !v.get_ref().starts_with('/') {
@@ -173,6 +190,31 @@ impl Config {
                 }
             };
         }
+        if let Some(v) = raw.emulator_threads {
+            config.emulator_threads = match v.get_ref().as_str() {
+                "housekeeping" => EmulatorPolicy::Housekeeping,
+                "guest" => EmulatorPolicy::Guest,
+                other => {
+                    return Err(err_at(
+                        Some(v.span().start),
+                        format!(
+                        "emulator_threads must be \"housekeeping\" or \"guest\", not \"{other}\""
+                    ),
+                    ))
+                }
+            };
+        }
+        if let Some(v) = raw.openstack.and_then(|o| o.nova_conf) {
+            if !v.get_ref().is_empty() {
+                if !v.get_ref().starts_with('/') {
+                    return Err(err_at(
+                        Some(v.span().start),
+                        "openstack.nova_conf must be an absolute path".into(),
+                    ));
+                }
+                config.nova_conf = Some(PathBuf::from(v.into_inner()));
+            }
+        }
         if let Some(uri) = raw.libvirt.and_then(|l| l.uri) {
             if uri.get_ref().trim().is_empty() {
                 return Err(err_at(
@@ -185,38 +227,139 @@ impl Config {
         Ok(config)
     }
 
-    /// What placement needs of this configuration.
-    pub fn host_policy(&self) -> HostPolicy {
-        HostPolicy {
-            cpu_allocation_ratio: self.cpu_allocation_ratio,
-            ..HostPolicy::with_reserved(self.reserved_cpus.clone())
-        }
-    }
-
-    /// Checks what only the host can tell: reserved CPUs must exist and be
-    /// online, and must leave CPUs for guests.
-    pub fn check_against(&self, topology: &Topology) -> Result<(), ConfigError> {
-        let error = |message: String| ConfigError {
+    fn error_in_file(&self, line: Option<usize>, message: String) -> ConfigError {
+        ConfigError {
             file: self
                 .source
                 .as_ref()
                 .map_or_else(|| "(built-in defaults)".into(), |p| p.display().to_string()),
-            line: self.reserved_cpus_line,
+            line,
+            column: None,
+            message,
+        }
+    }
+
+    /// What placement needs, checked against the host: nova.conf's CPU
+    /// settings merged in (a contradiction is refused, naming both files'
+    /// lines), reserved CPUs online, and a pool left for guests.
+    pub fn resolve(&self, topology: &Topology) -> Result<HostPolicy, ConfigError> {
+        let mut host = HostPolicy {
+            cpu_allocation_ratio: self.cpu_allocation_ratio,
+            emulator: self.emulator_threads,
+            ..HostPolicy::with_reserved(self.reserved_cpus.clone())
+        };
+        if let Some(path) = &self.nova_conf {
+            self.merge_nova(path, topology, &mut host)?;
+        }
+        let offline = host.reserved.difference(&topology.online);
+        if !offline.is_empty() {
+            return Err(self.error_in_file(
+                self.reserved_cpus_line,
+                format!(
+                    "reserved_cpus: CPUs {offline} are not online on this host (online: {})",
+                    topology.online
+                ),
+            ));
+        }
+        if topology
+            .online
+            .difference(&host.reserved)
+            .difference(&topology.isolated)
+            .is_empty()
+        {
+            return Err(self.error_in_file(
+                self.reserved_cpus_line,
+                format!(
+                    "reserved_cpus: \"{}\" (with isolated CPUs \"{}\") leaves no CPU for guests",
+                    host.reserved, topology.isolated
+                ),
+            ));
+        }
+        Ok(host)
+    }
+
+    fn merge_nova(
+        &self,
+        path: &Path,
+        topology: &Topology,
+        host: &mut HostPolicy,
+    ) -> Result<(), ConfigError> {
+        let shown = path.display().to_string();
+        let nova_error = |line: Option<usize>, message: String| ConfigError {
+            file: shown.clone(),
+            line,
             column: None,
             message,
         };
-        let offline = self.reserved_cpus.difference(&topology.online);
-        if !offline.is_empty() {
-            return Err(error(format!(
-                "reserved_cpus: CPUs {offline} are not online on this host (online: {})",
-                topology.online
-            )));
+        let nova = nova::read(path).map_err(|(line, message)| nova_error(line, message))?;
+        let at = |line: usize| {
+            if line == 0 {
+                "nova's default".to_string()
+            } else {
+                format!("{shown}:{line}")
+            }
+        };
+        if let Some(ratio) = nova.cpu_allocation_ratio {
+            if self.ratio_line.is_some() && ratio.value != self.cpu_allocation_ratio {
+                return Err(self.error_in_file(
+                    self.ratio_line,
+                    format!(
+                        "cpu_allocation_ratio {} contradicts {} ({}); remove it here, nova.conf decides",
+                        self.cpu_allocation_ratio,
+                        at(ratio.line),
+                        ratio.value
+                    ),
+                ));
+            }
+            host.cpu_allocation_ratio = ratio.value;
         }
-        if topology.online.difference(&self.reserved_cpus).is_empty() {
-            return Err(error(format!(
-                "reserved_cpus: \"{}\" reserves every online CPU, leaving none for guests",
-                self.reserved_cpus
-            )));
+        for set in [&nova.cpu_dedicated_set, &nova.cpu_shared_set]
+            .into_iter()
+            .flatten()
+        {
+            let offline = set.value.difference(&topology.online);
+            if !offline.is_empty() {
+                return Err(nova_error(
+                    Some(set.line),
+                    format!("CPUs {offline} are not online on this host"),
+                ));
+            }
+        }
+        let nova_reserved = if nova.cpu_dedicated_set.is_some() || nova.cpu_shared_set.is_some() {
+            let guests = [&nova.cpu_dedicated_set, &nova.cpu_shared_set]
+                .into_iter()
+                .flatten()
+                .fold(CpuSet::new(), |acc, s| acc.union(&s.value));
+            host.dedicated_set = nova.cpu_dedicated_set.map(|s| s.value);
+            host.shared_set = nova.cpu_shared_set.map(|s| s.value);
+            Some((
+                topology.online.difference(&guests),
+                "the CPUs outside cpu_dedicated_set and cpu_shared_set".to_string(),
+            ))
+        } else {
+            nova.reserved_host_cpus.filter(|r| r.value > 0).map(|r| {
+                let lowest: CpuSet = topology.online.iter().take(r.value as usize).collect();
+                (
+                    lowest,
+                    format!(
+                        "the lowest {} CPUs (reserved_host_cpus, {})",
+                        r.value,
+                        at(r.line)
+                    ),
+                )
+            })
+        };
+        if let Some((reserved, why)) = nova_reserved {
+            if self.reserved_cpus_line.is_some() && reserved != self.reserved_cpus {
+                return Err(self.error_in_file(
+                    self.reserved_cpus_line,
+                    format!(
+                        "reserved_cpus \"{}\" contradicts nova.conf, which reserves \"{reserved}\" ({why}); remove it here",
+                        self.reserved_cpus
+                    ),
+                ));
+            }
+            host.reserved = reserved;
         }
         Ok(())
     }
@@ -246,7 +389,6 @@ mod tests {
             config,
             Config {
                 source: config.source.clone(),
-                reserved_cpus_line: config.reserved_cpus_line,
                 ..Config::default()
             }
         );
@@ -310,7 +452,7 @@ mod tests {
     fn reserved_cpus_checked_against_the_host() {
         let topo = Topology::uniform(&CpuSet::parse("0-3").unwrap(), 1);
         let config = parse("reserved_cpus = \"2-5\"").unwrap();
-        let e = config.check_against(&topo).unwrap_err();
+        let e = config.resolve(&topo).unwrap_err();
         assert!(
             e.to_string()
                 .contains(":1: reserved_cpus: CPUs 4-5 are not online"),
@@ -318,12 +460,65 @@ mod tests {
         );
         let e = parse("reserved_cpus = \"0-3\"")
             .unwrap()
-            .check_against(&topo)
+            .resolve(&topo)
             .unwrap_err();
-        assert!(e.message.contains("leaving none for guests"), "{e}");
-        parse("reserved_cpus = \"0\"")
+        assert!(e.message.contains("leaves no CPU for guests"), "{e}");
+        let host = parse("reserved_cpus = \"0\"\nemulator_threads = \"guest\"")
             .unwrap()
-            .check_against(&topo)
+            .resolve(&topo)
             .unwrap();
+        assert_eq!(host.reserved.to_string(), "0");
+        assert_eq!(host.emulator, EmulatorPolicy::Guest);
+    }
+
+    fn with_nova(tag: &str, pinner: &str, nova: &str) -> Result<HostPolicy, ConfigError> {
+        let dir = std::env::temp_dir().join(format!("pinner-nova-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let nova_path = dir.join("nova.conf");
+        std::fs::write(&nova_path, nova).unwrap();
+        let text = format!(
+            "{pinner}\n[openstack]\nnova_conf = \"{}\"\n",
+            nova_path.display()
+        );
+        let result = parse(&text)
+            .and_then(|c| c.resolve(&Topology::uniform(&CpuSet::parse("0-7").unwrap(), 1)));
+        let _ = std::fs::remove_dir_all(&dir);
+        result
+    }
+
+    #[test]
+    fn nova_conf_decides_and_contradictions_are_refused() {
+        let nova = "[DEFAULT]\ncpu_allocation_ratio = 2.0\n[compute]\ncpu_dedicated_set = 4-7\ncpu_shared_set = 2-3\n";
+        let host = with_nova("ok", "", nova).unwrap();
+        assert_eq!(host.cpu_allocation_ratio, 2.0);
+        assert_eq!(host.reserved.to_string(), "0-1");
+        assert_eq!(host.dedicated_set.unwrap().to_string(), "4-7");
+        assert_eq!(host.shared_set.unwrap().to_string(), "2-3");
+
+        let e = with_nova("ratio", "cpu_allocation_ratio = 3.0", nova).unwrap_err();
+        assert_eq!(e.line, Some(1));
+        assert!(
+            e.message.contains("contradicts") && e.message.contains("nova.conf:2"),
+            "{e}"
+        );
+        let e = with_nova("reserved", "reserved_cpus = \"0\"", nova).unwrap_err();
+        assert!(e.message.contains("reserves \"0-1\""), "{e}");
+        // The same value in both files is no contradiction.
+        with_nova(
+            "same",
+            "reserved_cpus = \"0-1\"\ncpu_allocation_ratio = 2.0",
+            nova,
+        )
+        .unwrap();
+
+        let host = with_nova("count", "", "[DEFAULT]\nreserved_host_cpus = 2\n").unwrap();
+        assert_eq!(host.reserved.to_string(), "0-1");
+        assert_eq!(host.cpu_allocation_ratio, 4.0, "nova's initial ratio");
+        let e = with_nova("offline", "", "[compute]\ncpu_dedicated_set = 6-9\n").unwrap_err();
+        assert!(
+            e.to_string()
+                .ends_with("nova.conf:2: CPUs 8-9 are not online on this host"),
+            "{e}"
+        );
     }
 }

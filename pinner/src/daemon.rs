@@ -9,6 +9,7 @@
 
 use crate::config::Config;
 use crate::hypervisor::{HvError, Hypervisor, Libvirt};
+use crate::placement::HostPolicy;
 use crate::reconcile::{self, Action};
 use crate::topology::Topology;
 use pinner_shared::log::Logger;
@@ -51,7 +52,7 @@ enum Work {
 pub fn run(config_path: Option<PathBuf>) -> Result<(), String> {
     let config = Config::load(config_path.as_deref()).map_err(|e| e.to_string())?;
     let topology = Topology::read(Path::new("/"))?;
-    config.check_against(&topology).map_err(|e| e.to_string())?;
+    let host = config.resolve(&topology).map_err(|e| e.to_string())?;
     let logger = Arc::new(Logger::new("pinner", config.log_level));
 
     let listener = bind_socket(&config.socket)?;
@@ -75,7 +76,7 @@ pub fn run(config_path: Option<PathBuf>) -> Result<(), String> {
         &[],
     );
     let socket = config.socket.clone();
-    let mut daemon = Daemon::new(config, config_path, topology, logger.clone());
+    let mut daemon = Daemon::new(config, host, config_path, topology, logger.clone());
     daemon.run(&rx);
     let _ = std::fs::remove_file(&socket);
     logger.info("pinner daemon stopped", &[]);
@@ -214,6 +215,8 @@ fn check_peer(stream: &UnixStream) -> Result<(), String> {
 
 struct Daemon {
     config: Config,
+    /// The config resolved against the host (and nova.conf).
+    host: HostPolicy,
     config_path: Option<PathBuf>,
     topology: Topology,
     logger: Arc<Logger>,
@@ -233,6 +236,7 @@ struct Daemon {
 impl Daemon {
     fn new(
         config: Config,
+        host: HostPolicy,
         config_path: Option<PathBuf>,
         topology: Topology,
         logger: Arc<Logger>,
@@ -241,6 +245,7 @@ impl Daemon {
         Daemon {
             next_periodic: now + config.reconcile_interval,
             config,
+            host,
             config_path,
             topology,
             logger,
@@ -324,11 +329,12 @@ impl Daemon {
     /// Re-reads the config; a broken one is reported and the old one kept.
     fn reload(&mut self) -> bool {
         let loaded = Config::load(self.config_path.as_deref()).and_then(|c| {
-            c.check_against(&self.topology)?;
-            Ok(c)
+            let host = c.resolve(&self.topology)?;
+            Ok((c, host))
         });
         match loaded {
-            Ok(config) => {
+            Ok((config, host)) => {
+                self.host = host;
                 if config.socket != self.config.socket {
                     self.logger.warn(
                         "socket path changed in the config; it takes effect at the next restart",
@@ -354,7 +360,7 @@ impl Daemon {
     }
 
     fn plan(&self, specs: &[crate::domain::DomainSpec]) -> crate::placement::Plan {
-        reconcile::plan_for(&self.topology, &self.config.host_policy(), specs)
+        reconcile::plan_for(&self.topology, &self.host, specs)
     }
 
     /// Returns the connection, (re)connecting with backoff.

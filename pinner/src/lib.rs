@@ -10,6 +10,7 @@ pub mod cpuset;
 pub mod daemon;
 pub mod domain;
 pub mod hypervisor;
+pub mod nova;
 pub mod placement;
 pub mod reconcile;
 pub mod report;

@@ -1,0 +1,192 @@
+//! The CPU settings of an OpenStack compute node's nova.conf, so pinner and
+//! nova never disagree: `[DEFAULT] cpu_allocation_ratio`,
+//! `initial_cpu_allocation_ratio`, `reserved_host_cpus`, and
+//! `[compute] cpu_dedicated_set`, `cpu_shared_set`.
+
+use crate::cpuset::CpuSet;
+use std::path::Path;
+
+/// A value and the 1-based line it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Located<T> {
+    pub value: T,
+    pub line: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct NovaCpu {
+    pub cpu_allocation_ratio: Option<Located<f64>>,
+    pub reserved_host_cpus: Option<Located<u32>>,
+    pub cpu_dedicated_set: Option<Located<CpuSet>>,
+    pub cpu_shared_set: Option<Located<CpuSet>>,
+}
+
+/// nova's default when neither ratio is set (`initial_cpu_allocation_ratio`).
+const NOVA_INITIAL_RATIO: f64 = 4.0;
+
+/// Reads `path`; errors carry the line (None: the file as a whole).
+pub fn read(path: &Path) -> Result<NovaCpu, (Option<usize>, String)> {
+    let text = std::fs::read_to_string(path).map_err(|e| (None, format!("cannot read: {e}")))?;
+    parse(&text).map_err(|(line, message)| (Some(line), message))
+}
+
+/// Parses oslo.config's INI dialect: `[section]`, `key = value`, `#`/`;`
+/// comments. Only the keys above are looked at.
+pub fn parse(text: &str) -> Result<NovaCpu, (usize, String)> {
+    let mut section = String::new();
+    let mut out = NovaCpu::default();
+    let mut ratio = None;
+    let mut initial_ratio = None;
+    for (i, raw) in text.lines().enumerate() {
+        let line = i + 1;
+        let trimmed = raw.trim();
+        if trimmed.is_empty() || trimmed.starts_with('#') || trimmed.starts_with(';') {
+            continue;
+        }
+        if let Some(name) = trimmed.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+            section = name.trim().to_ascii_lowercase();
+            continue;
+        }
+        let Some((key, value)) = trimmed.split_once('=') else {
+            continue;
+        };
+        let (key, value) = (key.trim(), value.trim());
+        let float = |v: &str| {
+            v.parse::<f64>()
+                .map_err(|_| (line, format!("{key}: \"{v}\" is not a number")))
+        };
+        match (section.as_str(), key) {
+            ("default", "cpu_allocation_ratio") if !value.is_empty() => {
+                ratio = Some(Located {
+                    value: float(value)?,
+                    line,
+                })
+            }
+            ("default", "initial_cpu_allocation_ratio") => {
+                initial_ratio = Some(Located {
+                    value: float(value)?,
+                    line,
+                })
+            }
+            ("default", "reserved_host_cpus") => {
+                let count = value.parse().map_err(|_| {
+                    (
+                        line,
+                        format!("reserved_host_cpus: \"{value}\" is not a count"),
+                    )
+                })?;
+                out.reserved_host_cpus = Some(Located { value: count, line });
+            }
+            ("compute", "cpu_dedicated_set") if !value.is_empty() => {
+                out.cpu_dedicated_set = Some(Located {
+                    value: parse_spec(value)
+                        .map_err(|e| (line, format!("cpu_dedicated_set: {e}")))?,
+                    line,
+                })
+            }
+            ("compute", "cpu_shared_set") if !value.is_empty() => {
+                out.cpu_shared_set = Some(Located {
+                    value: parse_spec(value).map_err(|e| (line, format!("cpu_shared_set: {e}")))?,
+                    line,
+                })
+            }
+            _ => {}
+        }
+    }
+    // 0.0 is nova's old spelling of "unset".
+    out.cpu_allocation_ratio =
+        ratio
+            .filter(|r| r.value > 0.0)
+            .or(initial_ratio)
+            .or(Some(Located {
+                value: NOVA_INITIAL_RATIO,
+                line: 0,
+            }));
+    if let (Some(d), Some(s)) = (&out.cpu_dedicated_set, &out.cpu_shared_set) {
+        let both = d.value.intersection(&s.value);
+        if !both.is_empty() {
+            return Err((
+                s.line,
+                format!(
+                    "cpu_shared_set and cpu_dedicated_set (line {}) overlap on CPUs {both}",
+                    d.line
+                ),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// nova's CPU spec: the kernel list syntax plus `^N` / `^N-M` exclusions.
+pub fn parse_spec(spec: &str) -> Result<CpuSet, String> {
+    let (mut include, mut exclude) = (Vec::new(), Vec::new());
+    for part in spec.split(',').map(str::trim) {
+        match part.strip_prefix('^') {
+            Some(rest) => exclude.push(rest),
+            None => include.push(part),
+        }
+    }
+    let included = CpuSet::parse(&include.join(","))?;
+    let excluded = CpuSet::parse(&exclude.join(","))?;
+    Ok(included.difference(&excluded))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOVA: &str = "[DEFAULT]
+# pinned compute node
+cpu_allocation_ratio = 2.0
+reserved_host_cpus = 0
+
+[compute]
+cpu_dedicated_set = 4-15,^8
+cpu_shared_set = 2-3, 8
+";
+
+    #[test]
+    fn reads_the_cpu_settings_with_their_lines() {
+        let nova = parse(NOVA).unwrap();
+        assert_eq!(
+            nova.cpu_allocation_ratio,
+            Some(Located {
+                value: 2.0,
+                line: 3
+            })
+        );
+        assert_eq!(
+            nova.cpu_dedicated_set.unwrap().value.to_string(),
+            "4-7,9-15"
+        );
+        let shared = nova.cpu_shared_set.unwrap();
+        assert_eq!(
+            (shared.value.to_string(), shared.line),
+            ("2-3,8".to_string(), 8)
+        );
+    }
+
+    #[test]
+    fn unset_ratio_is_novas_initial_ratio() {
+        let nova = parse("[DEFAULT]\ncpu_allocation_ratio = 0.0\n").unwrap();
+        assert_eq!(nova.cpu_allocation_ratio.unwrap().value, 4.0);
+        let nova = parse("[DEFAULT]\ninitial_cpu_allocation_ratio = 8.0\n").unwrap();
+        assert_eq!(nova.cpu_allocation_ratio.unwrap().value, 8.0);
+    }
+
+    #[test]
+    fn errors_name_the_line() {
+        assert_eq!(
+            parse("[compute]\n\ncpu_shared_set = 1-x\n").unwrap_err().0,
+            3
+        );
+        let (line, message) =
+            parse("[compute]\ncpu_dedicated_set = 1-4\ncpu_shared_set = 4-5\n").unwrap_err();
+        assert_eq!(line, 3);
+        assert!(message.contains("overlap on CPUs 4"), "{message}");
+        assert!(parse("[DEFAULT]\ncpu_allocation_ratio = lots\n")
+            .unwrap_err()
+            .1
+            .contains("not a number"));
+    }
+}
