@@ -231,6 +231,7 @@ struct Daemon {
     outage_logged: bool,
     ever_connected: bool,
     last_warnings: BTreeSet<String>,
+    memory_refused: reconcile::MemoryRefusals,
 }
 
 impl Daemon {
@@ -258,6 +259,7 @@ impl Daemon {
             outage_logged: false,
             ever_connected: false,
             last_warnings: BTreeSet::new(),
+            memory_refused: reconcile::MemoryRefusals::new(),
         }
     }
 
@@ -442,8 +444,11 @@ impl Daemon {
             )));
         };
         let (specs, unreadable) = libvirt.running_domains()?;
+        // A refusal is remembered only while its guest runs.
+        self.memory_refused
+            .retain(|uuid, _| specs.iter().any(|s| &s.uuid == uuid));
         let plan = self.plan(&specs);
-        let work = reconcile::diff(&specs, &plan);
+        let work = reconcile::diff(&specs, &plan, &self.memory_refused);
         let logger = self.logger.clone();
         let libvirt = self.libvirt.as_mut().expect("connected above");
         let outcome = reconcile::apply(libvirt as &mut dyn Hypervisor, &work, |domain, action| {
@@ -454,6 +459,17 @@ impl Daemon {
         self.counters.apply_errors += outcome.errors.len() as u64;
         for error in outcome.errors.iter().chain(&unreadable) {
             self.logger.warn(error, &[]);
+        }
+        for (uuid, reason) in &outcome.memory_refused {
+            let name = specs
+                .iter()
+                .find(|s| &s.uuid == uuid)
+                .map_or("", |s| s.name.as_str());
+            self.logger.warn(
+                &format!("libvirt refused to bind memory, left as it is: {reason}"),
+                &[("DOMAIN", name), ("OP", "memory")],
+            );
+            self.memory_refused.insert(uuid.clone(), reason.clone());
         }
         if outcome.busy {
             self.retry_at = Some(Instant::now() + self.busy_delay);
@@ -513,7 +529,7 @@ impl Daemon {
                     pool: plan.pool.to_vec(),
                     reserved,
                     libvirt_connected: true,
-                    domains: reconcile::domain_status(&specs, &plan),
+                    domains: reconcile::domain_status(&specs, &plan, &self.memory_refused),
                     warnings,
                     counters,
                 })
@@ -556,6 +572,22 @@ fn log_applied(logger: &Logger, domain: &str, action: &Action) {
                 ("DOMAIN", domain),
                 ("CPUS", &cpus.to_string()),
                 ("OP", "pin_emulator"),
+            ],
+        ),
+        Action::PinIothread { iothread, cpus } => logger.info(
+            &format!("pinned IOThread {iothread} to CPUs {cpus}"),
+            &[
+                ("DOMAIN", domain),
+                ("CPUS", &cpus.to_string()),
+                ("OP", "pin_iothread"),
+            ],
+        ),
+        Action::SetMemoryNodes { nodes } => logger.info(
+            &format!("bound memory to NUMA nodes {nodes}"),
+            &[
+                ("DOMAIN", domain),
+                ("NODES", &nodes.to_string()),
+                ("OP", "memory"),
             ],
         ),
     }

@@ -37,6 +37,25 @@ impl Policy {
     }
 }
 
+/// Reads every `*.xml` in `dir` (sorted by file name) as a running domain;
+/// an error names the file.
+pub fn read_dir(dir: &std::path::Path) -> Result<Vec<DomainSpec>, String> {
+    let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut files: Vec<std::path::PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "xml"))
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .map(|f| {
+            let xml = std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?;
+            DomainSpec::parse(&xml).map_err(|e| format!("{}: {e}", f.display()))
+        })
+        .collect()
+}
+
 /// `<pinner:state xmlns:pinner="urn:pinner:1" policy="…"/>` in `<metadata>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PinnerMetadata {
@@ -84,6 +103,13 @@ pub struct DomainSpec {
     pub auto_placement: bool,
     /// `<cputune><emulatorpin cpuset=…/>`
     pub emulator_pin: Option<CpuSet>,
+    /// IOThread ids (`<iothreadids>`, else 1..=`<iothreads>`).
+    pub iothreads: Vec<u32>,
+    /// `<cputune><iothreadpin iothread=… cpuset=…/>`
+    pub iothread_pins: BTreeMap<u32, CpuSet>,
+    /// `<numatune><memory mode=… nodeset=…/>`: node ids, and the mode.
+    pub memory_nodes: Option<CpuSet>,
+    pub memory_mode: Option<String>,
     pub metadata: Option<PinnerMetadata>,
 }
 
@@ -128,6 +154,7 @@ impl DomainSpec {
 
         let mut vcpu_pins = BTreeMap::new();
         let mut emulator_pin = None;
+        let mut iothread_pins = BTreeMap::new();
         if let Some(cputune) = child("cputune") {
             for node in cputune.children().filter(|n| n.is_element()) {
                 match node.tag_name().name() {
@@ -143,10 +170,44 @@ impl DomainSpec {
                         }
                     }
                     "emulatorpin" => emulator_pin = cpuset_attr(node, "<emulatorpin>")?,
+                    "iothreadpin" => {
+                        let id: u32 = node
+                            .attribute("iothread")
+                            .and_then(|v| v.parse().ok())
+                            .ok_or_else(|| {
+                                format!("domain {name:?}: <iothreadpin> without an iothread number")
+                            })?;
+                        if let Some(set) = cpuset_attr(node, "<iothreadpin>")? {
+                            iothread_pins.insert(id, set);
+                        }
+                    }
                     _ => {}
                 }
             }
         }
+
+        let mut iothreads: Vec<u32> = child("iothreadids")
+            .map(|ids| {
+                ids.children()
+                    .filter(|n| n.has_tag_name("iothread"))
+                    .filter_map(|n| n.attribute("id")?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if iothreads.is_empty() {
+            let count: u32 = text("iothreads").and_then(|t| t.parse().ok()).unwrap_or(0);
+            iothreads = (1..=count).collect();
+        }
+        let memory =
+            child("numatune").and_then(|n| n.children().find(|c| c.has_tag_name("memory")));
+        let memory_nodes = memory
+            .and_then(|m| m.attribute("nodeset"))
+            .map(|s| {
+                CpuSet::parse(s)
+                    .map_err(|e| format!("domain {name:?}: <numatune><memory nodeset>: {e}"))
+            })
+            .transpose()?;
+        let memory_mode = memory.and_then(|m| m.attribute("mode")).map(str::to_string);
 
         let metadata = child("metadata")
             .and_then(|m| {
@@ -172,6 +233,10 @@ impl DomainSpec {
             vcpu_default,
             auto_placement,
             emulator_pin,
+            iothreads,
+            iothread_pins,
+            memory_nodes,
+            memory_mode,
             metadata,
         })
     }
@@ -208,11 +273,14 @@ mod tests {
     <pinner:state xmlns:pinner="urn:pinner:1" policy="dedicated" mode="dedicated"/>
   </metadata>
   <vcpu placement='static' current='2'>4</vcpu>
+  <iothreads>2</iothreads>
   <cputune>
     <vcpupin vcpu='0' cpuset='2'/>
     <vcpupin vcpu='1' cpuset='3'/>
     <emulatorpin cpuset='0-1'/>
+    <iothreadpin iothread='2' cpuset='0'/>
   </cputune>
+  <numatune><memory mode='strict' nodeset='1'/></numatune>
 </domain>"#;
 
     #[test]
@@ -224,6 +292,10 @@ mod tests {
         assert_eq!(d.vcpu_pin(0).unwrap().to_string(), "2");
         assert_eq!(d.vcpu_pin(1).unwrap().to_string(), "3");
         assert_eq!(d.emulator_pin.as_ref().unwrap().to_string(), "0-1");
+        assert_eq!(d.iothreads, vec![1, 2]);
+        assert_eq!(d.iothread_pins[&2].to_string(), "0");
+        assert_eq!(d.memory_nodes.as_ref().unwrap().to_string(), "1");
+        assert_eq!(d.memory_mode.as_deref(), Some("strict"));
         assert_eq!(d.metadata.as_ref().unwrap().policy, Policy::Dedicated);
         assert!(!d.is_foreign());
         assert_eq!(d.pinned_cpus().to_string(), "2-3");

@@ -38,6 +38,9 @@ pub trait Hypervisor {
     fn set_metadata(&mut self, uuid: &str, element: &str) -> Result<(), HvError>;
     fn pin_vcpu(&mut self, uuid: &str, vcpu: u32, cpus: &CpuSet) -> Result<(), HvError>;
     fn pin_emulator(&mut self, uuid: &str, cpus: &CpuSet) -> Result<(), HvError>;
+    fn pin_iothread(&mut self, uuid: &str, iothread: u32, cpus: &CpuSet) -> Result<(), HvError>;
+    /// Binds memory to NUMA `nodes` (the numatune nodeset; mode unchanged).
+    fn set_memory_nodes(&mut self, uuid: &str, nodes: &CpuSet) -> Result<(), HvError>;
 }
 
 /// libvirt through the `virt` crate. Only live state is changed: pins and
@@ -55,6 +58,17 @@ impl Libvirt {
         let conn =
             Connect::open(Some(uri)).map_err(|e| HvError::Disconnected(e.message().to_string()))?;
         Ok(Libvirt { conn, cpumap_width })
+    }
+
+    /// A read-only connection (`pinner plan --connect`): it can list, never change.
+    pub fn connect_read_only(uri: &str) -> Result<Libvirt, HvError> {
+        virt::error::clear_error_callback();
+        let conn = Connect::open_read_only(Some(uri))
+            .map_err(|e| HvError::Disconnected(e.message().to_string()))?;
+        Ok(Libvirt {
+            conn,
+            cpumap_width: 0,
+        })
     }
 
     fn domain(&self, uuid: &str) -> Result<Domain, HvError> {
@@ -130,6 +144,36 @@ impl Hypervisor for Libvirt {
                 &cpus.to_cpumap(self.cpumap_width),
                 sys::VIR_DOMAIN_AFFECT_LIVE,
             )
+            .map_err(|e| self.classify(e))
+    }
+
+    fn pin_iothread(&mut self, uuid: &str, iothread: u32, cpus: &CpuSet) -> Result<(), HvError> {
+        let domain = self.domain(uuid)?;
+        let mut map = cpus.to_cpumap(self.cpumap_width);
+        // SAFETY: the domain pointer is valid while `domain` lives; the map
+        // is a live buffer of the length passed. `virt` 0.5 has no wrapper.
+        let rc = unsafe {
+            sys::virDomainPinIOThread(
+                domain.as_ptr(),
+                iothread,
+                map.as_mut_ptr(),
+                map.len() as std::os::raw::c_int,
+                sys::VIR_DOMAIN_AFFECT_LIVE,
+            )
+        };
+        if rc < 0 {
+            return Err(self.classify(virt::error::Error::last_error()));
+        }
+        Ok(())
+    }
+
+    fn set_memory_nodes(&mut self, uuid: &str, nodes: &CpuSet) -> Result<(), HvError> {
+        let params = virt::domain::NUMAParameters {
+            node_set: Some(nodes.to_string()),
+            mode: None,
+        };
+        self.domain(uuid)?
+            .set_numa_parameters(params, sys::VIR_DOMAIN_AFFECT_LIVE)
             .map_err(|e| self.classify(e))
     }
 }

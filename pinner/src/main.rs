@@ -1,6 +1,7 @@
 //! `pinner`: the daemon and its command-line client.
 
-use pinner::{config, daemon, report, topology};
+use pinner::hypervisor::{Hypervisor, Libvirt};
+use pinner::{config, daemon, domain, reconcile, report, topology};
 
 use clap::{Parser, Subcommand};
 use pinner_shared::paths::DEFAULT_SOCKET;
@@ -38,6 +39,21 @@ enum Command {
     },
     /// Reconcile now and wait for the result.
     Reconcile {
+        #[arg(long)]
+        json: bool,
+    },
+    /// The placement the daemon would apply, with reasons; changes nothing.
+    Plan {
+        #[arg(long, value_name = "DIR", default_value = "/")]
+        sysfs_root: PathBuf,
+        /// One libvirt domain XML per running guest (live pins and pinner
+        /// metadata included) instead of asking libvirt.
+        #[arg(long, value_name = "DIR", conflicts_with = "connect")]
+        domains: Option<PathBuf>,
+        /// Read the running guests from this libvirt, read-only (default:
+        /// the configuration's URI).
+        #[arg(long, value_name = "URI")]
+        connect: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -80,6 +96,38 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             );
             return Ok(ExitCode::SUCCESS);
         }
+        Command::Plan {
+            sysfs_root,
+            domains,
+            connect,
+            json,
+        } => {
+            let topo = topology::Topology::read(sysfs_root)?;
+            let config = config::Config::load(cli.config.as_deref()).map_err(|e| e.to_string())?;
+            let host = config.resolve(&topo).map_err(|e| e.to_string())?;
+            let specs = match domains {
+                Some(dir) => domain::read_dir(dir)?,
+                None => {
+                    let uri = connect.as_deref().unwrap_or(&config.libvirt_uri);
+                    let mut libvirt = Libvirt::connect_read_only(uri)
+                        .map_err(|e| format!("libvirt at {uri}: {e}"))?;
+                    let (specs, unreadable) =
+                        libvirt.running_domains().map_err(|e| e.to_string())?;
+                    for problem in unreadable {
+                        eprintln!("pinner: skipped a domain: {problem}");
+                    }
+                    specs
+                }
+            };
+            let plan = reconcile::plan_for(&topo, &host, &specs);
+            let text = if *json {
+                to_json(&report::plan_json(&plan, &specs))?
+            } else {
+                report::plan_text(&plan, &specs)
+            };
+            print!("{text}");
+            return Ok(ExitCode::SUCCESS);
+        }
         Command::Status { .. } | Command::Reconcile { .. } => {}
     }
     let socket = match (cli.socket, &cli.config) {
@@ -96,7 +144,9 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
     let (request, json) = match cli.command {
         Command::Status { json } => (Request::Status, json),
         Command::Reconcile { json } => (Request::Reconcile, json),
-        Command::Daemon | Command::Topology { .. } => unreachable!("handled above"),
+        Command::Daemon | Command::Topology { .. } | Command::Plan { .. } => {
+            unreachable!("handled above")
+        }
     };
     let response = daemon::request(&socket, &request, Duration::from_secs(150))?;
     let text = match &response {

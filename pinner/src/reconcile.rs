@@ -8,6 +8,7 @@ use crate::hypervisor::{HvError, Hypervisor};
 use crate::placement::{self, Guest, HostPolicy, Plan, Role};
 use crate::topology::Topology;
 use pinner_shared::protocol::{DomainStatus, VcpuStatus};
+use std::collections::BTreeMap;
 
 /// One change to make on a domain.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,6 +24,14 @@ pub enum Action {
     },
     PinEmulator {
         cpus: CpuSet,
+    },
+    PinIothread {
+        iothread: u32,
+        cpus: CpuSet,
+    },
+    /// numatune nodeset (the mode stays: libvirt cannot change it live).
+    SetMemoryNodes {
+        nodes: CpuSet,
     },
 }
 
@@ -79,8 +88,25 @@ pub fn plan_for(topology: &Topology, host: &HostPolicy, specs: &[DomainSpec]) ->
     plan
 }
 
+/// Domains whose memory binding libvirt refused, by uuid, with its reason:
+/// not retried on every pass, and shown in status.
+pub type MemoryRefusals = BTreeMap<String, String>;
+
+/// Why pinner will not touch a domain's memory binding, if it will not.
+fn memory_hold(spec: &DomainSpec, refused: &MemoryRefusals) -> Option<String> {
+    if let Some(reason) = refused.get(&spec.uuid) {
+        return Some(format!("libvirt refused the memory binding: {reason}"));
+    }
+    match spec.memory_mode.as_deref() {
+        None | Some("strict") => None,
+        Some(mode) => Some(format!(
+            "memory mode {mode:?} cannot change while running; left as it is"
+        )),
+    }
+}
+
 /// The difference between what libvirt holds and the plan.
-pub fn diff(specs: &[DomainSpec], plan: &Plan) -> Vec<DomainActions> {
+pub fn diff(specs: &[DomainSpec], plan: &Plan, refused: &MemoryRefusals) -> Vec<DomainActions> {
     plan.guests
         .iter()
         .filter_map(|gp| {
@@ -110,6 +136,21 @@ pub fn diff(specs: &[DomainSpec], plan: &Plan) -> Vec<DomainActions> {
                     cpus: gp.emulator.clone(),
                 });
             }
+            for &iothread in &spec.iothreads {
+                if spec.iothread_pins.get(&iothread) != Some(&gp.emulator) {
+                    actions.push(Action::PinIothread {
+                        iothread,
+                        cpus: gp.emulator.clone(),
+                    });
+                }
+            }
+            if let Some(nodes) = planned_memory(gp) {
+                if spec.memory_nodes.as_ref() != Some(&nodes)
+                    && memory_hold(spec, refused).is_none()
+                {
+                    actions.push(Action::SetMemoryNodes { nodes });
+                }
+            }
             (!actions.is_empty()).then(|| DomainActions {
                 name: gp.name.clone(),
                 uuid: gp.uuid.clone(),
@@ -119,12 +160,20 @@ pub fn diff(specs: &[DomainSpec], plan: &Plan) -> Vec<DomainActions> {
         .collect()
 }
 
+fn planned_memory(gp: &crate::placement::GuestPlan) -> Option<CpuSet> {
+    gp.memory_nodes
+        .as_ref()
+        .map(|n| n.iter().copied().collect())
+}
+
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct ApplyOutcome {
     pub changed: u32,
     pub errors: Vec<String>,
     /// Some domain was busy with another libvirt job: try again soon.
     pub busy: bool,
+    /// Memory bindings libvirt refused: (uuid, reason).
+    pub memory_refused: Vec<(String, String)>,
 }
 
 /// Applies the actions; a domain that is busy or gone is skipped (its
@@ -141,6 +190,10 @@ pub fn apply(
                 Action::SetMetadata { element } => hv.set_metadata(&domain.uuid, element),
                 Action::PinVcpu { vcpu, cpus } => hv.pin_vcpu(&domain.uuid, *vcpu, cpus),
                 Action::PinEmulator { cpus } => hv.pin_emulator(&domain.uuid, cpus),
+                Action::PinIothread { iothread, cpus } => {
+                    hv.pin_iothread(&domain.uuid, *iothread, cpus)
+                }
+                Action::SetMemoryNodes { nodes } => hv.set_memory_nodes(&domain.uuid, nodes),
             };
             match result {
                 Ok(()) => {
@@ -159,6 +212,11 @@ pub fn apply(
                         .push(format!("{}: busy, will retry: {m}", domain.name));
                     break;
                 }
+                // Memory is the one change libvirt may refuse for good
+                // (e.g. a mode it cannot change live); the pins stand.
+                Err(HvError::Other(m)) if matches!(action, Action::SetMemoryNodes { .. }) => {
+                    outcome.memory_refused.push((domain.uuid.clone(), m));
+                }
                 Err(HvError::Other(m)) => {
                     outcome.errors.push(format!("{}: {m}", domain.name));
                     break;
@@ -170,7 +228,11 @@ pub fn apply(
 }
 
 /// Per-domain status: what libvirt holds next to what the plan says.
-pub fn domain_status(specs: &[DomainSpec], plan: &Plan) -> Vec<DomainStatus> {
+pub fn domain_status(
+    specs: &[DomainSpec],
+    plan: &Plan,
+    refused: &MemoryRefusals,
+) -> Vec<DomainStatus> {
     let mut out: Vec<DomainStatus> = specs
         .iter()
         .map(|spec| {
@@ -207,7 +269,19 @@ pub fn domain_status(specs: &[DomainSpec], plan: &Plan) -> Vec<DomainStatus> {
                 }
                 None => ("none".to_string(), "no vCPUs to place".to_string()),
             };
-            let in_sync = vcpus.iter().all(|v| v.cpus == v.planned) && emulator == planned_emulator;
+            let memory_nodes: Vec<u32> = spec
+                .memory_nodes
+                .as_ref()
+                .map(CpuSet::to_vec)
+                .unwrap_or_default();
+            let hold = memory_hold(spec, refused);
+            let planned_memory_nodes = match gp.and_then(planned_memory) {
+                Some(nodes) if hold.is_none() => nodes.to_vec(),
+                _ => memory_nodes.clone(),
+            };
+            let in_sync = vcpus.iter().all(|v| v.cpus == v.planned)
+                && emulator == planned_emulator
+                && memory_nodes == planned_memory_nodes;
             DomainStatus {
                 name: spec.name.clone(),
                 uuid: spec.uuid.clone(),
@@ -217,6 +291,13 @@ pub fn domain_status(specs: &[DomainSpec], plan: &Plan) -> Vec<DomainStatus> {
                 planned_emulator,
                 in_sync,
                 reason,
+                memory_nodes,
+                planned_memory_nodes,
+                memory_note: if gp.is_some() {
+                    hold.unwrap_or_default()
+                } else {
+                    String::new()
+                },
             }
         })
         .collect();
@@ -234,6 +315,7 @@ mod tests {
     struct FakeHypervisor {
         domains: BTreeMap<String, DomainSpec>,
         fail_with: Option<HvError>,
+        refuse_memory: Option<String>,
         calls: u32,
     }
 
@@ -266,6 +348,28 @@ mod tests {
             self.domains.get_mut(uuid).unwrap().emulator_pin = Some(cpus.clone());
             Ok(())
         }
+        fn pin_iothread(
+            &mut self,
+            uuid: &str,
+            iothread: u32,
+            cpus: &CpuSet,
+        ) -> Result<(), HvError> {
+            self.call()?;
+            self.domains
+                .get_mut(uuid)
+                .unwrap()
+                .iothread_pins
+                .insert(iothread, cpus.clone());
+            Ok(())
+        }
+        fn set_memory_nodes(&mut self, uuid: &str, nodes: &CpuSet) -> Result<(), HvError> {
+            if let Some(reason) = &self.refuse_memory {
+                return Err(HvError::Other(reason.clone()));
+            }
+            self.call()?;
+            self.domains.get_mut(uuid).unwrap().memory_nodes = Some(nodes.clone());
+            Ok(())
+        }
     }
 
     impl FakeHypervisor {
@@ -284,7 +388,7 @@ mod tests {
         let policy = HostPolicy::with_reserved(CpuSet::parse("0").unwrap());
         let (specs, _) = hv.running_domains()?;
         let plan = plan_for(&topo, &policy, &specs);
-        let work = diff(&specs, &plan);
+        let work = diff(&specs, &plan, &MemoryRefusals::new());
         let outcome = apply(hv, &work, |_, _| {})?;
         Ok((plan, outcome))
     }
@@ -300,14 +404,22 @@ mod tests {
         let mut hv = FakeHypervisor::default();
         hv.add(&vm("a", 2, ""));
         let (plan, outcome) = reconcile(&mut hv).unwrap();
-        assert_eq!(outcome.changed, 3, "two vCPU pins and the emulator pin");
+        assert_eq!(
+            outcome.changed, 4,
+            "two vCPU pins, the emulator pin, memory"
+        );
         let a = &hv.domains["u-a"];
         assert_eq!(
             a.metadata.as_ref().unwrap().mode.as_deref(),
             Some("dedicated")
         );
         assert_eq!(a.emulator_pin, Some(CpuSet::parse("0").unwrap()));
-        let status = domain_status(std::slice::from_ref(a), &plan);
+        assert_eq!(
+            a.memory_nodes.as_ref().unwrap().to_string(),
+            "0",
+            "memory on the vCPUs' node"
+        );
+        let status = domain_status(std::slice::from_ref(a), &plan, &MemoryRefusals::new());
         assert!(status[0].in_sync);
 
         let calls = hv.calls;
@@ -340,7 +452,7 @@ mod tests {
             "CPU 1 is nova's"
         );
         let specs: Vec<_> = hv.domains.values().cloned().collect();
-        let status = domain_status(&specs, &plan);
+        let status = domain_status(&specs, &plan, &MemoryRefusals::new());
         let policies: Vec<_> = status
             .iter()
             .map(|s| (s.name.as_str(), s.policy.as_str()))
@@ -374,5 +486,67 @@ mod tests {
 
         hv.fail_with = Some(HvError::Disconnected("eof".into()));
         assert!(matches!(reconcile(&mut hv), Err(HvError::Disconnected(_))));
+    }
+}
+
+#[cfg(test)]
+mod memory_tests {
+    use super::*;
+    use crate::topology::Topology;
+
+    #[test]
+    fn iothreads_follow_the_emulator_and_memory_modes_are_respected() {
+        let xml = "<domain><name>io</name><uuid>u-io</uuid><vcpu>1</vcpu><iothreads>2</iothreads>\
+                   <numatune><memory mode='interleave' nodeset='0'/></numatune></domain>";
+        let specs = vec![DomainSpec::parse(xml).unwrap()];
+        let topo = Topology::uniform(&CpuSet::parse("0-3").unwrap(), 1);
+        let plan = plan_for(
+            &topo,
+            &HostPolicy::with_reserved(CpuSet::parse("0").unwrap()),
+            &specs,
+        );
+        let work = diff(&specs, &plan, &MemoryRefusals::new());
+        let iothreads: Vec<_> = work[0]
+            .actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::PinIothread { iothread, cpus } => Some((*iothread, cpus.to_string())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(iothreads, vec![(1, "0".to_string()), (2, "0".to_string())]);
+        assert!(
+            !work[0]
+                .actions
+                .iter()
+                .any(|a| matches!(a, Action::SetMemoryNodes { .. })),
+            "an interleave mode set by the operator cannot change live"
+        );
+        let status = domain_status(&specs, &plan, &MemoryRefusals::new());
+        assert!(
+            status[0].memory_note.contains("interleave"),
+            "{}",
+            status[0].memory_note
+        );
+    }
+
+    #[test]
+    fn a_refused_memory_binding_is_remembered_not_retried() {
+        let xml = "<domain><name>m</name><uuid>u-m</uuid><vcpu>1</vcpu></domain>";
+        let specs = vec![DomainSpec::parse(xml).unwrap()];
+        let topo = Topology::uniform(&CpuSet::parse("0-3").unwrap(), 1);
+        let plan = plan_for(&topo, &HostPolicy::with_reserved(CpuSet::new()), &specs);
+        let mut refused = MemoryRefusals::new();
+        assert!(diff(&specs, &plan, &refused)[0]
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::SetMemoryNodes { .. })));
+        refused.insert("u-m".into(), "unsupported".into());
+        assert!(!diff(&specs, &plan, &refused)[0]
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::SetMemoryNodes { .. })));
+        let status = domain_status(&specs, &plan, &refused);
+        assert!(status[0].memory_note.contains("refused"));
     }
 }

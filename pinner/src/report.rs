@@ -1,6 +1,8 @@
 //! Human-readable renderings of the daemon's answers.
 
 use crate::cpuset::CpuSet;
+use crate::domain::DomainSpec;
+use crate::placement::Plan;
 use pinner_shared::protocol::{ReconcileReport, StatusReport};
 use std::fmt::Write;
 
@@ -68,10 +70,115 @@ pub fn status_text(report: &StatusReport) -> String {
             let _ = write!(out, "   (plan: {})", cpus(&d.planned_emulator));
         }
         out.push('\n');
+        if !d.memory_nodes.is_empty() || !d.planned_memory_nodes.is_empty() {
+            let _ = write!(out, "  memory   -> node {}", cpus(&d.memory_nodes));
+            if d.memory_nodes != d.planned_memory_nodes {
+                let _ = write!(out, "   (plan: node {})", cpus(&d.planned_memory_nodes));
+            }
+            out.push('\n');
+        }
+        if !d.memory_note.is_empty() {
+            let _ = writeln!(out, "  memory: {}", d.memory_note);
+        }
     }
     for w in &report.warnings {
         let _ = writeln!(out, "warning: {w}");
     }
+    out
+}
+
+/// Running guests the plan leaves alone, with why.
+fn left_alone<'a>(plan: &Plan, specs: &'a [DomainSpec]) -> Vec<(&'a str, &'static str)> {
+    specs
+        .iter()
+        .filter(|s| {
+            !plan
+                .guests
+                .iter()
+                .any(|g| g.uuid == s.uuid && g.name == s.name)
+        })
+        .map(|s| {
+            let why = if s.is_foreign() {
+                "pinned by someone else"
+            } else if s
+                .metadata
+                .as_ref()
+                .is_some_and(|m| m.policy == crate::domain::Policy::None)
+            {
+                "opted out (policy none)"
+            } else {
+                "no vCPUs"
+            };
+            (s.name.as_str(), why)
+        })
+        .collect()
+}
+
+/// `pinner plan --json`, in the format DESIGN.md documents.
+pub fn plan_json(plan: &Plan, specs: &[DomainSpec]) -> serde_json::Value {
+    let domains: Vec<serde_json::Value> = plan
+        .guests
+        .iter()
+        .map(|g| {
+            serde_json::json!({
+                "name": g.name,
+                "uuid": g.uuid,
+                "policy": g.placement.as_str(),
+                "vcpus": g.vcpus.iter().enumerate()
+                    .map(|(i, c)| serde_json::json!({"vcpu": i, "cpus": c.to_vec()}))
+                    .collect::<Vec<_>>(),
+                "emulator": g.emulator.to_vec(),
+                "numa_nodes": g.numa_nodes,
+                "memory_mode": g.memory_nodes.as_ref().map(|_| "strict"),
+                "reason": g.reason,
+            })
+        })
+        .collect();
+    let alone: Vec<serde_json::Value> = left_alone(plan, specs)
+        .into_iter()
+        .map(|(name, why)| serde_json::json!({"name": name, "reason": why}))
+        .collect();
+    serde_json::json!({
+        "mode": plan.mode.as_str(),
+        "pool": plan.pool.to_vec(),
+        "reserved": plan.reserved.to_vec(),
+        "domains": domains,
+        "left_alone": alone,
+        "pins_moved": plan.pins_moved,
+        "warnings": plan.warnings,
+    })
+}
+
+pub fn plan_text(plan: &Plan, specs: &[DomainSpec]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "mode: {}   pool: {}   reserved: {}",
+        plan.mode.as_str(),
+        plan.pool,
+        if plan.reserved.is_empty() {
+            "-".to_string()
+        } else {
+            plan.reserved.to_string()
+        }
+    );
+    for g in &plan.guests {
+        let _ = writeln!(out, "\n{}  {}", g.name, g.reason);
+        for (vcpu, cpus) in g.vcpus.iter().enumerate() {
+            let _ = writeln!(out, "  vcpu {vcpu:<3} -> {cpus}");
+        }
+        let _ = writeln!(out, "  emulator -> {}", g.emulator);
+        if let Some(nodes) = &g.memory_nodes {
+            let _ = writeln!(out, "  memory   -> node {} (strict)", cpus(nodes));
+        }
+    }
+    for (name, why) in left_alone(plan, specs) {
+        let _ = writeln!(out, "\n{name}  left alone: {why}");
+    }
+    for w in &plan.warnings {
+        let _ = writeln!(out, "warning: {w}");
+    }
+    let _ = writeln!(out, "\n{} existing pins would move", plan.pins_moved);
     out
 }
 
@@ -118,6 +225,8 @@ mod tests {
                 ],
                 emulator: vec![0, 1],
                 planned_emulator: vec![0, 1],
+                memory_nodes: vec![],
+                planned_memory_nodes: vec![0],
                 in_sync: false,
                 reason: "dedicated: fits node 0".into(),
                 ..Default::default()
@@ -136,5 +245,9 @@ mod tests {
         assert!(text.contains("  vcpu 0   -> 2\n"), "{text}");
         assert!(text.contains("  vcpu 1   -> -   (plan: 3)\n"), "{text}");
         assert!(text.contains("  emulator -> 0-1\n"), "{text}");
+        assert!(
+            text.contains("  memory   -> node -   (plan: node 0)\n"),
+            "{text}"
+        );
     }
 }

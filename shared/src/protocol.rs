@@ -127,6 +127,11 @@ pub struct DomainStatus {
     /// Every pin matches the plan.
     pub in_sync: bool,
     pub reason: String,
+    /// NUMA nodes the guest's memory is bound to (empty: not bound).
+    pub memory_nodes: Vec<u32>,
+    pub planned_memory_nodes: Vec<u32>,
+    /// Why the memory binding is left as it is, if it is.
+    pub memory_note: String,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]

@@ -44,6 +44,8 @@ pub struct Sandbox {
     daemon: Option<Child>,
     /// `reconcile_interval_secs` for the daemon's config.
     pub reconcile_interval_secs: u64,
+    /// Top-level TOML lines added to the daemon's config.
+    pub extra_config: String,
 }
 
 /// Why a sandbox cannot run here, or None when it can.
@@ -212,6 +214,7 @@ impl Sandbox {
             libvirtd: None,
             daemon: None,
             reconcile_interval_secs: 10,
+            extra_config: String::new(),
         };
         let ready = sandbox.dir.join("ready");
         if let Err(e) = wait_for(Duration::from_secs(10), || {
@@ -316,9 +319,10 @@ impl Sandbox {
         fs::write(
             self.config_path(),
             format!(
-                "reserved_cpus = \"{reserved_cpus}\"\nsocket = \"{}\"\nreconcile_interval_secs = {}\nlog_level = \"debug\"\n[libvirt]\nuri = \"{}\"\n",
+                "reserved_cpus = \"{reserved_cpus}\"\nsocket = \"{}\"\nreconcile_interval_secs = {}\nlog_level = \"debug\"\n{}\n[libvirt]\nuri = \"{}\"\n",
                 self.socket().display(),
                 self.reconcile_interval_secs,
+                self.extra_config,
                 self.uri()
             ),
         )
@@ -387,15 +391,16 @@ impl Sandbox {
         format!("{}{short}", self.prefix)
     }
 
-    /// Defines a TCG guest with `vcpus` vCPUs and optional `<cputune>` XML.
-    pub fn define_guest(&self, short: &str, vcpus: u32, cputune: &str) -> String {
+    /// Defines a TCG guest with `vcpus` vCPUs; `extra` is domain XML placed
+    /// after `<vcpu>` (`<cputune>`, `<iothreads>`, ...).
+    pub fn define_guest(&self, short: &str, vcpus: u32, extra: &str) -> String {
         let name = self.name(short);
         let xml = format!(
             "<domain type='qemu'>
   <name>{name}</name>
   <memory unit='MiB'>64</memory>
   <vcpu>{vcpus}</vcpu>
-  {cputune}
+  {extra}
   <os><type arch='x86_64' machine='pc'>hvm</type></os>
   <on_poweroff>destroy</on_poweroff>
   <devices>
@@ -464,6 +469,39 @@ impl Sandbox {
         cpu_list(line.trim_start_matches("*:"))
     }
 
+    /// The NUMA nodes the guest's memory is bound to (`virsh numatune`).
+    pub fn memory_nodes(&self, short: &str) -> Vec<u32> {
+        let out = self.virsh_ok(&["numatune", &self.name(short)]);
+        let line = out
+            .lines()
+            .find(|l| l.starts_with("numa_nodeset"))
+            .expect("numatune output");
+        cpu_list(line.split(':').nth(1).unwrap_or(""))
+    }
+
+    /// Each IOThread's affinity (`virsh iothreadinfo`), by IOThread id.
+    pub fn iothread_pins(&self, short: &str) -> Vec<(u32, Vec<u32>)> {
+        self.virsh_ok(&["iothreadinfo", &self.name(short)])
+            .lines()
+            .filter_map(|l| {
+                let mut cols = l.split_whitespace();
+                Some((cols.next()?.parse().ok()?, cpu_list(cols.next()?)))
+            })
+            .collect()
+    }
+
+    /// A file of the guest's machine cgroup (cgroup v1 cpuset), e.g.
+    /// `vcpu0/cpuset.mems`.
+    pub fn cgroup_file(&self, short: &str, file: &str) -> String {
+        let name = self.name(short);
+        let id = self.virsh_ok(&["domid", &name]).trim().to_string();
+        let path = format!("/sys/fs/cgroup/cpuset/machine/qemu-{id}-{name}.libvirt-qemu/{file}");
+        fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{path}: {e}"))
+            .trim()
+            .to_string()
+    }
+
     /// Whether the live XML holds `<vcpupin>` elements (pins set, not just
     /// libvirt's all-CPUs default).
     pub fn has_live_vcpupin(&self, short: &str) -> bool {
@@ -488,15 +526,9 @@ impl Sandbox {
     /// The guest's vCPU cgroup (cgroup v1 cpuset) and the affinity of every
     /// thread in it: (cpuset.cpus, [Cpus_allowed_list of each thread]).
     pub fn vcpu_cgroup(&self, short: &str, vcpu: u32) -> (Vec<u32>, Vec<Vec<u32>>) {
-        let name = self.name(short);
-        let id = self.virsh_ok(&["domid", &name]).trim().to_string();
-        let dir = PathBuf::from(format!(
-            "/sys/fs/cgroup/cpuset/machine/qemu-{id}-{name}.libvirt-qemu/vcpu{vcpu}"
-        ));
-        let cpus = fs::read_to_string(dir.join("cpuset.cpus"))
-            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-        let threads = fs::read_to_string(dir.join("tasks"))
-            .unwrap()
+        let cpus = self.cgroup_file(short, &format!("vcpu{vcpu}/cpuset.cpus"));
+        let threads = self
+            .cgroup_file(short, &format!("vcpu{vcpu}/tasks"))
             .lines()
             .map(|tid| {
                 let status = fs::read_to_string(format!("/proc/{tid}/status")).unwrap_or_default();
