@@ -280,6 +280,21 @@ pub fn plan(topo: &Topology, host: &HostPolicy, guests: &[Guest]) -> Plan {
         .as_ref()
         .map_or_else(|| pool.clone(), |s| s.intersection(&pool));
     let mut warnings = Vec::new();
+    if pool.is_empty() {
+        // Nothing to pin to: leave every guest as it is rather than pin to nothing.
+        warnings.push(format!(
+            "no CPUs left for guests: online {}, reserved {reserved}, isolated {}, pinned by others {taken}",
+            topo.online, topo.isolated
+        ));
+        return Plan {
+            mode: Mode::Dedicated,
+            pool,
+            reserved,
+            guests: Vec::new(),
+            warnings,
+            pins_moved: 0,
+        };
+    }
 
     // Managed guests in a stable order: by name, then uuid.
     let mut managed: Vec<(&Guest, Policy, Current)> = guests
@@ -1129,6 +1144,28 @@ mod tests {
             "replacement joins the kept pin's node"
         );
         assert_eq!(plan.pins_moved, 1);
+    }
+
+    #[test]
+    fn an_empty_pool_places_nothing_and_says_why() {
+        let foreign = Guest {
+            name: "nova".into(),
+            uuid: "n".into(),
+            vcpus: 2,
+            role: Role::Foreign { taken: set("2-3") },
+        };
+        let topo = Topology::uniform(&set("0-3"), 1);
+        let plan = plan(
+            &topo,
+            &HostPolicy::with_reserved(set("0-1")),
+            &[foreign, guest("a", 1)],
+        );
+        assert!(plan.guests.is_empty());
+        assert!(
+            plan.warnings[0].contains("no CPUs left for guests"),
+            "{:?}",
+            plan.warnings
+        );
     }
 
     #[test]

@@ -267,7 +267,11 @@ pub fn domain_status(
                         "opted out (policy none); left alone".to_string(),
                     )
                 }
-                None => ("none".to_string(), "no vCPUs to place".to_string()),
+                None if spec.vcpus == 0 => ("none".to_string(), "no vCPUs to place".to_string()),
+                None => (
+                    "none".to_string(),
+                    "not placed: no CPUs left for guests (see warnings)".to_string(),
+                ),
             };
             let memory_nodes: Vec<u32> = spec
                 .memory_nodes
