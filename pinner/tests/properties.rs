@@ -7,6 +7,9 @@ use pinner::topology::{CpuKind, Topology};
 use proptest::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
 
+/// (core kind, NUMA node, L3) of a shared range.
+type RangeKey = (Option<CpuKind>, Option<u32>, Option<u32>);
+
 #[derive(Debug, Clone)]
 struct Case {
     topo: Topology,
@@ -259,7 +262,7 @@ proptest! {
     ) {
         // Shared guests no larger than the smallest range (an L3 domain of
         // one core kind), so every range is a candidate for every guest.
-        let mut ranges: BTreeMap<(Option<CpuKind>, Option<u32>, Option<u32>), CpuSet> = BTreeMap::new();
+        let mut ranges: BTreeMap<RangeKey, CpuSet> = BTreeMap::new();
         for cpu in &topo.cpus {
             let mut set = ranges.remove(&(cpu.kind, cpu.numa_node, cpu.l3)).unwrap_or_default();
             set.insert(cpu.id);
