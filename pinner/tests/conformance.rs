@@ -4,6 +4,9 @@
 //! hwloc's own reading (`NAME.console`) does, with the exceptions that
 //! folder's README documents. Ids are labels; only the groupings count.
 
+mod common;
+
+use common::{extract, topologies_dir};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -20,10 +23,6 @@ const LEVELS: [Level; 4] = [Level::Package, Level::NumaNode, Level::Core, Level:
 
 /// CPU → (level → group label); None where the level is absent.
 type Reading = BTreeMap<u32, BTreeMap<Level, Option<String>>>;
-
-fn topologies_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/topologies")
-}
 
 /// hwloc's `lstopo -v` tree: two spaces of indentation per level, NUMA
 /// nodes listed as memory children of the object they attach to.
@@ -145,44 +144,12 @@ fn exempt(name: &str) -> Vec<Level> {
     }
 }
 
-fn extract(archive: &Path, into: &Path) -> PathBuf {
-    std::fs::create_dir_all(into).unwrap();
-    let status = Command::new("tar")
-        .arg("xjf")
-        .arg(archive)
-        .arg("-C")
-        .arg(into)
-        .status()
-        .unwrap();
-    assert!(status.success(), "tar failed on {}", archive.display());
-    let mut dirs = std::fs::read_dir(into)
-        .unwrap()
-        .flatten()
-        .filter(|e| e.path().is_dir());
-    let root = dirs.next().expect("archive holds one directory").path();
-    assert!(
-        dirs.next().is_none(),
-        "{} holds more than one directory",
-        archive.display()
-    );
-    root
-}
-
 #[test]
 fn pinner_agrees_with_hwloc_on_every_snapshot() {
-    let dir = topologies_dir();
-    if !dir.exists() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{} missing under CI",
-            dir.display()
-        );
-        eprintln!(
-            "SKIPPED: {} not found (it sits beside the repository)",
-            dir.display()
-        );
+    if !common::have_topologies() {
         return;
     }
+    let dir = topologies_dir();
     let scratch = std::env::temp_dir().join(format!("pinner-conformance-{}", std::process::id()));
     let mut archives: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap()

@@ -1,0 +1,298 @@
+//! The engine on real machines (`../shared/topologies`) with realistic guest
+//! mixes: many 2-vCPU guests, a few large ones, odd sizes. Expectations are
+//! derived from each machine's own topology.
+
+mod common;
+
+use pinner::cpuset::CpuSet;
+use pinner::domain::Policy;
+use pinner::placement::{plan, Guest, GuestPlan, HostPolicy, Mode, Placement, Plan, Role};
+use pinner::topology::{Cpu, Topology};
+use std::collections::{BTreeMap, BTreeSet};
+
+fn machine(name: &str) -> Option<Topology> {
+    if !common::have_topologies() {
+        return None;
+    }
+    let archive = std::fs::read_dir(common::topologies_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name().unwrap().to_string_lossy().starts_with(name)
+                && p.to_string_lossy().ends_with(".tar.bz2")
+        })
+        .unwrap_or_else(|| panic!("no snapshot {name}"));
+    let scratch =
+        std::env::temp_dir().join(format!("pinner-scenario-{name}-{}", std::process::id()));
+    let root = common::extract(&archive, &scratch);
+    let topo = Topology::read(&root).unwrap();
+    let _ = std::fs::remove_dir_all(&scratch);
+    Some(topo)
+}
+
+fn guests(sizes: &[u32]) -> Vec<Guest> {
+    sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &vcpus)| Guest {
+            name: format!("vm{i:03}"),
+            uuid: format!("uuid-{i:03}"),
+            vcpus,
+            role: Role::Managed {
+                policy: Policy::Auto,
+                current: vec![],
+            },
+        })
+        .collect()
+}
+
+fn cpus_of(g: &GuestPlan) -> CpuSet {
+    g.vcpus.iter().fold(CpuSet::new(), |a, s| a.union(s))
+}
+
+fn info(topo: &Topology, cpu: u32) -> &Cpu {
+    topo.cpus.iter().find(|c| c.id == cpu).unwrap()
+}
+
+/// Every dedicated guest no larger than a node's free share sits in one
+/// node, and in one L3 when its node has an L3 domain big enough.
+fn assert_local(topo: &Topology, p: &Plan) {
+    let l3_size: BTreeMap<Option<u32>, usize> =
+        topo.cpus
+            .iter()
+            .filter(|c| c.online)
+            .fold(BTreeMap::new(), |mut m, c| {
+                *m.entry(c.l3).or_insert(0) += 1;
+                m
+            });
+    for g in p
+        .guests
+        .iter()
+        .filter(|g| g.placement == Placement::Dedicated)
+    {
+        let l3s: BTreeSet<_> = cpus_of(g).iter().map(|c| info(topo, c).l3).collect();
+        if g.numa_nodes.len() == 1 && l3s.len() > 1 {
+            let biggest = l3_size.values().max().copied().unwrap_or(0);
+            assert!(
+                g.vcpus.len() > biggest,
+                "{} spans L3s {l3s:?} though one has {biggest} CPUs",
+                g.name
+            );
+        }
+    }
+}
+
+/// Cores whose online threads went to more than one guest.
+fn split_cores(topo: &Topology, p: &Plan) -> usize {
+    let mut owners: BTreeMap<u32, BTreeSet<&str>> = BTreeMap::new();
+    for g in p
+        .guests
+        .iter()
+        .filter(|g| g.placement == Placement::Dedicated)
+    {
+        for cpu in cpus_of(g).iter() {
+            owners
+                .entry(info(topo, cpu).core.unwrap())
+                .or_default()
+                .insert(&g.name);
+        }
+    }
+    owners.values().filter(|o| o.len() > 1).count()
+}
+
+#[test]
+fn amd_8_nodes_many_small_guests_and_a_large_one() {
+    let Some(topo) = machine("64amd64-4s2n4ca2co") else {
+        return;
+    };
+    // One CPU per package reserved; 12 × 2, one 16, odd 3 and 5 vCPUs.
+    let reserved = CpuSet::parse("0,16,32,48").unwrap();
+    let mut sizes = vec![2; 12];
+    sizes.extend([16, 3, 5]);
+    let p = plan(&topo, &HostPolicy::with_reserved(reserved), &guests(&sizes));
+    assert_eq!(p.mode, Mode::Dedicated);
+    assert_local(&topo, &p);
+    let node_size = topo.numa_nodes[0].cpus.len();
+    for g in &p.guests {
+        if g.vcpus.len() <= node_size - 1 {
+            assert_eq!(
+                g.numa_nodes.len(),
+                1,
+                "{} ({} vCPUs) should fit one node: {:?}",
+                g.name,
+                g.vcpus.len(),
+                g.numa_nodes
+            );
+        }
+        assert_eq!(g.memory_nodes.as_ref(), Some(&g.numa_nodes));
+    }
+    let big = p.guests.iter().find(|g| g.vcpus.len() == 16).unwrap();
+    assert_eq!(
+        big.numa_nodes.len(),
+        2,
+        "16 vCPUs on 8-CPU nodes: the fewest nodes"
+    );
+    let d = topo.distance(big.numa_nodes[0], big.numa_nodes[1]);
+    let closest = topo
+        .numa_nodes
+        .iter()
+        .flat_map(|a| topo.numa_nodes.iter().map(move |b| (a.id, b.id)))
+        .filter(|(a, b)| a != b)
+        .map(|(a, b)| topo.distance(a, b))
+        .min()
+        .unwrap();
+    assert_eq!(
+        d, closest,
+        "{}: spans nodes at distance {d}, closest pair is {closest}",
+        big.reason
+    );
+}
+
+#[test]
+fn intel_smt_guests_take_whole_cores() {
+    let Some(topo) = machine("32intel64-2p8co2t+8ve") else {
+        return;
+    };
+    let mut sizes = vec![2; 8];
+    sizes.extend([4, 4, 3, 1]);
+    let p = plan(
+        &topo,
+        &HostPolicy::with_reserved(CpuSet::parse("0,16").unwrap()),
+        &guests(&sizes),
+    );
+    assert_eq!(p.mode, Mode::Dedicated);
+    assert_local(&topo, &p);
+    for g in p.guests.iter().filter(|g| g.vcpus.len() % 2 == 0) {
+        for cpu in cpus_of(g).iter() {
+            let siblings = &info(&topo, cpu).smt_siblings;
+            let whole = siblings
+                .iter()
+                .all(|s| cpus_of(g).contains(*s) || p.reserved.contains(*s));
+            assert!(
+                whole,
+                "{} holds half of core {siblings:?}: {}",
+                g.name,
+                cpus_of(g)
+            );
+        }
+    }
+    // The reserved CPUs break two cores; the odd guests (3 and 1) complete
+    // them or each other: no other core is shared.
+    let odd = sizes.iter().filter(|s| *s % 2 == 1).count();
+    assert!(
+        split_cores(&topo, &p) <= odd,
+        "split cores {}",
+        split_cores(&topo, &p)
+    );
+}
+
+#[test]
+fn hybrid_guests_never_mix_core_kinds() {
+    let Some(topo) = machine("20em64t-hybrid") else {
+        return;
+    };
+    let p = plan(
+        &topo,
+        &HostPolicy::with_reserved(CpuSet::new()),
+        &guests(&[4, 4, 2, 3, 2]),
+    );
+    assert_eq!(p.mode, Mode::Dedicated);
+    for g in &p.guests {
+        let kinds: BTreeSet<_> = cpus_of(g).iter().map(|c| info(&topo, c).kind).collect();
+        assert_eq!(kinds.len(), 1, "{} mixes kinds: {}", g.name, cpus_of(g));
+    }
+    // Largest guests first, on performance cores first.
+    let first = p.guests.iter().find(|g| g.name == "vm000").unwrap();
+    assert!(first.reason.contains("performance"), "{}", first.reason);
+}
+
+#[test]
+fn arm_128_cores_large_guests_fill_nodes() {
+    let Some(topo) = machine("128arm-2pa2n8cluster4co") else {
+        return;
+    };
+    let mut sizes = vec![30, 30, 30];
+    sizes.extend(vec![2; 15]);
+    let p = plan(
+        &topo,
+        &HostPolicy::with_reserved(CpuSet::parse("0-1").unwrap()),
+        &guests(&sizes),
+    );
+    assert_eq!(p.mode, Mode::Dedicated);
+    assert_local(&topo, &p);
+    for g in &p.guests {
+        assert_eq!(g.numa_nodes.len(), 1, "{}: {:?}", g.name, g.numa_nodes);
+    }
+    let big_nodes: BTreeSet<_> = p
+        .guests
+        .iter()
+        .filter(|g| g.vcpus.len() == 30)
+        .map(|g| g.numa_nodes[0])
+        .collect();
+    assert_eq!(
+        big_nodes.len(),
+        3,
+        "each 30-vCPU guest gets a node of its own"
+    );
+}
+
+#[test]
+fn offline_cpus_and_missing_node() {
+    let Some(topo) = machine("offline-cpu0-node0") else {
+        return;
+    };
+    let p = plan(
+        &topo,
+        &HostPolicy::with_reserved(CpuSet::new()),
+        &guests(&[2, 2, 4]),
+    );
+    for g in &p.guests {
+        assert!(
+            cpus_of(g).is_subset(&topo.online),
+            "{}: offline CPU used",
+            g.name
+        );
+        let nodeless = cpus_of(g)
+            .iter()
+            .any(|c| info(&topo, c).numa_node.is_none());
+        assert_eq!(
+            g.memory_nodes.is_none(),
+            nodeless,
+            "{}: memory left alone exactly when a CPU has no node",
+            g.name
+        );
+    }
+}
+
+#[test]
+fn overcommitted_opterons_share_node_ranges_evenly() {
+    let Some(topo) = machine("16amd64-8n2c") else {
+        return;
+    };
+    // 2 CPUs per node; 14 × 2-vCPU guests on 15 pool CPUs.
+    let p = plan(
+        &topo,
+        &HostPolicy::with_reserved(CpuSet::parse("0").unwrap()),
+        &guests(&[2; 14]),
+    );
+    assert_eq!(p.mode, Mode::Shared);
+    let mut load: BTreeMap<String, usize> = BTreeMap::new();
+    for g in &p.guests {
+        assert_eq!(
+            g.numa_nodes.len(),
+            1,
+            "{} range-bound within one node",
+            g.name
+        );
+        *load.entry(g.vcpus[0].to_string()).or_insert(0) += g.vcpus.len();
+    }
+    let per_cpu: Vec<f64> = load
+        .iter()
+        .map(|(r, v)| *v as f64 / CpuSet::parse(r).unwrap().len() as f64)
+        .collect();
+    let spread = per_cpu.iter().cloned().fold(f64::MIN, f64::max)
+        - per_cpu.iter().cloned().fold(f64::MAX, f64::min);
+    assert!(spread <= 1.0, "loads per pCPU {load:?}");
+    assert!(p.warnings.iter().any(|w| w.contains("overcommitted")));
+}
