@@ -1,10 +1,11 @@
 //! Sets of CPU ids in the kernel's list syntax ("0-3,8,10-11").
 
-use std::collections::BTreeSet;
 use std::fmt;
 
-#[derive(Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct CpuSet(BTreeSet<u32>);
+/// A bitset: CPU n is bit n%64 of word n/64. Trailing zero words are
+/// trimmed, so equal sets have equal representations.
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
+pub struct CpuSet(Vec<u64>);
 
 /// Ids above this are refused: no host has them, and a typo like "0-99999999"
 /// must not allocate a giant set.
@@ -19,9 +20,9 @@ impl CpuSet {
     /// are ignored; "" is the empty set.
     pub fn parse(text: &str) -> Result<CpuSet, String> {
         let text = text.trim_matches(|c: char| c.is_whitespace() || c == '\0');
-        let mut set = BTreeSet::new();
+        let mut set = CpuSet::new();
         if text.is_empty() {
-            return Ok(CpuSet(set));
+            return Ok(set);
         }
         for part in text.split(',') {
             let part = part.trim();
@@ -35,43 +36,99 @@ impl CpuSet {
             if lo > hi {
                 return Err(format!("range \"{part}\" runs backwards"));
             }
-            set.extend(lo..=hi);
+            for cpu in lo..=hi {
+                set.insert(cpu);
+            }
         }
-        Ok(CpuSet(set))
+        Ok(set)
+    }
+
+    fn trimmed(mut words: Vec<u64>) -> CpuSet {
+        while words.last() == Some(&0) {
+            words.pop();
+        }
+        CpuSet(words)
     }
 
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.0.iter().map(|w| w.count_ones() as usize).sum()
     }
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
     pub fn contains(&self, cpu: u32) -> bool {
-        self.0.contains(&cpu)
+        self.0
+            .get(cpu as usize / 64)
+            .is_some_and(|w| w & (1 << (cpu % 64)) != 0)
     }
     pub fn insert(&mut self, cpu: u32) {
-        self.0.insert(cpu);
-    }
-    pub fn is_subset(&self, other: &CpuSet) -> bool {
-        self.0.is_subset(&other.0)
+        let word = cpu as usize / 64;
+        if word >= self.0.len() {
+            self.0.resize(word + 1, 0);
+        }
+        self.0[word] |= 1 << (cpu % 64);
     }
     pub fn remove(&mut self, cpu: u32) {
-        self.0.remove(&cpu);
+        if let Some(w) = self.0.get_mut(cpu as usize / 64) {
+            *w &= !(1 << (cpu % 64));
+            while self.0.last() == Some(&0) {
+                self.0.pop();
+            }
+        }
     }
     pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
-        self.0.iter().copied()
+        self.0.iter().enumerate().flat_map(|(i, &word)| {
+            let mut rest = word;
+            std::iter::from_fn(move || {
+                if rest == 0 {
+                    return None;
+                }
+                let bit = rest.trailing_zeros();
+                rest &= rest - 1;
+                Some(i as u32 * 64 + bit)
+            })
+        })
     }
     pub fn first(&self) -> Option<u32> {
-        self.0.first().copied()
+        self.iter().next()
     }
     pub fn union(&self, other: &CpuSet) -> CpuSet {
-        CpuSet(self.0.union(&other.0).copied().collect())
+        let (long, short) = if self.0.len() >= other.0.len() {
+            (self, other)
+        } else {
+            (other, self)
+        };
+        let mut words = long.0.clone();
+        for (w, o) in words.iter_mut().zip(&short.0) {
+            *w |= o;
+        }
+        CpuSet(words)
     }
     pub fn difference(&self, other: &CpuSet) -> CpuSet {
-        CpuSet(self.0.difference(&other.0).copied().collect())
+        let words = self
+            .0
+            .iter()
+            .enumerate()
+            .map(|(i, w)| w & !other.0.get(i).copied().unwrap_or(0))
+            .collect();
+        CpuSet::trimmed(words)
     }
     pub fn intersection(&self, other: &CpuSet) -> CpuSet {
-        CpuSet(self.0.intersection(&other.0).copied().collect())
+        CpuSet::trimmed(self.0.iter().zip(&other.0).map(|(a, b)| a & b).collect())
+    }
+    /// |self ∩ other| without building the intersection.
+    pub fn overlap(&self, other: &CpuSet) -> usize {
+        self.0
+            .iter()
+            .zip(&other.0)
+            .map(|(a, b)| (a & b).count_ones() as usize)
+            .sum()
+    }
+    pub fn is_subset(&self, other: &CpuSet) -> bool {
+        self.0
+            .iter()
+            .enumerate()
+            .all(|(i, w)| w & !other.0.get(i).copied().unwrap_or(0) == 0)
     }
     pub fn to_vec(&self) -> Vec<u32> {
         self.iter().collect()
@@ -90,6 +147,19 @@ impl CpuSet {
     }
 }
 
+/// Ordered like the sorted lists of their CPUs.
+impl Ord for CpuSet {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.iter().cmp(other.iter())
+    }
+}
+
+impl PartialOrd for CpuSet {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
 fn parse_id(text: &str) -> Result<u32, String> {
     let id: u32 = text
         .trim()
@@ -103,7 +173,11 @@ fn parse_id(text: &str) -> Result<u32, String> {
 
 impl FromIterator<u32> for CpuSet {
     fn from_iter<I: IntoIterator<Item = u32>>(iter: I) -> Self {
-        CpuSet(iter.into_iter().collect())
+        let mut set = CpuSet::new();
+        for cpu in iter {
+            set.insert(cpu);
+        }
+        set
     }
 }
 
@@ -156,6 +230,32 @@ mod tests {
         assert!(CpuSet::parse("a").unwrap_err().contains("not a CPU number"));
         assert!(CpuSet::parse("0-99999999").unwrap_err().contains("beyond"));
         assert!(CpuSet::parse("1,,2").is_err());
+    }
+
+    #[test]
+    fn set_algebra_keeps_a_canonical_form() {
+        let a = CpuSet::parse("1,64,130").unwrap();
+        let b = CpuSet::parse("130").unwrap();
+        assert_eq!(
+            a.difference(&CpuSet::parse("130").unwrap()),
+            CpuSet::parse("1,64").unwrap()
+        );
+        assert_eq!(
+            a.intersection(&CpuSet::parse("1").unwrap()),
+            CpuSet::parse("1").unwrap()
+        );
+        assert_eq!(b.union(&CpuSet::parse("1").unwrap()).to_string(), "1,130");
+        assert_eq!(a.overlap(&CpuSet::parse("64-200").unwrap()), 2);
+        assert!(b.is_subset(&a) && !a.is_subset(&b));
+        let mut c = CpuSet::parse("200").unwrap();
+        c.remove(200);
+        assert_eq!(c, CpuSet::new(), "emptied sets equal the empty set");
+        assert!(
+            CpuSet::parse("0,5").unwrap() < CpuSet::parse("1").unwrap(),
+            "ordered like sorted lists"
+        );
+        assert_eq!(a.len(), 3);
+        assert_eq!(a.first(), Some(1));
     }
 
     #[test]

@@ -13,7 +13,7 @@
 use crate::cpuset::CpuSet;
 use crate::domain::Policy;
 use crate::topology::{CpuKind, Topology};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Role {
@@ -142,9 +142,14 @@ struct Layout<'a> {
     topo: &'a Topology,
     node: Vec<Option<u32>>,
     l3: Vec<Option<u32>>,
-    core: Vec<Option<u32>>,
     kind: Vec<Option<CpuKind>>,
-    siblings: BTreeMap<u32, CpuSet>,
+    /// Position of each CPU in `topo.cpus`, for its SMT siblings.
+    position: Vec<Option<usize>>,
+    /// Online CPUs by node, by (node, L3) and by kind rank, so grouping a
+    /// set is a few word-wise intersections rather than a scan.
+    node_masks: BTreeMap<Option<u32>, CpuSet>,
+    l3_masks: BTreeMap<L3Key, CpuSet>,
+    kind_masks: BTreeMap<u8, CpuSet>,
 }
 
 impl<'a> Layout<'a> {
@@ -154,21 +159,32 @@ impl<'a> Layout<'a> {
             topo,
             node: vec![None; width],
             l3: vec![None; width],
-            core: vec![None; width],
             kind: vec![None; width],
-            siblings: BTreeMap::new(),
+            position: vec![None; width],
+            node_masks: BTreeMap::new(),
+            l3_masks: BTreeMap::new(),
+            kind_masks: BTreeMap::new(),
         };
-        for cpu in topo.cpus.iter().filter(|c| c.online) {
+        for (position, cpu) in topo.cpus.iter().enumerate().filter(|(_, c)| c.online) {
             let i = cpu.id as usize;
+            layout.position[i] = Some(position);
             layout.node[i] = cpu.numa_node;
             layout.l3[i] = cpu.l3;
-            layout.core[i] = cpu.core;
             layout.kind[i] = cpu.kind;
-            if let Some(core) = cpu.core {
-                layout
-                    .siblings
-                    .insert(core, cpu.smt_siblings.iter().copied().collect());
-            }
+        }
+        for cpu in topo.cpus.iter().filter(|c| c.online) {
+            let key = layout.l3_key(cpu.id);
+            layout
+                .node_masks
+                .entry(cpu.numa_node)
+                .or_default()
+                .insert(cpu.id);
+            layout.l3_masks.entry(key).or_default().insert(cpu.id);
+            layout
+                .kind_masks
+                .entry(kind_rank(cpu.kind))
+                .or_default()
+                .insert(cpu.id);
         }
         layout
     }
@@ -189,26 +205,35 @@ impl<'a> Layout<'a> {
         self.kind.get(cpu as usize).copied().flatten()
     }
 
-    /// `cpus` split by `key`, in key order.
-    fn group<K: Ord>(&self, cpus: &CpuSet, key: impl Fn(u32) -> K) -> BTreeMap<K, CpuSet> {
-        let mut groups: BTreeMap<K, Vec<u32>> = BTreeMap::new();
-        for cpu in cpus.iter() {
-            groups.entry(key(cpu)).or_default().push(cpu);
-        }
-        groups
-            .into_iter()
-            .map(|(k, v)| (k, v.into_iter().collect()))
+    /// `cpus` split by precomputed `masks`, empty parts left out.
+    fn split<K: Ord + Clone>(cpus: &CpuSet, masks: &BTreeMap<K, CpuSet>) -> BTreeMap<K, CpuSet> {
+        masks
+            .iter()
+            .map(|(k, m)| (k.clone(), cpus.intersection(m)))
+            .filter(|(_, part)| !part.is_empty())
             .collect()
+    }
+
+    fn by_node(&self, cpus: &CpuSet) -> BTreeMap<Option<u32>, CpuSet> {
+        Layout::split(cpus, &self.node_masks)
+    }
+
+    fn by_l3(&self, cpus: &CpuSet) -> BTreeMap<L3Key, CpuSet> {
+        Layout::split(cpus, &self.l3_masks)
+    }
+
+    fn by_kind(&self, cpus: &CpuSet) -> BTreeMap<u8, CpuSet> {
+        Layout::split(cpus, &self.kind_masks)
     }
 
     /// The CPUs sharing `cpu`'s core (itself alone when its core is unknown).
     fn core_of(&self, cpu: u32) -> CpuSet {
-        self.core
-            .get(cpu as usize)
-            .copied()
-            .flatten()
-            .and_then(|c| self.siblings.get(&c).cloned())
-            .unwrap_or_else(|| std::iter::once(cpu).collect())
+        match self.position.get(cpu as usize).copied().flatten() {
+            Some(p) if !self.topo.cpus[p].smt_siblings.is_empty() => {
+                self.topo.cpus[p].smt_siblings.iter().copied().collect()
+            }
+            _ => std::iter::once(cpu).collect(),
+        }
     }
 
     fn nodes_of(&self, cpus: &CpuSet) -> Vec<u32> {
@@ -228,8 +253,11 @@ impl<'a> Layout<'a> {
 
     /// Kinds present among `cpus`: performance first, unknown last.
     fn kinds_in(&self, cpus: &CpuSet) -> Vec<Option<CpuKind>> {
-        let present: BTreeSet<u8> = cpus.iter().map(|c| kind_rank(self.kind_of(c))).collect();
-        present.into_iter().map(kind_of_rank).collect()
+        self.kind_masks
+            .iter()
+            .filter(|(_, m)| m.overlap(cpus) > 0)
+            .map(|(rank, _)| kind_of_rank(*rank))
+            .collect()
     }
 }
 
@@ -314,37 +342,40 @@ pub fn plan(topo: &Topology, host: &HostPolicy, guests: &[Guest]) -> Plan {
         .map(|(g, _, _)| g.vcpus as usize)
         .sum();
     let all_fit = dedicated_demand <= dedicated_pool.len();
-    // Guests asking for dedicated CPUs go first, then auto guests when all fit.
-    let mut wanting: Vec<(&Guest, Current)> = managed
-        .iter()
-        .filter(|(_, p, _)| *p == Policy::Dedicated)
-        .chain(
-            managed
-                .iter()
-                .filter(|(_, p, _)| *p == Policy::Auto && all_fit),
-        )
-        .map(|(g, _, c)| (*g, *c))
-        .collect();
-    wanting.sort_by(|a, b| (&a.0.name, &a.0.uuid).cmp(&(&b.0.name, &b.0.uuid)));
-
-    let mut free = dedicated_pool.clone();
-    let (mut plans, refused) = place_dedicated(&layout, host, &reserved, &wanting, &mut free);
-    for g in &refused {
-        warnings.push(format!(
-            "{}: {} dedicated CPUs of one core kind are not free; shared instead",
-            g.name, g.vcpus
-        ));
-    }
-    let mut shared: Vec<(&Guest, Current)> = managed
-        .iter()
-        .filter(|(g, _, _)| {
-            !plans
-                .iter()
-                .any(|p: &GuestPlan| p.uuid == g.uuid && p.name == g.name)
+    // Who may have CPUs of their own: guests asking for it, and auto guests
+    // when all fit. Indices into `managed`, so its name order carries over.
+    let wanting: Vec<usize> = (0..managed.len())
+        .filter(|&i| match managed[i].1 {
+            Policy::Dedicated => true,
+            Policy::Auto => all_fit,
+            _ => false,
         })
-        .map(|(g, _, c)| (*g, *c))
         .collect();
-    shared.sort_by(|a, b| (&a.0.name, &a.0.uuid).cmp(&(&b.0.name, &b.0.uuid)));
+    let input: Vec<(&Guest, Current)> = wanting
+        .iter()
+        .map(|&i| (managed[i].0, managed[i].2))
+        .collect();
+    let mut free = dedicated_pool.clone();
+    let mut placed: Vec<Option<GuestPlan>> = vec![None; managed.len()];
+    for (&i, plan) in wanting
+        .iter()
+        .zip(place_dedicated(&layout, host, &reserved, &input, &mut free))
+    {
+        match plan {
+            Some(plan) => placed[i] = Some(plan),
+            None => warnings.push(format!(
+                "{}: {} dedicated CPUs of one core kind are not free; shared instead",
+                managed[i].0.name, managed[i].0.vcpus
+            )),
+        }
+    }
+    let shared_index: Vec<usize> = (0..managed.len())
+        .filter(|&i| placed[i].is_none())
+        .collect();
+    let shared: Vec<(&Guest, Current)> = shared_index
+        .iter()
+        .map(|&i| (managed[i].0, managed[i].2))
+        .collect();
 
     let used: CpuSet = dedicated_pool.difference(&free);
     let shared_base = host
@@ -357,7 +388,12 @@ pub fn plan(topo: &Topology, host: &HostPolicy, guests: &[Guest]) -> Plan {
             .push("no CPUs left beside dedicated guests; shared guests use the whole pool".into());
         shared_pool = pool.clone();
     }
-    plans.extend(place_shared(&layout, &shared_pool, &shared));
+    for (&i, plan) in shared_index
+        .iter()
+        .zip(place_shared(&layout, &shared_pool, &shared))
+    {
+        placed[i] = Some(plan);
+    }
 
     let shared_demand: u32 = shared.iter().map(|(g, _)| g.vcpus).sum();
     let capacity = shared_pool.len() as f64 * host.cpu_allocation_ratio;
@@ -368,14 +404,11 @@ pub fn plan(topo: &Topology, host: &HostPolicy, guests: &[Guest]) -> Plan {
             host.cpu_allocation_ratio
         ));
     }
-    plans.sort_by(|a, b| (&a.name, &a.uuid).cmp(&(&b.name, &b.uuid)));
-
     let pins_moved = managed
         .iter()
-        .filter_map(|(g, _, current)| {
-            let plan = plans
-                .iter()
-                .find(|p| p.uuid == g.uuid && p.name == g.name)?;
+        .zip(&placed)
+        .filter_map(|((_, _, current), plan)| {
+            let plan = plan.as_ref()?;
             Some(
                 current
                     .iter()
@@ -385,6 +418,8 @@ pub fn plan(topo: &Topology, host: &HostPolicy, guests: &[Guest]) -> Plan {
             )
         })
         .sum();
+    // Already in name order: `managed` is.
+    let plans: Vec<GuestPlan> = placed.into_iter().flatten().collect();
     let dedicated_count = plans
         .iter()
         .filter(|p| p.placement == Placement::Dedicated)
@@ -427,15 +462,15 @@ fn guest_plan(
     }
 }
 
-/// Places guests one pCPU per vCPU from `free`; returns the plans and the
-/// guests that could not be placed (not enough free CPUs of one kind).
-fn place_dedicated<'g>(
+/// Places guests one pCPU per vCPU from `free`; returns a plan for each,
+/// None for those that could not be placed (not enough free CPUs of one kind).
+fn place_dedicated(
     layout: &Layout,
     host: &HostPolicy,
     reserved: &CpuSet,
-    guests: &[(&'g Guest, Current)],
+    guests: &[(&Guest, Current)],
     free: &mut CpuSet,
-) -> (Vec<GuestPlan>, Vec<&'g Guest>) {
+) -> Vec<Option<GuestPlan>> {
     // First keep every single-CPU pin that is still free (and of the kind the
     // guest's first kept pin has), so a replan moves nothing it need not.
     let mut kept: Vec<Vec<Option<u32>>> = Vec::with_capacity(guests.len());
@@ -461,8 +496,7 @@ fn place_dedicated<'g>(
     // Then fill the rest, larger guests first (they are the hardest to fit).
     let mut order: Vec<usize> = (0..guests.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(guests[i].0.vcpus));
-    let mut plans = Vec::new();
-    let mut refused = Vec::new();
+    let mut plans = vec![None; guests.len()];
     for i in order {
         let (g, _) = guests[i];
         let slots = &mut kept[i];
@@ -489,7 +523,6 @@ fn place_dedicated<'g>(
                     for cpu in mine.iter() {
                         free.insert(cpu);
                     }
-                    refused.push(g);
                     continue;
                 }
             }
@@ -503,7 +536,7 @@ fn place_dedicated<'g>(
             EmulatorPolicy::Housekeeping if !reserved.is_empty() => reserved.clone(),
             _ => own,
         };
-        plans.push(guest_plan(
+        plans[i] = Some(guest_plan(
             layout,
             g,
             Placement::Dedicated,
@@ -512,7 +545,7 @@ fn place_dedicated<'g>(
             reason,
         ));
     }
-    (plans, refused)
+    plans
 }
 
 fn nodes_opt(layout: &Layout, cpus: &CpuSet) -> Vec<Option<u32>> {
@@ -536,7 +569,10 @@ fn pick_dedicated(
         None => layout.kinds_in(free),
     };
     for kind in kinds {
-        let candidates: CpuSet = free.iter().filter(|&c| layout.kind_of(c) == kind).collect();
+        let candidates = match layout.kind_masks.get(&kind_rank(kind)) {
+            Some(mask) if layout.kind_masks.len() > 1 => free.intersection(mask),
+            _ => free.clone(),
+        };
         if candidates.len() < need {
             continue;
         }
@@ -561,7 +597,7 @@ fn choose_nodes(
     mine: &CpuSet,
     need: usize,
 ) -> (CpuSet, String) {
-    let by_node = layout.group(candidates, |c| layout.node_of(c));
+    let by_node = layout.by_node(candidates);
     let home_nodes = nodes_opt(layout, mine);
     let home = home_nodes
         .iter()
@@ -625,7 +661,7 @@ fn pick_in_region(
     mine: &CpuSet,
     need: usize,
 ) -> (CpuSet, String) {
-    let by_l3 = layout.group(region, |c| layout.l3_key(c));
+    let by_l3 = layout.by_l3(region);
     let mine_l3: BTreeSet<L3Key> = mine.iter().map(|c| layout.l3_key(c)).collect();
     let mut domains: Vec<(&L3Key, &CpuSet)> = by_l3.iter().collect();
     let single = domains
@@ -709,6 +745,76 @@ fn pick_cores(layout: &Layout, cpus: &CpuSet, free: &CpuSet, mine: &CpuSet, want
     picked.into_iter().collect()
 }
 
+/// The ranges shared guests can be bound to, with the load on each (the
+/// sum over its CPUs of vCPUs per pCPU), kept up to date through the
+/// ranges' overlaps so judging a candidate costs O(1).
+struct Ranges {
+    sets: Vec<CpuSet>,
+    size: Vec<usize>,
+    /// 0: an L3 domain of a node, 1: a node, 2: a span of nodes.
+    level: Vec<u8>,
+    load: Vec<f64>,
+    /// For each range: every range it overlaps, and by how many CPUs.
+    overlaps: Vec<Vec<(usize, usize)>>,
+    index: HashMap<CpuSet, usize>,
+}
+
+impl Ranges {
+    fn new() -> Ranges {
+        Ranges {
+            sets: Vec::new(),
+            size: Vec::new(),
+            level: Vec::new(),
+            load: Vec::new(),
+            overlaps: Vec::new(),
+            index: HashMap::new(),
+        }
+    }
+
+    /// Adds a range (or finds the equal one) and returns its index.
+    fn add(&mut self, set: CpuSet, level: u8) -> usize {
+        if let Some(&i) = self.index.get(&set) {
+            return i;
+        }
+        let i = self.sets.len();
+        let mut mine = Vec::new();
+        for (j, other) in self.sets.iter().enumerate() {
+            let shared = set.overlap(other);
+            if shared > 0 {
+                mine.push((j, shared));
+                self.overlaps[j].push((i, shared));
+            }
+        }
+        mine.push((i, set.len()));
+        // A new range starts with the load its CPUs already carry. L3
+        // ranges partition the pool and every range is a union of them, so
+        // load is even within each L3 range and summing theirs is exact.
+        let load = mine
+            .iter()
+            .filter(|&&(j, _)| j != i && self.level[j] == 0)
+            .map(|&(j, shared)| self.load[j] / self.size[j] as f64 * shared as f64)
+            .sum();
+        self.index.insert(set.clone(), i);
+        self.size.push(set.len());
+        self.sets.push(set);
+        self.level.push(level);
+        self.load.push(load);
+        self.overlaps.push(mine);
+        i
+    }
+
+    fn mean_after(&self, r: usize, vcpus: u32) -> f64 {
+        (self.load[r] + f64::from(vcpus)) / self.size[r] as f64
+    }
+
+    fn assign(&mut self, r: usize, vcpus: u32) {
+        let share = f64::from(vcpus) / self.size[r] as f64;
+        for &(other, shared) in &self.overlaps[r] {
+            self.load[other] += share * shared as f64;
+        }
+    }
+}
+
 /// Binds each shared guest to one range: an L3 domain of a node if the guest
 /// fits one, else a node, else the fewest closest nodes, else the whole
 /// shared pool; always the least loaded candidate (vCPUs per pCPU), unless
@@ -718,37 +824,34 @@ fn place_shared(
     shared_pool: &CpuSet,
     guests: &[(&Guest, Current)],
 ) -> Vec<GuestPlan> {
-    let width = layout
-        .node
-        .len()
-        .max(shared_pool.iter().max().map_or(0, |m| m as usize + 1));
-    let mut load = vec![0f64; width];
-    let mean_after = |load: &[f64], range: &CpuSet, vcpus: u32| {
-        let n = range.len() as f64;
-        range.iter().map(|c| load[c as usize]).sum::<f64>() / n + f64::from(vcpus) / n
-    };
-    let by_kind = layout.group(shared_pool, |c| kind_rank(layout.kind_of(c)));
-    let l3_ranges: Vec<CpuSet> = by_kind
-        .values()
-        .flat_map(|cpus| layout.group(cpus, |c| layout.l3_key(c)).into_values())
-        .collect();
-    let node_ranges: Vec<CpuSet> = by_kind
-        .values()
-        .flat_map(|cpus| layout.group(cpus, |c| layout.node_of(c)).into_values())
-        .collect();
+    let by_kind = layout.by_kind(shared_pool);
+    let mut ranges = Ranges::new();
+    for cpus in by_kind.values() {
+        for l3 in layout.by_l3(cpus).into_values() {
+            ranges.add(l3, 0);
+        }
+    }
+    for cpus in by_kind.values() {
+        for node in layout.by_node(cpus).into_values() {
+            ranges.add(node, 1);
+        }
+    }
+    let static_count = ranges.sets.len();
 
     let mut order: Vec<usize> = (0..guests.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(guests[i].0.vcpus));
-    let mut chosen: Vec<Option<CpuSet>> = vec![None; guests.len()];
+    let mut chosen: Vec<Option<usize>> = vec![None; guests.len()];
     for i in order {
         let (g, current) = guests[i];
         let need = g.vcpus as usize;
-        let fitting = |ranges: &[CpuSet]| -> Vec<CpuSet> {
-            ranges.iter().filter(|r| r.len() >= need).cloned().collect()
+        let fitting = |level: u8| -> Vec<usize> {
+            (0..static_count)
+                .filter(|&r| ranges.level[r] == level && ranges.size[r] >= need)
+                .collect()
         };
-        let mut candidates = fitting(&l3_ranges);
+        let mut candidates = fitting(0);
         if candidates.is_empty() {
-            candidates = fitting(&node_ranges);
+            candidates = fitting(1);
         }
         if candidates.is_empty() {
             // Larger than any node: the fewest closest nodes of the largest kind.
@@ -762,62 +865,68 @@ fn place_shared(
             } else {
                 shared_pool.clone()
             };
-            candidates = vec![span];
+            candidates = vec![ranges.add(span, 2)];
         }
         let best = candidates
             .iter()
-            .min_by(|a, b| mean_after(&load, a, g.vcpus).total_cmp(&mean_after(&load, b, g.vcpus)))
-            .cloned()
-            .unwrap_or_else(|| shared_pool.clone());
-        let here = candidates
-            .iter()
-            .find(|r| current.len() == need && current.iter().all(|c| c.as_ref() == Some(*r)));
-        let range = match here {
-            Some(h) if mean_after(&load, h, g.vcpus) - mean_after(&load, &best, g.vcpus) < 1.0 => {
-                h.clone()
+            .copied()
+            .min_by(|&a, &b| {
+                ranges
+                    .mean_after(a, g.vcpus)
+                    .total_cmp(&ranges.mean_after(b, g.vcpus))
+            })
+            .expect("at least one candidate");
+        let here = match current.first() {
+            Some(Some(first))
+                if current.len() == need && current.iter().all(|c| c.as_ref() == Some(first)) =>
+            {
+                ranges
+                    .index
+                    .get(first)
+                    .copied()
+                    .filter(|r| candidates.contains(r))
             }
+            _ => None,
+        };
+        let range = match here {
+            Some(h) if ranges.mean_after(h, g.vcpus) - ranges.mean_after(best, g.vcpus) < 1.0 => h,
             _ => best,
         };
-        let share = f64::from(g.vcpus) / range.len().max(1) as f64;
-        for cpu in range.iter() {
-            load[cpu as usize] += share;
-        }
+        ranges.assign(range, g.vcpus);
         chosen[i] = Some(range);
     }
+
+    let mut reasons: HashMap<usize, String> = HashMap::new();
     guests
         .iter()
         .zip(chosen)
         .filter_map(|((g, _), range)| {
-            let range = range?;
-            let per_pcpu =
-                range.iter().map(|c| load[c as usize]).sum::<f64>() / range.len().max(1) as f64;
-            let nodes = nodes_opt(layout, &range);
-            let l3s: BTreeSet<_> = range
-                .iter()
-                .map(|c| layout.l3.get(c as usize).copied().flatten())
-                .collect();
-            let where_ = match (nodes.len(), l3s.len()) {
-                (1, 1) if node_ranges.len() < l3_ranges.len() => {
+            let r = range?;
+            let reason = reasons
+                .entry(r)
+                .or_insert_with(|| {
+                    let set = &ranges.sets[r];
+                    let nodes = nodes_opt(layout, set);
+                    let where_ = match (ranges.level[r], layout.l3_key(set.first().unwrap_or(0))) {
+                        (0, (_, Some(l3))) if layout.l3_masks.len() > layout.node_masks.len() => {
+                            format!("node {} L3 {l3}", node_label(nodes[0]))
+                        }
+                        _ if nodes.len() == 1 => format!("node {}", node_label(nodes[0])),
+                        _ => format!("nodes {}", join_nodes(&nodes)),
+                    };
                     format!(
-                        "node {} L3 {}",
-                        node_label(nodes[0]),
-                        l3s.iter()
-                            .next()
-                            .copied()
-                            .flatten()
-                            .map_or("-".into(), |l| l.to_string())
+                        "shared: {where_} ({:.2} vCPUs per pCPU)",
+                        ranges.load[r] / ranges.size[r] as f64
                     )
-                }
-                (1, _) => format!("node {}", node_label(nodes[0])),
-                _ => format!("nodes {}", join_nodes(&nodes)),
-            };
-            let reason = format!("shared: {where_} ({per_pcpu:.2} vCPUs per pCPU)");
+                })
+                .clone();
+            let set = ranges.sets[r].clone();
             Some(guest_plan(
                 layout,
                 g,
                 Placement::Shared,
-                vec![range.clone(); g.vcpus as usize],
-                range,
+                vec![set.clone(); g.vcpus as usize],
+                set,
                 reason,
             ))
         })

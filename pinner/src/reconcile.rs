@@ -8,7 +8,7 @@ use crate::hypervisor::{HvError, Hypervisor};
 use crate::placement::{self, Guest, HostPolicy, Plan, Role};
 use crate::topology::Topology;
 use pinner_shared::protocol::{DomainStatus, VcpuStatus};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// One change to make on a domain.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,10 +107,11 @@ fn memory_hold(spec: &DomainSpec, refused: &MemoryRefusals) -> Option<String> {
 
 /// The difference between what libvirt holds and the plan.
 pub fn diff(specs: &[DomainSpec], plan: &Plan, refused: &MemoryRefusals) -> Vec<DomainActions> {
+    let by_uuid: HashMap<&str, &DomainSpec> = specs.iter().map(|s| (s.uuid.as_str(), s)).collect();
     plan.guests
         .iter()
         .filter_map(|gp| {
-            let spec = specs.iter().find(|s| s.uuid == gp.uuid)?;
+            let spec = *by_uuid.get(gp.uuid.as_str())?;
             let mut actions = Vec::new();
             let recorded_mode = spec.metadata.as_ref().and_then(|m| m.mode.as_deref());
             if recorded_mode != Some(gp.placement.as_str()) {
@@ -233,10 +234,12 @@ pub fn domain_status(
     plan: &Plan,
     refused: &MemoryRefusals,
 ) -> Vec<DomainStatus> {
+    let planned: HashMap<&str, &crate::placement::GuestPlan> =
+        plan.guests.iter().map(|g| (g.uuid.as_str(), g)).collect();
     let mut out: Vec<DomainStatus> = specs
         .iter()
         .map(|spec| {
-            let gp = plan.guests.iter().find(|g| g.uuid == spec.uuid);
+            let gp = planned.get(spec.uuid.as_str()).copied();
             let current = |v: u32| spec.vcpu_pin(v).map(CpuSet::to_vec).unwrap_or_default();
             let vcpus = (0..spec.vcpus)
                 .map(|v| VcpuStatus {
