@@ -2,10 +2,15 @@
 
 use std::fmt;
 
-/// A bitset: CPU n is bit n%64 of word n/64. Trailing zero words are
-/// trimmed, so equal sets have equal representations.
+/// A bitset holding only the words from the first set one: CPU n is bit
+/// n%64 of word n/64, stored at `words[n/64 - base]`. Kept canonical (no
+/// zero word at either end, base 0 when empty) so equal sets compare equal,
+/// and a set of one high CPU is one word.
 #[derive(Clone, Default, PartialEq, Eq, Hash)]
-pub struct CpuSet(Vec<u64>);
+pub struct CpuSet {
+    base: usize,
+    words: Vec<u64>,
+}
 
 /// Ids above this are refused: no host has them, and a typo like "0-99999999"
 /// must not allocate a giant set.
@@ -43,41 +48,69 @@ impl CpuSet {
         Ok(set)
     }
 
-    fn trimmed(mut words: Vec<u64>) -> CpuSet {
+    /// Word `i` (absolute index), zero outside the stored span.
+    fn word(&self, i: usize) -> u64 {
+        i.checked_sub(self.base)
+            .and_then(|j| self.words.get(j))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn end(&self) -> usize {
+        self.base + self.words.len()
+    }
+
+    /// Builds the canonical form of words starting at `base`.
+    fn from_words(base: usize, mut words: Vec<u64>) -> CpuSet {
         while words.last() == Some(&0) {
             words.pop();
         }
-        CpuSet(words)
+        let lead = words.iter().take_while(|w| **w == 0).count();
+        if lead == words.len() {
+            return CpuSet::new();
+        }
+        words.drain(..lead);
+        CpuSet {
+            base: base + lead,
+            words,
+        }
     }
 
     pub fn len(&self) -> usize {
-        self.0.iter().map(|w| w.count_ones() as usize).sum()
+        self.words.iter().map(|w| w.count_ones() as usize).sum()
     }
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.words.is_empty()
     }
     pub fn contains(&self, cpu: u32) -> bool {
-        self.0
-            .get(cpu as usize / 64)
-            .is_some_and(|w| w & (1 << (cpu % 64)) != 0)
+        self.word(cpu as usize / 64) & (1 << (cpu % 64)) != 0
     }
     pub fn insert(&mut self, cpu: u32) {
-        let word = cpu as usize / 64;
-        if word >= self.0.len() {
-            self.0.resize(word + 1, 0);
+        let w = cpu as usize / 64;
+        if self.words.is_empty() {
+            self.base = w;
+            self.words.push(0);
+        } else if w < self.base {
+            self.words
+                .splice(0..0, std::iter::repeat_n(0, self.base - w));
+            self.base = w;
+        } else if w >= self.end() {
+            self.words.resize(w - self.base + 1, 0);
         }
-        self.0[word] |= 1 << (cpu % 64);
+        self.words[w - self.base] |= 1 << (cpu % 64);
     }
     pub fn remove(&mut self, cpu: u32) {
-        if let Some(w) = self.0.get_mut(cpu as usize / 64) {
-            *w &= !(1 << (cpu % 64));
-            while self.0.last() == Some(&0) {
-                self.0.pop();
+        let w = cpu as usize / 64;
+        if w >= self.base && w < self.end() {
+            self.words[w - self.base] &= !(1 << (cpu % 64));
+            if self.words[0] == 0 || self.words.last() == Some(&0) {
+                *self = CpuSet::from_words(self.base, std::mem::take(&mut self.words));
             }
         }
     }
     pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
-        self.0.iter().enumerate().flat_map(|(i, &word)| {
+        let base = self.base;
+        self.words.iter().enumerate().flat_map(move |(i, &word)| {
             let mut rest = word;
             std::iter::from_fn(move || {
                 if rest == 0 {
@@ -85,7 +118,7 @@ impl CpuSet {
                 }
                 let bit = rest.trailing_zeros();
                 rest &= rest - 1;
-                Some(i as u32 * 64 + bit)
+                Some(((base + i) * 64) as u32 + bit)
             })
         })
     }
@@ -93,42 +126,40 @@ impl CpuSet {
         self.iter().next()
     }
     pub fn union(&self, other: &CpuSet) -> CpuSet {
-        let (long, short) = if self.0.len() >= other.0.len() {
-            (self, other)
-        } else {
-            (other, self)
-        };
-        let mut words = long.0.clone();
-        for (w, o) in words.iter_mut().zip(&short.0) {
-            *w |= o;
+        if other.is_empty() {
+            return self.clone();
         }
-        CpuSet(words)
+        if self.is_empty() {
+            return other.clone();
+        }
+        let (lo, hi) = (self.base.min(other.base), self.end().max(other.end()));
+        CpuSet {
+            base: lo,
+            words: (lo..hi).map(|i| self.word(i) | other.word(i)).collect(),
+        }
     }
     pub fn difference(&self, other: &CpuSet) -> CpuSet {
-        let words = self
-            .0
-            .iter()
-            .enumerate()
-            .map(|(i, w)| w & !other.0.get(i).copied().unwrap_or(0))
+        let words = (self.base..self.end())
+            .map(|i| self.word(i) & !other.word(i))
             .collect();
-        CpuSet::trimmed(words)
+        CpuSet::from_words(self.base, words)
     }
     pub fn intersection(&self, other: &CpuSet) -> CpuSet {
-        CpuSet::trimmed(self.0.iter().zip(&other.0).map(|(a, b)| a & b).collect())
+        let (lo, hi) = (self.base.max(other.base), self.end().min(other.end()));
+        if lo >= hi {
+            return CpuSet::new();
+        }
+        CpuSet::from_words(lo, (lo..hi).map(|i| self.word(i) & other.word(i)).collect())
     }
     /// |self ∩ other| without building the intersection.
     pub fn overlap(&self, other: &CpuSet) -> usize {
-        self.0
-            .iter()
-            .zip(&other.0)
-            .map(|(a, b)| (a & b).count_ones() as usize)
+        let (lo, hi) = (self.base.max(other.base), self.end().min(other.end()));
+        (lo..hi)
+            .map(|i| (self.word(i) & other.word(i)).count_ones() as usize)
             .sum()
     }
     pub fn is_subset(&self, other: &CpuSet) -> bool {
-        self.0
-            .iter()
-            .enumerate()
-            .all(|(i, w)| w & !other.0.get(i).copied().unwrap_or(0) == 0)
+        (self.base..self.end()).all(|i| self.word(i) & !other.word(i) == 0)
     }
     pub fn to_vec(&self) -> Vec<u32> {
         self.iter().collect()

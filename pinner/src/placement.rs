@@ -237,11 +237,10 @@ impl<'a> Layout<'a> {
     }
 
     fn nodes_of(&self, cpus: &CpuSet) -> Vec<u32> {
-        cpus.iter()
-            .filter_map(|c| self.node_of(c))
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect()
+        let mut nodes: Vec<u32> = cpus.iter().filter_map(|c| self.node_of(c)).collect();
+        nodes.sort_unstable();
+        nodes.dedup();
+        nodes
     }
 
     fn distance(&self, a: Option<u32>, b: Option<u32>) -> u32 {
@@ -439,16 +438,17 @@ pub fn plan(topo: &Topology, host: &HostPolicy, guests: &[Guest]) -> Plan {
     }
 }
 
+/// `own` is the union of `vcpus`, which the callers already hold.
 fn guest_plan(
     layout: &Layout,
     g: &Guest,
     placement: Placement,
     vcpus: Vec<CpuSet>,
+    own: &CpuSet,
     emulator: CpuSet,
     reason: String,
 ) -> GuestPlan {
-    let own = vcpus.iter().fold(CpuSet::new(), |acc, s| acc.union(s));
-    let numa_nodes = layout.nodes_of(&own);
+    let numa_nodes = layout.nodes_of(own);
     let all_in_nodes = own.iter().all(|c| layout.node_of(c).is_some());
     GuestPlan {
         name: g.name.clone(),
@@ -531,16 +531,17 @@ fn place_dedicated(
             .iter()
             .map(|s| s.map(|c| std::iter::once(c).collect()).unwrap_or_default())
             .collect();
-        let own = vcpus.iter().fold(CpuSet::new(), |acc, s| acc.union(s));
+        let own: CpuSet = slots.iter().flatten().copied().collect();
         let emulator = match host.emulator {
             EmulatorPolicy::Housekeeping if !reserved.is_empty() => reserved.clone(),
-            _ => own,
+            _ => own.clone(),
         };
         plans[i] = Some(guest_plan(
             layout,
             g,
             Placement::Dedicated,
             vcpus,
+            &own,
             emulator,
             reason,
         ));
@@ -548,12 +549,12 @@ fn place_dedicated(
     plans
 }
 
+/// The distinct nodes of `cpus` (None for CPUs without one), sorted.
 fn nodes_opt(layout: &Layout, cpus: &CpuSet) -> Vec<Option<u32>> {
-    cpus.iter()
-        .map(|c| layout.node_of(c))
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect()
+    let mut nodes: Vec<Option<u32>> = cpus.iter().map(|c| layout.node_of(c)).collect();
+    nodes.sort_unstable();
+    nodes.dedup();
+    nodes
 }
 
 /// `need` free CPUs for a guest that already holds `mine`: one core kind,
@@ -920,13 +921,14 @@ fn place_shared(
                     )
                 })
                 .clone();
-            let set = ranges.sets[r].clone();
+            let set = &ranges.sets[r];
             Some(guest_plan(
                 layout,
                 g,
                 Placement::Shared,
                 vec![set.clone(); g.vcpus as usize],
                 set,
+                set.clone(),
                 reason,
             ))
         })
