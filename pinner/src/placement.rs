@@ -508,7 +508,15 @@ fn place_dedicated(
                 join_nodes(&nodes_opt(layout, &mine))
             )
         } else {
-            match pick_dedicated(layout, free, &mine, missing) {
+            // Where the guest runs now (kept pins, or the range it shared)
+            // is home: its memory is there.
+            let current = guests[i].1;
+            // Pins on CPUs it can no longer have (reserved, taken) are no home.
+            let usable = free.union(&mine);
+            let home = current.iter().flatten().fold(mine.clone(), |acc, pin| {
+                acc.union(&pin.intersection(&usable))
+            });
+            match pick_dedicated(layout, free, &mine, &home, missing) {
                 Some((chosen, reason)) => {
                     let mut fresh = chosen.iter();
                     for slot in slots.iter_mut().filter(|s| s.is_none()) {
@@ -563,6 +571,7 @@ fn pick_dedicated(
     layout: &Layout,
     free: &CpuSet,
     mine: &CpuSet,
+    home: &CpuSet,
     need: usize,
 ) -> Option<(CpuSet, String)> {
     let kinds = match mine.first() {
@@ -577,8 +586,8 @@ fn pick_dedicated(
         if candidates.len() < need {
             continue;
         }
-        let (region, where_) = choose_nodes(layout, &candidates, mine, need);
-        let (cpus, l3_note) = pick_in_region(layout, &region, free, mine, need);
+        let (region, where_) = choose_nodes(layout, &candidates, home, need);
+        let (cpus, l3_note) = pick_in_region(layout, &region, free, mine, home, need);
         let kind_note = match kind {
             Some(CpuKind::Performance) => ", performance cores",
             Some(CpuKind::Efficiency) => ", efficiency cores",
@@ -589,26 +598,23 @@ fn pick_dedicated(
     None
 }
 
-/// The nodes to take `need` CPUs from: where the guest already is if it has
-/// room, else the node that fits it most tightly, else the fewest nodes,
+/// The nodes to take `need` CPUs from: where the guest already is (`home`:
+/// its pins or the range it shared) if that has room, else the node that fits it most tightly, else the fewest nodes,
 /// closest by the distance matrix. Returns their candidate CPUs and a reason.
 fn choose_nodes(
     layout: &Layout,
     candidates: &CpuSet,
-    mine: &CpuSet,
+    home: &CpuSet,
     need: usize,
 ) -> (CpuSet, String) {
     let by_node = layout.by_node(candidates);
-    let home_nodes = nodes_opt(layout, mine);
-    let home = home_nodes
+    let home_nodes = nodes_opt(layout, home);
+    let room = home_nodes
         .iter()
         .filter_map(|n| by_node.get(n))
         .fold(CpuSet::new(), |acc, s| acc.union(s));
-    if !mine.is_empty() && home.len() >= need {
-        return (
-            home,
-            format!("joins its pins on node {}", join_nodes(&home_nodes)),
-        );
+    if !home.is_empty() && room.len() >= need {
+        return (room, format!("stays on node {}", join_nodes(&home_nodes)));
     }
     if let Some((node, cpus)) = by_node
         .iter()
@@ -660,10 +666,11 @@ fn pick_in_region(
     region: &CpuSet,
     free: &CpuSet,
     mine: &CpuSet,
+    home: &CpuSet,
     need: usize,
 ) -> (CpuSet, String) {
     let by_l3 = layout.by_l3(region);
-    let mine_l3: BTreeSet<L3Key> = mine.iter().map(|c| layout.l3_key(c)).collect();
+    let mine_l3: BTreeSet<L3Key> = home.iter().map(|c| layout.l3_key(c)).collect();
     let mut domains: Vec<(&L3Key, &CpuSet)> = by_l3.iter().collect();
     let single = domains
         .iter()
@@ -1255,6 +1262,36 @@ mod tests {
             "replacement joins the kept pin's node"
         );
         assert_eq!(plan.pins_moved, 1);
+    }
+
+    #[test]
+    fn back_from_shared_guests_stay_on_the_node_they_shared() {
+        // Node 0: 0-3, node 1: 4-7. Both guests shared node 1's range; now
+        // they fit one-to-one and must stay on node 1, where their memory is.
+        let shared_on_1 = |name: &str| {
+            managed(
+                name,
+                2,
+                Policy::Auto,
+                vec![Some(set("4-7")), Some(set("4-7"))],
+            )
+        };
+        let plan = plan(
+            &Topology::uniform(&set("0-7"), 2),
+            &HostPolicy::with_reserved(CpuSet::new()),
+            &[shared_on_1("a"), shared_on_1("b")],
+        );
+        assert_eq!(plan.mode, Mode::Dedicated);
+        for g in &plan.guests {
+            assert_eq!(
+                g.numa_nodes,
+                vec![1],
+                "{} left its node: {:?}",
+                g.name,
+                g.vcpus
+            );
+            assert!(g.reason.contains("stays on node 1"), "{}", g.reason);
+        }
     }
 
     #[test]
