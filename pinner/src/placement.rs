@@ -236,11 +236,24 @@ impl<'a> Layout<'a> {
         }
     }
 
+    /// The nodes `cpus` touch, sorted. Deduplicated as found (a node's CPUs
+    /// mostly come in a row), so the list stays as short as the answer.
     fn nodes_of(&self, cpus: &CpuSet) -> Vec<u32> {
-        let mut nodes: Vec<u32> = cpus.iter().filter_map(|c| self.node_of(c)).collect();
+        let mut nodes: Vec<u32> = Vec::new();
+        for node in cpus.iter().filter_map(|c| self.node_of(c)) {
+            if nodes.last() != Some(&node) && !nodes.contains(&node) {
+                nodes.push(node);
+            }
+        }
         nodes.sort_unstable();
-        nodes.dedup();
         nodes
+    }
+
+    /// Whether every CPU of `cpus` belongs to a NUMA node.
+    fn all_in_nodes(&self, cpus: &CpuSet) -> bool {
+        self.node_masks
+            .get(&None)
+            .is_none_or(|nodeless| nodeless.overlap(cpus) == 0)
     }
 
     fn distance(&self, a: Option<u32>, b: Option<u32>) -> u32 {
@@ -438,26 +451,42 @@ pub fn plan(topo: &Topology, host: &HostPolicy, guests: &[Guest]) -> Plan {
     }
 }
 
-/// `own` is the union of `vcpus`, which the callers already hold.
+/// Where a guest's CPUs are, and the memory binding that follows from it.
+#[derive(Clone)]
+struct Locality {
+    numa_nodes: Vec<u32>,
+    memory_nodes: Option<Vec<u32>>,
+}
+
+impl Locality {
+    /// Memory is bound (strict) to the nodes of `cpus` unless some of them
+    /// belong to no node, in which case it is left alone.
+    fn of(layout: &Layout, cpus: &CpuSet) -> Locality {
+        let numa_nodes = layout.nodes_of(cpus);
+        let bound = layout.all_in_nodes(cpus) && !numa_nodes.is_empty();
+        Locality {
+            memory_nodes: bound.then(|| numa_nodes.clone()),
+            numa_nodes,
+        }
+    }
+}
+
 fn guest_plan(
-    layout: &Layout,
     g: &Guest,
     placement: Placement,
     vcpus: Vec<CpuSet>,
-    own: &CpuSet,
     emulator: CpuSet,
+    locality: Locality,
     reason: String,
 ) -> GuestPlan {
-    let numa_nodes = layout.nodes_of(own);
-    let all_in_nodes = own.iter().all(|c| layout.node_of(c).is_some());
     GuestPlan {
         name: g.name.clone(),
         uuid: g.uuid.clone(),
         placement,
         vcpus,
         emulator,
-        memory_nodes: (all_in_nodes && !numa_nodes.is_empty()).then(|| numa_nodes.clone()),
-        numa_nodes,
+        numa_nodes: locality.numa_nodes,
+        memory_nodes: locality.memory_nodes,
         reason,
     }
 }
@@ -540,17 +569,17 @@ fn place_dedicated(
             .map(|s| s.map(|c| std::iter::once(c).collect()).unwrap_or_default())
             .collect();
         let own: CpuSet = slots.iter().flatten().copied().collect();
+        let locality = Locality::of(layout, &own);
         let emulator = match host.emulator {
             EmulatorPolicy::Housekeeping if !reserved.is_empty() => reserved.clone(),
-            _ => own.clone(),
+            _ => own,
         };
         plans[i] = Some(guest_plan(
-            layout,
             g,
             Placement::Dedicated,
             vcpus,
-            &own,
             emulator,
+            locality,
             reason,
         ));
     }
@@ -904,16 +933,17 @@ fn place_shared(
         chosen[i] = Some(range);
     }
 
-    let mut reasons: HashMap<usize, String> = HashMap::new();
+    // Guests of one range share its reason and locality: work them out once.
+    let mut described: HashMap<usize, (String, Locality)> = HashMap::new();
     guests
         .iter()
         .zip(chosen)
         .filter_map(|((g, _), range)| {
             let r = range?;
-            let reason = reasons
+            let set = &ranges.sets[r];
+            let (reason, locality) = described
                 .entry(r)
                 .or_insert_with(|| {
-                    let set = &ranges.sets[r];
                     let nodes = nodes_opt(layout, set);
                     let where_ = match (ranges.level[r], layout.l3_key(set.first().unwrap_or(0))) {
                         (0, (_, Some(l3))) if layout.l3_masks.len() > layout.node_masks.len() => {
@@ -922,20 +952,19 @@ fn place_shared(
                         _ if nodes.len() == 1 => format!("node {}", node_label(nodes[0])),
                         _ => format!("nodes {}", join_nodes(&nodes)),
                     };
-                    format!(
+                    let reason = format!(
                         "shared: {where_} ({:.2} vCPUs per pCPU)",
                         ranges.load[r] / ranges.size[r] as f64
-                    )
+                    );
+                    (reason, Locality::of(layout, set))
                 })
                 .clone();
-            let set = &ranges.sets[r];
             Some(guest_plan(
-                layout,
                 g,
                 Placement::Shared,
                 vec![set.clone(); g.vcpus as usize],
-                set,
                 set.clone(),
+                locality,
                 reason,
             ))
         })
