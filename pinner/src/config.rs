@@ -26,6 +26,7 @@ pub struct Config {
     pub emulator_threads: EmulatorPolicy,
     /// An OpenStack compute node's nova.conf to take CPU settings from.
     pub nova_conf: Option<PathBuf>,
+    pub isolation: IsolationConfig,
     /// The file this came from (None: built-in defaults).
     pub source: Option<PathBuf>,
     /// Lines of keys in the file, for errors found later (None: not set).
@@ -44,9 +45,46 @@ impl Default for Config {
             libvirt_uri: "qemu:///system".into(),
             emulator_threads: EmulatorPolicy::Housekeeping,
             nova_conf: None,
+            isolation: IsolationConfig::default(),
             source: None,
             reserved_cpus_line: None,
             ratio_line: None,
+        }
+    }
+}
+
+/// `[isolation]`: host daemons kept on the reserved CPUs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IsolationConfig {
+    pub enabled: bool,
+    /// Process names (comm or argv[0]'s base name) and cgroup paths
+    /// (starting with '/') never moved.
+    pub exclude: Vec<String>,
+    /// Memory limit of the housekeeping group, in bytes.
+    pub memory_limit: Option<u64>,
+    /// Undo isolation when the daemon stops.
+    pub restore_on_exit: bool,
+    /// The /proc sweep that catches processes no pid file announced.
+    pub sweep_interval: Duration,
+    /// Directories whose pid files are watched for (re)started daemons.
+    pub pid_dirs: Vec<PathBuf>,
+    /// Name of pinner's housekeeping cgroup.
+    pub group: String,
+    /// Tests only: move nothing outside this process group.
+    pub test_only_process_group: Option<u32>,
+}
+
+impl Default for IsolationConfig {
+    fn default() -> Self {
+        IsolationConfig {
+            enabled: false,
+            exclude: vec!["ovs-vswitchd".into(), "ovsdb-server".into()],
+            memory_limit: None,
+            restore_on_exit: false,
+            sweep_interval: Duration::from_secs(2),
+            pid_dirs: vec![PathBuf::from("/run"), PathBuf::from("/var/run")],
+            group: "pinner-housekeeping".into(),
+            test_only_process_group: None,
         }
     }
 }
@@ -85,6 +123,20 @@ struct RawConfig {
     emulator_threads: Option<Spanned<String>>,
     libvirt: Option<RawLibvirt>,
     openstack: Option<RawOpenstack>,
+    isolation: Option<RawIsolation>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIsolation {
+    enabled: Option<bool>,
+    exclude: Option<Vec<Spanned<String>>>,
+    memory_limit: Option<Spanned<toml::Value>>,
+    restore_on_exit: Option<bool>,
+    sweep_interval_secs: Option<Spanned<u64>>,
+    pid_dirs: Option<Vec<Spanned<String>>>,
+    group: Option<Spanned<String>>,
+    test_only_process_group: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -224,6 +276,9 @@ impl Config {
             }
             config.libvirt_uri = uri.into_inner();
         }
+        if let Some(raw) = raw.isolation {
+            config.isolation = parse_isolation(raw, &err_at)?;
+        }
         Ok(config)
     }
 
@@ -250,6 +305,12 @@ impl Config {
         };
         if let Some(path) = &self.nova_conf {
             self.merge_nova(path, topology, &mut host)?;
+        }
+        if self.isolation.enabled && host.reserved.is_empty() {
+            return Err(self.error_in_file(
+                self.reserved_cpus_line,
+                "[isolation] enabled = true needs reserved_cpus: the CPUs host processes are confined to".into(),
+            ));
         }
         let offline = host.reserved.difference(&topology.online);
         if !offline.is_empty() {
@@ -363,6 +424,110 @@ impl Config {
         }
         Ok(())
     }
+}
+
+fn parse_isolation(
+    raw: RawIsolation,
+    err_at: &dyn Fn(Option<usize>, String) -> ConfigError,
+) -> Result<IsolationConfig, ConfigError> {
+    let mut isolation = IsolationConfig {
+        enabled: raw.enabled.unwrap_or(false),
+        restore_on_exit: raw.restore_on_exit.unwrap_or(false),
+        test_only_process_group: raw.test_only_process_group,
+        ..IsolationConfig::default()
+    };
+    if let Some(list) = raw.exclude {
+        isolation.exclude = Vec::with_capacity(list.len());
+        for entry in list {
+            let text = entry.get_ref().trim();
+            if text.is_empty() || text.contains('\n') {
+                return Err(err_at(
+                    Some(entry.span().start),
+                    "isolation.exclude: entries are process names or cgroup paths, not empty"
+                        .into(),
+                ));
+            }
+            isolation.exclude.push(text.to_string());
+        }
+    }
+    if let Some(v) = raw.memory_limit {
+        let bytes = match v.get_ref() {
+            toml::Value::Integer(n) if *n > 0 => Some(*n as u64),
+            toml::Value::String(text) => parse_size(text),
+            _ => None,
+        };
+        isolation.memory_limit = Some(bytes.filter(|b| *b >= 1 << 20).ok_or_else(|| {
+            err_at(
+                Some(v.span().start),
+                format!(
+                    "isolation.memory_limit must be bytes or a size like \"4G\" (K, M, G, T), at least 1M; not {}",
+                    v.get_ref()
+                ),
+            )
+        })?);
+    }
+    if let Some(v) = raw.sweep_interval_secs {
+        let secs = *v.get_ref();
+        if !(1..=3600).contains(&secs) {
+            return Err(err_at(
+                Some(v.span().start),
+                format!("isolation.sweep_interval_secs must be 1 to 3600, not {secs}"),
+            ));
+        }
+        isolation.sweep_interval = Duration::from_secs(secs);
+    }
+    if let Some(dirs) = raw.pid_dirs {
+        isolation.pid_dirs = Vec::with_capacity(dirs.len());
+        for dir in dirs {
+            if !dir.get_ref().starts_with('/') {
+                return Err(err_at(
+                    Some(dir.span().start),
+                    "isolation.pid_dirs: paths must be absolute".into(),
+                ));
+            }
+            isolation.pid_dirs.push(PathBuf::from(dir.into_inner()));
+        }
+    }
+    if let Some(v) = raw.group {
+        let name = v.get_ref();
+        let valid = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            && !name.starts_with('.');
+        if !valid {
+            return Err(err_at(
+                Some(v.span().start),
+                format!("isolation.group must be a plain directory name (letters, digits, - _ .), not \"{name}\""),
+            ));
+        }
+        isolation.group = v.into_inner();
+    }
+    Ok(isolation)
+}
+
+/// "512M", "4G", "1073741824" → bytes (binary units).
+fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let (digits, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => text.split_at(i),
+        None => (text, ""),
+    };
+    let shift = match unit
+        .trim()
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return None,
+    };
+    digits.parse::<u64>().ok()?.checked_mul(1 << shift)
 }
 
 /// 1-based line and column of a byte offset.

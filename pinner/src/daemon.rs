@@ -9,6 +9,7 @@
 
 use crate::config::Config;
 use crate::hypervisor::{HvError, Hypervisor, Libvirt};
+use crate::isolation::{self, PidFileWatch, Settings, Sweep, System};
 use crate::placement::HostPolicy;
 use crate::reconcile::{self, Action};
 use crate::topology::Topology;
@@ -24,7 +25,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Connections served at once; more are closed at once (hooks retry nothing,
@@ -77,7 +78,11 @@ pub fn run(config_path: Option<PathBuf>) -> Result<(), String> {
     );
     let socket = config.socket.clone();
     let mut daemon = Daemon::new(config, host, config_path, topology, logger.clone());
+    daemon.update_isolation(false);
     daemon.run(&rx);
+    if daemon.config.isolation.enabled && daemon.config.isolation.restore_on_exit {
+        daemon.undo_isolation();
+    }
     let _ = std::fs::remove_file(&socket);
     logger.info("pinner daemon stopped", &[]);
     Ok(())
@@ -232,6 +237,8 @@ struct Daemon {
     ever_connected: bool,
     last_warnings: BTreeSet<String>,
     memory_refused: reconcile::MemoryRefusals,
+    /// Shared with the keeper thread once isolation was first enabled.
+    isolation: Option<Arc<Mutex<Settings>>>,
 }
 
 impl Daemon {
@@ -260,6 +267,7 @@ impl Daemon {
             ever_connected: false,
             last_warnings: BTreeSet::new(),
             memory_refused: reconcile::MemoryRefusals::new(),
+            isolation: None,
         }
     }
 
@@ -336,6 +344,7 @@ impl Daemon {
         });
         match loaded {
             Ok((config, host)) => {
+                let was_isolating = self.config.isolation.enabled;
                 self.host = host;
                 if config.socket != self.config.socket {
                     self.logger.warn(
@@ -349,6 +358,7 @@ impl Daemon {
                     self.libvirt = None;
                 }
                 self.logger.info("configuration reloaded", &[]);
+                self.update_isolation(was_isolating);
                 true
             }
             Err(e) => {
@@ -358,6 +368,69 @@ impl Daemon {
                 );
                 false
             }
+        }
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self.config
+            .socket
+            .parent()
+            .map_or_else(|| PathBuf::from("/run/pinner"), Path::to_path_buf)
+    }
+
+    /// Isolates (or re-isolates with new settings) when enabled; undoes it
+    /// when it was enabled and no longer is.
+    fn update_isolation(&mut self, was_enabled: bool) {
+        if !self.config.isolation.enabled {
+            if was_enabled {
+                self.undo_isolation();
+            }
+            return;
+        }
+        let settings = Settings::new(&self.config.isolation, &self.host.reserved, &self.topology);
+        let mut system = System::host(&self.state_dir());
+        match isolation::isolate(&mut system, &settings) {
+            Ok(sweep) => {
+                self.logger.info(
+                    &format!(
+                        "host isolation on CPUs {}: {} processes confined now",
+                        settings.reserved,
+                        sweep.moved.len()
+                    ),
+                    &[("CPUS", &settings.reserved.to_string())],
+                );
+                log_sweep(&self.logger, &sweep, &settings.reserved);
+            }
+            Err(e) => self
+                .logger
+                .error(&format!("host isolation not started: {e}"), &[]),
+        }
+        match &self.isolation {
+            Some(shared) => {
+                *shared.lock().unwrap_or_else(|p| p.into_inner()) = settings;
+            }
+            None => {
+                let shared = Arc::new(Mutex::new(settings));
+                spawn_keeper(shared.clone(), self.state_dir(), self.logger.clone());
+                self.isolation = Some(shared);
+            }
+        }
+    }
+
+    fn undo_isolation(&mut self) {
+        let mut system = System::host(&self.state_dir());
+        match isolation::undo(&mut system, &self.config.isolation) {
+            Ok(undo) => self.logger.info(
+                &format!(
+                    "host isolation undone: {} processes put back, groups removed: {}",
+                    undo.restored,
+                    undo.removed_groups.join(", ")
+                ),
+                &[],
+            ),
+            Err(e) => self
+                .logger
+                .error(&format!("host isolation not undone: {e}"), &[]),
         }
     }
 
@@ -548,6 +621,76 @@ impl Daemon {
                 })
             }
         }
+    }
+}
+
+/// Keeps isolation true: confines daemons whose pid file appears at once,
+/// and everything else the periodic sweep finds. Does nothing while
+/// isolation is not active (no state), so an `isolate --undo` holds.
+fn spawn_keeper(settings: Arc<Mutex<Settings>>, state_dir: PathBuf, logger: Arc<Logger>) {
+    let keeper_logger = logger.clone();
+    let body = move || {
+        let logger = keeper_logger;
+        let current = || settings.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let system = System::host(&state_dir);
+        let mut watch = match PidFileWatch::new(&current().config.pid_dirs) {
+            Ok(watch) => Some(watch),
+            Err(e) => {
+                logger.warn(&format!("pid files not watched, sweeps only: {e}"), &[]);
+                None
+            }
+        };
+        let mut next_sweep = Instant::now();
+        loop {
+            let settings = current();
+            let wait = next_sweep.saturating_duration_since(Instant::now());
+            let started = match watch.as_mut() {
+                Some(watch) => watch.wait(wait),
+                None => {
+                    std::thread::sleep(wait);
+                    Vec::new()
+                }
+            };
+            for pid in started {
+                keep_logged(&system, &settings, Some(pid), &logger);
+            }
+            if Instant::now() >= next_sweep {
+                keep_logged(&system, &settings, None, &logger);
+                next_sweep = Instant::now() + settings.config.sweep_interval;
+            }
+        }
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("isolation".into())
+        .spawn(body)
+    {
+        logger.error(&format!("cannot start the isolation keeper: {e}"), &[]);
+    }
+}
+
+fn keep_logged(system: &System, settings: &Settings, only: Option<u32>, logger: &Logger) {
+    match isolation::keep(system, &settings.config, only) {
+        Ok(Some(sweep)) => log_sweep(logger, &sweep, &settings.reserved),
+        Ok(None) => {}
+        Err(e) => logger.warn(&format!("isolation sweep failed: {e}"), &[]),
+    }
+}
+
+fn log_sweep(logger: &Logger, sweep: &Sweep, reserved: &crate::cpuset::CpuSet) {
+    let cpus = reserved.to_string();
+    for p in &sweep.moved {
+        let pid = p.pid.to_string();
+        logger.info(
+            &format!("confined {}[{pid}] to housekeeping CPUs {cpus}", p.name),
+            &[("PID", &pid), ("COMM", &p.name), ("CPUS", &cpus)],
+        );
+    }
+    for f in &sweep.failed {
+        let pid = f.pid.to_string();
+        logger.warn(
+            &format!("cannot confine {}[{pid}]: {}", f.name, f.error),
+            &[("PID", &pid), ("COMM", &f.name)],
+        );
     }
 }
 

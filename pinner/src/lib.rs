@@ -5,13 +5,18 @@
 //! `daemon` owns the socket) sits behind small types so the logic between
 //! can be driven against fixtures.
 
+pub mod cgroupfs;
 pub mod config;
 pub mod cpuset;
 pub mod daemon;
 pub mod domain;
 pub mod hypervisor;
+pub mod isolation;
 pub mod nova;
 pub mod placement;
+pub mod procs;
 pub mod reconcile;
 pub mod report;
+#[cfg(test)]
+mod test_support;
 pub mod topology;

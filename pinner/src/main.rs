@@ -1,7 +1,7 @@
 //! `pinner`: the daemon and its command-line client.
 
 use pinner::hypervisor::{Hypervisor, Libvirt};
-use pinner::{config, daemon, domain, reconcile, report, topology};
+use pinner::{config, daemon, domain, isolation, reconcile, report, topology};
 
 use clap::{Parser, Subcommand};
 use pinner_shared::paths::DEFAULT_SOCKET;
@@ -54,6 +54,18 @@ enum Command {
         /// the configuration's URI).
         #[arg(long, value_name = "URI")]
         connect: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Confine host processes to the reserved CPUs (cgroups), undo it, or
+    /// show where things stand.
+    Isolate {
+        /// Put every process back where it was and remove pinner's groups.
+        #[arg(long, conflicts_with = "status")]
+        undo: bool,
+        /// What is confined, excluded, or could not be moved, and why.
+        #[arg(long)]
+        status: bool,
         #[arg(long)]
         json: bool,
     },
@@ -128,6 +140,48 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             print!("{text}");
             return Ok(ExitCode::SUCCESS);
         }
+        Command::Isolate { undo, status, json } => {
+            let config = config::Config::load(cli.config.as_deref()).map_err(|e| e.to_string())?;
+            let topo = topology::Topology::read(std::path::Path::new("/"))?;
+            let host = config.resolve(&topo).map_err(|e| e.to_string())?;
+            let settings = isolation::Settings::new(&config.isolation, &host.reserved, &topo);
+            let state_dir = config
+                .socket
+                .parent()
+                .unwrap_or(std::path::Path::new("/run/pinner"));
+            let mut system = isolation::System::host(state_dir);
+            let (text, ok) = if *status {
+                let status = isolation::status(&system, &settings)?;
+                let text = if *json {
+                    to_json(&status)?
+                } else {
+                    report::isolation_status_text(&status)
+                };
+                (text, true)
+            } else if *undo {
+                let undo = isolation::undo(&mut system, &config.isolation)?;
+                let text = if *json {
+                    to_json(&undo)?
+                } else {
+                    report::undo_text(&undo)
+                };
+                (text, true)
+            } else {
+                let sweep = isolation::isolate(&mut system, &settings)?;
+                let text = if *json {
+                    to_json(&sweep)?
+                } else {
+                    report::sweep_text(&sweep, &settings, config.isolation.enabled)
+                };
+                (text, sweep.failed.is_empty())
+            };
+            print!("{text}");
+            return Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
         Command::Status { .. } | Command::Reconcile { .. } => {}
     }
     let socket = match (cli.socket, &cli.config) {
@@ -144,7 +198,10 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
     let (request, json) = match cli.command {
         Command::Status { json } => (Request::Status, json),
         Command::Reconcile { json } => (Request::Reconcile, json),
-        Command::Daemon | Command::Topology { .. } | Command::Plan { .. } => {
+        Command::Daemon
+        | Command::Topology { .. }
+        | Command::Plan { .. }
+        | Command::Isolate { .. } => {
             unreachable!("handled above")
         }
     };

@@ -196,6 +196,110 @@ pub fn reconcile_text(report: &ReconcileReport) -> String {
     out
 }
 
+/// "sshd[812], cron[90] and 3 more".
+fn process_list<'a>(processes: impl Iterator<Item = &'a crate::isolation::ProcessRef>) -> String {
+    const SHOWN: usize = 8;
+    let all: Vec<String> = processes
+        .map(|p| format!("{}[{}]", p.name, p.pid))
+        .collect();
+    let mut text = all
+        .iter()
+        .take(SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if all.len() > SHOWN {
+        let _ = write!(text, " and {} more", all.len() - SHOWN);
+    }
+    text
+}
+
+pub fn sweep_text(
+    sweep: &crate::isolation::Sweep,
+    settings: &crate::isolation::Settings,
+    kept_by_daemon: bool,
+) -> String {
+    let mut out = format!(
+        "confined {} processes to housekeeping CPUs {}",
+        sweep.moved.len(),
+        settings.reserved
+    );
+    if !sweep.moved.is_empty() {
+        let _ = write!(out, ": {}", process_list(sweep.moved.iter()));
+    }
+    out.push('\n');
+    for f in &sweep.failed {
+        let _ = writeln!(out, "could not move {}[{}]: {}", f.name, f.pid, f.error);
+    }
+    if !kept_by_daemon {
+        out.push_str(
+            "note: processes started from now on are confined only by the daemon with [isolation] enabled = true\n",
+        );
+    }
+    out
+}
+
+pub fn undo_text(undo: &crate::isolation::Undo) -> String {
+    let mut out = format!("put {} processes back", undo.restored);
+    if !undo.removed_groups.is_empty() {
+        let _ = write!(out, "; removed {}", undo.removed_groups.join(", "));
+    }
+    if !undo.reset_units.is_empty() {
+        let _ = write!(
+            out,
+            "; reset AllowedCPUs of {}",
+            undo.reset_units.join(", ")
+        );
+    }
+    out.push('\n');
+    out
+}
+
+pub fn isolation_status_text(status: &crate::isolation::Status) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "isolation: {} ({}), reserved CPUs {}",
+        if status.active { "active" } else { "off" },
+        status.mechanism,
+        status.reserved_cpus
+    );
+    if let Some(group) = &status.group {
+        let _ = writeln!(out, "group: {group}");
+    }
+    if !status.units.is_empty() {
+        let _ = writeln!(out, "units: {}", status.units.join(", "));
+    }
+    let _ = writeln!(
+        out,
+        "confined: {}; guests (left on their CPUs): {}; kernel threads (never moved): {}",
+        status.confined,
+        status.guests.len(),
+        status.kernel_threads
+    );
+    if !status.not_confined.is_empty() {
+        let _ = writeln!(
+            out,
+            "not confined yet: {}",
+            process_list(status.not_confined.iter())
+        );
+    }
+    for (p, why) in &status.excluded {
+        let _ = writeln!(out, "excluded: {}[{}]: {why}", p.name, p.pid);
+    }
+    for (p, path) in &status.other_groups {
+        let _ = writeln!(
+            out,
+            "left alone: {}[{}] is in cpuset group {path} of another tool",
+            p.name, p.pid
+        );
+    }
+    for f in &status.failed {
+        let _ = writeln!(out, "could not move: {}[{}]: {}", f.name, f.pid, f.error);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -584,11 +584,7 @@ mod tests {
     /// A sysfs tree of `files` in a directory of its own (tests run in
     /// parallel and may build the same fixture).
     fn fake_sysfs(tag: &str, files: &[(&str, &str)]) -> PathBuf {
-        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let root =
-            std::env::temp_dir().join(format!("pinner-topo-{tag}-{}-{seq}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
+        let root = crate::test_support::scratch_dir(&format!("topo-{tag}"));
         for (path, text) in files {
             let full = root.join(path);
             std::fs::create_dir_all(full.parent().unwrap()).unwrap();

@@ -1,0 +1,1119 @@
+//! Host isolation: host processes confined to the reserved (housekeeping)
+//! CPUs, so guests' CPUs are theirs alone.
+//!
+//! Two mechanisms. A housekeeping cgroup of pinner's (cgroup v1's cpuset and,
+//! with a memory limit, memory hierarchy; or the unified hierarchy when no
+//! systemd runs) into which host processes are moved, their original groups
+//! recorded so `undo` can put them back. Or, on a unified hierarchy run by
+//! systemd, `AllowedCPUs=` (and `MemoryMax=`) on `system.slice`,
+//! `user.slice` and `init.scope` as runtime properties, which services
+//! started later inherit.
+//!
+//! Every operation takes a lock file, so the daemon's keeper and the CLI
+//! never interleave, and keeps its state (groups, origins, failures) in a
+//! JSON file beside the daemon's socket: its presence is what "isolation
+//! is active" means.
+
+use crate::cgroupfs::{self, Group, Layout, Limits};
+use crate::config::IsolationConfig;
+use crate::cpuset::CpuSet;
+use crate::procs::{ProcFs, Process};
+use crate::topology::Topology;
+use nix::fcntl::{Flock, FlockArg};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
+use serde::{Deserialize, Serialize};
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// systemd units confined on unified hosts run by systemd.
+pub const SYSTEMD_UNITS: [&str; 3] = ["system.slice", "user.slice", "init.scope"];
+/// Moving processes out of a group while they fork may need a few rounds.
+const UNDO_ROUNDS: usize = 10;
+
+/// Sets runtime properties of systemd units.
+pub trait Systemd {
+    fn set_properties(&mut self, unit: &str, properties: &[String]) -> Result<(), String>;
+}
+
+/// Through `systemctl set-property --runtime` (nothing persists a reboot).
+pub struct Systemctl;
+
+impl Systemd for Systemctl {
+    fn set_properties(&mut self, unit: &str, properties: &[String]) -> Result<(), String> {
+        let output = std::process::Command::new("systemctl")
+            .args(["set-property", "--runtime", unit])
+            .args(properties)
+            .output()
+            .map_err(|e| format!("cannot run systemctl: {e}"))?;
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "systemctl set-property {unit} {}: {}",
+                properties.join(" "),
+                String::from_utf8_lossy(&output.stderr).trim()
+            ))
+        }
+    }
+}
+
+/// What isolation touches: the process table, the cgroup layout, systemd
+/// (when it runs the host) and where state is kept.
+pub struct System {
+    pub procs: ProcFs,
+    pub layout: Option<Layout>,
+    pub systemd: Option<Box<dyn Systemd + Send>>,
+    pub state_dir: PathBuf,
+}
+
+impl System {
+    /// This host, with state kept in `state_dir` (the socket's directory).
+    pub fn host(state_dir: &Path) -> System {
+        let layout = std::fs::read_to_string("/proc/mounts")
+            .ok()
+            .and_then(|m| Layout::detect(&m));
+        // sd_booted(3): systemd runs this host.
+        let systemd: Option<Box<dyn Systemd + Send>> = Path::new("/run/systemd/system")
+            .is_dir()
+            .then(|| Box::new(Systemctl) as Box<dyn Systemd + Send>);
+        System {
+            procs: ProcFs::new("/proc"),
+            layout,
+            systemd,
+            state_dir: state_dir.to_path_buf(),
+        }
+    }
+
+    fn mechanism(&self) -> Result<Mechanism<'_>, String> {
+        match (&self.layout, &self.systemd) {
+            (Some(Layout::V2 { .. }), Some(_)) => Ok(Mechanism::Systemd),
+            (Some(layout), _) => Ok(Mechanism::Group(layout)),
+            (None, _) => Err("no cgroup hierarchy with the cpuset controller is mounted".into()),
+        }
+    }
+
+    fn state_path(&self) -> PathBuf {
+        self.state_dir.join("isolation.json")
+    }
+
+    /// Holds the isolation lock until dropped.
+    fn lock(&self) -> Result<Flock<File>, String> {
+        std::fs::create_dir_all(&self.state_dir)
+            .map_err(|e| format!("cannot create {}: {e}", self.state_dir.display()))?;
+        let path = self.state_dir.join("isolation.lock");
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        Flock::lock(file, FlockArg::LockExclusive)
+            .map_err(|(_, e)| format!("cannot lock {}: {e}", path.display()))
+    }
+
+    fn load_state(&self) -> Result<Option<State>, String> {
+        let path = self.state_path();
+        match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text)
+                .map(Some)
+                .map_err(|e| format!("{}: unreadable isolation state: {e}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+        }
+    }
+
+    fn save_state(&self, state: &State) -> Result<(), String> {
+        let path = self.state_path();
+        let partial = path.with_extension("json.new");
+        let text = serde_json::to_string_pretty(state).expect("state serializes");
+        std::fs::write(&partial, text)
+            .and_then(|()| std::fs::rename(&partial, &path))
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))
+    }
+}
+
+enum Mechanism<'a> {
+    Group(&'a Layout),
+    Systemd,
+}
+
+/// Isolation settings resolved against the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub config: IsolationConfig,
+    pub reserved: CpuSet,
+    /// Memory nodes of the reserved CPUs (empty when the host has none).
+    pub mems: CpuSet,
+}
+
+impl Settings {
+    pub fn new(config: &IsolationConfig, reserved: &CpuSet, topology: &Topology) -> Settings {
+        let mems = topology
+            .cpus
+            .iter()
+            .filter(|c| reserved.contains(c.id))
+            .filter_map(|c| c.numa_node)
+            .collect();
+        Settings {
+            config: config.clone(),
+            reserved: reserved.clone(),
+            mems,
+        }
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            cpus: self.reserved.clone(),
+            mems: self.mems.clone(),
+            memory_bytes: self.config.memory_limit,
+        }
+    }
+}
+
+/// What becomes of a process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", content = "detail", rename_all = "snake_case")]
+pub enum Verdict {
+    /// A host process not confined yet.
+    Move,
+    Confined,
+    Init,
+    KernelThread,
+    /// In libvirt's machine cgroups: a guest, its emulator and vhost threads.
+    Guest,
+    Excluded(String),
+    /// In a cpuset group of someone else's (a container, a tool's own).
+    OtherGroup(String),
+    /// Outside the process group a test restricted isolation to.
+    OutOfScope,
+}
+
+pub fn classify(p: &Process, config: &IsolationConfig, group: &Group) -> Verdict {
+    if p.pid == 1 {
+        return Verdict::Init;
+    }
+    if p.kernel_thread {
+        return Verdict::KernelThread;
+    }
+    let in_machine = |path: &str| {
+        path.trim_start_matches('/')
+            .split('/')
+            .next()
+            .is_some_and(|top| top == "machine" || top == "machine.slice")
+    };
+    if p.cgroups.iter().any(|(_, path)| in_machine(path)) {
+        return Verdict::Guest;
+    }
+    for entry in &config.exclude {
+        if entry.starts_with('/') {
+            let under = |path: &str| {
+                path == entry
+                    || path
+                        .strip_prefix(entry.as_str())
+                        .is_some_and(|rest| rest.starts_with('/'))
+            };
+            if let Some((_, path)) = p.cgroups.iter().find(|(_, path)| under(path)) {
+                return Verdict::Excluded(format!("cgroup {path} is excluded ({entry})"));
+            }
+        } else if p.comm == *entry || p.program == *entry {
+            return Verdict::Excluded(format!("name {entry} is excluded"));
+        }
+    }
+    if config
+        .test_only_process_group
+        .is_some_and(|pgrp| p.pgrp != pgrp)
+    {
+        return Verdict::OutOfScope;
+    }
+    let ours = group.path();
+    let mut everywhere = true;
+    for (hierarchy, _) in &group.parts {
+        match p.cgroup(hierarchy.controller) {
+            Some(path) if path == ours => {}
+            // Only the cpu hierarchy decides whether a process is the host's:
+            // in v1's memory hierarchy systemd puts every service in a group.
+            Some(path) if path != "/" && hierarchy == &group.parts[0].0 => {
+                return Verdict::OtherGroup(path.to_string());
+            }
+            _ => everywhere = false,
+        }
+    }
+    if everywhere {
+        Verdict::Confined
+    } else {
+        Verdict::Move
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessRef {
+    pub pid: u32,
+    pub name: String,
+}
+
+impl ProcessRef {
+    fn of(p: &Process) -> ProcessRef {
+        ProcessRef {
+            pid: p.pid,
+            name: p.comm.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failure {
+    pub pid: u32,
+    pub name: String,
+    pub error: String,
+}
+
+/// Where a moved process was, per hierarchy, to put it back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Origin {
+    pid: u32,
+    start_time: u64,
+    /// (hierarchy mount, group path).
+    groups: Vec<(PathBuf, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct State {
+    mechanism: String,
+    reserved: String,
+    group: String,
+    with_memory: bool,
+    /// systemd units given AllowedCPUs=.
+    units: Vec<String>,
+    origins: Vec<Origin>,
+    /// The last attempt's failures, by pid.
+    failures: Vec<Failure>,
+}
+
+/// The outcome of confining processes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Sweep {
+    pub moved: Vec<ProcessRef>,
+    pub failed: Vec<Failure>,
+}
+
+/// Starts (or updates) isolation and confines every host process now.
+pub fn isolate(sys: &mut System, settings: &Settings) -> Result<Sweep, String> {
+    if settings.reserved.is_empty() {
+        return Err(
+            "isolation needs reserved_cpus: the CPUs host processes are confined to".into(),
+        );
+    }
+    let _lock = sys.lock()?;
+    let mut state = sys.load_state()?.unwrap_or_else(|| State {
+        mechanism: String::new(),
+        reserved: String::new(),
+        group: settings.config.group.clone(),
+        with_memory: false,
+        units: Vec::new(),
+        origins: Vec::new(),
+        failures: Vec::new(),
+    });
+    state.reserved = settings.reserved.to_string();
+    state.failures.clear();
+    match sys.mechanism()? {
+        Mechanism::Systemd => {
+            let properties = systemd_properties(settings);
+            let systemd = sys.systemd.as_mut().expect("systemd mechanism has systemd");
+            let mut done = Vec::new();
+            for unit in SYSTEMD_UNITS {
+                if let Err(e) = systemd.set_properties(unit, &properties) {
+                    // Nothing half-applied: take back what was set.
+                    for unit in done {
+                        let _ = systemd.set_properties(unit, &systemd_reset());
+                    }
+                    return Err(e);
+                }
+                done.push(unit);
+            }
+            state.mechanism = "systemd".into();
+            state.units = SYSTEMD_UNITS.iter().map(|u| u.to_string()).collect();
+            sys.save_state(&state)?;
+            Ok(Sweep::default())
+        }
+        Mechanism::Group(layout) => {
+            let group = Group::new(
+                layout,
+                &settings.config.group,
+                settings.config.memory_limit.is_some(),
+            );
+            group.create(layout, &settings.limits())?;
+            state.mechanism = layout.name().into();
+            state.group = group.name.clone();
+            state.with_memory = settings.config.memory_limit.is_some();
+            let sweep = confine(sys, &settings.config, &group, &mut state, None);
+            sys.save_state(&state)?;
+            Ok(sweep)
+        }
+    }
+}
+
+fn systemd_properties(settings: &Settings) -> Vec<String> {
+    let mut properties = vec![format!("AllowedCPUs={}", settings.reserved)];
+    if !settings.mems.is_empty() {
+        properties.push(format!("AllowedMemoryNodes={}", settings.mems));
+    }
+    if let Some(bytes) = settings.config.memory_limit {
+        properties.push(format!("MemoryMax={bytes}"));
+    }
+    properties
+}
+
+fn systemd_reset() -> Vec<String> {
+    ["AllowedCPUs=", "AllowedMemoryNodes=", "MemoryMax=infinity"]
+        .map(String::from)
+        .to_vec()
+}
+
+/// Confines processes that are not yet (all, or just `only`), when
+/// isolation is active; None when it is not.
+pub fn keep(
+    sys: &System,
+    config: &IsolationConfig,
+    only: Option<u32>,
+) -> Result<Option<Sweep>, String> {
+    let _lock = sys.lock()?;
+    let Some(mut state) = sys.load_state()? else {
+        return Ok(None);
+    };
+    let Some(layout) = sys.layout.as_ref().filter(|_| state.mechanism != "systemd") else {
+        // systemd's units are inherited by what starts later: nothing to keep.
+        return Ok(Some(Sweep::default()));
+    };
+    let group = Group::new(layout, &state.group, state.with_memory);
+    if !group.exists() {
+        return Ok(None);
+    }
+    let sweep = confine(sys, config, &group, &mut state, only);
+    if only.is_none() || !sweep.moved.is_empty() || !sweep.failed.is_empty() {
+        sys.save_state(&state)?;
+    }
+    Ok(Some(sweep))
+}
+
+fn confine(
+    sys: &System,
+    config: &IsolationConfig,
+    group: &Group,
+    state: &mut State,
+    only: Option<u32>,
+) -> Sweep {
+    let pids = match only {
+        Some(pid) => vec![pid],
+        None => sys.procs.pids(),
+    };
+    let mut sweep = Sweep::default();
+    for pid in pids {
+        let Some(p) = sys.procs.process(pid) else {
+            continue;
+        };
+        // A process that refused once is reported, not retried every sweep
+        // (`pinner isolate` retries it).
+        if classify(&p, config, group) != Verdict::Move
+            || state.failures.iter().any(|f| f.pid == pid)
+        {
+            continue;
+        }
+        if !state
+            .origins
+            .iter()
+            .any(|o| o.pid == pid && o.start_time == p.start_time)
+        {
+            state.origins.retain(|o| o.pid != pid);
+            state.origins.push(Origin {
+                pid,
+                start_time: p.start_time,
+                groups: group
+                    .parts
+                    .iter()
+                    .filter_map(|(h, _)| {
+                        Some((h.mount.clone(), p.cgroup(h.controller)?.to_string()))
+                    })
+                    .collect(),
+            });
+        }
+        match group.admit(pid) {
+            Ok(()) => sweep.moved.push(ProcessRef::of(&p)),
+            Err(e) if e == "exited" => {}
+            Err(error) => {
+                let failure = Failure {
+                    pid,
+                    name: p.comm.clone(),
+                    error,
+                };
+                state.failures.push(failure.clone());
+                sweep.failed.push(failure);
+            }
+        }
+    }
+    if only.is_none() {
+        // Forget processes that are gone, so the state stays the host's size.
+        state.origins.retain(|o| {
+            sys.procs
+                .process(o.pid)
+                .is_some_and(|p| p.start_time == o.start_time)
+        });
+        state
+            .failures
+            .retain(|f| sys.procs.process(f.pid).is_some());
+    }
+    sweep
+}
+
+/// The outcome of undoing isolation.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Undo {
+    pub restored: usize,
+    pub removed_groups: Vec<String>,
+    pub reset_units: Vec<String>,
+}
+
+/// Puts every confined process back where it was and removes the groups
+/// (or resets systemd's properties). Without state, removes a leftover
+/// group named in `config` all the same.
+pub fn undo(sys: &mut System, config: &IsolationConfig) -> Result<Undo, String> {
+    let _lock = sys.lock()?;
+    let state = sys.load_state()?;
+    let mut result = Undo::default();
+    if let Some(state) = state.as_ref().filter(|s| s.mechanism == "systemd") {
+        let systemd = sys
+            .systemd
+            .as_mut()
+            .ok_or("isolation was set through systemd, which is not running now")?;
+        for unit in &state.units {
+            systemd.set_properties(unit, &systemd_reset())?;
+            result.reset_units.push(unit.clone());
+        }
+    } else if let Some(layout) = &sys.layout {
+        let (name, with_memory) = state.as_ref().map_or((config.group.as_str(), true), |s| {
+            (s.group.as_str(), s.with_memory)
+        });
+        let group = Group::new(layout, name, with_memory);
+        let origins = state.as_ref().map_or(&[][..], |s| &s.origins[..]);
+        let mut last_error = None;
+        for _ in 0..UNDO_ROUNDS {
+            for pid in group.members() {
+                if restore(sys, &group, origins, pid) {
+                    result.restored += 1;
+                }
+            }
+            match group.remove() {
+                Ok(()) => {
+                    last_error = None;
+                    break;
+                }
+                Err(e) => last_error = Some(e),
+            }
+        }
+        if let Some(e) = last_error {
+            return Err(format!(
+                "{e} (processes keep entering it; state kept, run again)"
+            ));
+        }
+        result.removed_groups = group
+            .parts
+            .iter()
+            .map(|(_, dir)| dir.display().to_string())
+            .collect();
+    }
+    match std::fs::remove_file(sys.state_path()) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("cannot remove {}: {e}", sys.state_path().display())),
+    }
+    Ok(result)
+}
+
+/// Moves `pid` out of `group` in each hierarchy: back to its recorded group
+/// when that still exists, else to the hierarchy's root.
+fn restore(sys: &System, group: &Group, origins: &[Origin], pid: u32) -> bool {
+    let start_time = sys.procs.process(pid).map(|p| p.start_time);
+    let origin = origins
+        .iter()
+        .find(|o| o.pid == pid && Some(o.start_time) == start_time);
+    let mut moved = false;
+    for (hierarchy, _) in &group.parts {
+        let back = origin
+            .and_then(|o| o.groups.iter().find(|(mount, _)| *mount == hierarchy.mount))
+            .map(|(_, path)| hierarchy.dir(path))
+            .filter(|dir| dir.is_dir() && *dir != hierarchy.dir(&group.path()))
+            .unwrap_or_else(|| hierarchy.mount.clone());
+        moved |= cgroupfs::add_process(&back, pid).is_ok();
+    }
+    moved
+}
+
+/// `pinner isolate --status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Status {
+    pub active: bool,
+    pub mechanism: String,
+    pub reserved_cpus: String,
+    pub group: Option<String>,
+    pub units: Vec<String>,
+    pub confined: usize,
+    /// Host processes not (yet) in the group.
+    pub not_confined: Vec<ProcessRef>,
+    pub excluded: Vec<(ProcessRef, String)>,
+    pub guests: Vec<ProcessRef>,
+    pub other_groups: Vec<(ProcessRef, String)>,
+    pub kernel_threads: usize,
+    /// Processes that could not be moved, and why.
+    pub failed: Vec<Failure>,
+}
+
+pub fn status(sys: &System, settings: &Settings) -> Result<Status, String> {
+    let state = {
+        let _lock = sys.lock()?;
+        sys.load_state()?
+    };
+    let mechanism = match (&state, sys.mechanism()) {
+        (Some(s), _) => s.mechanism.clone(),
+        (None, Ok(Mechanism::Systemd)) => "systemd".into(),
+        (None, Ok(Mechanism::Group(layout))) => layout.name().into(),
+        (None, Err(e)) => format!("none ({e})"),
+    };
+    let mut status = Status {
+        active: state.is_some(),
+        mechanism,
+        reserved_cpus: state
+            .as_ref()
+            .map_or_else(|| settings.reserved.to_string(), |s| s.reserved.clone()),
+        group: None,
+        units: state.as_ref().map(|s| s.units.clone()).unwrap_or_default(),
+        confined: 0,
+        not_confined: Vec::new(),
+        excluded: Vec::new(),
+        guests: Vec::new(),
+        other_groups: Vec::new(),
+        kernel_threads: 0,
+        failed: state
+            .as_ref()
+            .map(|s| s.failures.clone())
+            .unwrap_or_default(),
+    };
+    let Some(layout) = &sys.layout else {
+        return Ok(status);
+    };
+    let (name, with_memory) = state.as_ref().map_or(
+        (
+            settings.config.group.as_str(),
+            settings.config.memory_limit.is_some(),
+        ),
+        |s| (s.group.as_str(), s.with_memory),
+    );
+    let group = Group::new(layout, name, with_memory);
+    if status.mechanism != "systemd" {
+        status.group = Some(group.path());
+    }
+    for pid in sys.procs.pids() {
+        let Some(p) = sys.procs.process(pid) else {
+            continue;
+        };
+        let mut verdict = classify(&p, &settings.config, &group);
+        if status.mechanism == "systemd"
+            && matches!(verdict, Verdict::Move | Verdict::OtherGroup(_))
+        {
+            let inherited = p.cgroup("").is_some_and(|path| {
+                SYSTEMD_UNITS
+                    .iter()
+                    .any(|u| path.trim_start_matches('/').split('/').next() == Some(u))
+            });
+            if inherited && status.active {
+                verdict = Verdict::Confined;
+            }
+        }
+        match verdict {
+            Verdict::Confined => status.confined += 1,
+            Verdict::Move => status.not_confined.push(ProcessRef::of(&p)),
+            Verdict::Excluded(why) => status.excluded.push((ProcessRef::of(&p), why)),
+            Verdict::Guest => status.guests.push(ProcessRef::of(&p)),
+            Verdict::OtherGroup(path) => status.other_groups.push((ProcessRef::of(&p), path)),
+            Verdict::KernelThread => status.kernel_threads += 1,
+            Verdict::Init | Verdict::OutOfScope => {}
+        }
+    }
+    Ok(status)
+}
+
+/// Watches pid-file directories (and their subdirectories) for daemons
+/// that (re)start, so they are confined at once rather than at the next
+/// sweep.
+pub struct PidFileWatch {
+    inotify: Inotify,
+    /// Watched directories; true for the configured ones (whose new
+    /// subdirectories are watched too).
+    dirs: Vec<(WatchDescriptor, PathBuf, bool)>,
+}
+
+impl PidFileWatch {
+    pub fn new(dirs: &[PathBuf]) -> Result<PidFileWatch, String> {
+        let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
+            .map_err(|e| format!("cannot start inotify: {e}"))?;
+        let mut watch = PidFileWatch {
+            inotify,
+            dirs: Vec::new(),
+        };
+        for dir in dirs {
+            if watch.add(dir, true) {
+                for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                    if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                        watch.add(&entry.path(), false);
+                    }
+                }
+            }
+        }
+        Ok(watch)
+    }
+
+    /// Watches `dir` unless it is watched already (/var/run is usually
+    /// /run); false when it cannot be.
+    fn add(&mut self, dir: &Path, top: bool) -> bool {
+        let flags = AddWatchFlags::IN_CLOSE_WRITE
+            | AddWatchFlags::IN_MOVED_TO
+            | AddWatchFlags::IN_CREATE
+            | AddWatchFlags::IN_ONLYDIR;
+        match self.inotify.add_watch(dir, flags) {
+            Ok(wd) => {
+                if !self.dirs.iter().any(|(w, _, _)| *w == wd) {
+                    self.dirs.push((wd, dir.to_path_buf(), top));
+                }
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Waits up to `timeout` for pid files to be written; returns the pids
+    /// they name (empty on timeout). Directories created in a watched one
+    /// are watched from then on.
+    pub fn wait(&mut self, timeout: Duration) -> Vec<u32> {
+        let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+        let mut fds = [PollFd::new(self.inotify.as_fd(), PollFlags::POLLIN)];
+        if !matches!(poll(&mut fds, PollTimeout::from(ms)), Ok(n) if n > 0) {
+            return Vec::new();
+        }
+        let mut pids = Vec::new();
+        while let Ok(events) = self.inotify.read_events() {
+            if events.is_empty() {
+                break;
+            }
+            for event in events {
+                let Some((_, dir, top)) = self.dirs.iter().find(|(w, _, _)| *w == event.wd) else {
+                    continue;
+                };
+                let Some(name) = event.name.as_ref() else {
+                    continue;
+                };
+                let path = dir.join(name);
+                if event.mask.contains(AddWatchFlags::IN_ISDIR) {
+                    // Only one level down from the configured directories.
+                    if *top {
+                        self.add(&path, false);
+                    }
+                    continue;
+                }
+                let is_pid_file = path.extension().is_some_and(|e| e == "pid");
+                if let Some(pid) = is_pid_file
+                    .then(|| std::fs::read_to_string(&path).ok())
+                    .flatten()
+                    .and_then(|text| text.trim().parse::<u32>().ok())
+                {
+                    pids.push(pid);
+                }
+            }
+        }
+        pids.sort_unstable();
+        pids.dedup();
+        pids
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::procs::write_fixture_process;
+    use crate::test_support::scratch_dir;
+    use std::sync::{Arc, Mutex};
+
+    /// A host: /proc with init, a kernel thread, host daemons, an excluded
+    /// one, a guest, a container's process and one already confined.
+    fn fixture_proc(root: &Path) -> ProcFs {
+        let proc_root = root.join("proc");
+        let p = |pid, comm, kthread, cgroups| {
+            write_fixture_process(&proc_root, pid, 1, comm, kthread, cgroups).unwrap()
+        };
+        p(1, "systemd", false, "4:memory:/init.scope\n3:cpuset:/\n");
+        p(2, "kthreadd", true, "4:memory:/\n3:cpuset:/\n");
+        p(
+            100,
+            "sshd",
+            false,
+            "4:memory:/system.slice/ssh.service\n3:cpuset:/\n",
+        );
+        p(
+            101,
+            "ovs-vswitchd",
+            false,
+            "4:memory:/system.slice/ovs.service\n3:cpuset:/\n",
+        );
+        p(102, "qemu-system-x86", false, "4:memory:/machine/qemu-1-vm.libvirt-qemu\n3:cpuset:/machine/qemu-1-vm.libvirt-qemu/emulator\n");
+        p(
+            103,
+            "nginx",
+            false,
+            "4:memory:/docker/abc\n3:cpuset:/docker/abc\n",
+        );
+        p(
+            104,
+            "cron",
+            false,
+            "4:memory:/system.slice/cron.service\n3:cpuset:/\n",
+        );
+        p(
+            105,
+            "rsyslogd",
+            false,
+            "4:memory:/\n3:cpuset:/pinner-housekeeping\n",
+        );
+        ProcFs::new(proc_root)
+    }
+
+    fn config() -> IsolationConfig {
+        IsolationConfig {
+            exclude: vec!["ovs-vswitchd".into(), "/system.slice/cron.service".into()],
+            ..IsolationConfig::default()
+        }
+    }
+
+    fn fake_v1(root: &Path) -> Layout {
+        for h in ["cpuset", "memory"] {
+            std::fs::create_dir_all(root.join("cg").join(h)).unwrap();
+            std::fs::write(root.join("cg").join(h).join("cgroup.procs"), "").unwrap();
+        }
+        std::fs::write(root.join("cg/cpuset/cpuset.effective_mems"), "0").unwrap();
+        // cgroupfs makes a group's cgroup.procs with the group; a plain
+        // directory needs it made.
+        for h in ["cpuset", "memory"] {
+            let group = root.join("cg").join(h).join("pinner-housekeeping");
+            std::fs::create_dir_all(&group).unwrap();
+            std::fs::write(group.join("cgroup.procs"), "").unwrap();
+        }
+        std::fs::create_dir_all(root.join("cg/memory/system.slice/ssh.service")).unwrap();
+        std::fs::write(
+            root.join("cg/memory/system.slice/ssh.service/cgroup.procs"),
+            "",
+        )
+        .unwrap();
+        Layout::detect(&format!(
+            "cgroup {0}/cg/cpuset cgroup rw,cpuset 0 0\ncgroup {0}/cg/memory cgroup rw,memory 0 0\n",
+            root.display()
+        ))
+        .unwrap()
+    }
+
+    fn settings(config: IsolationConfig) -> Settings {
+        Settings {
+            config,
+            reserved: CpuSet::parse("0-1").unwrap(),
+            mems: CpuSet::parse("0").unwrap(),
+        }
+    }
+
+    fn read(path: PathBuf) -> String {
+        std::fs::read_to_string(path).unwrap_or_default()
+    }
+
+    #[test]
+    fn classifies_init_kernel_threads_guests_excluded_and_foreign_groups() {
+        let root = scratch_dir("iso-classify");
+        let procs = fixture_proc(&root);
+        let layout = fake_v1(&root);
+        let group = Group::new(&layout, "pinner-housekeeping", false);
+        let verdict = |pid| classify(&procs.process(pid).unwrap(), &config(), &group);
+        assert_eq!(verdict(1), Verdict::Init);
+        assert_eq!(verdict(2), Verdict::KernelThread);
+        assert_eq!(verdict(100), Verdict::Move);
+        assert_eq!(
+            verdict(101),
+            Verdict::Excluded("name ovs-vswitchd is excluded".into())
+        );
+        assert_eq!(verdict(102), Verdict::Guest);
+        assert_eq!(verdict(103), Verdict::OtherGroup("/docker/abc".into()));
+        assert_eq!(
+            verdict(104),
+            Verdict::Excluded(
+                "cgroup /system.slice/cron.service is excluded (/system.slice/cron.service)".into()
+            )
+        );
+        assert_eq!(verdict(105), Verdict::Confined);
+        // With a memory limit the group spans memory too: 105 is not in it there.
+        let with_memory = Group::new(&layout, "pinner-housekeeping", true);
+        assert_eq!(
+            classify(&procs.process(105).unwrap(), &config(), &with_memory),
+            Verdict::Move
+        );
+        // The test-only scope leaves everything outside its process group.
+        let scoped = IsolationConfig {
+            test_only_process_group: Some(4242),
+            ..config()
+        };
+        assert_eq!(
+            classify(&procs.process(100).unwrap(), &scoped, &group),
+            Verdict::OutOfScope
+        );
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn v1_isolate_keep_status_and_undo_put_processes_back() {
+        let root = scratch_dir("iso-v1");
+        let mut sys = System {
+            procs: fixture_proc(&root),
+            layout: Some(fake_v1(&root)),
+            systemd: None,
+            state_dir: root.join("run"),
+        };
+        let settings = settings(IsolationConfig {
+            memory_limit: Some(1 << 30),
+            ..config()
+        });
+        let sweep = isolate(&mut sys, &settings).unwrap();
+        let moved: Vec<u32> = sweep.moved.iter().map(|p| p.pid).collect();
+        assert_eq!(moved, vec![100, 105]);
+        let cpuset = root.join("cg/cpuset/pinner-housekeeping");
+        let memory = root.join("cg/memory/pinner-housekeeping");
+        assert_eq!(read(cpuset.join("cpuset.cpus")), "0-1");
+        assert_eq!(read(cpuset.join("cpuset.mems")), "0");
+        assert_eq!(read(memory.join("memory.limit_in_bytes")), "1073741824");
+        assert_eq!(read(cpuset.join("cgroup.procs")), "100\n105\n");
+        assert_eq!(read(memory.join("cgroup.procs")), "100\n105\n");
+
+        // What the kernel would show now; then a daemon starts unconfined.
+        let proc_root = root.join("proc");
+        std::fs::write(
+            proc_root.join("100/cgroup"),
+            "4:memory:/pinner-housekeeping\n3:cpuset:/pinner-housekeeping\n",
+        )
+        .unwrap();
+        write_fixture_process(
+            &proc_root,
+            106,
+            1,
+            "chronyd",
+            false,
+            "4:memory:/\n3:cpuset:/\n",
+        )
+        .unwrap();
+        let status_now = status(&sys, &settings).unwrap();
+        assert!(status_now.active);
+        assert_eq!(status_now.mechanism, "cgroup-v1");
+        assert_eq!(status_now.confined, 1);
+        let waiting: Vec<u32> = status_now.not_confined.iter().map(|p| p.pid).collect();
+        assert_eq!(waiting, vec![105, 106]);
+        assert_eq!(status_now.excluded.len(), 2);
+        assert_eq!(status_now.guests[0].pid, 102);
+        assert_eq!(status_now.other_groups[0].1, "/docker/abc");
+        assert_eq!(status_now.kernel_threads, 1);
+
+        let kept = keep(&sys, &settings.config, Some(106)).unwrap().unwrap();
+        assert_eq!(kept.moved[0].pid, 106);
+        assert!(read(cpuset.join("cgroup.procs")).ends_with("106\n"));
+
+        // Undo writes each process back to where it was, per hierarchy. The
+        // fake tree cannot drop its control files the way cgroupfs does, so
+        // the first rmdir fails and the state is kept for another run.
+        std::fs::write(cpuset.join("cgroup.procs"), "100\n106\n").unwrap();
+        std::fs::write(memory.join("cgroup.procs"), "100\n106\n").unwrap();
+        let err = undo(&mut sys, &settings.config).unwrap_err();
+        assert!(err.contains("run again"), "{err}");
+        assert!(sys.state_path().exists());
+        assert!(read(root.join("cg/cpuset/cgroup.procs")).contains("100\n"));
+        assert!(
+            read(root.join("cg/memory/system.slice/ssh.service/cgroup.procs")).contains("100\n")
+        );
+        assert!(read(root.join("cg/memory/cgroup.procs")).contains("106\n"));
+        for dir in [&cpuset, &memory] {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                std::fs::remove_file(entry.unwrap().path()).unwrap();
+            }
+        }
+        let done = undo(&mut sys, &settings.config).unwrap();
+        assert_eq!(done.removed_groups.len(), 2);
+        assert!(!cpuset.exists() && !memory.exists());
+        assert!(!sys.state_path().exists());
+        // Inactive: the keeper leaves new processes alone.
+        assert_eq!(keep(&sys, &settings.config, None).unwrap(), None);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn v2_without_systemd_uses_a_group_in_the_unified_tree() {
+        let root = scratch_dir("iso-v2");
+        let unified = root.join("cg");
+        std::fs::create_dir_all(&unified).unwrap();
+        std::fs::write(unified.join("cgroup.subtree_control"), "").unwrap();
+        let procs_root = root.join("proc");
+        write_fixture_process(&procs_root, 1, 0, "init", false, "0::/\n").unwrap();
+        write_fixture_process(&procs_root, 50, 1, "sshd", false, "0::/\n").unwrap();
+        write_fixture_process(&procs_root, 51, 1, "qemu", false, "0::/machine/qemu-1\n").unwrap();
+        let mut sys = System {
+            procs: ProcFs::new(procs_root),
+            layout: Layout::detect(&format!("cgroup2 {} cgroup2 rw 0 0\n", unified.display())),
+            systemd: None,
+            state_dir: root.join("run"),
+        };
+        let group_dir = unified.join("pinner-housekeeping");
+        std::fs::create_dir_all(&group_dir).unwrap();
+        std::fs::write(group_dir.join("cgroup.procs"), "").unwrap();
+        let sweep = isolate(&mut sys, &settings(config())).unwrap();
+        assert_eq!(sweep.moved.len(), 1);
+        assert_eq!(read(unified.join("cgroup.subtree_control")), "+cpuset");
+        assert_eq!(read(group_dir.join("cpuset.cpus")), "0-1");
+        assert_eq!(read(group_dir.join("cgroup.procs")), "50\n");
+        assert_eq!(
+            status(&sys, &settings(config())).unwrap().mechanism,
+            "cgroup-v2"
+        );
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// Records what would be set; fails for one unit when told to.
+    struct FakeSystemd {
+        calls: Arc<Mutex<Vec<String>>>,
+        fail_unit: Option<&'static str>,
+    }
+
+    impl Systemd for FakeSystemd {
+        fn set_properties(&mut self, unit: &str, properties: &[String]) -> Result<(), String> {
+            if self.fail_unit == Some(unit) {
+                return Err(format!("{unit}: Access denied"));
+            }
+            self.calls
+                .lock()
+                .unwrap()
+                .push(format!("{unit} {}", properties.join(" ")));
+            Ok(())
+        }
+    }
+
+    fn systemd_host(
+        root: &Path,
+        fail_unit: Option<&'static str>,
+    ) -> (System, Arc<Mutex<Vec<String>>>) {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let procs_root = root.join("proc");
+        write_fixture_process(&procs_root, 1, 0, "systemd", false, "0::/init.scope\n").unwrap();
+        write_fixture_process(
+            &procs_root,
+            70,
+            1,
+            "sshd",
+            false,
+            "0::/system.slice/ssh.service\n",
+        )
+        .unwrap();
+        let sys = System {
+            procs: ProcFs::new(procs_root),
+            layout: Layout::detect("cgroup2 /sys/fs/cgroup cgroup2 rw 0 0\n"),
+            systemd: Some(Box::new(FakeSystemd {
+                calls: calls.clone(),
+                fail_unit,
+            })),
+            state_dir: root.join("run"),
+        };
+        (sys, calls)
+    }
+
+    #[test]
+    fn v2_with_systemd_sets_allowed_cpus_on_the_slices_and_resets_them() {
+        let root = scratch_dir("iso-systemd");
+        let (mut sys, calls) = systemd_host(&root, None);
+        let settings = settings(IsolationConfig {
+            memory_limit: Some(2 << 30),
+            ..config()
+        });
+        isolate(&mut sys, &settings).unwrap();
+        assert_eq!(
+            *calls.lock().unwrap(),
+            [
+                "system.slice AllowedCPUs=0-1 AllowedMemoryNodes=0 MemoryMax=2147483648",
+                "user.slice AllowedCPUs=0-1 AllowedMemoryNodes=0 MemoryMax=2147483648",
+                "init.scope AllowedCPUs=0-1 AllowedMemoryNodes=0 MemoryMax=2147483648",
+            ]
+        );
+        let now = status(&sys, &settings).unwrap();
+        assert_eq!(now.mechanism, "systemd");
+        assert_eq!(now.confined, 1, "sshd in system.slice inherits it");
+        calls.lock().unwrap().clear();
+        let done = undo(&mut sys, &settings.config).unwrap();
+        assert_eq!(done.reset_units.len(), 3);
+        assert!(calls
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|c| c.ends_with("AllowedCPUs= AllowedMemoryNodes= MemoryMax=infinity")));
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn a_refusing_unit_takes_back_what_was_set() {
+        let root = scratch_dir("iso-systemd-fail");
+        let (mut sys, calls) = systemd_host(&root, Some("user.slice"));
+        let err = isolate(&mut sys, &settings(config())).unwrap_err();
+        assert!(err.contains("user.slice: Access denied"), "{err}");
+        let calls = calls.lock().unwrap();
+        assert_eq!(calls.len(), 2);
+        assert!(calls[1].starts_with("system.slice AllowedCPUs= "));
+        assert!(!sys.state_path().exists());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn isolation_without_reserved_cpus_is_refused() {
+        let root = scratch_dir("iso-none");
+        let mut sys = System {
+            procs: fixture_proc(&root),
+            layout: Some(fake_v1(&root)),
+            systemd: None,
+            state_dir: root.join("run"),
+        };
+        let none = Settings {
+            reserved: CpuSet::new(),
+            ..settings(config())
+        };
+        assert!(isolate(&mut sys, &none)
+            .unwrap_err()
+            .contains("reserved_cpus"));
+        assert!(!root
+            .join("cg/cpuset/pinner-housekeeping/cpuset.cpus")
+            .exists());
+        assert!(!sys.state_path().exists());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn pid_files_written_in_watched_directories_name_their_process() {
+        let root = scratch_dir("iso-pidfile");
+        std::fs::create_dir_all(root.join("sub")).unwrap();
+        let mut watch = PidFileWatch::new(std::slice::from_ref(&root)).unwrap();
+        std::fs::write(root.join("a.pid"), "4242\n").unwrap();
+        std::fs::write(root.join("sub/b.pid"), "4343").unwrap();
+        std::fs::write(root.join("notes.txt"), "99").unwrap();
+        std::fs::create_dir(root.join("new")).unwrap();
+        let mut seen = watch.wait(Duration::from_secs(2));
+        // A directory made later is watched too.
+        std::fs::write(root.join("new/c.pid"), "4444").unwrap();
+        seen.extend(watch.wait(Duration::from_secs(2)));
+        assert_eq!(seen, vec![4242, 4343, 4444]);
+        assert!(watch.wait(Duration::from_millis(50)).is_empty());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}
