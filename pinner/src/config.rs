@@ -575,6 +575,70 @@ mod tests {
     }
 
     #[test]
+    fn reads_the_isolation_section() {
+        let config = parse(
+            "reserved_cpus = \"0\"\n[isolation]\nenabled = true\nexclude = [\"ovs-vswitchd\", \"/system.slice/x.service\"]\n\
+             memory_limit = \"2G\"\nrestore_on_exit = true\nsweep_interval_secs = 5\npid_dirs = [\"/run\"]\ngroup = \"hk\"\n",
+        )
+        .unwrap();
+        let isolation = &config.isolation;
+        assert!(isolation.enabled && isolation.restore_on_exit);
+        assert_eq!(
+            isolation.exclude,
+            ["ovs-vswitchd", "/system.slice/x.service"]
+        );
+        assert_eq!(isolation.memory_limit, Some(2 << 30));
+        assert_eq!(isolation.sweep_interval, Duration::from_secs(5));
+        assert_eq!(isolation.pid_dirs, [PathBuf::from("/run")]);
+        assert_eq!(isolation.group, "hk");
+        assert_eq!(isolation.test_only_process_group, None);
+        for (size, bytes) in [("512M", 512 << 20), ("1GiB", 1 << 30), ("1048576", 1 << 20)] {
+            assert_eq!(parse_size(size), Some(bytes), "{size}");
+        }
+        assert_eq!(parse_size("12X"), None);
+    }
+
+    #[test]
+    fn isolation_errors_name_the_key() {
+        let cases = [
+            (
+                "[isolation]\nmemory_limit = \"lots\"\n",
+                2,
+                "isolation.memory_limit must be bytes",
+            ),
+            ("[isolation]\nmemory_limit = 10\n", 2, "at least 1M"),
+            (
+                "[isolation]\ngroup = \"../escape\"\n",
+                2,
+                "isolation.group must be a plain directory name",
+            ),
+            (
+                "[isolation]\npid_dirs = [\"run\"]\n",
+                2,
+                "isolation.pid_dirs: paths must be absolute",
+            ),
+            ("[isolation]\nexclude = [\"\"]\n", 2, "isolation.exclude"),
+            (
+                "[isolation]\nsweep_interval_secs = 0\n",
+                2,
+                "isolation.sweep_interval_secs must be 1 to 3600",
+            ),
+            ("[isolation]\nenable = true\n", 2, "unknown field `enable`"),
+        ];
+        for (text, line, message) in cases {
+            let e = parse(text).unwrap_err();
+            assert_eq!(e.line, Some(line), "{text}: {e}");
+            assert!(e.message.contains(message), "{text}: {e}");
+        }
+        let topo = Topology::uniform(&CpuSet::parse("0-3").unwrap(), 1);
+        let e = parse("[isolation]\nenabled = true\n")
+            .unwrap()
+            .resolve(&topo)
+            .unwrap_err();
+        assert!(e.message.contains("needs reserved_cpus"), "{e}");
+    }
+
+    #[test]
     fn errors_name_file_line_and_key() {
         let e = parse("\n\nreserved_cpus = \"3-1\"\n").unwrap_err();
         assert_eq!(
