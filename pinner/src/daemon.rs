@@ -79,7 +79,12 @@ pub fn run(config_path: Option<PathBuf>) -> Result<(), String> {
     let socket = config.socket.clone();
     let mut daemon = Daemon::new(config, host, config_path, topology, logger.clone());
     daemon.update_isolation(false);
+    // Ready: the socket takes events (the first reconcile follows at once).
+    if let Err(e) = crate::notify::notify("READY=1") {
+        logger.warn(&format!("cannot tell systemd we are ready: {e}"), &[]);
+    }
     daemon.run(&rx);
+    let _ = crate::notify::notify("STOPPING=1");
     if daemon.config.isolation.enabled && daemon.config.isolation.restore_on_exit {
         daemon.undo_isolation();
     }
@@ -545,6 +550,13 @@ impl Daemon {
             self.memory_refused.insert(uuid.clone(), reason.clone());
         }
         if outcome.busy {
+            self.logger.debug(
+                &format!(
+                    "a domain is busy (libvirt's state change lock); retrying in {:?}",
+                    self.busy_delay
+                ),
+                &[],
+            );
             self.retry_at = Some(Instant::now() + self.busy_delay);
             self.busy_delay = (self.busy_delay * 2).min(BUSY_RETRY_MAX);
         } else {

@@ -6,12 +6,14 @@
 //! can be driven against fixtures.
 
 pub mod cgroupfs;
+pub mod cli;
 pub mod config;
 pub mod cpuset;
 pub mod daemon;
 pub mod domain;
 pub mod hypervisor;
 pub mod isolation;
+pub mod notify;
 pub mod nova;
 pub mod placement;
 pub mod procs;

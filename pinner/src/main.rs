@@ -3,81 +3,13 @@
 use pinner::hypervisor::{Hypervisor, Libvirt};
 use pinner::{config, daemon, domain, isolation, reconcile, report, topology};
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
+use pinner::cli::{Cli, Command};
 use pinner_shared::paths::DEFAULT_SOCKET;
 use pinner_shared::protocol::{Request, Response};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-
-#[derive(Parser)]
-#[command(
-    name = "pinner",
-    version,
-    about = "Keeps libvirt guests' vCPUs on the right physical CPUs"
-)]
-struct Cli {
-    /// Configuration file (default /etc/pinner/pinner.toml).
-    #[arg(long, global = true, value_name = "FILE")]
-    config: Option<PathBuf>,
-    /// The daemon's socket (default: from the configuration).
-    #[arg(long, global = true, value_name = "PATH")]
-    socket: Option<PathBuf>,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run the daemon: take hook events, place guests, keep them placed.
-    Daemon,
-    /// Each running guest's policy and vCPU pins against the plan.
-    Status {
-        /// Machine-readable output.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Reconcile now and wait for the result.
-    Reconcile {
-        #[arg(long)]
-        json: bool,
-    },
-    /// The placement the daemon would apply, with reasons; changes nothing.
-    Plan {
-        #[arg(long, value_name = "DIR", default_value = "/")]
-        sysfs_root: PathBuf,
-        /// One libvirt domain XML per running guest (live pins and pinner
-        /// metadata included) instead of asking libvirt.
-        #[arg(long, value_name = "DIR", conflicts_with = "connect")]
-        domains: Option<PathBuf>,
-        /// Read the running guests from this libvirt, read-only (default:
-        /// the configuration's URI).
-        #[arg(long, value_name = "URI")]
-        connect: Option<String>,
-        #[arg(long)]
-        json: bool,
-    },
-    /// Confine host processes to the reserved CPUs (cgroups), undo it, or
-    /// show where things stand.
-    Isolate {
-        /// Put every process back where it was and remove pinner's groups.
-        #[arg(long, conflicts_with = "status")]
-        undo: bool,
-        /// What is confined, excluded, or could not be moved, and why.
-        #[arg(long)]
-        status: bool,
-        #[arg(long)]
-        json: bool,
-    },
-    /// The host's CPUs as pinner reads them from sysfs.
-    Topology {
-        /// Read sysfs under this root (e.g. an extracted snapshot).
-        #[arg(long, value_name = "DIR", default_value = "/")]
-        sysfs_root: PathBuf,
-        #[arg(long)]
-        json: bool,
-    },
-}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -142,28 +74,34 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         }
         Command::Isolate { undo, status, json } => {
             let config = config::Config::load(cli.config.as_deref()).map_err(|e| e.to_string())?;
-            let topo = topology::Topology::read(std::path::Path::new("/"))?;
-            let host = config.resolve(&topo).map_err(|e| e.to_string())?;
-            let settings = isolation::Settings::new(&config.isolation, &host.reserved, &topo);
             let state_dir = config
                 .socket
                 .parent()
                 .unwrap_or(std::path::Path::new("/run/pinner"));
             let mut system = isolation::System::host(state_dir);
+            // Undo needs only the recorded state: it works with a config
+            // that no longer resolves (e.g. reserved CPUs gone offline).
+            if *undo {
+                let undo = isolation::undo(&mut system, &config.isolation)?;
+                print!(
+                    "{}",
+                    if *json {
+                        to_json(&undo)?
+                    } else {
+                        report::undo_text(&undo)
+                    }
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            let topo = topology::Topology::read(std::path::Path::new("/"))?;
+            let host = config.resolve(&topo).map_err(|e| e.to_string())?;
+            let settings = isolation::Settings::new(&config.isolation, &host.reserved, &topo);
             let (text, ok) = if *status {
                 let status = isolation::status(&system, &settings)?;
                 let text = if *json {
                     to_json(&status)?
                 } else {
                     report::isolation_status_text(&status)
-                };
-                (text, true)
-            } else if *undo {
-                let undo = isolation::undo(&mut system, &config.isolation)?;
-                let text = if *json {
-                    to_json(&undo)?
-                } else {
-                    report::undo_text(&undo)
                 };
                 (text, true)
             } else {

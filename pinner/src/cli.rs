@@ -1,0 +1,74 @@
+//! The `pinner` command line, as a definition the binary parses and the
+//! packaging generates man pages and shell completions from.
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "pinner",
+    version,
+    about = "Keeps libvirt guests' vCPUs on the right physical CPUs"
+)]
+pub struct Cli {
+    /// Configuration file (default /etc/pinner/pinner.toml).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The daemon's socket (default: from the configuration).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the daemon: take hook events, place guests, keep them placed.
+    Daemon,
+    /// Each running guest's policy and vCPU pins against the plan.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Reconcile now and wait for the result.
+    Reconcile {
+        #[arg(long)]
+        json: bool,
+    },
+    /// The placement the daemon would apply, with reasons; changes nothing.
+    Plan {
+        #[arg(long, value_name = "DIR", default_value = "/")]
+        sysfs_root: PathBuf,
+        /// One libvirt domain XML per running guest (live pins and pinner
+        /// metadata included) instead of asking libvirt.
+        #[arg(long, value_name = "DIR", conflicts_with = "connect")]
+        domains: Option<PathBuf>,
+        /// Read the running guests from this libvirt, read-only (default:
+        /// the configuration's URI).
+        #[arg(long, value_name = "URI")]
+        connect: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Confine host processes to the reserved CPUs (cgroups), undo it, or
+    /// show where things stand.
+    Isolate {
+        /// Put every process back where it was and remove pinner's groups.
+        #[arg(long, conflicts_with = "status")]
+        undo: bool,
+        /// What is confined, excluded, or could not be moved, and why.
+        #[arg(long)]
+        status: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The host's CPUs as pinner reads them from sysfs.
+    Topology {
+        /// Read sysfs under this root (e.g. an extracted snapshot).
+        #[arg(long, value_name = "DIR", default_value = "/")]
+        sysfs_root: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
