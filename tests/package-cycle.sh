@@ -178,8 +178,23 @@ echo "$out" | grep -q 'add this line to it .*/usr/libexec/pinner/pinner-hook "\$
 ok "libvirt < 6.5: hooks/qemu used when free, an operator's kept with advice"
 
 # --- remove, then purge ----------------------------------------------------
+# Removal undoes host isolation: a dummy of the test's (the only process
+# the config lets pinner move) is confined first, and must be back after.
+setsid sleep 600 </dev/null >/dev/null 2>&1 &
+dummy=$!
+trap 'kill "$dummy" 2>/dev/null || true' EXIT
+sleep 0.2
+first_cpu=$(cut -d, -f1 /sys/devices/system/cpu/online | cut -d- -f1)
+sed -i "s/^#reserved_cpus = \"\"/reserved_cpus = \"$first_cpu\"/" /etc/pinner/pinner.toml
+sed -i "s/^group = \"pinner-housekeeping\"/group = \"pinner-pkg-$dummy\"\ntest_only_process_group = $dummy/" /etc/pinner/pinner.toml
+out=$(/usr/bin/pinner isolate 2>&1) || fail "pinner isolate: $out"
+grep -q ":cpuset:/pinner-pkg-$dummy\$" "/proc/$dummy/cgroup" || fail "dummy not confined: $(cat "/proc/$dummy/cgroup")"
 out=$(dpkg -r pinner 2>&1) || fail "dpkg -r: $out"
 echo "$out" | sed 's/^/  dpkg: /'
+grep -q ":cpuset:/\$" "/proc/$dummy/cgroup" || fail "dummy still confined after remove"
+[ ! -e "/sys/fs/cgroup/cpuset/pinner-pkg-$dummy" ] || fail "isolation group left after remove"
+kill "$dummy"
+ok "remove undid host isolation"
 [ ! -e /etc/libvirt/hooks/qemu.d/50-pinner ] || fail "hook left after remove"
 [ ! -e /usr/bin/pinner ] || fail "binary left after remove"
 [ -e /etc/pinner/pinner.toml ] || fail "remove must keep the config"

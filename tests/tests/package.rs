@@ -151,6 +151,7 @@ fn deb_install_use_remove_purge_leaves_nothing_behind() {
         "ok: an operator's hook in pinner's place is left alone",
         "ok: with systemd: enabled, restarted, libvirtd reloaded only for a new hook",
         "ok: libvirt < 6.5: hooks/qemu used when free",
+        "ok: remove undid host isolation",
         "ok: remove: hook and binaries gone, config kept",
         "ok: purge leaves nothing behind",
     ] {
