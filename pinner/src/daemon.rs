@@ -15,10 +15,10 @@ use crate::reconcile::{self, Action};
 use crate::topology::Topology;
 use pinner_shared::log::Logger;
 use pinner_shared::protocol::{
-    Counters, HookEvent, ReconcileReport, Request, Response, StatusReport,
+    Counters, HookEvent, HookOp, LatencySummary, ReconcileReport, Request, Response, StatusReport,
 };
 use pinner_shared::wire::{self, WireError};
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -39,8 +39,8 @@ const RECONNECT_MIN: Duration = Duration::from_millis(250);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
 /// "cannot acquire state change lock": retry after this, doubling up to the
 /// maximum while the domain stays busy.
-const BUSY_RETRY_MIN: Duration = Duration::from_millis(500);
-const BUSY_RETRY_MAX: Duration = Duration::from_secs(8);
+const BUSY_RETRY_MIN: Duration = Duration::from_millis(100);
+const BUSY_RETRY_MAX: Duration = Duration::from_secs(2);
 
 enum Work {
     Event(HookEvent),
@@ -244,6 +244,89 @@ struct Daemon {
     memory_refused: reconcile::MemoryRefusals,
     /// Shared with the keeper thread once isolation was first enabled.
     isolation: Option<Arc<Mutex<Settings>>>,
+    latency: PinLatency,
+}
+
+/// Started guests kept waiting for their pins: per guest, and the last
+/// `RECENT_LATENCIES` for the summary.
+#[derive(Default)]
+struct PinLatency {
+    /// Hook `started` events not yet followed by applied pins: domain UUID
+    /// (or name, when the hook could not read the UUID) → sent at (ns).
+    awaiting: HashMap<String, u64>,
+    by_domain: HashMap<String, f64>,
+    recent: VecDeque<f64>,
+}
+
+const RECENT_LATENCIES: usize = 1000;
+/// A started event whose guest never shows up is forgotten after this.
+const AWAIT_LIMIT_NS: u64 = 60_000_000_000;
+
+fn unix_now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+impl PinLatency {
+    fn started(&mut self, event: &HookEvent) {
+        let key = if event.uuid.is_empty() {
+            &event.name
+        } else {
+            &event.uuid
+        };
+        self.awaiting.insert(key.clone(), event.sent_at_unix_ns);
+    }
+
+    /// After a reconcile pass: every awaited guest now running and settled
+    /// has its latency; guests pinner does not manage are dropped.
+    fn settle(
+        &mut self,
+        specs: &[crate::domain::DomainSpec],
+        managed: &dyn Fn(&str) -> bool,
+        unsettled: &[String],
+    ) {
+        let now = unix_now_ns();
+        self.by_domain
+            .retain(|uuid, _| specs.iter().any(|s| &s.uuid == uuid));
+        for spec in specs {
+            let key = [&spec.uuid, &spec.name]
+                .into_iter()
+                .find(|k| self.awaiting.contains_key(k.as_str()));
+            let Some(key) = key else { continue };
+            if unsettled.contains(&spec.uuid) {
+                continue;
+            }
+            let sent = self.awaiting.remove(key.as_str()).unwrap_or(now);
+            if managed(&spec.uuid) {
+                let ms = now.saturating_sub(sent) as f64 / 1e6;
+                self.by_domain.insert(spec.uuid.clone(), ms);
+                if self.recent.len() == RECENT_LATENCIES {
+                    self.recent.pop_front();
+                }
+                self.recent.push_back(ms);
+            }
+        }
+        self.awaiting
+            .retain(|_, sent| now.saturating_sub(*sent) < AWAIT_LIMIT_NS);
+    }
+
+    fn summary(&self) -> LatencySummary {
+        let mut sorted: Vec<f64> = self.recent.iter().copied().collect();
+        sorted.sort_by(f64::total_cmp);
+        let pick = |q: f64| {
+            sorted
+                .get(((sorted.len().saturating_sub(1)) as f64 * q).round() as usize)
+                .copied()
+                .unwrap_or(0.0)
+        };
+        LatencySummary {
+            count: sorted.len() as u64,
+            median_ms: pick(0.5),
+            p99_ms: pick(0.99),
+            max_ms: sorted.last().copied().unwrap_or(0.0),
+        }
+    }
 }
 
 impl Daemon {
@@ -273,6 +356,7 @@ impl Daemon {
             last_warnings: BTreeSet::new(),
             memory_refused: reconcile::MemoryRefusals::new(),
             isolation: None,
+            latency: PinLatency::default(),
         }
     }
 
@@ -334,6 +418,9 @@ impl Daemon {
 
     fn note_event(&mut self, event: &HookEvent) -> bool {
         self.counters.events_received += 1;
+        if event.op == HookOp::Started {
+            self.latency.started(event);
+        }
         self.logger.debug(
             &format!("hook event {} {}", event.op.as_str(), event.sub_op),
             &[("DOMAIN", &event.name), ("OP", event.op.as_str())],
@@ -532,6 +619,8 @@ impl Daemon {
         let outcome = reconcile::apply(libvirt as &mut dyn Hypervisor, &work, |domain, action| {
             log_applied(&logger, &domain.name, action)
         })?;
+        let managed = |uuid: &str| plan.guests.iter().any(|g| g.uuid == uuid);
+        self.latency.settle(&specs, &managed, &outcome.unsettled);
         self.counters.reconciles += 1;
         self.counters.pins_applied += u64::from(outcome.changed);
         self.counters.apply_errors += outcome.errors.len() as u64;
@@ -609,14 +698,19 @@ impl Daemon {
                 let plan = self.plan(&specs);
                 let mut warnings = plan.warnings.clone();
                 warnings.extend(unreadable);
+                let mut domains = reconcile::domain_status(&specs, &plan, &self.memory_refused);
+                for domain in &mut domains {
+                    domain.pin_latency_ms = self.latency.by_domain.get(&domain.uuid).copied();
+                }
                 Response::Status(StatusReport {
                     mode: plan.mode.as_str().into(),
                     pool: plan.pool.to_vec(),
                     reserved,
                     libvirt_connected: true,
-                    domains: reconcile::domain_status(&specs, &plan, &self.memory_refused),
+                    domains,
                     warnings,
                     counters,
+                    pin_latency: self.latency.summary(),
                 })
             }
             Err(e) => {
@@ -762,4 +856,62 @@ pub fn request(socket: &Path, request: &Request, timeout: Duration) -> Result<Re
     let _ = stream.set_read_timeout(Some(timeout));
     wire::write_message(&mut stream, request).map_err(|e| format!("sending to the daemon: {e}"))?;
     wire::read_message(&mut stream).map_err(|e| format!("reading the daemon's answer: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::DomainSpec;
+
+    fn started(name: &str, uuid: &str, sent_at_unix_ns: u64) -> HookEvent {
+        HookEvent {
+            op: HookOp::Started,
+            sub_op: "begin".into(),
+            name: name.into(),
+            uuid: uuid.into(),
+            vcpus: 1,
+            sent_at_unix_ns,
+        }
+    }
+
+    fn spec(name: &str, uuid: &str) -> DomainSpec {
+        DomainSpec {
+            name: name.into(),
+            uuid: uuid.into(),
+            ..DomainSpec::default()
+        }
+    }
+
+    #[test]
+    fn latency_runs_from_started_to_a_settled_pass_of_a_managed_guest() {
+        let mut latency = PinLatency::default();
+        let now = unix_now_ns();
+        latency.started(&started("a", "u-a", now - 40_000_000));
+        latency.started(&started("b", "u-b", now - 10_000_000));
+        // The hook could not read c's UUID: matched by name.
+        latency.started(&started("c", "", now - 20_000_000));
+        latency.started(&started("foreign", "u-f", now));
+        let specs = [
+            spec("a", "u-a"),
+            spec("b", "u-b"),
+            spec("c", "u-c"),
+            spec("foreign", "u-f"),
+        ];
+        let managed = |uuid: &str| uuid != "u-f";
+        // b was busy: it keeps waiting.
+        latency.settle(&specs, &managed, &["u-b".to_string()]);
+        assert!((40.0..1000.0).contains(&latency.by_domain["u-a"]));
+        assert!((20.0..1000.0).contains(&latency.by_domain["u-c"]));
+        assert!(!latency.by_domain.contains_key("u-b"));
+        assert!(!latency.by_domain.contains_key("u-f"));
+        assert_eq!(latency.awaiting.keys().collect::<Vec<_>>(), ["u-b"]);
+        latency.settle(&specs, &managed, &[]);
+        assert!(latency.by_domain["u-b"] >= 10.0);
+        let summary = latency.summary();
+        assert_eq!(summary.count, 3);
+        assert!(summary.max_ms >= summary.p99_ms && summary.p99_ms >= summary.median_ms);
+        // A guest that stopped is forgotten.
+        latency.settle(&specs[..1], &managed, &[]);
+        assert_eq!(latency.by_domain.len(), 1);
+    }
 }

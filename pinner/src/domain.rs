@@ -89,7 +89,7 @@ fn xml_escape(text: &str) -> String {
         .replace('\'', "&apos;")
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DomainSpec {
     pub name: String,
     pub uuid: String,

@@ -41,6 +41,10 @@ pub trait Hypervisor {
     fn pin_iothread(&mut self, uuid: &str, iothread: u32, cpus: &CpuSet) -> Result<(), HvError>;
     /// Binds memory to NUMA `nodes` (the numatune nodeset; mode unchanged).
     fn set_memory_nodes(&mut self, uuid: &str, nodes: &CpuSet) -> Result<(), HvError>;
+    /// Whether libvirt is in the middle of a job on the domain (starting it,
+    /// say). A change then waits for the job, so it is tried later instead
+    /// of stalling changes to every other guest.
+    fn job_active(&mut self, uuid: &str) -> Result<bool, HvError>;
 }
 
 /// libvirt through the `virt` crate. Only live state is changed: pins and
@@ -165,6 +169,23 @@ impl Hypervisor for Libvirt {
             return Err(self.classify(virt::error::Error::last_error()));
         }
         Ok(())
+    }
+
+    fn job_active(&mut self, uuid: &str) -> Result<bool, HvError> {
+        let domain = self.domain(uuid)?;
+        let mut info = sys::virDomainControlInfo {
+            state: 0,
+            details: 0,
+            stateTime: 0,
+        };
+        // SAFETY: the domain pointer is valid while `domain` lives; `info`
+        // is a live struct of the type libvirt fills. No job is needed for
+        // this call, so it never waits behind one. `virt` 0.5 has no wrapper.
+        let rc = unsafe { sys::virDomainGetControlInfo(domain.as_ptr(), &mut info, 0) };
+        if rc < 0 {
+            return Err(self.classify(virt::error::Error::last_error()));
+        }
+        Ok(info.state == sys::VIR_DOMAIN_CONTROL_JOB)
     }
 
     fn set_memory_nodes(&mut self, uuid: &str, nodes: &CpuSet) -> Result<(), HvError> {

@@ -175,6 +175,8 @@ pub struct ApplyOutcome {
     pub busy: bool,
     /// Memory bindings libvirt refused: (uuid, reason).
     pub memory_refused: Vec<(String, String)>,
+    /// Domains whose actions did not all apply (busy, gone, failed).
+    pub unsettled: Vec<String>,
 }
 
 /// Applies the actions; a domain that is busy or gone is skipped (its
@@ -186,6 +188,24 @@ pub fn apply(
 ) -> Result<ApplyOutcome, HvError> {
     let mut outcome = ApplyOutcome::default();
     for domain in work {
+        if domain.actions.is_empty() {
+            continue;
+        }
+        match hv.job_active(&domain.uuid) {
+            Ok(false) => {}
+            Ok(true) => {
+                outcome.busy = true;
+                outcome.unsettled.push(domain.uuid.clone());
+                continue;
+            }
+            Err(HvError::Disconnected(m)) => return Err(HvError::Disconnected(m)),
+            Err(HvError::Gone(_)) => {
+                outcome.unsettled.push(domain.uuid.clone());
+                continue;
+            }
+            // Unknown: try the changes; they report for themselves.
+            Err(_) => {}
+        }
         for action in &domain.actions {
             let result = match action {
                 Action::SetMetadata { element } => hv.set_metadata(&domain.uuid, element),
@@ -205,12 +225,16 @@ pub fn apply(
                 }
                 Err(HvError::Disconnected(m)) => return Err(HvError::Disconnected(m)),
                 // Stopped meanwhile: nothing to do, and no error to report.
-                Err(HvError::Gone(_)) => break,
+                Err(HvError::Gone(_)) => {
+                    outcome.unsettled.push(domain.uuid.clone());
+                    break;
+                }
                 Err(HvError::Busy(m)) => {
                     outcome.busy = true;
                     outcome
                         .errors
                         .push(format!("{}: busy, will retry: {m}", domain.name));
+                    outcome.unsettled.push(domain.uuid.clone());
                     break;
                 }
                 // Memory is the one change libvirt may refuse for good
@@ -220,6 +244,7 @@ pub fn apply(
                 }
                 Err(HvError::Other(m)) => {
                     outcome.errors.push(format!("{}: {m}", domain.name));
+                    outcome.unsettled.push(domain.uuid.clone());
                     break;
                 }
             }
@@ -305,6 +330,7 @@ pub fn domain_status(
                 } else {
                     String::new()
                 },
+                pin_latency_ms: None,
             }
         })
         .collect();
@@ -324,6 +350,8 @@ mod tests {
         fail_with: Option<HvError>,
         refuse_memory: Option<String>,
         calls: u32,
+        /// Domains libvirt is busy with (a job in progress).
+        in_job: Vec<String>,
     }
 
     impl Hypervisor for FakeHypervisor {
@@ -368,6 +396,9 @@ mod tests {
                 .iothread_pins
                 .insert(iothread, cpus.clone());
             Ok(())
+        }
+        fn job_active(&mut self, uuid: &str) -> Result<bool, HvError> {
+            Ok(self.in_job.iter().any(|u| u == uuid))
         }
         fn set_memory_nodes(&mut self, uuid: &str, nodes: &CpuSet) -> Result<(), HvError> {
             if let Some(reason) = &self.refuse_memory {
@@ -487,12 +518,33 @@ mod tests {
         let (_, outcome) = reconcile(&mut hv).unwrap();
         assert_eq!(
             outcome,
-            ApplyOutcome::default(),
+            ApplyOutcome {
+                unsettled: vec!["u-a".into()],
+                ..ApplyOutcome::default()
+            },
             "a guest that stopped is no error"
         );
 
         hv.fail_with = Some(HvError::Disconnected("eof".into()));
         assert!(matches!(reconcile(&mut hv), Err(HvError::Disconnected(_))));
+    }
+
+    #[test]
+    fn a_guest_in_a_libvirt_job_waits_and_holds_up_nobody() {
+        let mut hv = FakeHypervisor::default();
+        hv.add(&vm("a", 1, ""));
+        hv.add(&vm("b", 1, ""));
+        hv.in_job = vec!["u-a".into()];
+        let (_, outcome) = reconcile(&mut hv).unwrap();
+        assert!(outcome.busy, "retried soon");
+        assert_eq!(outcome.unsettled, ["u-a"]);
+        assert!(outcome.errors.is_empty(), "a job is no error");
+        assert!(hv.domains["u-a"].vcpu_pins.is_empty());
+        assert!(!hv.domains["u-b"].vcpu_pins.is_empty());
+        hv.in_job.clear();
+        let (_, outcome) = reconcile(&mut hv).unwrap();
+        assert!(!outcome.busy && outcome.unsettled.is_empty());
+        assert!(!hv.domains["u-a"].vcpu_pins.is_empty());
     }
 }
 

@@ -34,6 +34,14 @@ pub fn status_text(report: &StatusReport) -> String {
         "events: {}   reconciles: {}   pins applied: {}   apply errors: {}   libvirt reconnects: {}",
         c.events_received, c.reconciles, c.pins_applied, c.apply_errors, c.libvirt_reconnects
     );
+    let l = &report.pin_latency;
+    if l.count > 0 {
+        let _ = writeln!(
+            out,
+            "started → pinned: median {:.1} ms   p99 {:.1} ms   max {:.1} ms   ({} guests)",
+            l.median_ms, l.p99_ms, l.max_ms, l.count
+        );
+    }
     if report.domains.is_empty() {
         let _ = writeln!(out, "\nno running guests");
     }

@@ -111,6 +111,17 @@ pub struct StatusReport {
     pub domains: Vec<DomainStatus>,
     pub warnings: Vec<String>,
     pub counters: Counters,
+    /// How long started guests ran before their last pin was applied.
+    pub pin_latency: LatencySummary,
+}
+
+/// Hook `started` event to pins applied, over the last guests started.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+pub struct LatencySummary {
+    pub count: u64,
+    pub median_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
@@ -132,6 +143,9 @@ pub struct DomainStatus {
     pub planned_memory_nodes: Vec<u32>,
     /// Why the memory binding is left as it is, if it is.
     pub memory_note: String,
+    /// From the hook's `started` event to the guest's last pin applied, in
+    /// milliseconds (None: not started while this daemon ran).
+    pub pin_latency_ms: Option<f64>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]

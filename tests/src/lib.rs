@@ -357,6 +357,11 @@ impl Sandbox {
             .and_then(|mut child| terminate(&mut child, Duration::from_secs(10)))
     }
 
+    /// The running daemon's pid.
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(Child::id)
+    }
+
     /// Sends `signal` to the running daemon.
     pub fn signal_daemon(&self, signal: i32) {
         let pid = self.daemon.as_ref().expect("daemon running").id();

@@ -5,7 +5,10 @@
 //! accepting). Runs in a private mount namespace so the hook's fixed
 //! `/run/pinner/pinner.sock` is the bench's own. As root:
 //!
-//!     cargo build --release --workspace --bins && target/release/hook-bench [RUNS]
+//!     scripts/package && target/release/hook-bench [RUNS]
+//!
+//! (`scripts/package` builds the release binaries and the statically linked
+//! hook the packages ship; both hooks are measured.)
 
 use pinner_e2e::{bin_dir, with_private_run, PrivateRun};
 use std::io::{Read, Write};
@@ -54,7 +57,7 @@ fn report(label: &str, mut samples: Vec<Duration>, floor: Option<f64>) -> f64 {
     let median = ms(pick(0.5));
     let ratio = floor.map_or(String::new(), |f| format!("{:>6.2}x", median / f));
     println!(
-        "{label:<40} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {ratio}",
+        "{label:<52} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {ratio}",
         ms(samples[0]),
         median,
         ms(pick(0.99)),
@@ -79,13 +82,24 @@ fn main() {
         std::process::exit(status.code().unwrap_or(1));
     }
 
-    let hook = bin_dir().join("pinner-hook");
-    let size = std::fs::metadata(&hook).map(|m| m.len()).unwrap_or(0);
-    println!(
-        "pinner-hook: {} ({:.0} KiB)",
-        hook.display(),
-        size as f64 / 1024.0
-    );
+    // The workspace build (dynamically linked) and, once `scripts/package`
+    // has run, the statically linked hook the packages ship.
+    let mut hooks = vec![("dynamic", bin_dir().join("pinner-hook"))];
+    let packaged = bin_dir()
+        .parent()
+        .map(|target| target.join("packaging/pinner-hook"))
+        .unwrap_or_default();
+    if packaged.exists() {
+        hooks.push(("static", packaged));
+    }
+    for (kind, hook) in &hooks {
+        let size = std::fs::metadata(hook).map(|m| m.len()).unwrap_or(0);
+        println!(
+            "pinner-hook ({kind}): {} ({:.0} KiB)",
+            hook.display(),
+            size as f64 / 1024.0
+        );
+    }
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
         .lines()
@@ -99,12 +113,12 @@ fn main() {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!(
-        "{:<40} {:>8} {:>8} {:>8} {:>8} {:>7}",
+        "{:<52} {:>8} {:>8} {:>8} {:>8} {:>7}",
         "scenario", "min", "median", "p99", "max", "/floor"
     );
 
     let xml = domain_xml();
-    let args = ["instance-0000002a", "started", "begin", "-"];
+    let started = ["instance-0000002a", "started", "begin", "-"];
     let sock = Path::new("/run/pinner/pinner.sock");
     let _ = std::fs::remove_file(sock);
     std::fs::create_dir_all("/run/pinner").unwrap();
@@ -123,51 +137,81 @@ fn main() {
     .unwrap();
     report(
         "shell hook: sh reading stdin",
-        time_runs(&sh_hook, &args, xml.as_bytes(), runs),
+        time_runs(&sh_hook, &started, xml.as_bytes(), runs),
         Some(floor),
     );
     let _ = std::fs::remove_file(&sh_hook);
 
-    report(
-        "pinner-hook, daemon absent",
-        time_runs(&hook, &args, xml.as_bytes(), runs),
-        Some(floor),
-    );
-
-    {
-        let listener = UnixListener::bind(sock).unwrap();
-        let reader = std::thread::spawn(move || {
-            for conn in listener.incoming().take(runs) {
-                let mut buf = Vec::new();
-                let _ = conn.unwrap().read_to_end(&mut buf);
-            }
+    for (kind, hook) in &hooks {
+        report(
+            &format!("pinner-hook ({kind}), daemon absent"),
+            time_runs(hook, &started, xml.as_bytes(), runs),
+            Some(floor),
+        );
+        with_reader(sock, runs, || {
+            report(
+                &format!("pinner-hook ({kind}), daemon listening"),
+                time_runs(hook, &started, xml.as_bytes(), runs),
+                Some(floor),
+            );
         });
-        report(
-            "pinner-hook, daemon listening",
-            time_runs(&hook, &args, xml.as_bytes(), runs),
-            Some(floor),
-        );
-        reader.join().unwrap();
-        std::fs::remove_file(sock).unwrap();
+        {
+            let listener = UnixListener::bind(sock).unwrap();
+            let holder =
+                std::thread::spawn(move || listener.incoming().take(runs).collect::<Vec<_>>());
+            report(
+                &format!("pinner-hook ({kind}), daemon accepts, never reads"),
+                time_runs(hook, &started, xml.as_bytes(), runs),
+                Some(floor),
+            );
+            drop(holder.join());
+            std::fs::remove_file(sock).unwrap();
+        }
+        {
+            let _listener = UnixListener::bind(sock).unwrap();
+            report(
+                &format!("pinner-hook ({kind}), daemon hung (never accepts)"),
+                time_runs(hook, &started, xml.as_bytes(), runs),
+                Some(floor),
+            );
+            std::fs::remove_file(sock).unwrap();
+        }
     }
-    {
-        let listener = UnixListener::bind(sock).unwrap();
-        let holder = std::thread::spawn(move || listener.incoming().take(runs).collect::<Vec<_>>());
-        report(
-            "pinner-hook, daemon accepts, never reads",
-            time_runs(&hook, &args, xml.as_bytes(), runs),
-            Some(floor),
-        );
-        drop(holder.join());
-        std::fs::remove_file(sock).unwrap();
+
+    // Every op libvirt sends, daemon listening, the hook the packages ship.
+    let (kind, hook) = hooks.last().expect("a hook");
+    for op in [
+        "prepare",
+        "start",
+        "started",
+        "stopped",
+        "release",
+        "migrate",
+        "restore",
+        "reconnect",
+        "attach",
+    ] {
+        let args = ["instance-0000002a", op, "begin", "-"];
+        with_reader(sock, runs, || {
+            report(
+                &format!("pinner-hook ({kind}) {op}"),
+                time_runs(hook, &args, xml.as_bytes(), runs),
+                Some(floor),
+            );
+        });
     }
-    {
-        let _listener = UnixListener::bind(sock).unwrap();
-        report(
-            "pinner-hook, daemon hung (never accepts)",
-            time_runs(&hook, &args, xml.as_bytes(), runs),
-            Some(floor),
-        );
-        std::fs::remove_file(sock).unwrap();
-    }
+}
+
+/// Runs `body` with a daemon stand-in on `sock` that reads `runs` events.
+fn with_reader(sock: &Path, runs: usize, body: impl FnOnce()) {
+    let listener = UnixListener::bind(sock).unwrap();
+    let reader = std::thread::spawn(move || {
+        for conn in listener.incoming().take(runs) {
+            let mut buf = Vec::new();
+            let _ = conn.unwrap().read_to_end(&mut buf);
+        }
+    });
+    body();
+    reader.join().unwrap();
+    std::fs::remove_file(sock).unwrap();
 }
