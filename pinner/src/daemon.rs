@@ -40,7 +40,7 @@ const RECONNECT_MAX: Duration = Duration::from_secs(5);
 /// "cannot acquire state change lock": retry after this, doubling up to the
 /// maximum while the domain stays busy.
 const BUSY_RETRY_MIN: Duration = Duration::from_millis(100);
-const BUSY_RETRY_MAX: Duration = Duration::from_secs(2);
+const BUSY_RETRY_MAX: Duration = Duration::from_millis(500);
 
 enum Work {
     Event(HookEvent),
