@@ -10,23 +10,33 @@ pub struct DomainFacts {
     pub vcpus: Option<u32>,
 }
 
-/// Reads `<name>`, `<uuid>` and `<vcpu>` (its `current` attribute when set)
-/// from the root `<domain>`. Anything unreadable gives empty facts: DTDs are
-/// refused, so entity expansion cannot happen.
-pub fn read(xml: &[u8]) -> DomainFacts {
-    if xml.len() > MAX_PARSED_XML {
-        return DomainFacts::default();
+/// Runs `f` on the text and root `<domain>` element of `xml`; None when it
+/// is larger than `limit`, not UTF-8, not XML or not a domain. DTDs are
+/// refused by the parser, so entity expansion cannot happen.
+pub fn with_domain<T>(
+    xml: &[u8],
+    limit: usize,
+    f: impl FnOnce(&str, roxmltree::Node) -> Option<T>,
+) -> Option<T> {
+    if xml.len() > limit {
+        return None;
     }
-    let Ok(text) = std::str::from_utf8(xml) else {
-        return DomainFacts::default();
-    };
-    let Ok(doc) = roxmltree::Document::parse(text) else {
-        return DomainFacts::default();
-    };
+    let text = std::str::from_utf8(xml).ok()?;
+    let doc = roxmltree::Document::parse(text).ok()?;
     let root = doc.root_element();
     if !root.has_tag_name("domain") {
-        return DomainFacts::default();
+        return None;
     }
+    f(text, root)
+}
+
+/// Reads `<name>`, `<uuid>` and `<vcpu>` (its `current` attribute when set)
+/// from the root `<domain>`. Anything unreadable gives empty facts.
+pub fn read(xml: &[u8]) -> DomainFacts {
+    with_domain(xml, MAX_PARSED_XML, |_, root| Some(facts(root))).unwrap_or_default()
+}
+
+fn facts(root: roxmltree::Node) -> DomainFacts {
     let child_text = |tag: &str| {
         root.children()
             .find(|n| n.has_tag_name(tag))

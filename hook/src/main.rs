@@ -4,6 +4,7 @@
 //! the daemon's state (a non-zero exit would abort the guest's start).
 
 mod domain_xml;
+mod rewrite;
 mod send;
 
 use pinner_shared::log::{Level, Logger};
@@ -47,9 +48,12 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     };
     if op.echoes_xml() {
-        // libvirt uses our stdout as the XML to start from.
+        // libvirt uses our stdout as the XML to start from: the same, but
+        // without the placement pinner chose for another host or time.
         let mut out = std::io::stdout().lock();
-        let _ = out.write_all(&xml).and_then(|_| out.flush());
+        let _ = out
+            .write_all(&rewrite::strip_placement(&xml))
+            .and_then(|_| out.flush());
     }
 
     let facts = domain_xml::read(&xml);
