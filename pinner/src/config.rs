@@ -20,6 +20,8 @@ pub struct Config {
     /// Shared-mode capacity = |pool| × ratio; beyond it pinner warns.
     pub cpu_allocation_ratio: f64,
     pub socket: PathBuf,
+    /// A group whose members may use the socket too (mode 0660), besides root.
+    pub socket_group: Option<SocketGroup>,
     pub reconcile_interval: Duration,
     pub log_level: Level,
     pub libvirt_uri: String,
@@ -40,6 +42,7 @@ impl Default for Config {
             reserved_cpus: CpuSet::new(),
             cpu_allocation_ratio: 1.0,
             socket: PathBuf::from(DEFAULT_SOCKET),
+            socket_group: None,
             reconcile_interval: Duration::from_secs(10),
             log_level: Level::Info,
             libvirt_uri: "qemu:///system".into(),
@@ -51,6 +54,12 @@ impl Default for Config {
             ratio_line: None,
         }
     }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketGroup {
+    pub name: String,
+    pub gid: u32,
 }
 
 /// `[isolation]`: host daemons kept on the reserved CPUs.
@@ -118,6 +127,7 @@ struct RawConfig {
     reserved_cpus: Option<Spanned<String>>,
     cpu_allocation_ratio: Option<Spanned<f64>>,
     socket: Option<Spanned<String>>,
+    socket_group: Option<Spanned<String>>,
     reconcile_interval_secs: Option<Spanned<u64>>,
     log_level: Option<Spanned<String>>,
     emulator_threads: Option<Spanned<String>>,
@@ -217,6 +227,28 @@ impl Config {
                 ));
             }
             config.socket = PathBuf::from(v.into_inner());
+        }
+        if let Some(v) = raw.socket_group {
+            let name = v.get_ref();
+            let group = match nix::unistd::Group::from_name(name) {
+                Ok(Some(group)) => group,
+                Ok(None) => {
+                    return Err(err_at(
+                        Some(v.span().start),
+                        format!("socket_group: no group named \"{name}\" on this host"),
+                    ))
+                }
+                Err(e) => {
+                    return Err(err_at(
+                        Some(v.span().start),
+                        format!("socket_group: cannot look up group \"{name}\": {e}"),
+                    ))
+                }
+            };
+            config.socket_group = Some(SocketGroup {
+                name: group.name,
+                gid: group.gid.as_raw(),
+            });
         }
         if let Some(v) = raw.reconcile_interval_secs {
             let secs = *v.get_ref();
@@ -665,6 +697,11 @@ mod tests {
             .message
             .contains("log_level"));
         assert!(parse("reconcile_interval_secs = 0").is_err());
+        let e = parse("\nsocket_group = \"no-such-group-here\"\n").unwrap_err();
+        assert_eq!(e.line, Some(2), "{e}");
+        assert!(e.message.contains("socket_group: no group named"), "{e}");
+        let root = parse("socket_group = \"root\"\n").unwrap().socket_group;
+        assert_eq!(root.map(|g| g.gid), Some(0));
     }
 
     #[test]

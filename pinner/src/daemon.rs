@@ -7,9 +7,12 @@
 //! libvirt work happens on the main thread, after the hook has returned and
 //! libvirt has released the domain's job lock.
 
-use crate::config::Config;
+use crate::coalesce::Coalescer;
+use crate::config::{Config, SocketGroup};
+use crate::cpuset::CpuSet;
 use crate::hypervisor::{HvError, Hypervisor, Libvirt};
 use crate::isolation::{self, PidFileWatch, Settings, Sweep, System};
+use crate::libvirt_events::{self, LibvirtEvent};
 use crate::placement::HostPolicy;
 use crate::reconcile::{self, Action};
 use crate::topology::Topology;
@@ -41,9 +44,13 @@ const RECONNECT_MAX: Duration = Duration::from_secs(5);
 /// maximum while the domain stays busy.
 const BUSY_RETRY_MIN: Duration = Duration::from_millis(100);
 const BUSY_RETRY_MAX: Duration = Duration::from_millis(500);
+/// The longest a started guest waits for a pass while other starts are
+/// still under way (see `coalesce`).
+const BURST_MAX_WAIT: Duration = Duration::from_secs(2);
 
 enum Work {
     Event(HookEvent),
+    Libvirt(LibvirtEvent),
     Status(Sender<Response>),
     Reconcile(Sender<Response>),
     Reload,
@@ -56,14 +63,15 @@ pub fn run(config_path: Option<PathBuf>) -> Result<(), String> {
     let host = config.resolve(&topology).map_err(|e| e.to_string())?;
     let logger = Arc::new(Logger::new("pinner", config.log_level));
 
-    let listener = bind_socket(&config.socket)?;
+    let listener = bind_socket(&config.socket, config.socket_group.as_ref())?;
+    let allowed_gid = config.socket_group.as_ref().map(|g| g.gid);
     let (tx, rx) = mpsc::channel();
     spawn_signal_thread(tx.clone())?;
     {
         let (tx, logger) = (tx.clone(), logger.clone());
         std::thread::Builder::new()
             .name("intake".into())
-            .spawn(move || accept_loop(listener, tx, logger))
+            .spawn(move || accept_loop(listener, tx, logger, allowed_gid))
             .map_err(|e| format!("cannot start intake thread: {e}"))?;
     }
     logger.info(
@@ -76,8 +84,13 @@ pub fn run(config_path: Option<PathBuf>) -> Result<(), String> {
         ),
         &[],
     );
+    // Without libvirt's events, hand-made pin changes wait for the periodic
+    // reconcile, and a closed connection for the next call.
+    if let Err(e) = libvirt_events::start_event_loop() {
+        logger.warn(&e, &[]);
+    }
     let socket = config.socket.clone();
-    let mut daemon = Daemon::new(config, host, config_path, topology, logger.clone());
+    let mut daemon = Daemon::new(config, host, config_path, topology, logger.clone(), tx);
     daemon.update_isolation(false);
     // Ready: the socket takes events (the first reconcile follows at once).
     if let Err(e) = crate::notify::notify("READY=1") {
@@ -93,7 +106,8 @@ pub fn run(config_path: Option<PathBuf>) -> Result<(), String> {
     Ok(())
 }
 
-fn bind_socket(path: &Path) -> Result<UnixListener, String> {
+/// Binds the socket: mode 0600, or 0660 owned by `group` when one is set.
+fn bind_socket(path: &Path, group: Option<&SocketGroup>) -> Result<UnixListener, String> {
     let shown = path.display();
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)
@@ -114,7 +128,15 @@ fn bind_socket(path: &Path) -> Result<UnixListener, String> {
     }
     let listener =
         UnixListener::bind(path).map_err(|e| format!("cannot listen on {shown}: {e}"))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+    let mode = match group {
+        Some(group) => {
+            std::os::unix::fs::chown(path, None, Some(group.gid))
+                .map_err(|e| format!("cannot give {shown} to group {}: {e}", group.name))?;
+            0o660
+        }
+        None => 0o600,
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(|e| format!("cannot restrict {shown}: {e}"))?;
     Ok(listener)
 }
@@ -141,7 +163,12 @@ fn spawn_signal_thread(tx: Sender<Work>) -> Result<(), String> {
     Ok(())
 }
 
-fn accept_loop(listener: UnixListener, tx: Sender<Work>, logger: Arc<Logger>) {
+fn accept_loop(
+    listener: UnixListener,
+    tx: Sender<Work>,
+    logger: Arc<Logger>,
+    allowed_gid: Option<u32>,
+) {
     let active = Arc::new(AtomicUsize::new(0));
     for conn in listener.incoming() {
         let Ok(stream) = conn else { continue };
@@ -154,7 +181,7 @@ fn accept_loop(listener: UnixListener, tx: Sender<Work>, logger: Arc<Logger>) {
         let spawned = std::thread::Builder::new()
             .name("conn".into())
             .spawn(move || {
-                serve_connection(stream, &conn_tx, &conn_logger);
+                serve_connection(stream, &conn_tx, &conn_logger, allowed_gid);
                 conn_active.fetch_sub(1, Ordering::SeqCst);
             });
         if spawned.is_err() {
@@ -166,8 +193,13 @@ fn accept_loop(listener: UnixListener, tx: Sender<Work>, logger: Arc<Logger>) {
 
 /// Reads one request; events are queued without an answer, CLI requests are
 /// answered once the reconcile loop has handled them.
-fn serve_connection(mut stream: UnixStream, tx: &Sender<Work>, logger: &Logger) {
-    if let Err(reason) = check_peer(&stream) {
+fn serve_connection(
+    mut stream: UnixStream,
+    tx: &Sender<Work>,
+    logger: &Logger,
+    allowed_gid: Option<u32>,
+) {
+    if let Err(reason) = check_peer(&stream, allowed_gid) {
         logger.warn(&format!("refused connection: {reason}"), &[]);
         let _ = wire::write_message(&mut stream, &Response::Error(reason));
         return;
@@ -207,20 +239,47 @@ fn serve_connection(mut stream: UnixStream, tx: &Sender<Work>, logger: &Logger) 
     let _ = wire::write_message(&mut stream, &response);
 }
 
-/// Only root (or the daemon's own user) may talk to the daemon.
-fn check_peer(stream: &UnixStream) -> Result<(), String> {
+/// Only root, the daemon's own user and members of `allowed_gid` may talk
+/// to the daemon, whatever the socket file's mode says.
+fn check_peer(stream: &UnixStream, allowed_gid: Option<u32>) -> Result<(), String> {
     let creds = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)
         .map_err(|e| format!("cannot read peer credentials: {e}"))?;
     let own = nix::unistd::geteuid().as_raw();
     if creds.uid() == 0 || creds.uid() == own {
-        Ok(())
-    } else {
-        Err(format!(
-            "permission denied for uid {} (pid {}): only root may use the pinner socket",
-            creds.uid(),
-            creds.pid()
-        ))
+        return Ok(());
     }
+    if let Some(gid) = allowed_gid {
+        // SO_PEERCRED carries the primary group only; the supplementary ones
+        // are read from the peer process (still connected, so still there).
+        if creds.gid() == gid || supplementary_groups(creds.pid()).contains(&gid) {
+            return Ok(());
+        }
+    }
+    let who = if allowed_gid.is_some() {
+        "root and the socket_group"
+    } else {
+        "root"
+    };
+    Err(format!(
+        "permission denied for uid {} (pid {}): only {who} may use the pinner socket",
+        creds.uid(),
+        creds.pid()
+    ))
+}
+
+/// The `Groups:` of /proc/PID/status (empty when unreadable).
+fn supplementary_groups(pid: i32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .map(|groups| {
+            groups
+                .split_whitespace()
+                .filter_map(|g| g.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 struct Daemon {
@@ -245,6 +304,13 @@ struct Daemon {
     /// Shared with the keeper thread once isolation was first enabled.
     isolation: Option<Arc<Mutex<Settings>>>,
     latency: PinLatency,
+    coalescer: Coalescer,
+    /// The pins pinner set last, per domain UUID and libvirt field name
+    /// (`cputune.vcpupin0`): libvirt echoes them as events, which must not
+    /// count as someone else's change.
+    own_pins: HashMap<String, HashMap<String, CpuSet>>,
+    /// Where libvirt's events are queued (a clone per connection).
+    work_tx: Sender<Work>,
 }
 
 /// Started guests kept waiting for their pins: per guest, and the last
@@ -336,6 +402,7 @@ impl Daemon {
         config_path: Option<PathBuf>,
         topology: Topology,
         logger: Arc<Logger>,
+        work_tx: Sender<Work>,
     ) -> Daemon {
         let now = Instant::now();
         Daemon {
@@ -357,6 +424,9 @@ impl Daemon {
             memory_refused: reconcile::MemoryRefusals::new(),
             isolation: None,
             latency: PinLatency::default(),
+            coalescer: Coalescer::new(BURST_MAX_WAIT),
+            own_pins: HashMap::new(),
+            work_tx,
         }
     }
 
@@ -365,9 +435,10 @@ impl Daemon {
         self.reconcile();
         loop {
             let now = Instant::now();
-            let wake = self
-                .retry_at
-                .map_or(self.next_periodic, |r| r.min(self.next_periodic));
+            let wake = [self.retry_at, self.coalescer.due(now)]
+                .into_iter()
+                .flatten()
+                .fold(self.next_periodic, Instant::min);
             let mut batch = Vec::new();
             match rx.recv_timeout(wake.saturating_duration_since(now)) {
                 Ok(work) => batch.push(work),
@@ -382,7 +453,8 @@ impl Daemon {
             let mut status_replies = Vec::new();
             for work in batch {
                 match work {
-                    Work::Event(event) => needed |= self.note_event(&event),
+                    Work::Event(event) => self.note_event(&event),
+                    Work::Libvirt(event) => needed |= self.note_libvirt_event(event),
                     Work::Reconcile(reply) => {
                         needed = true;
                         reconcile_replies.push(reply);
@@ -401,7 +473,9 @@ impl Daemon {
             if now >= self.next_periodic {
                 needed = true;
             }
-            if self.retry_at.is_some_and(|r| now >= r) {
+            if self.retry_at.is_some_and(|r| now >= r)
+                || self.coalescer.due(now).is_some_and(|d| now >= d)
+            {
                 needed = true;
             }
             if needed {
@@ -416,7 +490,7 @@ impl Daemon {
         }
     }
 
-    fn note_event(&mut self, event: &HookEvent) -> bool {
+    fn note_event(&mut self, event: &HookEvent) {
         self.counters.events_received += 1;
         if event.op == HookOp::Started {
             self.latency.started(event);
@@ -425,7 +499,47 @@ impl Daemon {
             &format!("hook event {} {}", event.op.as_str(), event.sub_op),
             &[("DOMAIN", &event.name), ("OP", event.op.as_str())],
         );
-        event.op.changes_placement()
+        let key = if event.uuid.is_empty() {
+            &event.name
+        } else {
+            &event.uuid
+        };
+        self.coalescer.hook_event(event.op, key, Instant::now());
+    }
+
+    /// A pin change that is not pinner's own asks for a pass; a closed
+    /// connection is dropped at once (and reconnected with backoff). Returns
+    /// whether a pass must run now.
+    fn note_libvirt_event(&mut self, event: LibvirtEvent) -> bool {
+        match event {
+            LibvirtEvent::ConnectionClosed(reason) => {
+                if self.libvirt.take().is_some() {
+                    self.logger
+                        .warn(&format!("lost libvirt connection: {reason}"), &[]);
+                }
+                true
+            }
+            LibvirtEvent::PinsChanged { uuid, name, pins } => {
+                let own = self.own_pins.get(&uuid);
+                let outside: Vec<String> = pins
+                    .iter()
+                    .filter(|(field, cpus)| {
+                        let set = own.and_then(|o| o.get(field.as_str()));
+                        CpuSet::parse(cpus).ok().as_ref() != set
+                    })
+                    .map(|(field, cpus)| format!("{field}={cpus}"))
+                    .collect();
+                if !outside.is_empty() {
+                    self.counters.outside_pin_changes += 1;
+                    self.logger.info(
+                        &format!("pins changed outside pinner: {}", outside.join(" ")),
+                        &[("DOMAIN", &name)],
+                    );
+                    self.coalescer.changed(Instant::now());
+                }
+                false
+            }
+        }
     }
 
     /// Re-reads the config; a broken one is reported and the old one kept.
@@ -438,9 +552,11 @@ impl Daemon {
             Ok((config, host)) => {
                 let was_isolating = self.config.isolation.enabled;
                 self.host = host;
-                if config.socket != self.config.socket {
+                if config.socket != self.config.socket
+                    || config.socket_group != self.config.socket_group
+                {
                     self.logger.warn(
-                        "socket path changed in the config; it takes effect at the next restart",
+                        "socket or socket_group changed in the config; it takes effect at the next restart",
                         &[],
                     );
                 }
@@ -549,6 +665,17 @@ impl Daemon {
                     self.ever_connected = true;
                     self.outage_logged = false;
                     self.reconnect_delay = RECONNECT_MIN;
+                    let mut conn = conn;
+                    let tx = self.work_tx.clone();
+                    let sink = Arc::new(move |event| {
+                        let _ = tx.send(Work::Libvirt(event));
+                    });
+                    if let Err(e) = conn.subscribe(sink) {
+                        self.logger.warn(
+                            &format!("{e}; hand-made pin changes wait for the periodic reconcile"),
+                            &[],
+                        );
+                    }
                     self.libvirt = Some(conn);
                 }
                 Err(e) => {
@@ -573,12 +700,17 @@ impl Daemon {
     }
 
     fn reconcile(&mut self) -> ReconcileReport {
-        self.next_periodic = Instant::now() + self.config.reconcile_interval;
+        let now = Instant::now();
+        self.next_periodic = now + self.config.reconcile_interval;
         self.retry_at = None;
+        let events = self.coalescer.ran(now);
+        if events > 0 {
+            self.counters.event_passes += 1;
+        }
         // A connection found dead is replaced and the pass tried once more:
         // after a libvirtd restart the first call is what notices it.
         for _attempt in 0..2 {
-            match self.reconcile_pass() {
+            match self.reconcile_pass(events) {
                 Err(HvError::Disconnected(m)) => {
                     self.logger
                         .warn(&format!("lost libvirt connection: {m}"), &[]);
@@ -601,7 +733,7 @@ impl Daemon {
         }
     }
 
-    fn reconcile_pass(&mut self) -> Result<ReconcileReport, HvError> {
+    fn reconcile_pass(&mut self, events: u32) -> Result<ReconcileReport, HvError> {
         let Some(libvirt) = self.connection() else {
             return Err(HvError::Other(format!(
                 "libvirt not reachable at {}",
@@ -616,7 +748,15 @@ impl Daemon {
         let work = reconcile::diff(&specs, &plan, &self.memory_refused);
         let logger = self.logger.clone();
         let libvirt = self.libvirt.as_mut().expect("connected above");
+        let own_pins = &mut self.own_pins;
+        own_pins.retain(|uuid, _| specs.iter().any(|s| &s.uuid == uuid));
         let outcome = reconcile::apply(libvirt as &mut dyn Hypervisor, &work, |domain, action| {
+            if let Some((field, cpus)) = action.pin_field() {
+                own_pins
+                    .entry(domain.uuid.clone())
+                    .or_default()
+                    .insert(field, cpus.clone());
+            }
             log_applied(&logger, &domain.name, action)
         })?;
         let managed = |uuid: &str| plan.guests.iter().any(|g| g.uuid == uuid);
@@ -646,7 +786,8 @@ impl Daemon {
                 ),
                 &[],
             );
-            self.retry_at = Some(Instant::now() + self.busy_delay);
+            let now = Instant::now();
+            self.coalescer.retry_at(now + self.busy_delay, now);
             self.busy_delay = (self.busy_delay * 2).min(BUSY_RETRY_MAX);
         } else {
             self.busy_delay = BUSY_RETRY_MIN;
@@ -655,7 +796,7 @@ impl Daemon {
         if outcome.changed > 0 {
             self.logger.info(
                 &format!(
-                    "reconciled {} domains in {} mode: {} pins changed",
+                    "reconciled {} domains in {} mode for {events} events: {} pins changed",
                     specs.len(),
                     plan.mode.as_str(),
                     outcome.changed

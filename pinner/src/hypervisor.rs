@@ -3,6 +3,7 @@
 
 use crate::cpuset::CpuSet;
 use crate::domain::DomainSpec;
+use crate::libvirt_events::{Sink, Subscription};
 use pinner_shared::paths::{METADATA_KEY, METADATA_URI};
 use std::fmt;
 use virt::connect::Connect;
@@ -53,6 +54,15 @@ pub trait Hypervisor {
 pub struct Libvirt {
     conn: Connect,
     cpumap_width: u32,
+    events: Option<Subscription>,
+}
+
+impl Drop for Libvirt {
+    fn drop(&mut self) {
+        if let Some(events) = self.events.take() {
+            events.cancel();
+        }
+    }
 }
 
 impl Libvirt {
@@ -61,7 +71,21 @@ impl Libvirt {
         virt::error::clear_error_callback();
         let conn =
             Connect::open(Some(uri)).map_err(|e| HvError::Disconnected(e.message().to_string()))?;
-        Ok(Libvirt { conn, cpumap_width })
+        Ok(Libvirt {
+            conn,
+            cpumap_width,
+            events: None,
+        })
+    }
+
+    /// Hands libvirt's pin-change and connection-closed events to `sink`
+    /// (needs [`crate::libvirt_events::start_event_loop`] before connecting).
+    pub fn subscribe(&mut self, sink: Sink) -> Result<(), String> {
+        if let Some(old) = self.events.take() {
+            old.cancel();
+        }
+        self.events = Some(crate::libvirt_events::subscribe(&self.conn, sink)?);
+        Ok(())
     }
 
     /// A read-only connection (`pinner plan --connect`): it can list, never change.
@@ -72,6 +96,7 @@ impl Libvirt {
         Ok(Libvirt {
             conn,
             cpumap_width: 0,
+            events: None,
         })
     }
 

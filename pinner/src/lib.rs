@@ -7,12 +7,14 @@
 
 pub mod cgroupfs;
 pub mod cli;
+pub mod coalesce;
 pub mod config;
 pub mod cpuset;
 pub mod daemon;
 pub mod domain;
 pub mod hypervisor;
 pub mod isolation;
+pub mod libvirt_events;
 pub mod notify;
 pub mod nova;
 pub mod placement;

@@ -35,6 +35,22 @@ pub enum Action {
     },
 }
 
+impl Action {
+    /// The pin this action sets, named as libvirt's `tunable` event names
+    /// it (`cputune.vcpupin3`), so that event can be told from a change by
+    /// someone else.
+    pub fn pin_field(&self) -> Option<(String, &CpuSet)> {
+        match self {
+            Action::PinVcpu { vcpu, cpus } => Some((format!("cputune.vcpupin{vcpu}"), cpus)),
+            Action::PinEmulator { cpus } => Some(("cputune.emulatorpin".into(), cpus)),
+            Action::PinIothread { iothread, cpus } => {
+                Some((format!("cputune.iothreadpin{iothread}"), cpus))
+            }
+            Action::SetMetadata { .. } | Action::SetMemoryNodes { .. } => None,
+        }
+    }
+}
+
 /// The changes for one domain, in the order they must be made.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DomainActions {

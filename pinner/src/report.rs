@@ -31,8 +31,14 @@ pub fn status_text(report: &StatusReport) -> String {
     let c = &report.counters;
     let _ = writeln!(
         out,
-        "events: {}   reconciles: {}   pins applied: {}   apply errors: {}   libvirt reconnects: {}",
-        c.events_received, c.reconciles, c.pins_applied, c.apply_errors, c.libvirt_reconnects
+        "events: {} hook, {} outside pin changes   reconciles: {} ({} for events)   pins applied: {}   apply errors: {}   libvirt reconnects: {}",
+        c.events_received,
+        c.outside_pin_changes,
+        c.reconciles,
+        c.event_passes,
+        c.pins_applied,
+        c.apply_errors,
+        c.libvirt_reconnects
     );
     let l = &report.pin_latency;
     if l.count > 0 {

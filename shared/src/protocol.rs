@@ -159,8 +159,15 @@ pub struct VcpuStatus {
 /// Running totals since the daemon started.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
 pub struct Counters {
+    /// Hook events received.
     pub events_received: u64,
+    /// Pin changes libvirt reported that pinner did not make (by hand,
+    /// another tool): each asks for a reconcile.
+    pub outside_pin_changes: u64,
     pub reconciles: u64,
+    /// Reconciles that served events (hook or libvirt): fewer than the
+    /// events when a burst shares passes.
+    pub event_passes: u64,
     pub pins_applied: u64,
     pub apply_errors: u64,
     pub libvirt_reconnects: u64,

@@ -304,6 +304,15 @@ impl Sandbox {
         }
     }
 
+    /// Kills libvirtd outright (SIGKILL), as a crash would; guests keep
+    /// running.
+    pub fn kill_libvirtd(&mut self) {
+        if let Some(mut child) = self.libvirtd.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     pub fn restart_libvirtd(&mut self) {
         self.stop_libvirtd();
         self.start_libvirtd();
@@ -360,6 +369,14 @@ impl Sandbox {
     /// The running daemon's pid.
     pub fn daemon_pid(&self) -> Option<u32> {
         self.daemon.as_ref().map(Child::id)
+    }
+
+    /// Kills the daemon outright (SIGKILL) and reaps it.
+    pub fn kill_daemon(&mut self) {
+        if let Some(mut child) = self.daemon.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     /// Sends `signal` to the running daemon.
