@@ -202,6 +202,7 @@ fn serve_connection(
     if let Err(reason) = check_peer(&stream, allowed_gid) {
         logger.warn(&format!("refused connection: {reason}"), &[]);
         let _ = wire::write_message(&mut stream, &Response::Error(reason));
+        close_after_error(stream);
         return;
     }
     let _ = stream.set_read_timeout(Some(REQUEST_TIMEOUT));
@@ -217,6 +218,7 @@ fn serve_connection(
                 logger.warn(&message, &[]);
             }
             let _ = wire::write_message(&mut stream, &Response::Error(message));
+            close_after_error(stream);
             return;
         }
     };
@@ -237,6 +239,22 @@ fn serve_connection(
         .unwrap_or_else(|_| Response::Error("daemon did not answer in time".into()));
     let _ = stream.set_write_timeout(Some(REPLY_TIMEOUT));
     let _ = wire::write_message(&mut stream, &response);
+}
+
+/// Closes a connection whose request was refused so that the client can
+/// read the error: unread input at close would reset the connection and
+/// discard the answer. What is drained is bounded in bytes and time.
+fn close_after_error(mut stream: UnixStream) {
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut sink = [0u8; 4096];
+    let mut drained = 0;
+    while drained < wire::MAX_FRAME {
+        match io::Read::read(&mut stream, &mut sink) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => drained += n,
+        }
+    }
 }
 
 /// Only root, the daemon's own user and members of `allowed_gid` may talk
@@ -991,7 +1009,9 @@ pub fn request(socket: &Path, request: &Request, timeout: Duration) -> Result<Re
         io::ErrorKind::ConnectionRefused => {
             format!("pinner daemon is not running (stale socket at {shown})")
         }
-        io::ErrorKind::PermissionDenied => format!("permission denied on {shown}: run as root"),
+        io::ErrorKind::PermissionDenied => format!(
+            "permission denied on {shown}: run as root or as a member of the daemon's socket_group"
+        ),
         _ => format!("cannot connect to {shown}: {e}"),
     })?;
     let _ = stream.set_read_timeout(Some(timeout));
