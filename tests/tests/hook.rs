@@ -3,6 +3,8 @@
 
 use pinner_e2e::{bin_dir, missing_requirement, with_private_run, PrivateRun};
 use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
@@ -101,6 +103,28 @@ fn daemon_absent_exits_zero_and_logs_the_drop() {
     std::fs::write(run.socket(), b"junk").unwrap();
     let out = run_hook(&run, &["web-1", "stopped", "end", "-"], XML.as_bytes());
     assert_eq!(out.status.code(), Some(0));
+
+    // A socket the hook may not open (a hook run unprivileged): same.
+    std::fs::remove_file(run.socket()).unwrap();
+    let _listener = UnixListener::bind(run.socket()).unwrap();
+    std::fs::set_permissions(run.socket(), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let hook_copy = run.path().join("pinner-hook-copy");
+    std::fs::copy(hook(), &hook_copy).unwrap();
+    std::fs::set_permissions(&hook_copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = with_private_run(run.path(), std::path::Path::new("/usr/bin/setpriv"))
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&hook_copy)
+        .args(["web-1", "started", "begin", "-"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("event not delivered") && stderr.contains("ermission denied"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "logged once: {stderr}");
 }
 
 /// libvirt reads the hook's stdout on migrate and restore as the XML to
@@ -166,4 +190,53 @@ fn hostile_input_still_exits_zero_with_the_name_as_data() {
             == 1,
         "nothing but the socket created"
     );
+}
+
+/// Names libvirt may hand over (quotes, newlines, 1,000+ characters, bytes
+/// that are not UTF-8) and XML that is huge or cut short: the hook exits 0,
+/// forwards the name as data, and echoes what it cannot parse unchanged.
+#[test]
+fn odd_names_and_huge_or_truncated_xml_are_data() {
+    if skip("odd_names_and_huge_or_truncated_xml_are_data") {
+        return;
+    }
+    let run = PrivateRun::new("hook-odd");
+    let listener = UnixListener::bind(run.socket()).unwrap();
+    let long = "g".repeat(1500);
+    for name in ["it's \"quoted\"\nand/new..lined", long.as_str()] {
+        let out = run_hook(&run, &[name, "started", "begin", "-"], b"<domain><na");
+        assert_eq!(out.status.code(), Some(0), "{name:.40}");
+        let frame = received_frame(&listener);
+        assert!(
+            String::from_utf8_lossy(&frame).contains(name),
+            "{name:.40}: forwarded as given"
+        );
+    }
+
+    // Not UTF-8: forwarded lossily, never interpreted.
+    let mut child = with_private_run(run.path(), &hook())
+        .arg(std::ffi::OsStr::from_bytes(b"bad\xff\xfename"))
+        .args(["started", "begin", "-"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    let frame = received_frame(&listener);
+    assert!(String::from_utf8_lossy(&frame).contains("bad\u{fffd}\u{fffd}name"));
+
+    // 10 MB of XML on restore: echoed byte for byte (too large to rewrite).
+    let huge = format!("{}<!-- {} -->\n", XML.trim_end(), "x".repeat(10 << 20));
+    let out = run_hook(&run, &["web-1", "restore", "begin", "-"], huge.as_bytes());
+    assert_eq!(out.status.code(), Some(0));
+    assert!(out.stdout == huge.as_bytes(), "huge XML echoed unchanged");
+    received_frame(&listener);
+
+    // Cut short: echoed unchanged, the event still sent with the argv name.
+    let cut = &XML.as_bytes()[..XML.len() / 2];
+    let out = run_hook(&run, &["web-1", "migrate", "begin", "-"], cut);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(out.stdout, cut);
+    assert!(String::from_utf8_lossy(&received_frame(&listener)).contains("web-1"));
 }
