@@ -25,11 +25,38 @@ pub struct Cli {
 pub enum Command {
     /// Run the daemon: take hook events, place guests, keep them placed.
     Daemon,
-    /// Each running guest's policy and vCPU pins against the plan.
+    /// Each running guest's policy and vCPU pins against the plan, its
+    /// steal and memory locality, and the host's NUMA counters.
     Status {
         /// Machine-readable output.
+        #[arg(long, conflicts_with = "watch")]
+        json: bool,
+        /// Refresh every SECONDS (default 2) until interrupted.
+        #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2")]
+        watch: Option<u64>,
+    },
+    /// The daemon's status as OpenMetrics text (node_exporter's textfile
+    /// collector reads it).
+    Metrics,
+    /// Audit the host and its running guests: each finding with severity,
+    /// evidence and the exact fix. Exit 2 when something needs fixing.
+    Doctor {
+        /// Read the guests from this libvirt, read-only (default: the
+        /// configuration's URI).
+        #[arg(long, value_name = "URI")]
+        connect: Option<String>,
+        /// Only this guest (and the host).
+        #[arg(long, value_name = "NAME")]
+        domain: Option<String>,
         #[arg(long)]
         json: bool,
+        /// Read /proc, /sys and /etc under this root (a fixture or a copy
+        /// of another host's files).
+        #[arg(long, value_name = "DIR", default_value = "/")]
+        root: PathBuf,
+        /// How long to sample steal, interrupts and softirqs (seconds).
+        #[arg(long, value_name = "SECONDS", default_value = "1")]
+        sample: f64,
     },
     /// Reconcile now and wait for the result.
     Reconcile {

@@ -29,6 +29,9 @@ pub struct Config {
     /// An OpenStack compute node's nova.conf to take CPU settings from.
     pub nova_conf: Option<PathBuf>,
     pub isolation: IsolationConfig,
+    /// `[metrics]`: an OpenMetrics file the daemon keeps current.
+    pub metrics_file: Option<PathBuf>,
+    pub metrics_interval: Duration,
     /// The file this came from (None: built-in defaults).
     pub source: Option<PathBuf>,
     /// Lines of keys in the file, for errors found later (None: not set).
@@ -49,6 +52,8 @@ impl Default for Config {
             emulator_threads: EmulatorPolicy::Housekeeping,
             nova_conf: None,
             isolation: IsolationConfig::default(),
+            metrics_file: None,
+            metrics_interval: Duration::from_secs(15),
             source: None,
             reserved_cpus_line: None,
             ratio_line: None,
@@ -134,6 +139,14 @@ struct RawConfig {
     libvirt: Option<RawLibvirt>,
     openstack: Option<RawOpenstack>,
     isolation: Option<RawIsolation>,
+    metrics: Option<RawMetrics>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    file: Option<Spanned<String>>,
+    interval_secs: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -310,6 +323,29 @@ impl Config {
         }
         if let Some(raw) = raw.isolation {
             config.isolation = parse_isolation(raw, &err_at)?;
+        }
+        if let Some(metrics) = raw.metrics {
+            if let Some(v) = metrics.file {
+                if !v.get_ref().is_empty() {
+                    if !v.get_ref().starts_with('/') {
+                        return Err(err_at(
+                            Some(v.span().start),
+                            "metrics.file must be an absolute path".into(),
+                        ));
+                    }
+                    config.metrics_file = Some(PathBuf::from(v.into_inner()));
+                }
+            }
+            if let Some(v) = metrics.interval_secs {
+                let secs = *v.get_ref();
+                if !(1..=3600).contains(&secs) {
+                    return Err(err_at(
+                        Some(v.span().start),
+                        format!("metrics.interval_secs must be 1 to 3600, not {secs}"),
+                    ));
+                }
+                config.metrics_interval = Duration::from_secs(secs);
+            }
         }
         Ok(config)
     }
@@ -656,6 +692,17 @@ mod tests {
                 "isolation.sweep_interval_secs must be 1 to 3600",
             ),
             ("[isolation]\nenable = true\n", 2, "unknown field `enable`"),
+            (
+                "[metrics]\nfile = \"pinner.prom\"\n",
+                2,
+                "metrics.file must be an absolute path",
+            ),
+            (
+                "[metrics]\ninterval_secs = 0\n",
+                2,
+                "metrics.interval_secs must be 1 to 3600",
+            ),
+            ("[metrics]\npath = \"/x\"\n", 2, "unknown field `path`"),
         ];
         for (text, line, message) in cases {
             let e = parse(text).unwrap_err();

@@ -10,15 +10,18 @@
 use crate::coalesce::Coalescer;
 use crate::config::{Config, SocketGroup};
 use crate::cpuset::CpuSet;
+use crate::guest_stats::{self, StealTracker};
 use crate::hypervisor::{HvError, Hypervisor, Libvirt};
 use crate::isolation::{self, PidFileWatch, Settings, Sweep, System};
 use crate::libvirt_events::{self, LibvirtEvent};
 use crate::placement::HostPolicy;
+use crate::procs::ProcFs;
 use crate::reconcile::{self, Action};
 use crate::topology::Topology;
 use pinner_shared::log::Logger;
 use pinner_shared::protocol::{
-    Counters, HookEvent, HookOp, LatencySummary, ReconcileReport, Request, Response, StatusReport,
+    Counters, DomainStatus, HookEvent, HookOp, LatencySummary, ReconcileReport, Request, Response,
+    StatusReport,
 };
 use pinner_shared::wire::{self, WireError};
 use std::collections::{BTreeSet, HashMap, VecDeque};
@@ -26,7 +29,7 @@ use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -65,13 +68,14 @@ pub fn run(config_path: Option<PathBuf>) -> Result<(), String> {
 
     let listener = bind_socket(&config.socket, config.socket_group.as_ref())?;
     let allowed_gid = config.socket_group.as_ref().map(|g| g.gid);
+    let refused = Arc::new(AtomicU64::new(0));
     let (tx, rx) = mpsc::channel();
     spawn_signal_thread(tx.clone())?;
     {
-        let (tx, logger) = (tx.clone(), logger.clone());
+        let (tx, logger, refused) = (tx.clone(), logger.clone(), refused.clone());
         std::thread::Builder::new()
             .name("intake".into())
-            .spawn(move || accept_loop(listener, tx, logger, allowed_gid))
+            .spawn(move || accept_loop(listener, tx, logger, allowed_gid, refused))
             .map_err(|e| format!("cannot start intake thread: {e}"))?;
     }
     logger.info(
@@ -90,7 +94,15 @@ pub fn run(config_path: Option<PathBuf>) -> Result<(), String> {
         logger.warn(&e, &[]);
     }
     let socket = config.socket.clone();
-    let mut daemon = Daemon::new(config, host, config_path, topology, logger.clone(), tx);
+    let mut daemon = Daemon::new(
+        config,
+        host,
+        config_path,
+        topology,
+        logger.clone(),
+        tx,
+        refused,
+    );
     daemon.update_isolation(false);
     // Ready: the socket takes events (the first reconcile follows at once).
     if let Err(e) = crate::notify::notify("READY=1") {
@@ -168,20 +180,25 @@ fn accept_loop(
     tx: Sender<Work>,
     logger: Arc<Logger>,
     allowed_gid: Option<u32>,
+    refused: Arc<AtomicU64>,
 ) {
     let active = Arc::new(AtomicUsize::new(0));
     for conn in listener.incoming() {
         let Ok(stream) = conn else { continue };
         if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
             active.fetch_sub(1, Ordering::SeqCst);
+            refused.fetch_add(1, Ordering::Relaxed);
             logger.warn("too many connections; closing one", &[]);
             continue;
         }
         let (conn_tx, conn_logger, conn_active) = (tx.clone(), logger.clone(), active.clone());
+        let conn_refused = refused.clone();
         let spawned = std::thread::Builder::new()
             .name("conn".into())
             .spawn(move || {
-                serve_connection(stream, &conn_tx, &conn_logger, allowed_gid);
+                if !serve_connection(stream, &conn_tx, &conn_logger, allowed_gid) {
+                    conn_refused.fetch_add(1, Ordering::Relaxed);
+                }
                 conn_active.fetch_sub(1, Ordering::SeqCst);
             });
         if spawned.is_err() {
@@ -192,18 +209,19 @@ fn accept_loop(
 }
 
 /// Reads one request; events are queued without an answer, CLI requests are
-/// answered once the reconcile loop has handled them.
+/// answered once the reconcile loop has handled them. Returns false when
+/// the request was refused.
 fn serve_connection(
     mut stream: UnixStream,
     tx: &Sender<Work>,
     logger: &Logger,
     allowed_gid: Option<u32>,
-) {
+) -> bool {
     if let Err(reason) = check_peer(&stream, allowed_gid) {
         logger.warn(&format!("refused connection: {reason}"), &[]);
         let _ = wire::write_message(&mut stream, &Response::Error(reason));
         close_after_error(stream);
-        return;
+        return false;
     }
     let _ = stream.set_read_timeout(Some(REQUEST_TIMEOUT));
     let _ = stream.set_write_timeout(Some(REQUEST_TIMEOUT));
@@ -219,26 +237,27 @@ fn serve_connection(
             }
             let _ = wire::write_message(&mut stream, &Response::Error(message));
             close_after_error(stream);
-            return;
+            return false;
         }
     };
     let (reply_tx, reply_rx) = mpsc::channel();
     let work = match request {
         Request::Event(event) => {
             let _ = tx.send(Work::Event(event));
-            return;
+            return true;
         }
         Request::Status => Work::Status(reply_tx),
         Request::Reconcile => Work::Reconcile(reply_tx),
     };
     if tx.send(work).is_err() {
-        return;
+        return true;
     }
     let response = reply_rx
         .recv_timeout(REPLY_TIMEOUT)
         .unwrap_or_else(|_| Response::Error("daemon did not answer in time".into()));
     let _ = stream.set_write_timeout(Some(REPLY_TIMEOUT));
     let _ = wire::write_message(&mut stream, &response);
+    true
 }
 
 /// Closes a connection whose request was refused so that the client can
@@ -322,7 +341,16 @@ struct Daemon {
     /// Shared with the keeper thread once isolation was first enabled.
     isolation: Option<Arc<Mutex<Settings>>>,
     latency: PinLatency,
+    steal: StealTracker,
+    /// Guest UUID → its qemu pid, found once and checked on each use.
+    qemu_pids: HashMap<String, u32>,
+    /// Requests the intake refused (shared with its threads).
+    refused: Arc<AtomicU64>,
     coalescer: Coalescer,
+    /// When the metrics file is next rewritten (None: no file configured).
+    next_metrics: Option<Instant>,
+    /// Set while the metrics file cannot be written, so that is logged once.
+    metrics_failing: bool,
     /// The pins pinner set last, per domain UUID and libvirt field name
     /// (`cputune.vcpupin0`): libvirt echoes them as events, which must not
     /// count as someone else's change.
@@ -421,10 +449,13 @@ impl Daemon {
         topology: Topology,
         logger: Arc<Logger>,
         work_tx: Sender<Work>,
+        refused: Arc<AtomicU64>,
     ) -> Daemon {
         let now = Instant::now();
         Daemon {
             next_periodic: now + config.reconcile_interval,
+            next_metrics: config.metrics_file.as_ref().map(|_| now),
+            metrics_failing: false,
             config,
             host,
             config_path,
@@ -442,6 +473,9 @@ impl Daemon {
             memory_refused: reconcile::MemoryRefusals::new(),
             isolation: None,
             latency: PinLatency::default(),
+            steal: StealTracker::default(),
+            qemu_pids: HashMap::new(),
+            refused,
             coalescer: Coalescer::new(BURST_MAX_WAIT),
             own_pins: HashMap::new(),
             work_tx,
@@ -453,7 +487,7 @@ impl Daemon {
         self.reconcile();
         loop {
             let now = Instant::now();
-            let wake = [self.retry_at, self.coalescer.due(now)]
+            let wake = [self.retry_at, self.coalescer.due(now), self.next_metrics]
                 .into_iter()
                 .flatten()
                 .fold(self.next_periodic, Instant::min);
@@ -504,6 +538,9 @@ impl Daemon {
             }
             for reply in status_replies {
                 let _ = reply.send(self.status());
+            }
+            if self.next_metrics.is_some_and(|t| Instant::now() >= t) {
+                self.write_metrics();
             }
         }
     }
@@ -579,6 +616,7 @@ impl Daemon {
                     );
                 }
                 let uri_changed = config.libvirt_uri != self.config.libvirt_uri;
+                self.next_metrics = config.metrics_file.as_ref().map(|_| Instant::now());
                 self.config = config;
                 if uri_changed {
                     self.libvirt = None;
@@ -822,6 +860,7 @@ impl Daemon {
                 &[],
             );
         }
+        self.sample_guests(&specs);
         let mut errors = outcome.errors;
         errors.extend(unreadable);
         Ok(ReconcileReport {
@@ -842,8 +881,85 @@ impl Daemon {
         self.last_warnings = current;
     }
 
+    /// Fills in a guest's steal and memory locality from /proc.
+    fn measure(&mut self, domain: &mut DomainStatus) {
+        let procfs = ProcFs::new("/proc");
+        let hint = self.qemu_pids.get(&domain.uuid).copied();
+        let Some(sample) = guest_stats::sample(&procfs, &domain.uuid, hint) else {
+            return;
+        };
+        self.qemu_pids.insert(domain.uuid.clone(), sample.pid);
+        domain.qemu_pid = Some(sample.pid);
+        domain.steal_pct = self.steal.record(&domain.uuid, Instant::now(), &sample);
+        domain.steal_seconds = Some(sample.run_delay_ns as f64 / 1e9);
+        // Its own nodes: where its memory is bound, else where its vCPUs run.
+        let own = if domain.memory_nodes.is_empty() {
+            let cpus: CpuSet = domain.vcpus.iter().flat_map(|v| v.cpus.clone()).collect();
+            self.topology.nodes_of(&cpus)
+        } else {
+            domain.memory_nodes.clone()
+        };
+        let (local, remote) = guest_stats::memory_split(&sample.pages, &own);
+        domain.memory_pages_local = Some(local);
+        domain.memory_pages_remote = Some(remote);
+    }
+
+    /// Samples every running guest's steal, so each figure covers at most a
+    /// reconcile interval whenever status is asked.
+    fn sample_guests(&mut self, specs: &[crate::domain::DomainSpec]) {
+        let procfs = ProcFs::new("/proc");
+        self.qemu_pids
+            .retain(|uuid, _| specs.iter().any(|s| &s.uuid == uuid));
+        self.steal
+            .retain(|uuid| specs.iter().any(|s| s.uuid == uuid));
+        let now = Instant::now();
+        for spec in specs {
+            let hint = self.qemu_pids.get(&spec.uuid).copied();
+            if let Some(sample) = guest_stats::sample(&procfs, &spec.uuid, hint) {
+                self.qemu_pids.insert(spec.uuid.clone(), sample.pid);
+                self.steal.record(&spec.uuid, now, &sample);
+            }
+        }
+    }
+
+    /// Rewrites the metrics file from a fresh status.
+    fn write_metrics(&mut self) {
+        let Some(path) = self.config.metrics_file.clone() else {
+            self.next_metrics = None;
+            return;
+        };
+        self.next_metrics = Some(Instant::now() + self.config.metrics_interval);
+        let Response::Status(report) = self.status() else {
+            return;
+        };
+        match crate::metrics::write_file(&path, &crate::metrics::render(&report)) {
+            Ok(()) => {
+                if std::mem::take(&mut self.metrics_failing) {
+                    self.logger
+                        .info(&format!("metrics written to {} again", path.display()), &[]);
+                }
+            }
+            Err(e) => {
+                if !std::mem::replace(&mut self.metrics_failing, true) {
+                    self.logger.warn(&format!("metrics not written: {e}"), &[]);
+                }
+            }
+        }
+    }
+
+    fn isolated_processes(&self) -> Option<u64> {
+        if !self.config.isolation.enabled {
+            return None;
+        }
+        let settings = Settings::new(&self.config.isolation, &self.host.reserved, &self.topology);
+        isolation::status(&System::host(&self.state_dir()), &settings)
+            .ok()
+            .map(|s| s.confined as u64)
+    }
+
     fn status(&mut self) -> Response {
-        let counters = self.counters.clone();
+        let mut counters = self.counters.clone();
+        counters.requests_refused = self.refused.load(Ordering::Relaxed);
         let reserved = self.config.reserved_cpus.to_vec();
         let observed = match self.connection() {
             Some(libvirt) => libvirt.running_domains(),
@@ -860,6 +976,7 @@ impl Daemon {
                 let mut domains = reconcile::domain_status(&specs, &plan, &self.memory_refused);
                 for domain in &mut domains {
                     domain.pin_latency_ms = self.latency.by_domain.get(&domain.uuid).copied();
+                    self.measure(domain);
                 }
                 Response::Status(StatusReport {
                     mode: plan.mode.as_str().into(),
@@ -870,6 +987,8 @@ impl Daemon {
                     warnings,
                     counters,
                     pin_latency: self.latency.summary(),
+                    numa: guest_stats::host_numastat(Path::new("/")),
+                    isolated_processes: self.isolated_processes(),
                 })
             }
             Err(e) => {

@@ -100,6 +100,31 @@ impl Libvirt {
         })
     }
 
+    /// The live XML of every running domain; those that cannot be read
+    /// (other than having stopped meanwhile) in the second list.
+    pub fn running_xml(&self) -> Result<(Vec<String>, Vec<String>), HvError> {
+        let domains = self
+            .conn
+            .list_all_domains(sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+            .map_err(|e| self.classify(e))?;
+        let mut xmls = Vec::with_capacity(domains.len());
+        let mut unreadable = Vec::new();
+        for dom in domains {
+            match dom.xml_desc(0) {
+                Ok(xml) => xmls.push(xml),
+                Err(e) => match self.classify(e) {
+                    HvError::Gone(_) => {}
+                    HvError::Disconnected(m) => return Err(HvError::Disconnected(m)),
+                    other => unreadable.push(format!(
+                        "{}: {other}",
+                        dom.name().unwrap_or_else(|_| "(unknown)".into())
+                    )),
+                },
+            }
+        }
+        Ok((xmls, unreadable))
+    }
+
     fn domain(&self, uuid: &str) -> Result<Domain, HvError> {
         self.conn
             .lookup_domain_by_uuid_string(uuid)
@@ -120,26 +145,12 @@ impl Libvirt {
 
 impl Hypervisor for Libvirt {
     fn running_domains(&mut self) -> Result<(Vec<DomainSpec>, Vec<String>), HvError> {
-        let domains = self
-            .conn
-            .list_all_domains(sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)
-            .map_err(|e| self.classify(e))?;
-        let mut specs = Vec::with_capacity(domains.len());
-        let mut unreadable = Vec::new();
-        for dom in domains {
-            match dom.xml_desc(0) {
-                Ok(xml) => match DomainSpec::parse(&xml) {
-                    Ok(spec) => specs.push(spec),
-                    Err(e) => unreadable.push(e),
-                },
-                Err(e) => match self.classify(e) {
-                    HvError::Gone(_) => {}
-                    HvError::Disconnected(m) => return Err(HvError::Disconnected(m)),
-                    other => unreadable.push(format!(
-                        "{}: {other}",
-                        dom.name().unwrap_or_else(|_| "(unknown)".into())
-                    )),
-                },
+        let (xmls, mut unreadable) = self.running_xml()?;
+        let mut specs = Vec::with_capacity(xmls.len());
+        for xml in xmls {
+            match DomainSpec::parse(&xml) {
+                Ok(spec) => specs.push(spec),
+                Err(e) => unreadable.push(e),
             }
         }
         Ok((specs, unreadable))

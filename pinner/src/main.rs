@@ -120,7 +120,23 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 ExitCode::FAILURE
             });
         }
-        Command::Status { .. } | Command::Reconcile { .. } => {}
+        Command::Doctor {
+            connect,
+            domain,
+            json,
+            root,
+            sample,
+        } => {
+            return doctor(
+                cli.config.as_deref(),
+                connect.as_deref(),
+                domain.as_deref(),
+                *json,
+                root,
+                *sample,
+            );
+        }
+        Command::Status { .. } | Command::Reconcile { .. } | Command::Metrics => {}
     }
     let socket = match (cli.socket, &cli.config) {
         (Some(socket), _) => socket,
@@ -133,19 +149,26 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             .map(|c| c.socket)
             .unwrap_or_else(|_| PathBuf::from(DEFAULT_SOCKET)),
     };
-    let (request, json) = match cli.command {
-        Command::Status { json } => (Request::Status, json),
-        Command::Reconcile { json } => (Request::Reconcile, json),
+    let (request, json, metrics) = match cli.command {
+        Command::Status {
+            watch: Some(seconds),
+            ..
+        } => return watch_status(&socket, seconds),
+        Command::Status { json, watch: None } => (Request::Status, json, false),
+        Command::Metrics => (Request::Status, false, true),
+        Command::Reconcile { json } => (Request::Reconcile, json, false),
         Command::Daemon
         | Command::Topology { .. }
         | Command::Plan { .. }
-        | Command::Isolate { .. } => {
+        | Command::Isolate { .. }
+        | Command::Doctor { .. } => {
             unreachable!("handled above")
         }
     };
     let response = daemon::request(&socket, &request, Duration::from_secs(150))?;
     let text = match &response {
         Response::Error(message) => return Err(format!("daemon: {message}")),
+        Response::Status(report) if metrics => pinner::metrics::render(report),
         Response::Status(report) if json => to_json(report)?,
         Response::Reconciled(report) if json => to_json(report)?,
         Response::Status(report) => report::status_text(report),
@@ -156,6 +179,103 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
     let failed = matches!(&response, Response::Reconciled(r) if !r.errors.is_empty());
     Ok(if failed {
         ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// `pinner status --watch`: the status, redrawn every `seconds` until
+/// interrupted (or the daemon goes away).
+fn watch_status(socket: &std::path::Path, seconds: u64) -> Result<ExitCode, String> {
+    let every = Duration::from_secs(seconds.max(1));
+    loop {
+        let text = match daemon::request(socket, &Request::Status, Duration::from_secs(150))? {
+            Response::Status(report) => report::status_text(&report),
+            Response::Error(message) => return Err(format!("daemon: {message}")),
+            Response::Reconciled(_) => return Err("daemon: unexpected answer".into()),
+        };
+        // Home and clear, then the status: a terminal shows one screen.
+        print!(
+            "\x1b[H\x1b[2J{text}\nevery {}s; Ctrl-C to stop\n",
+            every.as_secs()
+        );
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+        std::thread::sleep(every);
+    }
+}
+
+/// `pinner doctor`: host and guest findings; exit 2 when any needs fixing.
+fn doctor(
+    config_path: Option<&std::path::Path>,
+    connect: Option<&str>,
+    only: Option<&str>,
+    json: bool,
+    root: &std::path::Path,
+    sample_secs: f64,
+) -> Result<ExitCode, String> {
+    use pinner::{doctor, guest_stats, procs::ProcFs};
+    let config = config::Config::load(config_path).map_err(|e| e.to_string())?;
+    let topo = topology::Topology::read(root)?;
+    // Without a configuration that fits this host, the pool checks are skipped.
+    let pool = config
+        .resolve(&topo)
+        .ok()
+        .map(|host| reconcile::plan_for(&topo, &host, &[]).pool);
+    let uri = connect.unwrap_or(&config.libvirt_uri);
+    let libvirt = Libvirt::connect_read_only(uri).map_err(|e| format!("libvirt at {uri}: {e}"))?;
+    let (xmls, unreadable) = libvirt.running_xml().map_err(|e| e.to_string())?;
+    for problem in unreadable {
+        eprintln!("pinner: skipped a domain: {problem}");
+    }
+    let mut guests = xmls
+        .iter()
+        .map(|xml| doctor::Guest::from_xml(xml))
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(name) = only {
+        if !guests.iter().any(|g| g.spec.name == name) {
+            return Err(format!("no running guest named {name:?} at {uri}"));
+        }
+    }
+    // Steal over the sample: each guest's vCPU run-queue wait before and after.
+    let procfs = ProcFs::new(root.join("proc"));
+    let sample = Duration::from_secs_f64(sample_secs.clamp(0.0, 60.0));
+    let started = std::time::Instant::now();
+    let before: Vec<_> = guests
+        .iter()
+        .map(|g| guest_stats::sample(&procfs, &g.spec.uuid, None))
+        .collect();
+    let host = doctor::Host::read(root, pool, sample)?;
+    let mut steal = guest_stats::StealTracker::default();
+    for (guest, first) in guests.iter_mut().zip(before) {
+        let Some(first) = first else { continue };
+        steal.record(&guest.spec.uuid, started, &first);
+        if let Some(second) = guest_stats::sample(&procfs, &guest.spec.uuid, Some(first.pid)) {
+            guest.steal_pct = steal.record(&guest.spec.uuid, std::time::Instant::now(), &second);
+        }
+    }
+    let mut findings = doctor::check_host(&host, &guests);
+    for guest in guests
+        .iter()
+        .filter(|g| only.is_none_or(|n| g.spec.name == n))
+    {
+        findings.extend(doctor::check_guest(&host, guest, &guests));
+    }
+    if json {
+        let count = |s: doctor::Severity| findings.iter().filter(|f| f.severity == s).count();
+        print!(
+            "{}",
+            to_json(&serde_json::json!({
+                "findings": findings,
+                "errors": count(doctor::Severity::Error),
+                "warnings": count(doctor::Severity::Warning),
+                "notes": count(doctor::Severity::Info),
+            }))?
+        );
+    } else {
+        print!("{}", doctor::render_text(&findings));
+    }
+    Ok(if doctor::needs_fixing(&findings) {
+        ExitCode::from(2)
     } else {
         ExitCode::SUCCESS
     })

@@ -346,7 +346,7 @@ pub fn domain_status(
                 } else {
                     String::new()
                 },
-                pin_latency_ms: None,
+                ..DomainStatus::default()
             }
         })
         .collect();

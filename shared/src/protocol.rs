@@ -113,6 +113,24 @@ pub struct StatusReport {
     pub counters: Counters,
     /// How long started guests ran before their last pin was applied.
     pub pin_latency: LatencySummary,
+    /// The host's NUMA allocation counters per node (pages since boot).
+    pub numa: Vec<NodeNumaStatus>,
+    /// Host processes pinner keeps on the reserved CPUs (None: isolation
+    /// off).
+    pub isolated_processes: Option<u64>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+pub struct NodeNumaStatus {
+    pub node: u32,
+    /// Allocations served from this node as intended.
+    pub numa_hit: u64,
+    /// Allocations meant for another node that landed here.
+    pub numa_miss: u64,
+    /// Allocations meant for this node that landed elsewhere.
+    pub numa_foreign: u64,
+    pub local_node: u64,
+    pub other_node: u64,
 }
 
 /// Hook `started` event to pins applied, over the last guests started.
@@ -146,6 +164,17 @@ pub struct DomainStatus {
     /// From the hook's `started` event to the guest's last pin applied, in
     /// milliseconds (None: not started while this daemon ran).
     pub pin_latency_ms: Option<f64>,
+    /// The guest's qemu process (None: not found in /proc).
+    pub qemu_pid: Option<u32>,
+    /// Share of its vCPUs' wall time spent waiting for a host CPU over the
+    /// last interval, in percent: the steal the guest sees.
+    pub steal_pct: Option<f64>,
+    /// That wait summed over its vCPU threads since they started, seconds.
+    pub steal_seconds: Option<f64>,
+    /// Resident pages on the guest's own NUMA nodes (its memory nodes, else
+    /// its vCPUs' nodes) and elsewhere, from /proc/PID/numa_maps.
+    pub memory_pages_local: Option<u64>,
+    pub memory_pages_remote: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
@@ -161,6 +190,9 @@ pub struct VcpuStatus {
 pub struct Counters {
     /// Hook events received.
     pub events_received: u64,
+    /// Connections refused or requests dropped: bad frames, peers not
+    /// allowed, too many connections at once.
+    pub requests_refused: u64,
     /// Pin changes libvirt reported that pinner did not make (by hand,
     /// another tool): each asks for a reconcile.
     pub outside_pin_changes: u64,

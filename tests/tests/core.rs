@@ -300,37 +300,3 @@ fn daemon_survives_libvirtd_restart() {
     assert_eq!(all, vec![a, b], "one-to-one across the restart");
     assert_eq!(sb.vcpu_pins("before"), pinned, "existing guest not moved");
 }
-
-/// The periodic reconcile is the net under missed events: a pin moved by
-/// hand onto a reserved CPU, with no hook event, is put back. (A move to
-/// another free CPU is a valid pin and is kept: nothing moves to look tidy.)
-#[test]
-fn periodic_reconcile_corrects_pins_changed_behind_its_back() {
-    let _serial = serial();
-    let Some(mut sb) = sandbox_or_skip("periodic_reconcile_corrects_pins_changed_behind_its_back")
-    else {
-        return;
-    };
-    let (reserved, pool) = two_cpus();
-    sb.reconcile_interval_secs = 1;
-    sb.start_daemon(&reserve_all_but(1));
-    sb.define_guest("g", 1, "");
-    sb.start_guest("g");
-    wait_for(Duration::from_secs(5), || sb.all_in_sync()).unwrap();
-    assert_eq!(sb.vcpu_pins("g"), vec![vec![pool]]);
-    sb.virsh_ok(&[
-        "vcpupin",
-        &sb.name("g"),
-        "0",
-        &reserved.to_string(),
-        "--live",
-    ]);
-    assert_eq!(sb.vcpu_pins("g"), vec![vec![reserved]], "moved by hand");
-    sb.await_pins(
-        "g",
-        Duration::from_secs(5),
-        "hand-made pin corrected",
-        |pins| pins == [vec![pool]],
-    );
-    assert_pinned(&sb, "g", &[vec![pool]]);
-}

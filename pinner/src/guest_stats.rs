@@ -1,0 +1,304 @@
+//! What pinning does for a guest, measured from `/proc` and sysfs (the real
+//! ones, or fixtures laid out like them): how long its vCPU threads wait for
+//! a CPU (steal, as the guest sees it), where its memory is, and the host's
+//! NUMA hit/miss counters.
+
+use crate::procs::ProcFs;
+use pinner_shared::protocol::NodeNumaStatus;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::time::Instant;
+
+/// The qemu process running the guest with `uuid`: its command line carries
+/// `-uuid UUID`. `hint` (a pid found before) is checked first.
+pub fn qemu_pid(procfs: &ProcFs, uuid: &str, hint: Option<u32>) -> Option<u32> {
+    if uuid.is_empty() {
+        return None;
+    }
+    let runs_guest = |pid: u32| {
+        std::fs::read(procfs.path(&format!("{pid}/cmdline")))
+            .map(|raw| {
+                let mut args = raw.split(|b| *b == 0);
+                while let Some(arg) = args.next() {
+                    if arg == b"-uuid" {
+                        return args.next() == Some(uuid.as_bytes());
+                    }
+                }
+                false
+            })
+            .unwrap_or(false)
+    };
+    hint.filter(|&pid| runs_guest(pid))
+        .or_else(|| procfs.pids().into_iter().find(|&pid| runs_guest(pid)))
+}
+
+/// The guest's vCPU threads: (vCPU index, thread id), from qemu's thread
+/// names ("CPU 3/KVM", "CPU 3/TCG").
+pub fn vcpu_threads(procfs: &ProcFs, pid: u32) -> Vec<(u32, u32)> {
+    let mut threads: Vec<(u32, u32)> = procfs
+        .threads(pid)
+        .into_iter()
+        .filter_map(|tid| {
+            let comm =
+                std::fs::read_to_string(procfs.path(&format!("{pid}/task/{tid}/comm"))).ok()?;
+            let vcpu = comm.trim().strip_prefix("CPU ")?.split('/').next()?;
+            Some((vcpu.parse().ok()?, tid))
+        })
+        .collect();
+    threads.sort_unstable();
+    threads
+}
+
+/// Nanoseconds the thread has waited on a run queue (schedstat's second
+/// field): time it was runnable but another task had its CPU.
+pub fn run_delay_ns(procfs: &ProcFs, pid: u32, tid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(procfs.path(&format!("{pid}/task/{tid}/schedstat"))).ok()?;
+    text.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The process's resident pages per NUMA node, from numa_maps' `N<node>=`.
+pub fn numa_pages(procfs: &ProcFs, pid: u32) -> BTreeMap<u32, u64> {
+    let mut pages = BTreeMap::new();
+    let text =
+        std::fs::read_to_string(procfs.path(&format!("{pid}/numa_maps"))).unwrap_or_default();
+    for word in text.split_whitespace() {
+        let Some((node, count)) = word.strip_prefix('N').and_then(|w| w.split_once('=')) else {
+            continue;
+        };
+        if let (Ok(node), Ok(count)) = (node.parse::<u32>(), count.parse::<u64>()) {
+            *pages.entry(node).or_insert(0) += count;
+        }
+    }
+    pages
+}
+
+/// `/sys/devices/system/node/node*/numastat` under `sysfs_root`.
+pub fn host_numastat(sysfs_root: &Path) -> Vec<NodeNumaStatus> {
+    let dir = sysfs_root.join("sys/devices/system/node");
+    let mut nodes: Vec<NodeNumaStatus> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| {
+                    let node = e.file_name().to_str()?.strip_prefix("node")?.parse().ok()?;
+                    let text = std::fs::read_to_string(e.path().join("numastat")).ok()?;
+                    let mut stat = NodeNumaStatus {
+                        node,
+                        ..NodeNumaStatus::default()
+                    };
+                    for line in text.lines() {
+                        let mut cols = line.split_whitespace();
+                        let (Some(key), Some(value)) = (cols.next(), cols.next()) else {
+                            continue;
+                        };
+                        let value = value.parse().unwrap_or(0);
+                        match key {
+                            "numa_hit" => stat.numa_hit = value,
+                            "numa_miss" => stat.numa_miss = value,
+                            "numa_foreign" => stat.numa_foreign = value,
+                            "local_node" => stat.local_node = value,
+                            "other_node" => stat.other_node = value,
+                            _ => {}
+                        }
+                    }
+                    Some(stat)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    nodes.sort_by_key(|n| n.node);
+    nodes
+}
+
+/// One guest's figures at one moment.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct GuestSample {
+    pub pid: u32,
+    pub vcpu_threads: usize,
+    /// Run-queue wait of all its vCPU threads, summed.
+    pub run_delay_ns: u64,
+    /// Resident pages per NUMA node.
+    pub pages: BTreeMap<u32, u64>,
+}
+
+/// Reads one guest's sample, or None when its qemu process is not found.
+pub fn sample(procfs: &ProcFs, uuid: &str, hint: Option<u32>) -> Option<GuestSample> {
+    let pid = qemu_pid(procfs, uuid, hint)?;
+    let threads = vcpu_threads(procfs, pid);
+    Some(GuestSample {
+        pid,
+        vcpu_threads: threads.len(),
+        run_delay_ns: threads
+            .iter()
+            .filter_map(|&(_, tid)| run_delay_ns(procfs, pid, tid))
+            .sum(),
+        pages: numa_pages(procfs, pid),
+    })
+}
+
+/// Pages on `own` nodes and elsewhere.
+pub fn memory_split(pages: &BTreeMap<u32, u64>, own: &[u32]) -> (u64, u64) {
+    pages.iter().fold((0, 0), |(local, remote), (node, count)| {
+        if own.contains(node) {
+            (local + count, remote)
+        } else {
+            (local, remote + count)
+        }
+    })
+}
+
+/// Steal per guest over the last interval: the growth of its vCPU threads'
+/// run-queue wait, as a share of the wall time each vCPU had.
+#[derive(Default)]
+pub struct StealTracker {
+    /// Per guest UUID: the sample an interval starts from, and the share
+    /// computed for the last complete interval.
+    guests: HashMap<String, (Instant, u64, Option<f64>)>,
+}
+
+/// Shorter spans are too noisy to report; the previous figure stands.
+const MIN_INTERVAL_SECS: f64 = 0.5;
+
+impl StealTracker {
+    /// Records `sample` taken at `now`; returns the steal share (percent of
+    /// each vCPU's wall time spent waiting) of the last complete interval.
+    pub fn record(&mut self, uuid: &str, now: Instant, sample: &GuestSample) -> Option<f64> {
+        let entry = self
+            .guests
+            .entry(uuid.to_string())
+            .or_insert((now, sample.run_delay_ns, None));
+        let span = now.saturating_duration_since(entry.0).as_secs_f64();
+        if span >= MIN_INTERVAL_SECS && sample.vcpu_threads > 0 {
+            let waited = sample.run_delay_ns.saturating_sub(entry.1) as f64 / 1e9;
+            let share = 100.0 * waited / (span * sample.vcpu_threads as f64);
+            *entry = (now, sample.run_delay_ns, Some(share.min(100.0)));
+        }
+        entry.2
+    }
+
+    /// Forgets guests no longer running.
+    pub fn retain(&mut self, running: impl Fn(&str) -> bool) {
+        self.guests.retain(|uuid, _| running(uuid));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::scratch_dir;
+    use std::time::Duration;
+
+    fn write(root: &Path, rest: &str, text: &str) {
+        let path = root.join(rest);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+
+    /// A qemu process (pid 400) for guest `u-1` with two vCPU threads and a
+    /// helper thread, and an unrelated process.
+    fn fixture() -> (std::path::PathBuf, ProcFs) {
+        let root = scratch_dir("guest-stats");
+        write(
+            &root,
+            "400/cmdline",
+            "/usr/bin/qemu-system-x86_64\0-name\0guest=a\0-uuid\0u-1\0-smp\x002\0",
+        );
+        write(&root, "400/task/400/comm", "qemu-system-x86\n");
+        write(&root, "400/task/401/comm", "CPU 0/KVM\n");
+        write(&root, "400/task/402/comm", "CPU 1/KVM\n");
+        write(
+            &root,
+            "400/task/401/schedstat",
+            "5000000000 300000000 1000\n",
+        );
+        write(
+            &root,
+            "400/task/402/schedstat",
+            "5000000000 100000000 1000\n",
+        );
+        write(
+            &root,
+            "400/numa_maps",
+            "7f00 default anon=100 dirty=100 N0=60 N1=40 kernelpagesize_kB=4\n\
+             7f10 bind:0 file=/x mapped=5 N0=5 kernelpagesize_kB=4\n",
+        );
+        write(&root, "500/cmdline", "sshd\0-uuid-like\0u-1\0");
+        let procfs = ProcFs::new(&root);
+        (root, procfs)
+    }
+
+    #[test]
+    fn finds_the_guests_qemu_and_its_vcpu_threads() {
+        let (_root, procfs) = fixture();
+        assert_eq!(qemu_pid(&procfs, "u-1", None), Some(400));
+        assert_eq!(qemu_pid(&procfs, "u-1", Some(500)), Some(400), "wrong hint");
+        assert_eq!(qemu_pid(&procfs, "u-2", None), None);
+        assert_eq!(qemu_pid(&procfs, "", None), None);
+        assert_eq!(vcpu_threads(&procfs, 400), vec![(0, 401), (1, 402)]);
+        let sample = sample(&procfs, "u-1", None).unwrap();
+        assert_eq!(sample.run_delay_ns, 400_000_000);
+        assert_eq!(sample.pages, BTreeMap::from([(0, 65), (1, 40)]));
+        assert_eq!(memory_split(&sample.pages, &[0]), (65, 40));
+    }
+
+    #[test]
+    fn steal_is_the_wait_growth_per_vcpu_over_the_interval() {
+        let mut tracker = StealTracker::default();
+        let t0 = Instant::now();
+        let mut s = GuestSample {
+            pid: 1,
+            vcpu_threads: 2,
+            run_delay_ns: 1_000_000_000,
+            pages: BTreeMap::new(),
+        };
+        assert_eq!(tracker.record("u", t0, &s), None, "no interval yet");
+        s.run_delay_ns += 500_000_000;
+        assert_eq!(
+            tracker.record("u", t0 + Duration::from_millis(100), &s),
+            None
+        );
+        // 0.5 s of waiting over 2 s on 2 vCPUs: 12.5 %.
+        let share = tracker
+            .record("u", t0 + Duration::from_secs(2), &s)
+            .unwrap();
+        assert!((share - 12.5).abs() < 1e-9, "{share}");
+        // Too short a span since: the last figure stands.
+        assert_eq!(
+            tracker.record("u", t0 + Duration::from_millis(2100), &s),
+            Some(share)
+        );
+        tracker.retain(|_| false);
+        assert_eq!(tracker.record("u", t0 + Duration::from_secs(3), &s), None);
+    }
+
+    #[test]
+    fn reads_numastat_per_node() {
+        let root = scratch_dir("numastat");
+        write(
+            &root,
+            "sys/devices/system/node/node1/numastat",
+            "numa_hit 10\nnuma_miss 2\nnuma_foreign 3\ninterleave_hit 1\nlocal_node 9\nother_node 1\n",
+        );
+        write(
+            &root,
+            "sys/devices/system/node/node0/numastat",
+            "numa_hit 5\n",
+        );
+        write(&root, "sys/devices/system/node/possible", "0-1\n");
+        let stats = host_numastat(&root);
+        assert_eq!(stats.len(), 2);
+        assert_eq!(stats[0].numa_hit, 5);
+        assert_eq!(
+            stats[1],
+            NodeNumaStatus {
+                node: 1,
+                numa_hit: 10,
+                numa_miss: 2,
+                numa_foreign: 3,
+                local_node: 9,
+                other_node: 1
+            }
+        );
+        assert!(host_numastat(&root.join("absent")).is_empty());
+    }
+}
