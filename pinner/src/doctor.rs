@@ -177,18 +177,39 @@ impl Guest {
             .collect()
     }
 
-    /// The CPUs its vCPUs own one-to-one, if that is how it is pinned.
-    fn dedicated_cpus(&self) -> CpuSet {
-        let Some(sets) = self.vcpu_cpus() else {
-            return CpuSet::new();
-        };
-        let all: CpuSet = sets.iter().flat_map(|s| s.iter()).collect();
-        if sets.iter().all(|s| s.len() == 1) && all.len() == sets.len() {
-            all
-        } else {
-            CpuSet::new()
-        }
+    /// Its vCPUs' pins (vCPUs without one are left out).
+    fn pins(&self) -> impl Iterator<Item = CpuSet> + '_ {
+        (0..self.spec.vcpus).filter_map(|v| {
+            self.spec
+                .vcpu_pin(v)
+                .or(self.spec.vcpu_default.as_ref())
+                .cloned()
+        })
     }
+}
+
+/// Per guest UUID, the CPUs one of its vCPUs has to itself: pinned to that
+/// CPU alone, and no other vCPU of any guest may run there.
+fn dedicated_cpus(guests: &[Guest]) -> BTreeMap<&str, CpuSet> {
+    let mut users: BTreeMap<u32, usize> = BTreeMap::new();
+    for cpu in guests
+        .iter()
+        .flat_map(|g| g.pins())
+        .flat_map(|p| p.to_vec())
+    {
+        *users.entry(cpu).or_insert(0) += 1;
+    }
+    guests
+        .iter()
+        .map(|g| {
+            let own = g
+                .pins()
+                .filter(|p| p.len() == 1 && p.iter().all(|cpu| users.get(&cpu) == Some(&1)))
+                .flat_map(|p| p.to_vec())
+                .collect();
+            (g.spec.uuid.as_str(), own)
+        })
+        .collect()
 }
 
 fn child<'a, 'input>(
@@ -390,11 +411,15 @@ pub fn check_guest(host: &Host, g: &Guest, all: &[Guest]) -> Vec<Finding> {
         .emulator_pin
         .clone()
         .unwrap_or_else(|| topo.online.clone());
-    let own = g.dedicated_cpus();
-    let others: CpuSet = all
+    let dedicated = dedicated_cpus(all);
+    let own = dedicated
+        .get(g.spec.uuid.as_str())
+        .cloned()
+        .unwrap_or_default();
+    let others: CpuSet = dedicated
         .iter()
-        .filter(|o| o.spec.uuid != g.spec.uuid)
-        .flat_map(|o| o.dedicated_cpus().to_vec())
+        .filter(|(uuid, _)| **uuid != g.spec.uuid)
+        .flat_map(|(_, cpus)| cpus.to_vec())
         .collect();
     let on_others = emulator.intersection(&others);
     let on_own = emulator.intersection(&own);
@@ -572,9 +597,9 @@ pub fn check_host(host: &Host, guests: &[Guest]) -> Vec<Finding> {
             "systemctl disable --now numad",
         ));
     }
-    let dedicated: CpuSet = guests
-        .iter()
-        .flat_map(|g| g.dedicated_cpus().to_vec())
+    let dedicated: CpuSet = dedicated_cpus(guests)
+        .values()
+        .flat_map(CpuSet::to_vec)
         .collect();
     if host.processes.iter().any(|p| p == "irqbalance") && !dedicated.is_empty() {
         let banned = host
@@ -999,6 +1024,21 @@ mod tests {
             pin008[0]
         );
         assert!(needs_fixing(&findings));
+
+        // Two guests on the same single CPU share it: nobody's dedicated.
+        let sharing = |name: &str| {
+            GOOD.replace(
+                "<name>good</name><uuid>u-good</uuid>",
+                &format!("<name>{name}</name><uuid>u-{name}</uuid>"),
+            )
+            .replace(
+                "cpuset='1'/><vcpupin vcpu='1' cpuset='2'",
+                "cpuset='1'/><vcpupin vcpu='1' cpuset='1'",
+            )
+            .replace("<emulatorpin cpuset='0'/>", "<emulatorpin cpuset='1'/>")
+        };
+        let findings = audit(&good_host(), &[guest(&sharing("x")), guest(&sharing("y"))]);
+        assert!(findings.is_empty(), "{findings:#?}");
     }
 
     #[test]

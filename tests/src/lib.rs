@@ -416,6 +416,18 @@ impl Sandbox {
     /// Defines a TCG guest with `vcpus` vCPUs; `extra` is domain XML placed
     /// after `<vcpu>` (`<cputune>`, `<iothreads>`, ...).
     pub fn define_guest(&self, short: &str, vcpus: u32, extra: &str) -> String {
+        self.define_guest_with_devices(short, vcpus, extra, "")
+    }
+
+    /// As [`Sandbox::define_guest`], with `devices` (disks, interfaces)
+    /// added to `<devices>`.
+    pub fn define_guest_with_devices(
+        &self,
+        short: &str,
+        vcpus: u32,
+        extra: &str,
+        devices: &str,
+    ) -> String {
         let name = self.name(short);
         let xml = format!(
             "<domain type='qemu'>
@@ -423,10 +435,11 @@ impl Sandbox {
   <memory unit='MiB'>64</memory>
   <vcpu>{vcpus}</vcpu>
   {extra}
-  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>
   <on_poweroff>destroy</on_poweroff>
   <devices>
     <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    {devices}
     <memballoon model='none'/>
   </devices>
 </domain>"
@@ -435,6 +448,23 @@ impl Sandbox {
         fs::write(&path, xml).unwrap();
         self.virsh_ok(&["define", path.to_str().unwrap()]);
         name
+    }
+
+    /// A one-sector disk image for guest `short` (qemu locks its images).
+    /// `spin`: its boot code is `jmp $`, so a guest booting it keeps its
+    /// vCPU busy forever, as a loaded guest would; else it is not bootable
+    /// and the guest idles in the firmware.
+    pub fn disk_image(&self, short: &str, spin: bool) -> PathBuf {
+        let path = self.dir.join(format!("{short}.img"));
+        let mut sector = vec![0u8; 512];
+        if spin {
+            sector[0] = 0xeb; // jmp short
+            sector[1] = 0xfe; // to itself
+            sector[510] = 0x55;
+            sector[511] = 0xaa;
+        }
+        fs::write(&path, sector).unwrap();
+        path
     }
 
     /// `virsh start`, returning how long it took.

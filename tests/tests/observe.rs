@@ -1,0 +1,308 @@
+//! Seeing the effect on the sandboxed libvirtd: status with steal, memory
+//! locality and NUMA counters; OpenMetrics from the CLI and the daemon's
+//! file; `pinner doctor` on a badly and a well configured guest.
+
+use pinner_e2e::{online_cpus, sandbox_or_skip, wait_for, Sandbox};
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// reserved_cpus leaving the last CPU as the whole pool.
+fn reserve_all_but_one() -> String {
+    let online = online_cpus();
+    online[..online.len() - 1]
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A disk for guest `short` on `bus` with the driver attributes `driver`;
+/// `spin`: it boots into `jmp $` (see `Sandbox::disk_image`).
+fn disk(sb: &Sandbox, short: &str, spin: bool, bus: &str, driver: &str) -> String {
+    let dev = if bus == "virtio" { "vda" } else { "hda" };
+    format!(
+        "<disk type='file' device='disk'><driver name='qemu' type='raw' {driver}/><source file='{}'/><target dev='{dev}' bus='{bus}'/></disk>",
+        sb.disk_image(short, spin).display()
+    )
+}
+
+fn domain<'a>(status: &'a serde_json::Value, sb: &Sandbox, short: &str) -> &'a serde_json::Value {
+    status["domains"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == sb.name(short))
+        .unwrap_or_else(|| panic!("{short} not in status: {status}"))
+}
+
+/// Two guests whose vCPUs never idle share the pool's one CPU: each waits
+/// about half the time, and status says so; its memory is all local.
+#[test]
+fn status_shows_steal_memory_locality_and_numa_counters() {
+    let _serial = serial();
+    let Some(mut sb) = sandbox_or_skip("status_shows_steal_memory_locality_and_numa_counters")
+    else {
+        return;
+    };
+    sb.start_daemon(&reserve_all_but_one());
+    for g in ["a", "b"] {
+        sb.define_guest_with_devices(g, 1, "", &disk(&sb, g, true, "ide", ""));
+        sb.start_guest(g);
+    }
+    wait_for(Duration::from_secs(5), || sb.all_in_sync()).unwrap();
+    // Two samples at least an interval apart.
+    sb.status_json();
+    std::thread::sleep(Duration::from_secs(3));
+    let status = sb.status_json();
+    for g in ["a", "b"] {
+        let d = domain(&status, &sb, g);
+        let steal = d["steal_pct"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{g}: {d}"));
+        assert!(
+            (25.0..=75.0).contains(&steal),
+            "{g}: two spinning vCPUs on one CPU wait about half the time, not {steal}%"
+        );
+        assert!(d["steal_seconds"].as_f64().unwrap() > 0.5, "{d}");
+        let pid = d["qemu_pid"].as_u64().unwrap();
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        let uuid = d["uuid"].as_str().unwrap();
+        assert!(
+            String::from_utf8_lossy(&cmdline).contains(uuid),
+            "qemu_pid {pid} runs {uuid}"
+        );
+        let local = d["memory_pages_local"].as_u64().unwrap();
+        assert!(local > 0, "{d}");
+        assert_eq!(d["memory_pages_remote"], 0, "one node: all local: {d}");
+    }
+    let numa = status["numa"].as_array().unwrap();
+    assert!(!numa.is_empty(), "{status}");
+    assert!(numa[0]["numa_hit"].as_u64().unwrap() > 0);
+
+    let text = String::from_utf8(sb.pinner(&["status"]).stdout).unwrap();
+    assert!(text.contains("% (") && text.contains("s in all)"), "{text}");
+    assert!(text.contains("memory 100.0% local"), "{text}");
+    assert!(text.contains("node 0: numa_hit"), "{text}");
+
+    // --watch redraws until stopped.
+    let mut watch = Command::new(pinner_e2e::bin_dir().join("pinner"))
+        .arg("--socket")
+        .arg(sb.socket())
+        .args(["status", "--watch", "1"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    let _ = watch.kill();
+    let out = watch.wait_with_output().unwrap();
+    let screens = String::from_utf8_lossy(&out.stdout)
+        .matches("\x1b[H\x1b[2J")
+        .count();
+    assert!(screens >= 2, "{screens} screens in 2.5 s of --watch 1");
+}
+
+/// Parses metrics text with prometheus_client's OpenMetrics parser and its
+/// Prometheus text parser (node_exporter's textfile format); returns the
+/// number of families, or the parser's complaint.
+fn parse_metrics(text: &str) -> Result<String, String> {
+    let script = "import sys\n\
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as om\n\
+from prometheus_client.parser import text_string_to_metric_families as prom\n\
+t = sys.stdin.read()\n\
+fams = list(om(t))\n\
+list(prom(t))\n\
+print(' '.join(sorted(f.name + ':' + f.type for f in fams)))\n";
+    let mut child = Command::new("/usr/bin/python3")
+        .args(["-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("python3: {e}"))?;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// `pinner metrics` and the daemon's metrics file: valid OpenMetrics (and
+/// Prometheus text), with the guest's pins, steal and memory, kept current.
+#[test]
+fn metrics_are_valid_openmetrics_and_the_file_stays_current() {
+    let _serial = serial();
+    let Some(mut sb) = sandbox_or_skip("metrics_are_valid_openmetrics_and_the_file_stays_current")
+    else {
+        return;
+    };
+    let file = sb.socket().with_file_name("../pinner.prom");
+    sb.extra_config = format!(
+        "[metrics]\nfile = \"{}\"\ninterval_secs = 1\n",
+        file.display()
+    );
+    // A hostile name must come out escaped, never break the format.
+    let odd = "m\"etr\\ics";
+    sb.start_daemon(&reserve_all_but_one());
+    sb.define_guest(odd, 1, "");
+    sb.start_guest(odd);
+    wait_for(Duration::from_secs(5), || sb.all_in_sync()).unwrap();
+
+    let out = sb.pinner(&["metrics"]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let families = parse_metrics(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    for family in [
+        "pinner_hook_events:counter",
+        "pinner_reconciles:counter",
+        "pinner_pin_latency_seconds:summary",
+        "pinner_guest_vcpu_pin_info:gauge",
+        "pinner_guest_steal_seconds:counter",
+        "pinner_guest_memory_pages:gauge",
+        "pinner_numa_hit_pages:counter",
+    ] {
+        assert!(families.contains(family), "{family} missing: {families}");
+    }
+    let label = format!(
+        "domain=\"{}\"",
+        sb.name(odd).replace('\\', "\\\\").replace('"', "\\\"")
+    );
+    let pool = online_cpus().last().copied().unwrap();
+    assert!(
+        text.contains(&format!(
+            "pinner_guest_vcpu_pin_info{{{label},vcpu=\"0\",cpus=\"{pool}\"}} 1"
+        )),
+        "{text}"
+    );
+
+    // The file: written within its interval, and follows the guests.
+    let written = wait_for(Duration::from_secs(5), || {
+        std::fs::read_to_string(&file)
+            .map_err(|e| e.to_string())
+            .and_then(|t| {
+                if t.contains(&label) {
+                    Ok(t)
+                } else {
+                    Err("guest not in the file yet".into())
+                }
+            })
+    })
+    .unwrap();
+    parse_metrics(&written).unwrap_or_else(|e| panic!("{e}\n{written}"));
+    sb.destroy_guest(odd);
+    wait_for(Duration::from_secs(5), || {
+        let t = std::fs::read_to_string(&file).unwrap_or_default();
+        if t.contains("pinner_guest_vcpu_pin_info{") {
+            Err("stopped guest still in the file".to_string())
+        } else {
+            Ok(())
+        }
+    })
+    .unwrap();
+}
+
+fn doctor(sb: &Sandbox, args: &[&str]) -> (Option<i32>, serde_json::Value, String) {
+    let mut all = vec!["doctor", "--connect"];
+    let uri = sb.uri();
+    all.push(&uri);
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--sample", "0.5"]);
+    let out = sb.pinner(&all);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    (out.status.code(), json, stderr)
+}
+
+fn guest_ids(report: &serde_json::Value, name: &str) -> Vec<String> {
+    let mut ids: Vec<String> = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["domain"] == name)
+        .map(|f| f["id"].as_str().unwrap().to_string())
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// A guest configured the slow way gets a finding per fault, each with its
+/// fix; one configured and placed the right way gets none.
+#[test]
+fn doctor_flags_a_badly_configured_guest_and_passes_a_good_one() {
+    let _serial = serial();
+    let Some(mut sb) =
+        sandbox_or_skip("doctor_flags_a_badly_configured_guest_and_passes_a_good_one")
+    else {
+        return;
+    };
+    sb.start_daemon(&reserve_all_but_one());
+    let bad_disk = disk(&sb, "bad", false, "ide", "")
+        + "<interface type='user'><mac address='52:54:00:12:34:56'/><model type='e1000'/></interface>";
+    sb.define_guest_with_devices("bad", 1, "", &bad_disk);
+    sb.define_guest_with_devices(
+        "good",
+        1,
+        "<cpu mode='maximum'/>",
+        &disk(&sb, "good", false, "virtio", "cache='none' io='native'"),
+    );
+    for g in ["bad", "good"] {
+        sb.start_guest(g);
+    }
+    wait_for(Duration::from_secs(5), || sb.all_in_sync()).unwrap();
+
+    let (code, report, stderr) = doctor(&sb, &["--json"]);
+    assert_eq!(code, Some(2), "findings at warning level: exit 2; {stderr}");
+    assert_eq!(
+        guest_ids(&report, &sb.name("bad")),
+        ["PIN001", "PIN010", "PIN020", "PIN021"],
+        "{report:#}"
+    );
+    assert!(
+        guest_ids(&report, &sb.name("good")).is_empty(),
+        "{report:#}"
+    );
+    let pin020 = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["id"] == "PIN020")
+        .unwrap();
+    assert_eq!(pin020["severity"], "warning");
+    assert_eq!(pin020["evidence"], "hda: <target bus='ide'/>");
+    assert!(pin020["fix"].as_str().unwrap().contains("bus='virtio'"));
+
+    // One guest only; host findings stay, the other guest's do not.
+    let (_, report, _) = doctor(&sb, &["--json", "--domain", &sb.name("good")]);
+    assert!(guest_ids(&report, &sb.name("bad")).is_empty(), "{report:#}");
+    let (code, _, stderr) = doctor(&sb, &["--domain", "nosuch"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.contains("no running guest named \"nosuch\""),
+        "{stderr}"
+    );
+
+    let out = sb.pinner(&["doctor", "--connect", &sb.uri(), "--sample", "0"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!(
+            "PIN020 WARNING [guest {}] emulated disk controller",
+            sb.name("bad")
+        )),
+        "{text}"
+    );
+    assert!(text.contains("  fix: "), "{text}");
+}
