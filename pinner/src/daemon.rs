@@ -763,6 +763,12 @@ impl Daemon {
         if events > 0 {
             self.counters.event_passes += 1;
         }
+        let report = self.reconcile_attempts(events);
+        self.counters.reconcile_seconds += now.elapsed().as_secs_f64();
+        report
+    }
+
+    fn reconcile_attempts(&mut self, events: u32) -> ReconcileReport {
         // A connection found dead is replaced and the pass tried once more:
         // after a libvirtd restart the first call is what notices it.
         for _attempt in 0..2 {

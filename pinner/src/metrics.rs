@@ -69,7 +69,13 @@ pub fn render(report: &StatusReport) -> String {
         "Pin changes libvirt reported that pinner did not make.",
         c.outside_pin_changes,
     );
-    out.counter("pinner_reconciles", "Reconcile passes.", c.reconciles);
+    out.family(
+        "pinner_reconcile_seconds",
+        "summary",
+        "Reconcile passes: how many, and the time they took in all.",
+    );
+    out.sample("pinner_reconcile_seconds_count", &[], c.reconciles as f64);
+    out.sample("pinner_reconcile_seconds_sum", &[], c.reconcile_seconds);
     out.counter(
         "pinner_event_reconciles",
         "Reconcile passes that served events.",
@@ -238,6 +244,7 @@ mod tests {
             counters: Counters {
                 events_received: 12,
                 reconciles: 5,
+                reconcile_seconds: 0.25,
                 ..Counters::default()
             },
             pin_latency: LatencySummary {
@@ -277,7 +284,8 @@ mod tests {
         let text = render(&report());
         for line in [
             "pinner_hook_events_total 12",
-            "pinner_reconciles_total 5",
+            "pinner_reconcile_seconds_count 5",
+            "pinner_reconcile_seconds_sum 0.25",
             "pinner_pin_latency_seconds{quantile=\"0.5\"} 0.015",
             "pinner_pin_latency_seconds_count 3",
             "pinner_guest_in_sync{domain=\"web \\\"1\\\"\\nx\\\\y\",policy=\"dedicated\"} 1",
@@ -314,7 +322,7 @@ mod tests {
         write_file(&path, &render(&report())).unwrap();
         assert!(std::fs::read_to_string(&path)
             .unwrap()
-            .contains("pinner_reconciles_total 5"));
+            .contains("pinner_reconcile_seconds_count 5"));
         assert!(!dir.join("pinner.prom.tmp").exists());
         let e = write_file(&dir.join("absent/pinner.prom"), "x").unwrap_err();
         assert!(e.contains("cannot write"), "{e}");

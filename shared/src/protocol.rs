@@ -197,6 +197,8 @@ pub struct Counters {
     /// another tool): each asks for a reconcile.
     pub outside_pin_changes: u64,
     pub reconciles: u64,
+    /// Time spent in reconcile passes, summed (seconds).
+    pub reconcile_seconds: f64,
     /// Reconciles that served events (hook or libvirt): fewer than the
     /// events when a burst shares passes.
     pub event_passes: u64,
