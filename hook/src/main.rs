@@ -8,10 +8,11 @@ mod rewrite;
 mod send;
 
 use pinner_shared::log::{Level, Logger};
-use pinner_shared::paths::DEFAULT_SOCKET;
+use pinner_shared::paths::{DEFAULT_SOCKET, HOOK_DROPS_FILE};
 use pinner_shared::protocol::{HookEvent, HookOp, Request};
 use pinner_shared::wire;
 use std::io::{Read, Write};
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -22,6 +23,22 @@ const USAGE: &str = "usage: pinner-hook DOMAIN OPERATION SUB-OPERATION EXTRA < d
 
 libvirt runs this as its qemu hook (/etc/libvirt/hooks/qemu.d/50-pinner).
 It forwards the event to the pinner daemon and never blocks libvirt.";
+
+/// Appends one byte to the drop counter beside `socket`, if its directory
+/// exists (the daemon or the package made it); never follows a link.
+fn count_drop(socket: &Path) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let Some(dir) = socket.parent().filter(|d| d.is_dir()) else {
+        return;
+    };
+    let _ = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(dir.join(HOOK_DROPS_FILE))
+        .and_then(|mut f| f.write_all(b"."));
+}
 
 fn main() -> ExitCode {
     let started = Instant::now();
@@ -70,7 +87,7 @@ fn main() -> ExitCode {
     let outcome = wire::encode(&Request::Event(event.clone()))
         .map_err(|e| e.to_string())
         .and_then(|frame| {
-            send::send_frame(DEFAULT_SOCKET.as_ref(), &frame, started + SEND_BUDGET)
+            send::send_frame(Path::new(DEFAULT_SOCKET), &frame, started + SEND_BUDGET)
                 .map_err(|e| e.to_string())
         });
     if let Err(reason) = outcome {
@@ -79,6 +96,7 @@ fn main() -> ExitCode {
             &format!("event not delivered to pinner daemon: {reason}"),
             &[("DOMAIN", &event.name), ("OP", op.as_str())],
         );
+        count_drop(Path::new(DEFAULT_SOCKET));
     }
     ExitCode::SUCCESS
 }

@@ -19,6 +19,7 @@ use crate::procs::ProcFs;
 use crate::reconcile::{self, Action};
 use crate::topology::Topology;
 use pinner_shared::log::Logger;
+use pinner_shared::paths::HOOK_DROPS_FILE;
 use pinner_shared::protocol::{
     Counters, DomainStatus, HookEvent, HookOp, LatencySummary, ReconcileReport, Request, Response,
     StatusReport,
@@ -966,6 +967,8 @@ impl Daemon {
     fn status(&mut self) -> Response {
         let mut counters = self.counters.clone();
         counters.requests_refused = self.refused.load(Ordering::Relaxed);
+        counters.hook_events_dropped =
+            std::fs::metadata(self.state_dir().join(HOOK_DROPS_FILE)).map_or(0, |m| m.len());
         let reserved = self.config.reserved_cpus.to_vec();
         let observed = match self.connection() {
             Some(libvirt) => libvirt.running_domains(),

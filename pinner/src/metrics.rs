@@ -60,6 +60,11 @@ pub fn render(report: &StatusReport) -> String {
         c.events_received,
     );
     out.counter(
+        "pinner_hook_events_dropped",
+        "Hook events the hook could not hand over to the daemon (since boot).",
+        c.hook_events_dropped,
+    );
+    out.counter(
         "pinner_requests_refused",
         "Socket requests refused or dropped (bad frames, peers not allowed, too many connections).",
         c.requests_refused,
@@ -284,6 +289,7 @@ mod tests {
         let text = render(&report());
         for line in [
             "pinner_hook_events_total 12",
+            "pinner_hook_events_dropped_total 0",
             "pinner_reconcile_seconds_count 5",
             "pinner_reconcile_seconds_sum 0.25",
             "pinner_pin_latency_seconds{quantile=\"0.5\"} 0.015",

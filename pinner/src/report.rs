@@ -31,8 +31,9 @@ pub fn status_text(report: &StatusReport) -> String {
     let c = &report.counters;
     let _ = writeln!(
         out,
-        "events: {} hook, {} outside pin changes   reconciles: {} ({} for events)   pins applied: {}   apply errors: {}   libvirt reconnects: {}",
+        "events: {} hook ({} dropped by the hook), {} outside pin changes   reconciles: {} ({} for events)   pins applied: {}   apply errors: {}   libvirt reconnects: {}",
         c.events_received,
+        c.hook_events_dropped,
         c.outside_pin_changes,
         c.reconciles,
         c.event_passes,

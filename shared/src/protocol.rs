@@ -190,6 +190,9 @@ pub struct VcpuStatus {
 pub struct Counters {
     /// Hook events received.
     pub events_received: u64,
+    /// Hook events the hook could not hand over (daemon down, socket
+    /// missing, deadline), counted by the hook beside the socket since boot.
+    pub hook_events_dropped: u64,
     /// Connections refused or requests dropped: bad frames, peers not
     /// allowed, too many connections at once.
     pub requests_refused: u64,

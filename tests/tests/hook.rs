@@ -103,6 +103,9 @@ fn daemon_absent_exits_zero_and_logs_the_drop() {
     std::fs::write(run.socket(), b"junk").unwrap();
     let out = run_hook(&run, &["web-1", "stopped", "end", "-"], XML.as_bytes());
     assert_eq!(out.status.code(), Some(0));
+    // Each drop is counted, one byte each, beside the socket.
+    let drops = run.socket().with_file_name("hook-dropped");
+    assert_eq!(std::fs::metadata(&drops).unwrap().len(), 2);
 
     // A socket the hook may not open (a hook run unprivileged): same.
     std::fs::remove_file(run.socket()).unwrap();

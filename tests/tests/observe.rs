@@ -168,6 +168,7 @@ fn metrics_are_valid_openmetrics_and_the_file_stays_current() {
     let families = parse_metrics(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
     for family in [
         "pinner_hook_events:counter",
+        "pinner_hook_events_dropped:counter",
         "pinner_reconcile_seconds:summary",
         "pinner_pin_latency_seconds:summary",
         "pinner_guest_vcpu_pin_info:gauge",
