@@ -233,13 +233,7 @@ impl Config {
             config.ratio_line = Some(line_col(text, v.span().start).0);
         }
         if let Some(v) = raw.socket {
-            if !v.get_ref().starts_with('/') {
-                return Err(err_at(
-                    Some(v.span().start),
-                    "socket must be an absolute path".into(),
-                ));
-            }
-            config.socket = PathBuf::from(v.into_inner());
+            config.socket = absolute_path(&v, "socket", &err_at)?;
         }
         if let Some(v) = raw.socket_group {
             let name = v.get_ref();
@@ -264,14 +258,7 @@ impl Config {
             });
         }
         if let Some(v) = raw.reconcile_interval_secs {
-            let secs = *v.get_ref();
-            if !(1..=3600).contains(&secs) {
-                return Err(err_at(
-                    Some(v.span().start),
-                    format!("reconcile_interval_secs must be 1 to 3600, not {secs}"),
-                ));
-            }
-            config.reconcile_interval = Duration::from_secs(secs);
+            config.reconcile_interval = interval(&v, "reconcile_interval_secs", &err_at)?;
         }
         if let Some(v) = raw.log_level {
             config.log_level = match v.get_ref().as_str() {
@@ -303,13 +290,7 @@ impl Config {
         }
         if let Some(v) = raw.openstack.and_then(|o| o.nova_conf) {
             if !v.get_ref().is_empty() {
-                if !v.get_ref().starts_with('/') {
-                    return Err(err_at(
-                        Some(v.span().start),
-                        "openstack.nova_conf must be an absolute path".into(),
-                    ));
-                }
-                config.nova_conf = Some(PathBuf::from(v.into_inner()));
+                config.nova_conf = Some(absolute_path(&v, "openstack.nova_conf", &err_at)?);
             }
         }
         if let Some(uri) = raw.libvirt.and_then(|l| l.uri) {
@@ -327,24 +308,11 @@ impl Config {
         if let Some(metrics) = raw.metrics {
             if let Some(v) = metrics.file {
                 if !v.get_ref().is_empty() {
-                    if !v.get_ref().starts_with('/') {
-                        return Err(err_at(
-                            Some(v.span().start),
-                            "metrics.file must be an absolute path".into(),
-                        ));
-                    }
-                    config.metrics_file = Some(PathBuf::from(v.into_inner()));
+                    config.metrics_file = Some(absolute_path(&v, "metrics.file", &err_at)?);
                 }
             }
             if let Some(v) = metrics.interval_secs {
-                let secs = *v.get_ref();
-                if !(1..=3600).contains(&secs) {
-                    return Err(err_at(
-                        Some(v.span().start),
-                        format!("metrics.interval_secs must be 1 to 3600, not {secs}"),
-                    ));
-                }
-                config.metrics_interval = Duration::from_secs(secs);
+                config.metrics_interval = interval(&v, "metrics.interval_secs", &err_at)?;
             }
         }
         Ok(config)
@@ -494,6 +462,37 @@ impl Config {
     }
 }
 
+/// A period in seconds, 1 to 3600, for `key`.
+fn interval(
+    v: &Spanned<u64>,
+    key: &str,
+    err_at: &dyn Fn(Option<usize>, String) -> ConfigError,
+) -> Result<Duration, ConfigError> {
+    let secs = *v.get_ref();
+    if !(1..=3600).contains(&secs) {
+        return Err(err_at(
+            Some(v.span().start),
+            format!("{key} must be 1 to 3600, not {secs}"),
+        ));
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+/// An absolute path for `key`.
+fn absolute_path(
+    v: &Spanned<String>,
+    key: &str,
+    err_at: &dyn Fn(Option<usize>, String) -> ConfigError,
+) -> Result<PathBuf, ConfigError> {
+    if !v.get_ref().starts_with('/') {
+        return Err(err_at(
+            Some(v.span().start),
+            format!("{key} must be an absolute path"),
+        ));
+    }
+    Ok(PathBuf::from(v.get_ref()))
+}
+
 fn parse_isolation(
     raw: RawIsolation,
     err_at: &dyn Fn(Option<usize>, String) -> ConfigError,
@@ -535,14 +534,7 @@ fn parse_isolation(
         })?);
     }
     if let Some(v) = raw.sweep_interval_secs {
-        let secs = *v.get_ref();
-        if !(1..=3600).contains(&secs) {
-            return Err(err_at(
-                Some(v.span().start),
-                format!("isolation.sweep_interval_secs must be 1 to 3600, not {secs}"),
-            ));
-        }
-        isolation.sweep_interval = Duration::from_secs(secs);
+        isolation.sweep_interval = interval(&v, "isolation.sweep_interval_secs", err_at)?;
     }
     if let Some(dirs) = raw.pid_dirs {
         isolation.pid_dirs = Vec::with_capacity(dirs.len());

@@ -10,7 +10,7 @@
 use crate::coalesce::Coalescer;
 use crate::config::{Config, SocketGroup};
 use crate::cpuset::CpuSet;
-use crate::guest_stats::{self, StealTracker};
+use crate::guest_stats::{self, GuestSample, StealTracker};
 use crate::hypervisor::{HvError, Hypervisor, Libvirt};
 use crate::isolation::{self, PidFileWatch, Settings, Sweep, System};
 use crate::libvirt_events::{self, LibvirtEvent};
@@ -289,7 +289,8 @@ fn check_peer(stream: &UnixStream, allowed_gid: Option<u32>) -> Result<(), Strin
     if let Some(gid) = allowed_gid {
         // SO_PEERCRED carries the primary group only; the supplementary ones
         // are read from the peer process (still connected, so still there).
-        if creds.gid() == gid || supplementary_groups(creds.pid()).contains(&gid) {
+        let groups = ProcFs::new("/proc").groups(creds.pid() as u32);
+        if creds.gid() == gid || groups.contains(&gid) {
             return Ok(());
         }
     }
@@ -303,21 +304,6 @@ fn check_peer(stream: &UnixStream, allowed_gid: Option<u32>) -> Result<(), Strin
         creds.uid(),
         creds.pid()
     ))
-}
-
-/// The `Groups:` of /proc/PID/status (empty when unreadable).
-fn supplementary_groups(pid: i32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("Groups:"))
-        .map(|groups| {
-            groups
-                .split_whitespace()
-                .filter_map(|g| g.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 struct Daemon {
@@ -383,12 +369,8 @@ fn unix_now_ns() -> u64 {
 
 impl PinLatency {
     fn started(&mut self, event: &HookEvent) {
-        let key = if event.uuid.is_empty() {
-            &event.name
-        } else {
-            &event.uuid
-        };
-        self.awaiting.insert(key.clone(), event.sent_at_unix_ns);
+        self.awaiting
+            .insert(event.guest_key().to_string(), event.sent_at_unix_ns);
     }
 
     /// After a reconcile pass: every awaited guest now running and settled
@@ -555,12 +537,8 @@ impl Daemon {
             &format!("hook event {} {}", event.op.as_str(), event.sub_op),
             &[("DOMAIN", &event.name), ("OP", event.op.as_str())],
         );
-        let key = if event.uuid.is_empty() {
-            &event.name
-        } else {
-            &event.uuid
-        };
-        self.coalescer.hook_event(event.op, key, Instant::now());
+        self.coalescer
+            .hook_event(event.op, event.guest_key(), Instant::now());
     }
 
     /// A pin change that is not pinner's own asks for a pass; a closed
@@ -888,16 +866,24 @@ impl Daemon {
         self.last_warnings = current;
     }
 
+    /// Samples one guest from /proc (its qemu pid remembered for the next
+    /// time) and records it for steal; returns the sample and the steal of
+    /// the last interval.
+    fn sample_guest(&mut self, uuid: &str, now: Instant) -> Option<(GuestSample, Option<f64>)> {
+        let hint = self.qemu_pids.get(uuid).copied();
+        let sample = guest_stats::sample(&ProcFs::new("/proc"), uuid, hint)?;
+        self.qemu_pids.insert(uuid.to_string(), sample.pid);
+        let steal = self.steal.record(uuid, now, &sample);
+        Some((sample, steal))
+    }
+
     /// Fills in a guest's steal and memory locality from /proc.
     fn measure(&mut self, domain: &mut DomainStatus) {
-        let procfs = ProcFs::new("/proc");
-        let hint = self.qemu_pids.get(&domain.uuid).copied();
-        let Some(sample) = guest_stats::sample(&procfs, &domain.uuid, hint) else {
+        let Some((sample, steal)) = self.sample_guest(&domain.uuid, Instant::now()) else {
             return;
         };
-        self.qemu_pids.insert(domain.uuid.clone(), sample.pid);
         domain.qemu_pid = Some(sample.pid);
-        domain.steal_pct = self.steal.record(&domain.uuid, Instant::now(), &sample);
+        domain.steal_pct = steal;
         domain.steal_seconds = Some(sample.run_delay_ns as f64 / 1e9);
         // Its own nodes: where its memory is bound, else where its vCPUs run.
         let own = if domain.memory_nodes.is_empty() {
@@ -914,18 +900,13 @@ impl Daemon {
     /// Samples every running guest's steal, so each figure covers at most a
     /// reconcile interval whenever status is asked.
     fn sample_guests(&mut self, specs: &[crate::domain::DomainSpec]) {
-        let procfs = ProcFs::new("/proc");
         self.qemu_pids
             .retain(|uuid, _| specs.iter().any(|s| &s.uuid == uuid));
         self.steal
             .retain(|uuid| specs.iter().any(|s| s.uuid == uuid));
         let now = Instant::now();
         for spec in specs {
-            let hint = self.qemu_pids.get(&spec.uuid).copied();
-            if let Some(sample) = guest_stats::sample(&procfs, &spec.uuid, hint) {
-                self.qemu_pids.insert(spec.uuid.clone(), sample.pid);
-                self.steal.record(&spec.uuid, now, &sample);
-            }
+            self.sample_guest(&spec.uuid, now);
         }
     }
 

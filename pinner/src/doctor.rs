@@ -165,26 +165,17 @@ impl Guest {
         &self.spec.name
     }
 
-    /// Every vCPU's CPUs, when every vCPU is pinned.
-    fn vcpu_cpus(&self) -> Option<Vec<CpuSet>> {
+    /// Every vCPU's CPUs (its `<vcpupin>`, else `<vcpu cpuset>`), when
+    /// every vCPU has some.
+    fn vcpu_cpus(&self) -> Option<Vec<&CpuSet>> {
         (0..self.spec.vcpus)
-            .map(|v| {
-                self.spec
-                    .vcpu_pin(v)
-                    .cloned()
-                    .or_else(|| self.spec.vcpu_default.clone())
-            })
+            .map(|v| self.spec.vcpu_pin(v))
             .collect()
     }
 
-    /// Its vCPUs' pins (vCPUs without one are left out).
-    fn pins(&self) -> impl Iterator<Item = CpuSet> + '_ {
-        (0..self.spec.vcpus).filter_map(|v| {
-            self.spec
-                .vcpu_pin(v)
-                .or(self.spec.vcpu_default.as_ref())
-                .cloned()
-        })
+    /// Its vCPUs' CPUs, leaving out vCPUs without any.
+    fn pins(&self) -> impl Iterator<Item = &CpuSet> + '_ {
+        (0..self.spec.vcpus).filter_map(|v| self.spec.vcpu_pin(v))
     }
 }
 
@@ -270,15 +261,23 @@ fn finding(
 }
 
 /// Every finding for the host and `guests`, host first, then by guest.
-pub fn audit(host: &Host, guests: &[Guest]) -> Vec<Finding> {
-    let mut out = check_host(host, guests);
-    for guest in guests {
-        out.extend(check_guest(host, guest, guests));
+/// Every finding for the host and `guests` (only the guest named `only`,
+/// when given; the others still count for shared facts such as dedicated
+/// CPUs), host first, then by guest.
+pub fn audit(host: &Host, guests: &[Guest], only: Option<&str>) -> Vec<Finding> {
+    let dedicated = dedicated_cpus(guests);
+    let mut out = check_host(host, &dedicated);
+    for guest in guests
+        .iter()
+        .filter(|g| only.is_none_or(|n| g.spec.name == n))
+    {
+        out.extend(check_guest(host, guest, &dedicated));
     }
     out
 }
 
-pub fn check_guest(host: &Host, g: &Guest, all: &[Guest]) -> Vec<Finding> {
+/// `dedicated`: per guest UUID, its dedicated CPUs (see `dedicated_cpus`).
+fn check_guest(host: &Host, g: &Guest, dedicated: &BTreeMap<&str, CpuSet>) -> Vec<Finding> {
     let mut out = Vec::new();
     let name = Some(g.name());
     let topo = &host.topology;
@@ -364,7 +363,7 @@ pub fn check_guest(host: &Host, g: &Guest, all: &[Guest]) -> Vec<Finding> {
     // Pinning and memory.
     let managed_elsewhere = g.spec.auto_placement;
     let unpinned: Vec<u32> = (0..vcpus)
-        .filter(|v| g.spec.vcpu_pin(*v).is_none() && g.spec.vcpu_default.is_none())
+        .filter(|v| g.spec.vcpu_pin(*v).is_none())
         .collect();
     if !unpinned.is_empty() && !managed_elsewhere {
         out.push(finding(
@@ -411,7 +410,6 @@ pub fn check_guest(host: &Host, g: &Guest, all: &[Guest]) -> Vec<Finding> {
         .emulator_pin
         .clone()
         .unwrap_or_else(|| topo.online.clone());
-    let dedicated = dedicated_cpus(all);
     let own = dedicated
         .get(g.spec.uuid.as_str())
         .cloned()
@@ -549,7 +547,7 @@ pub fn check_guest(host: &Host, g: &Guest, all: &[Guest]) -> Vec<Finding> {
     out
 }
 
-pub fn check_host(host: &Host, guests: &[Guest]) -> Vec<Finding> {
+fn check_host(host: &Host, dedicated: &BTreeMap<&str, CpuSet>) -> Vec<Finding> {
     let mut out = Vec::new();
     if host.thp.as_deref() == Some("never") {
         out.push(finding(
@@ -597,10 +595,7 @@ pub fn check_host(host: &Host, guests: &[Guest]) -> Vec<Finding> {
             "systemctl disable --now numad",
         ));
     }
-    let dedicated: CpuSet = dedicated_cpus(guests)
-        .values()
-        .flat_map(CpuSet::to_vec)
-        .collect();
+    let dedicated: CpuSet = dedicated.values().flat_map(CpuSet::to_vec).collect();
     if host.processes.iter().any(|p| p == "irqbalance") && !dedicated.is_empty() {
         let banned = host
             .irqbalance_banned
@@ -913,7 +908,7 @@ mod tests {
 
     #[test]
     fn a_well_tuned_host_and_guest_are_quiet() {
-        let findings = audit(&good_host(), &[guest(GOOD)]);
+        let findings = audit(&good_host(), &[guest(GOOD)], None);
         assert!(findings.is_empty(), "{findings:#?}");
         assert!(!needs_fixing(&findings));
         assert_eq!(render_text(&findings), "0 errors, 0 warnings, 0 notes\n");
@@ -990,7 +985,7 @@ mod tests {
                 assert!(xml.contains(from), "{id}: fixture lacks {from}");
                 xml = xml.replace(from, to);
             }
-            let findings = audit(&good_host(), &[guest(&xml)]);
+            let findings = audit(&good_host(), &[guest(&xml)], None);
             assert_eq!(ids(&findings), vec![*id], "{id}: {findings:#?}");
             let f = &findings[0];
             assert_eq!(f.domain.as_deref(), Some("good"));
@@ -1011,7 +1006,7 @@ mod tests {
             )
             .replace("<emulatorpin cpuset='0'/>", "<emulatorpin cpuset='0,2'/>")
             .replace("nodeset='0'", "nodeset='0-1'");
-        let findings = audit(&good_host(), &[guest(GOOD), guest(&other)]);
+        let findings = audit(&good_host(), &[guest(GOOD), guest(&other)], None);
         let pin008: Vec<&Finding> = findings.iter().filter(|f| f.id == "PIN008").collect();
         assert_eq!(pin008.len(), 1, "{findings:#?}");
         assert_eq!(pin008[0].severity, Severity::Error);
@@ -1037,7 +1032,11 @@ mod tests {
             )
             .replace("<emulatorpin cpuset='0'/>", "<emulatorpin cpuset='1'/>")
         };
-        let findings = audit(&good_host(), &[guest(&sharing("x")), guest(&sharing("y"))]);
+        let findings = audit(
+            &good_host(),
+            &[guest(&sharing("x")), guest(&sharing("y"))],
+            None,
+        );
         assert!(findings.is_empty(), "{findings:#?}");
     }
 
@@ -1045,9 +1044,9 @@ mod tests {
     fn steal_above_the_threshold_fires() {
         let mut g = guest(GOOD);
         g.steal_pct = Some(STEAL_THRESHOLD_PCT);
-        assert!(audit(&good_host(), &[g.clone()]).is_empty());
+        assert!(audit(&good_host(), &[g.clone()], None).is_empty());
         g.steal_pct = Some(25.0);
-        assert_eq!(ids(&audit(&good_host(), &[g])), vec!["PIN036"]);
+        assert_eq!(ids(&audit(&good_host(), &[g], None)), vec!["PIN036"]);
     }
 
     /// Each host check fires on the good host with one thing wrong.
@@ -1072,7 +1071,7 @@ mod tests {
         for (id, fault) in cases {
             let mut host = good_host();
             fault(&mut host);
-            let findings = audit(&host, &[guest(GOOD)]);
+            let findings = audit(&host, &[guest(GOOD)], None);
             assert_eq!(ids(&findings), vec![id], "{id}: {findings:#?}");
             assert_eq!(findings[0].domain, None);
         }
@@ -1087,13 +1086,13 @@ mod tests {
             "cpuset='1'/><vcpupin vcpu='1' cpuset='2'",
             "cpuset='1-2'/><vcpupin vcpu='1' cpuset='1-2'",
         );
-        assert!(audit(&host, &[guest(&shared)]).is_empty());
+        assert!(audit(&host, &[guest(&shared)], None).is_empty());
         host.processes.retain(|p| p != "irqbalance");
-        assert!(audit(&host, &[guest(GOOD)]).is_empty());
+        assert!(audit(&host, &[guest(GOOD)], None).is_empty());
         // Network interrupts all on one CPU that is not busy: fine.
         let mut host = good_host();
         host.nic_irqs = BTreeMap::from([(0, 1000)]);
-        assert!(audit(&host, &[guest(GOOD)]).is_empty());
+        assert!(audit(&host, &[guest(GOOD)], None).is_empty());
     }
 
     #[test]

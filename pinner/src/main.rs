@@ -253,13 +253,7 @@ fn doctor(
             guest.steal_pct = steal.record(&guest.spec.uuid, std::time::Instant::now(), &second);
         }
     }
-    let mut findings = doctor::check_host(&host, &guests);
-    for guest in guests
-        .iter()
-        .filter(|g| only.is_none_or(|n| g.spec.name == n))
-    {
-        findings.extend(doctor::check_guest(&host, guest, &guests));
-    }
+    let findings = doctor::audit(&host, &guests, only);
     if json {
         let count = |s: doctor::Severity| findings.iter().filter(|f| f.severity == s).count();
         print!(

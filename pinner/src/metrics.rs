@@ -3,7 +3,7 @@
 //! summary types are used, so both parsers take it).
 
 use crate::cpuset::CpuSet;
-use pinner_shared::protocol::StatusReport;
+use pinner_shared::protocol::{DomainStatus, StatusReport};
 use std::fmt::Write;
 use std::path::Path;
 
@@ -33,6 +33,28 @@ impl Out {
             let _ = write!(self.0, "{{{}}}", inner.join(","));
         }
         let _ = writeln!(self.0, " {value}");
+    }
+
+    /// A family with one sample per guest that has a `value`.
+    fn per_guest(
+        &mut self,
+        report: &StatusReport,
+        name: &str,
+        kind: &str,
+        help: &str,
+        value: impl Fn(&DomainStatus) -> Option<f64>,
+    ) {
+        self.family(name, kind, help);
+        let sample = if kind == "counter" {
+            format!("{name}_total")
+        } else {
+            name.to_string()
+        };
+        for d in &report.domains {
+            if let Some(v) = value(d) {
+                self.sample(&sample, &[("domain", &d.name)], v);
+            }
+        }
     }
 
     fn counter(&mut self, name: &str, help: &str, value: u64) {
@@ -142,34 +164,20 @@ pub fn render(report: &StatusReport) -> String {
             );
         }
     }
-    out.family(
+    out.per_guest(
+        report,
         "pinner_guest_steal_seconds",
         "counter",
         "Time the guest's vCPU threads waited for a host CPU, summed.",
+        |d| d.steal_seconds,
     );
-    for d in &report.domains {
-        if let Some(seconds) = d.steal_seconds {
-            out.sample(
-                "pinner_guest_steal_seconds_total",
-                &[("domain", &d.name)],
-                seconds,
-            );
-        }
-    }
-    out.family(
+    out.per_guest(
+        report,
         "pinner_guest_steal_ratio",
         "gauge",
         "Share of each vCPU's wall time spent waiting for a host CPU over the last interval.",
+        |d| d.steal_pct.map(|pct| pct / 100.0),
     );
-    for d in &report.domains {
-        if let Some(pct) = d.steal_pct {
-            out.sample(
-                "pinner_guest_steal_ratio",
-                &[("domain", &d.name)],
-                pct / 100.0,
-            );
-        }
-    }
     out.family(
         "pinner_guest_memory_pages",
         "gauge",

@@ -118,14 +118,30 @@ impl ProcFs {
             .unwrap_or_default()
     }
 
-    /// Where a thread may run: `Cpus_allowed_list` of its status.
-    pub fn cpus_allowed(&self, pid: u32, tid: u32) -> Option<CpuSet> {
-        let status =
-            std::fs::read_to_string(self.root.join(format!("{pid}/task/{tid}/status"))).ok()?;
+    /// A field of a `status` file (`rest`: "PID/status" or
+    /// "PID/task/TID/status"), without its "Key:".
+    fn status_field(&self, rest: &str, key: &str) -> Option<String> {
+        let status = std::fs::read_to_string(self.root.join(rest)).ok()?;
         status
             .lines()
-            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-            .and_then(|v| CpuSet::parse(v).ok())
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':').map(str::to_string))
+    }
+
+    /// Where a thread may run: `Cpus_allowed_list` of its status.
+    pub fn cpus_allowed(&self, pid: u32, tid: u32) -> Option<CpuSet> {
+        self.status_field(&format!("{pid}/task/{tid}/status"), "Cpus_allowed_list")
+            .and_then(|v| CpuSet::parse(&v).ok())
+    }
+
+    /// The process's supplementary groups (`Groups:`; empty when unreadable).
+    pub fn groups(&self, pid: u32) -> Vec<u32> {
+        self.status_field(&format!("{pid}/status"), "Groups")
+            .map(|g| {
+                g.split_whitespace()
+                    .filter_map(|g| g.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 }
 

@@ -83,6 +83,17 @@ pub struct HookEvent {
     pub sent_at_unix_ns: u64,
 }
 
+impl HookEvent {
+    /// Which guest it is about: its UUID, else (XML unreadable) its name.
+    pub fn guest_key(&self) -> &str {
+        if self.uuid.is_empty() {
+            &self.name
+        } else {
+            &self.uuid
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub enum Request {
     /// From the hook; the daemon sends no answer.

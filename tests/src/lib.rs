@@ -699,6 +699,35 @@ impl Drop for Sandbox {
     }
 }
 
+/// One sandbox at a time within a test binary: guests share the machine's
+/// cores, and timings and steal figures would otherwise measure each other.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// reserved_cpus leaving exactly `keep` CPUs (the last ones) as the pool.
+pub fn reserve_all_but(keep: usize) -> String {
+    let online = online_cpus();
+    online[..online.len() - keep]
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The CPU model, from /proc/cpuinfo, for benchmark headers.
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_default()
+}
+
 /// Median of durations (the middle one; upper middle for even counts).
 pub fn median(samples: &mut [Duration]) -> Duration {
     samples.sort();

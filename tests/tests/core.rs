@@ -2,16 +2,10 @@
 //! `pinner-hook` as its qemu hook and the real daemon. Results are read back
 //! from libvirt (`virsh vcpupin`/`emulatorpin`/`metadata`) and cgroupfs.
 
-use pinner_e2e::{median, online_cpus, sandbox_or_skip, wait_for, Sandbox};
-use std::sync::Mutex;
+use pinner_e2e::{
+    median, online_cpus, reserve_all_but, sandbox_or_skip, serial, wait_for, Sandbox,
+};
 use std::time::Duration;
-
-/// One sandbox at a time: guests share the machine's two cores.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// The two CPUs the tests place guests on: the machine's last two.
 fn two_cpus() -> (u32, u32) {
@@ -21,17 +15,6 @@ fn two_cpus() -> (u32, u32) {
         "end-to-end tests need 2 online CPUs, have {online:?}"
     );
     (online[online.len() - 2], online[online.len() - 1])
-}
-
-/// reserved_cpus leaving exactly `keep` CPUs (the last ones) as the pool.
-fn reserve_all_but(keep: usize) -> String {
-    let online = online_cpus();
-    let reserved = &online[..online.len() - keep];
-    reserved
-        .iter()
-        .map(u32::to_string)
-        .collect::<Vec<_>>()
-        .join(",")
 }
 
 fn assert_pinned(sb: &Sandbox, guest: &str, expected: &[Vec<u32>]) {

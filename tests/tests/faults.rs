@@ -3,19 +3,11 @@
 //! events queued, and changes no hook announces (vCPU hot-add, pins moved by
 //! hand). Results are read back from libvirt and the daemon's status.
 
-use pinner_e2e::{online_cpus, sandbox_or_skip, wait_for, Sandbox};
+use pinner_e2e::{online_cpus, sandbox_or_skip, serial, wait_for, Sandbox};
 use std::collections::BTreeSet;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
-
-/// One sandbox at a time: guests share the machine's two cores.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// Per-guest policy metadata, as an operator (or nova's flavor tooling)
 /// would put it in the domain XML.

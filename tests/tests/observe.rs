@@ -2,27 +2,10 @@
 //! locality and NUMA counters; OpenMetrics from the CLI and the daemon's
 //! file; `pinner doctor` on a badly and a well configured guest.
 
-use pinner_e2e::{online_cpus, sandbox_or_skip, wait_for, Sandbox};
+use pinner_e2e::{online_cpus, reserve_all_but, sandbox_or_skip, serial, wait_for, Sandbox};
 use std::io::Write;
 use std::process::{Command, Stdio};
-use std::sync::Mutex;
 use std::time::Duration;
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// reserved_cpus leaving the last CPU as the whole pool.
-fn reserve_all_but_one() -> String {
-    let online = online_cpus();
-    online[..online.len() - 1]
-        .iter()
-        .map(u32::to_string)
-        .collect::<Vec<_>>()
-        .join(",")
-}
 
 /// A disk for guest `short` on `bus` with the driver attributes `driver`;
 /// `spin`: it boots into `jmp $` (see `Sandbox::disk_image`).
@@ -52,7 +35,7 @@ fn status_shows_steal_memory_locality_and_numa_counters() {
     else {
         return;
     };
-    sb.start_daemon(&reserve_all_but_one());
+    sb.start_daemon(&reserve_all_but(1));
     for g in ["a", "b"] {
         sb.define_guest_with_devices(g, 1, "", &disk(&sb, g, true, "ide", ""));
         sb.start_guest(g);
@@ -157,7 +140,7 @@ fn metrics_are_valid_openmetrics_and_the_file_stays_current() {
     );
     // A hostile name must come out escaped, never break the format.
     let odd = "m\"etr\\ics";
-    sb.start_daemon(&reserve_all_but_one());
+    sb.start_daemon(&reserve_all_but(1));
     sb.define_guest(odd, 1, "");
     sb.start_guest(odd);
     wait_for(Duration::from_secs(5), || sb.all_in_sync()).unwrap();
@@ -250,7 +233,7 @@ fn doctor_flags_a_badly_configured_guest_and_passes_a_good_one() {
     else {
         return;
     };
-    sb.start_daemon(&reserve_all_but_one());
+    sb.start_daemon(&reserve_all_but(1));
     let bad_disk = disk(&sb, "bad", false, "ide", "")
         + "<interface type='user'><mac address='52:54:00:12:34:56'/><model type='e1000'/></interface>";
     sb.define_guest_with_devices("bad", 1, "", &bad_disk);

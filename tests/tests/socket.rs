@@ -3,20 +3,13 @@
 //! nothing, and users who are not allowed. Each gets an error (or the door)
 //! and the daemon keeps serving everyone else.
 
-use pinner_e2e::{bin_dir, sandbox_or_skip, wait_for, Sandbox};
+use pinner_e2e::{bin_dir, sandbox_or_skip, serial, wait_for, Sandbox};
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::Mutex;
 use std::time::Duration;
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// Sends `bytes`, then reads whatever the daemon answers until it closes.
 fn exchange(socket: &Path, bytes: &[u8]) -> Vec<u8> {

@@ -100,14 +100,7 @@ fn main() {
             size as f64 / 1024.0
         );
     }
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("model name")
-                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
-        })
-        .unwrap_or_default();
+    let cpu = pinner_e2e::cpu_model();
     println!(
         "machine: {} CPUs, {cpu}; {runs} runs per row, times in ms",
         std::thread::available_parallelism().map_or(0, |n| n.get())

@@ -113,14 +113,7 @@ fn main() {
     let Some(mut sb) = sandbox_or_skip("latency-bench") else {
         std::process::exit(1);
     };
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("model name")
-                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
-        })
-        .unwrap_or_default();
+    let cpu = pinner_e2e::cpu_model();
     println!(
         "machine: {} online CPUs, {cpu}; TCG guests of 1 vCPU, 64 MiB",
         online_cpus().len()
