@@ -89,6 +89,12 @@ fn xml_escape(text: &str) -> String {
         .replace('\'', "&apos;")
 }
 
+/// vCPU and IOThread counts above this are refused. QEMU starts at most
+/// 4,096 vCPUs (q35); the bound keeps a corrupt or hostile count from sizing
+/// the per-thread lists placement builds (a fuzzed `<iothreads>` of 1.8
+/// billion asked for 7 GB).
+pub const MAX_GUEST_THREADS: u32 = 16_384;
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DomainSpec {
     pub name: String,
@@ -132,16 +138,19 @@ impl DomainSpec {
         let name = text("name").ok_or("domain XML: no <name>")?;
         let uuid = text("uuid").unwrap_or_default();
 
+        let count = |value: &str, what: &str| -> Result<u32, String> {
+            match value.trim().parse::<u32>() {
+                Ok(n) if n <= MAX_GUEST_THREADS => Ok(n),
+                Ok(n) => Err(format!(
+                    "domain {name:?}: {what} {n} is more than the {MAX_GUEST_THREADS} pinner handles"
+                )),
+                Err(_) => Err(format!("domain {name:?}: {what} {value:?} is not a count")),
+            }
+        };
         let vcpu = child("vcpu").ok_or_else(|| format!("domain {name:?}: no <vcpu>"))?;
-        let max: u32 = vcpu
-            .text()
-            .and_then(|t| t.trim().parse().ok())
-            .ok_or_else(|| format!("domain {name:?}: <vcpu> is not a count"))?;
+        let max = count(vcpu.text().unwrap_or(""), "<vcpu>")?;
         let vcpus = match vcpu.attribute("current") {
-            Some(c) => c
-                .trim()
-                .parse()
-                .map_err(|_| format!("domain {name:?}: <vcpu current={c:?}> is not a count"))?,
+            Some(c) => count(c, "<vcpu current>")?,
             None => max,
         };
         let cpuset_attr = |node: roxmltree::Node, what: &str| -> Result<Option<CpuSet>, String> {
@@ -195,8 +204,9 @@ impl DomainSpec {
             })
             .unwrap_or_default();
         if iothreads.is_empty() {
-            let count: u32 = text("iothreads").and_then(|t| t.parse().ok()).unwrap_or(0);
-            iothreads = (1..=count).collect();
+            if let Some(n) = text("iothreads") {
+                iothreads = (1..=count(&n, "<iothreads>")?).collect();
+            }
         }
         let memory =
             child("numatune").and_then(|n| n.children().find(|c| c.has_tag_name("memory")));
@@ -349,5 +359,28 @@ mod tests {
         let e = DomainSpec::parse("<domain><name>b</name><vcpu>1</vcpu><cputune><vcpupin vcpu='0' cpuset='9-1'/></cputune></domain>")
             .unwrap_err();
         assert!(e.contains("backwards"), "{e}");
+    }
+
+    #[test]
+    fn absurd_thread_counts_are_refused_before_anything_is_sized_by_them() {
+        let with =
+            |body: &str| DomainSpec::parse(&format!("<domain><name>big</name>{body}</domain>"));
+        // The fuzzer's finding: an <iothreads> count that asked for 7 GB.
+        let e = with("<vcpu>2</vcpu><iothreads>0001855677348</iothreads>").unwrap_err();
+        assert!(
+            e.contains("\"big\"") && e.contains("<iothreads> 1855677348"),
+            "{e}"
+        );
+        let e = with("<vcpu>4294967295</vcpu>").unwrap_err();
+        assert!(e.contains("<vcpu> 4294967295 is more than"), "{e}");
+        let e = with("<vcpu current='99999'>2</vcpu>").unwrap_err();
+        assert!(e.contains("<vcpu current> 99999"), "{e}");
+        let e = with("<vcpu>1</vcpu><iothreads>many</iothreads>").unwrap_err();
+        assert!(e.contains("<iothreads> \"many\" is not a count"), "{e}");
+        let at_limit =
+            format!("<vcpu>{MAX_GUEST_THREADS}</vcpu><iothreads>{MAX_GUEST_THREADS}</iothreads>");
+        let d = with(&at_limit).unwrap();
+        assert_eq!(d.vcpus, MAX_GUEST_THREADS);
+        assert_eq!(d.iothreads.len(), MAX_GUEST_THREADS as usize);
     }
 }

@@ -112,7 +112,7 @@ fn plan_names_the_file_of_a_broken_domain_and_config() {
     let out = plan(&dir, &[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("domains/bad.xml: domain \"bad\": <vcpu> is not a count"),
+        stderr.contains("domains/bad.xml: domain \"bad\": <vcpu> \"x\" is not a count"),
         "{stderr}"
     );
     let _ = std::fs::remove_dir_all(&dir);
