@@ -2,14 +2,28 @@
 
 use std::fmt;
 
-/// A bitset holding only the words from the first set one: CPU n is bit
-/// n%64 of word n/64, stored at `words[n/64 - base]`. Kept canonical (no
-/// zero word at either end, base 0 when empty) so equal sets compare equal,
-/// and a set of one high CPU is one word.
-#[derive(Clone, Default, PartialEq, Eq, Hash)]
+/// 64 CPUs starting at `index * 64`; never stored with `bits == 0`.
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash)]
+struct Block {
+    index: u32,
+    bits: u64,
+}
+
+/// Blocks held without a heap allocation: a core's pair of SMT threads
+/// (Linux numbers them a socket's worth of ids apart, so 0 and 1024 on a
+/// 2,048-CPU host) or a node's two id ranges. Placement builds a set per
+/// vCPU, so this is what keeps planning a large host cheap.
+const INLINE: usize = 2;
+
+/// A set of CPU ids: the non-empty 64-CPU blocks only, sorted by index, so
+/// a set costs its number of occupied blocks however far apart its CPUs are.
+/// Up to `INLINE` blocks live in `inline`; more move to `spill` (then
+/// `inline_len` is 0). Equality and hashing see only the blocks.
+#[derive(Clone, Default)]
 pub struct CpuSet {
-    base: usize,
-    words: Vec<u64>,
+    inline: [Block; INLINE],
+    inline_len: u8,
+    spill: Vec<Block>,
 }
 
 /// Ids above this are refused: no host has them, and a typo like "0-99999999"
@@ -48,118 +62,192 @@ impl CpuSet {
         Ok(set)
     }
 
-    /// Word `i` (absolute index), zero outside the stored span.
-    fn word(&self, i: usize) -> u64 {
-        i.checked_sub(self.base)
-            .and_then(|j| self.words.get(j))
-            .copied()
-            .unwrap_or(0)
+    fn blocks(&self) -> &[Block] {
+        if self.spill.is_empty() {
+            &self.inline[..usize::from(self.inline_len)]
+        } else {
+            &self.spill
+        }
     }
 
-    fn end(&self) -> usize {
-        self.base + self.words.len()
+    fn blocks_mut(&mut self) -> &mut [Block] {
+        if self.spill.is_empty() {
+            &mut self.inline[..usize::from(self.inline_len)]
+        } else {
+            &mut self.spill
+        }
     }
 
-    /// Builds the canonical form of words starting at `base`.
-    fn from_words(base: usize, mut words: Vec<u64>) -> CpuSet {
-        while words.last() == Some(&0) {
-            words.pop();
+    /// Puts `block` at position `at` of the blocks (keeping them sorted is
+    /// the caller's part), moving them to the heap when `inline` is full.
+    fn insert_block(&mut self, at: usize, block: Block) {
+        let len = usize::from(self.inline_len);
+        if !self.spill.is_empty() {
+            self.spill.insert(at, block);
+        } else if len < INLINE {
+            self.inline.copy_within(at..len, at + 1);
+            self.inline[at] = block;
+            self.inline_len += 1;
+        } else {
+            let mut spill = Vec::with_capacity(INLINE * 2);
+            spill.extend_from_slice(&self.inline[..at]);
+            spill.push(block);
+            spill.extend_from_slice(&self.inline[at..]);
+            self.spill = spill;
+            self.inline_len = 0;
         }
-        let lead = words.iter().take_while(|w| **w == 0).count();
-        if lead == words.len() {
-            return CpuSet::new();
+    }
+
+    /// Appends a block above every block held; empty blocks are skipped.
+    fn push_block(&mut self, block: Block) {
+        if block.bits != 0 {
+            self.insert_block(self.blocks().len(), block);
         }
-        words.drain(..lead);
-        CpuSet {
-            base: base + lead,
-            words,
-        }
+    }
+
+    /// Where the block holding `cpu` is (Ok) or would go (Err).
+    fn find(&self, cpu: u32) -> Result<usize, usize> {
+        self.blocks().binary_search_by_key(&(cpu / 64), |b| b.index)
     }
 
     pub fn len(&self) -> usize {
-        self.words.iter().map(|w| w.count_ones() as usize).sum()
+        self.blocks()
+            .iter()
+            .map(|b| b.bits.count_ones() as usize)
+            .sum()
     }
     pub fn is_empty(&self) -> bool {
-        self.words.is_empty()
+        self.blocks().is_empty()
     }
     pub fn contains(&self, cpu: u32) -> bool {
-        self.word(cpu as usize / 64) & (1 << (cpu % 64)) != 0
+        self.find(cpu)
+            .is_ok_and(|i| self.blocks()[i].bits & (1 << (cpu % 64)) != 0)
     }
     pub fn insert(&mut self, cpu: u32) {
-        let w = cpu as usize / 64;
-        if self.words.is_empty() {
-            self.base = w;
-            self.words.push(0);
-        } else if w < self.base {
-            self.words
-                .splice(0..0, std::iter::repeat_n(0, self.base - w));
-            self.base = w;
-        } else if w >= self.end() {
-            self.words.resize(w - self.base + 1, 0);
+        let bit = 1 << (cpu % 64);
+        // Ascending inserts (parsing, collecting) land in or after the last block.
+        let at = match self.blocks().last() {
+            Some(last) if last.index == cpu / 64 => Ok(self.blocks().len() - 1),
+            Some(last) if last.index < cpu / 64 => Err(self.blocks().len()),
+            _ => self.find(cpu),
+        };
+        match at {
+            Ok(i) => self.blocks_mut()[i].bits |= bit,
+            Err(i) => self.insert_block(
+                i,
+                Block {
+                    index: cpu / 64,
+                    bits: bit,
+                },
+            ),
         }
-        self.words[w - self.base] |= 1 << (cpu % 64);
     }
     pub fn remove(&mut self, cpu: u32) {
-        let w = cpu as usize / 64;
-        if w >= self.base && w < self.end() {
-            self.words[w - self.base] &= !(1 << (cpu % 64));
-            if self.words[0] == 0 || self.words.last() == Some(&0) {
-                *self = CpuSet::from_words(self.base, std::mem::take(&mut self.words));
+        let Ok(i) = self.find(cpu) else { return };
+        let block = &mut self.blocks_mut()[i];
+        block.bits &= !(1 << (cpu % 64));
+        if block.bits == 0 {
+            if self.spill.is_empty() {
+                let len = usize::from(self.inline_len);
+                self.inline.copy_within(i + 1..len, i);
+                self.inline_len -= 1;
+            } else {
+                self.spill.remove(i);
             }
         }
     }
     pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
-        let base = self.base;
-        self.words.iter().enumerate().flat_map(move |(i, &word)| {
-            let mut rest = word;
+        self.blocks().iter().flat_map(|&Block { index, bits }| {
+            let mut rest = bits;
             std::iter::from_fn(move || {
                 if rest == 0 {
                     return None;
                 }
                 let bit = rest.trailing_zeros();
                 rest &= rest - 1;
-                Some(((base + i) * 64) as u32 + bit)
+                Some(index * 64 + bit)
             })
         })
     }
     pub fn first(&self) -> Option<u32> {
         self.iter().next()
     }
+
+    /// Walks both sets' blocks in index order, combining those with the same
+    /// index and keeping a side's lone blocks where asked.
+    fn merge(
+        &self,
+        other: &CpuSet,
+        keep_mine: bool,
+        keep_theirs: bool,
+        both: impl Fn(u64, u64) -> u64,
+    ) -> CpuSet {
+        let (a, b) = (self.blocks(), other.blocks());
+        let (mut i, mut j) = (0, 0);
+        let mut out = CpuSet::new();
+        while i < a.len() && j < b.len() {
+            match a[i].index.cmp(&b[j].index) {
+                std::cmp::Ordering::Less => {
+                    if keep_mine {
+                        out.push_block(a[i]);
+                    }
+                    i += 1;
+                }
+                std::cmp::Ordering::Greater => {
+                    if keep_theirs {
+                        out.push_block(b[j]);
+                    }
+                    j += 1;
+                }
+                std::cmp::Ordering::Equal => {
+                    out.push_block(Block {
+                        index: a[i].index,
+                        bits: both(a[i].bits, b[j].bits),
+                    });
+                    i += 1;
+                    j += 1;
+                }
+            }
+        }
+        let rest = match (keep_mine, keep_theirs) {
+            (true, _) if i < a.len() => &a[i..],
+            (_, true) if j < b.len() => &b[j..],
+            _ => &[],
+        };
+        for &block in rest {
+            out.push_block(block);
+        }
+        out
+    }
+
     pub fn union(&self, other: &CpuSet) -> CpuSet {
-        if other.is_empty() {
-            return self.clone();
-        }
-        if self.is_empty() {
-            return other.clone();
-        }
-        let (lo, hi) = (self.base.min(other.base), self.end().max(other.end()));
-        CpuSet {
-            base: lo,
-            words: (lo..hi).map(|i| self.word(i) | other.word(i)).collect(),
-        }
+        self.merge(other, true, true, |x, y| x | y)
     }
     pub fn difference(&self, other: &CpuSet) -> CpuSet {
-        let words = (self.base..self.end())
-            .map(|i| self.word(i) & !other.word(i))
-            .collect();
-        CpuSet::from_words(self.base, words)
+        self.merge(other, true, false, |x, y| x & !y)
     }
     pub fn intersection(&self, other: &CpuSet) -> CpuSet {
-        let (lo, hi) = (self.base.max(other.base), self.end().min(other.end()));
-        if lo >= hi {
-            return CpuSet::new();
-        }
-        CpuSet::from_words(lo, (lo..hi).map(|i| self.word(i) & other.word(i)).collect())
+        self.merge(other, false, false, |x, y| x & y)
     }
     /// |self ∩ other| without building the intersection.
     pub fn overlap(&self, other: &CpuSet) -> usize {
-        let (lo, hi) = (self.base.max(other.base), self.end().min(other.end()));
-        (lo..hi)
-            .map(|i| (self.word(i) & other.word(i)).count_ones() as usize)
-            .sum()
+        let (a, b) = (self.blocks(), other.blocks());
+        let (mut i, mut j, mut count) = (0, 0, 0);
+        while i < a.len() && j < b.len() {
+            match a[i].index.cmp(&b[j].index) {
+                std::cmp::Ordering::Less => i += 1,
+                std::cmp::Ordering::Greater => j += 1,
+                std::cmp::Ordering::Equal => {
+                    count += (a[i].bits & b[j].bits).count_ones() as usize;
+                    i += 1;
+                    j += 1;
+                }
+            }
+        }
+        count
     }
     pub fn is_subset(&self, other: &CpuSet) -> bool {
-        (self.base..self.end()).all(|i| self.word(i) & !other.word(i) == 0)
+        self.overlap(other) == self.len()
     }
     pub fn to_vec(&self) -> Vec<u32> {
         self.iter().collect()
@@ -175,6 +263,20 @@ impl CpuSet {
             }
         }
         map
+    }
+}
+
+impl PartialEq for CpuSet {
+    fn eq(&self, other: &Self) -> bool {
+        self.blocks() == other.blocks()
+    }
+}
+
+impl Eq for CpuSet {}
+
+impl std::hash::Hash for CpuSet {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.blocks().hash(state);
     }
 }
 
@@ -287,6 +389,81 @@ mod tests {
         );
         assert_eq!(a.len(), 3);
         assert_eq!(a.first(), Some(1));
+    }
+
+    #[test]
+    fn far_apart_cpus_take_a_block_each_and_compare_by_content() {
+        // A core's SMT pair on a 2,048-CPU host: two blocks, held inline.
+        let pair: CpuSet = [1024, 0].into_iter().collect();
+        assert_eq!(pair.blocks().len(), 2);
+        assert!(pair.spill.is_empty(), "two blocks stay inline");
+        assert_eq!(pair.to_string(), "0,1024");
+        // A third block moves to the heap; removing it again gives an equal
+        // set (and hash) whichever storage holds it.
+        let mut three = pair.clone();
+        three.insert(4000);
+        assert_eq!(three.spill.len(), 3);
+        three.remove(4000);
+        assert_eq!(three, pair);
+        let hash = |s: &CpuSet| {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            s.hash(&mut h);
+            h.finish()
+        };
+        assert_eq!(hash(&three), hash(&pair));
+        assert_eq!(
+            CpuSet::parse("0-65535").unwrap().len(),
+            65_536,
+            "the largest set is a block per 64 CPUs"
+        );
+    }
+
+    use proptest::prelude::*;
+    use std::collections::BTreeSet;
+
+    /// Ids clustered in a few far-apart blocks, so sets of every storage
+    /// (empty, inline, spilled) and every overlap between them come up.
+    fn ids() -> impl Strategy<Value = BTreeSet<u32>> {
+        proptest::collection::btree_set(
+            (0u32..6, 0u32..70).prop_map(|(block, off)| block * 1000 + off),
+            0..40,
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn behaves_like_a_sorted_set_of_ids(a in ids(), b in ids(), probe in 0u32..6100) {
+            let (x, y): (CpuSet, CpuSet) = (a.iter().copied().collect(), b.iter().copied().collect());
+            let of = |s: &CpuSet| s.iter().collect::<BTreeSet<u32>>();
+            prop_assert_eq!(of(&x), a.clone());
+            prop_assert_eq!(x.len(), a.len());
+            prop_assert_eq!(x.is_empty(), a.is_empty());
+            prop_assert_eq!(x.first(), a.first().copied());
+            prop_assert_eq!(x.contains(probe), a.contains(&probe));
+            prop_assert_eq!(of(&x.union(&y)), a.union(&b).copied().collect::<BTreeSet<_>>());
+            prop_assert_eq!(of(&x.intersection(&y)), a.intersection(&b).copied().collect::<BTreeSet<_>>());
+            prop_assert_eq!(of(&x.difference(&y)), a.difference(&b).copied().collect::<BTreeSet<_>>());
+            prop_assert_eq!(x.overlap(&y), a.intersection(&b).count());
+            prop_assert_eq!(x.is_subset(&y), a.is_subset(&b));
+            prop_assert_eq!(x == y, a == b);
+            prop_assert_eq!(x.cmp(&y), a.iter().cmp(b.iter()));
+            prop_assert_eq!(CpuSet::parse(&x.to_string()).unwrap(), x.clone());
+            // Built in another order and through removals: the same set.
+            let mut z: CpuSet = a.iter().rev().copied().chain(b.iter().copied()).collect();
+            for cpu in b.difference(&a) {
+                z.remove(*cpu);
+            }
+            z.remove(probe);
+            let mut expected = a.clone();
+            expected.remove(&probe);
+            prop_assert_eq!(of(&z), expected.clone());
+            let mut w: CpuSet = expected.iter().copied().collect();
+            prop_assert_eq!(&z, &w);
+            w.insert(probe);
+            z.insert(probe);
+            prop_assert_eq!(z, w);
+        }
     }
 
     #[test]
