@@ -172,20 +172,10 @@ impl<'a> Layout<'a> {
             layout.l3[i] = cpu.l3;
             layout.kind[i] = cpu.kind;
         }
-        for cpu in topo.cpus.iter().filter(|c| c.online) {
-            let key = layout.l3_key(cpu.id);
-            layout
-                .node_masks
-                .entry(cpu.numa_node)
-                .or_default()
-                .insert(cpu.id);
-            layout.l3_masks.entry(key).or_default().insert(cpu.id);
-            layout
-                .kind_masks
-                .entry(kind_rank(cpu.kind))
-                .or_default()
-                .insert(cpu.id);
-        }
+        let online = || topo.cpus.iter().filter(|c| c.online);
+        layout.node_masks = masks(online().map(|c| (c.numa_node, c.id)));
+        layout.l3_masks = masks(online().map(|c| (layout.l3_key(c.id), c.id)));
+        layout.kind_masks = masks(online().map(|c| (kind_rank(c.kind), c.id)));
         layout
     }
 
@@ -236,24 +226,18 @@ impl<'a> Layout<'a> {
         }
     }
 
-    /// The nodes `cpus` touch, sorted. Deduplicated as found (a node's CPUs
-    /// mostly come in a row), so the list stays as short as the answer.
-    fn nodes_of(&self, cpus: &CpuSet) -> Vec<u32> {
-        let mut nodes: Vec<u32> = Vec::new();
-        for node in cpus.iter().filter_map(|c| self.node_of(c)) {
+    /// The distinct nodes of `cpus` (None for CPUs without one), sorted.
+    /// Deduplicated as found (a node's CPUs mostly come in a row), so the
+    /// list stays as short as the answer.
+    fn nodes_opt(&self, cpus: &CpuSet) -> Vec<Option<u32>> {
+        let mut nodes: Vec<Option<u32>> = Vec::new();
+        for node in cpus.iter().map(|c| self.node_of(c)) {
             if nodes.last() != Some(&node) && !nodes.contains(&node) {
                 nodes.push(node);
             }
         }
         nodes.sort_unstable();
         nodes
-    }
-
-    /// Whether every CPU of `cpus` belongs to a NUMA node.
-    fn all_in_nodes(&self, cpus: &CpuSet) -> bool {
-        self.node_masks
-            .get(&None)
-            .is_none_or(|nodeless| nodeless.overlap(cpus) == 0)
     }
 
     fn distance(&self, a: Option<u32>, b: Option<u32>) -> u32 {
@@ -271,6 +255,22 @@ impl<'a> Layout<'a> {
             .map(|(rank, _)| kind_of_rank(*rank))
             .collect()
     }
+}
+
+/// CPUs grouped by key. A key's CPUs mostly come in runs (a node's, an
+/// L3's), so a run is gathered before the map is looked up.
+fn masks<K: Ord + Copy>(cpus: impl Iterator<Item = (K, u32)>) -> BTreeMap<K, CpuSet> {
+    let mut masks: BTreeMap<K, CpuSet> = BTreeMap::new();
+    let mut cpus = cpus.peekable();
+    while let Some((key, cpu)) = cpus.next() {
+        let mut run: CpuSet = std::iter::once(cpu).collect();
+        while let Some((_, next)) = cpus.next_if(|(k, _)| *k == key) {
+            run.insert(next);
+        }
+        let mask = masks.entry(key).or_default();
+        *mask = mask.union(&run);
+    }
+    masks
 }
 
 fn kind_rank(kind: Option<CpuKind>) -> u8 {
@@ -294,11 +294,17 @@ fn node_label(node: Option<u32>) -> String {
 }
 
 fn join_nodes(nodes: &[Option<u32>]) -> String {
-    nodes
-        .iter()
-        .map(|n| node_label(*n))
-        .collect::<Vec<_>>()
-        .join("+")
+    let mut out = String::new();
+    for (i, node) in nodes.iter().enumerate() {
+        if i > 0 {
+            out.push('+');
+        }
+        match node {
+            Some(n) => out.push_str(&n.to_string()),
+            None => out.push('-'),
+        }
+    }
+    out
 }
 
 type Current<'g> = &'g [Option<CpuSet>];
@@ -430,8 +436,10 @@ pub fn plan(topo: &Topology, host: &HostPolicy, guests: &[Guest]) -> Plan {
             )
         })
         .sum();
-    // Already in name order: `managed` is.
-    let plans: Vec<GuestPlan> = placed.into_iter().flatten().collect();
+    // Already in name order: `managed` is. Every managed guest has a plan
+    // by now; the capacity saves regrowing (and copying) the list.
+    let mut plans: Vec<GuestPlan> = Vec::with_capacity(placed.len());
+    plans.extend(placed.into_iter().flatten());
     let dedicated_count = plans
         .iter()
         .filter(|p| p.placement == Placement::Dedicated)
@@ -459,11 +467,12 @@ struct Locality {
 }
 
 impl Locality {
-    /// Memory is bound (strict) to the nodes of `cpus` unless some of them
-    /// belong to no node, in which case it is left alone.
-    fn of(layout: &Layout, cpus: &CpuSet) -> Locality {
-        let numa_nodes = layout.nodes_of(cpus);
-        let bound = layout.all_in_nodes(cpus) && !numa_nodes.is_empty();
+    /// From the guest's nodes (`Layout::nodes_opt`): memory is bound
+    /// (strict) to them unless some of its CPUs belong to no node, in which
+    /// case it is left alone.
+    fn of(nodes: &[Option<u32>]) -> Locality {
+        let numa_nodes: Vec<u32> = nodes.iter().flatten().copied().collect();
+        let bound = !nodes.contains(&None) && !numa_nodes.is_empty();
         Locality {
             memory_nodes: bound.then(|| numa_nodes.clone()),
             numa_nodes,
@@ -526,16 +535,15 @@ fn place_dedicated(
     let mut order: Vec<usize> = (0..guests.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(guests[i].0.vcpus));
     let mut plans = vec![None; guests.len()];
+    // Guests that keep all their pins share a reason per node list.
+    let mut kept_reasons: HashMap<Vec<Option<u32>>, String> = HashMap::new();
     for i in order {
         let (g, _) = guests[i];
         let slots = &mut kept[i];
         let mine: CpuSet = slots.iter().flatten().copied().collect();
         let missing = slots.iter().filter(|s| s.is_none()).count();
         let reason = if missing == 0 {
-            format!(
-                "dedicated: kept pins on node {}",
-                join_nodes(&nodes_opt(layout, &mine))
-            )
+            None
         } else {
             // Where the guest runs now (kept pins, or the range it shared)
             // is home: its memory is there.
@@ -554,7 +562,7 @@ fn place_dedicated(
                     for cpu in chosen.iter() {
                         free.remove(cpu);
                     }
-                    reason
+                    Some(reason)
                 }
                 None => {
                     for cpu in mine.iter() {
@@ -568,8 +576,23 @@ fn place_dedicated(
             .iter()
             .map(|s| s.map(|c| std::iter::once(c).collect()).unwrap_or_default())
             .collect();
-        let own: CpuSet = slots.iter().flatten().copied().collect();
-        let locality = Locality::of(layout, &own);
+        let own: CpuSet = match reason {
+            None => mine,
+            Some(_) => slots.iter().flatten().copied().collect(),
+        };
+        let nodes = layout.nodes_opt(&own);
+        let reason = match reason {
+            Some(reason) => reason,
+            None => match kept_reasons.get(&nodes) {
+                Some(reason) => reason.clone(),
+                None => {
+                    let reason = format!("dedicated: kept pins on node {}", join_nodes(&nodes));
+                    kept_reasons.insert(nodes.clone(), reason.clone());
+                    reason
+                }
+            },
+        };
+        let locality = Locality::of(&nodes);
         let emulator = match host.emulator {
             EmulatorPolicy::Housekeeping if !reserved.is_empty() => reserved.clone(),
             _ => own,
@@ -584,14 +607,6 @@ fn place_dedicated(
         ));
     }
     plans
-}
-
-/// The distinct nodes of `cpus` (None for CPUs without one), sorted.
-fn nodes_opt(layout: &Layout, cpus: &CpuSet) -> Vec<Option<u32>> {
-    let mut nodes: Vec<Option<u32>> = cpus.iter().map(|c| layout.node_of(c)).collect();
-    nodes.sort_unstable();
-    nodes.dedup();
-    nodes
 }
 
 /// `need` free CPUs for a guest that already holds `mine`: one core kind,
@@ -637,7 +652,7 @@ fn choose_nodes(
     need: usize,
 ) -> (CpuSet, String) {
     let by_node = layout.by_node(candidates);
-    let home_nodes = nodes_opt(layout, home);
+    let home_nodes = layout.nodes_opt(home);
     let room = home_nodes
         .iter()
         .filter_map(|n| by_node.get(n))
@@ -877,18 +892,21 @@ fn place_shared(
 
     let mut order: Vec<usize> = (0..guests.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(guests[i].0.vcpus));
-    let mut chosen: Vec<Option<usize>> = vec![None; guests.len()];
+    let mut chosen: Vec<usize> = vec![0; guests.len()];
+    // One buffer for every guest's candidates: the L3 ranges it fits, else
+    // the nodes it fits, else a span made for it.
+    let mut candidates: Vec<usize> = Vec::with_capacity(static_count + 1);
     for i in order {
         let (g, current) = guests[i];
         let need = g.vcpus as usize;
-        let fitting = |level: u8| -> Vec<usize> {
-            (0..static_count)
-                .filter(|&r| ranges.level[r] == level && ranges.size[r] >= need)
-                .collect()
-        };
-        let mut candidates = fitting(0);
-        if candidates.is_empty() {
-            candidates = fitting(1);
+        candidates.clear();
+        for level in [0, 1] {
+            candidates.extend(
+                (0..static_count).filter(|&r| ranges.level[r] == level && ranges.size[r] >= need),
+            );
+            if !candidates.is_empty() {
+                break;
+            }
         }
         if candidates.is_empty() {
             // Larger than any node: the fewest closest nodes of the largest kind.
@@ -902,26 +920,22 @@ fn place_shared(
             } else {
                 shared_pool.clone()
             };
-            candidates = vec![ranges.add(span, 2)];
+            candidates.push(ranges.add(span, 2));
         }
         let best = candidates
             .iter()
-            .copied()
-            .min_by(|&a, &b| {
-                ranges
-                    .mean_after(a, g.vcpus)
-                    .total_cmp(&ranges.mean_after(b, g.vcpus))
-            })
+            .map(|&r| (r, ranges.mean_after(r, g.vcpus)))
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|(r, _)| r)
             .expect("at least one candidate");
         let here = match current.first() {
             Some(Some(first))
                 if current.len() == need && current.iter().all(|c| c.as_ref() == Some(first)) =>
             {
-                ranges
-                    .index
-                    .get(first)
+                candidates
+                    .iter()
                     .copied()
-                    .filter(|r| candidates.contains(r))
+                    .find(|&r| ranges.sets[r] == *first)
             }
             _ => None,
         };
@@ -930,21 +944,19 @@ fn place_shared(
             _ => best,
         };
         ranges.assign(range, g.vcpus);
-        chosen[i] = Some(range);
+        chosen[i] = range;
     }
 
     // Guests of one range share its reason and locality: work them out once.
-    let mut described: HashMap<usize, (String, Locality)> = HashMap::new();
+    let mut described: Vec<Option<(String, Locality)>> = vec![None; ranges.sets.len()];
     guests
         .iter()
         .zip(chosen)
-        .filter_map(|((g, _), range)| {
-            let r = range?;
+        .map(|((g, _), r)| {
             let set = &ranges.sets[r];
-            let (reason, locality) = described
-                .entry(r)
-                .or_insert_with(|| {
-                    let nodes = nodes_opt(layout, set);
+            let (reason, locality) = described[r]
+                .get_or_insert_with(|| {
+                    let nodes = layout.nodes_opt(set);
                     let where_ = match (ranges.level[r], layout.l3_key(set.first().unwrap_or(0))) {
                         (0, (_, Some(l3))) if layout.l3_masks.len() > layout.node_masks.len() => {
                             format!("node {} L3 {l3}", node_label(nodes[0]))
@@ -956,17 +968,17 @@ fn place_shared(
                         "shared: {where_} ({:.2} vCPUs per pCPU)",
                         ranges.load[r] / ranges.size[r] as f64
                     );
-                    (reason, Locality::of(layout, set))
+                    (reason, Locality::of(&nodes))
                 })
                 .clone();
-            Some(guest_plan(
+            guest_plan(
                 g,
                 Placement::Shared,
                 vec![set.clone(); g.vcpus as usize],
                 set.clone(),
                 locality,
                 reason,
-            ))
+            )
         })
         .collect()
 }
