@@ -299,10 +299,7 @@ fn join_nodes(nodes: &[Option<u32>]) -> String {
         if i > 0 {
             out.push('+');
         }
-        match node {
-            Some(n) => out.push_str(&n.to_string()),
-            None => out.push('-'),
-        }
+        out.push_str(&node_label(*node));
     }
     out
 }
