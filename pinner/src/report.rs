@@ -14,6 +14,12 @@ fn cpus(list: &[u32]) -> String {
     }
 }
 
+/// "node 1", "nodes 0-1".
+fn nodes(list: &[u32]) -> String {
+    let noun = if list.len() > 1 { "nodes" } else { "node" };
+    format!("{noun} {}", cpus(list))
+}
+
 pub fn status_text(report: &StatusReport) -> String {
     let mut out = String::new();
     let _ = writeln!(
@@ -86,9 +92,9 @@ pub fn status_text(report: &StatusReport) -> String {
         }
         out.push('\n');
         if !d.memory_nodes.is_empty() || !d.planned_memory_nodes.is_empty() {
-            let _ = write!(out, "  memory   -> node {}", cpus(&d.memory_nodes));
+            let _ = write!(out, "  memory   -> {}", nodes(&d.memory_nodes));
             if d.memory_nodes != d.planned_memory_nodes {
-                let _ = write!(out, "   (plan: node {})", cpus(&d.planned_memory_nodes));
+                let _ = write!(out, "   (plan: {})", nodes(&d.planned_memory_nodes));
             }
             out.push('\n');
         }
@@ -231,8 +237,8 @@ pub fn plan_text(plan: &Plan, specs: &[DomainSpec]) -> String {
             let _ = writeln!(out, "  vcpu {vcpu:<3} -> {cpus}");
         }
         let _ = writeln!(out, "  emulator -> {}", g.emulator);
-        if let Some(nodes) = &g.memory_nodes {
-            let _ = writeln!(out, "  memory   -> node {} (strict)", cpus(nodes));
+        if let Some(memory) = &g.memory_nodes {
+            let _ = writeln!(out, "  memory   -> {} (strict)", nodes(memory));
         }
     }
     for (name, why) in left_alone(plan, specs) {

@@ -505,21 +505,25 @@ pub fn render_tree(topo: &Topology) -> String {
         .collect();
     let _ = writeln!(
         out,
-        "{} CPUs online ({}), offline: {}; {} packages, {} NUMA nodes, {} cores, {} L3 domains",
-        online.len(),
+        "{} online ({}), offline: {}; {}, {}, {}, {}",
+        counted(online.len(), "CPU", "CPUs"),
         topo.online,
         if offline.is_empty() {
             "none".into()
         } else {
             offline.to_string()
         },
-        count(|c| c.package),
-        topo.numa_nodes
-            .iter()
-            .filter(|n| !n.cpus.is_empty())
-            .count(),
-        count(|c| c.core),
-        count(|c| c.l3),
+        counted(count(|c| c.package), "package", "packages"),
+        counted(
+            topo.numa_nodes
+                .iter()
+                .filter(|n| !n.cpus.is_empty())
+                .count(),
+            "NUMA node",
+            "NUMA nodes"
+        ),
+        counted(count(|c| c.core), "core", "cores"),
+        counted(count(|c| c.l3), "L3 domain", "L3 domains"),
     );
     if !topo.isolated.is_empty() || !topo.nohz_full.is_empty() {
         let _ = writeln!(
@@ -577,9 +581,34 @@ pub fn render_tree(topo: &Topology) -> String {
     out
 }
 
+/// "1 core", "14 cores".
+fn counted(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tree_counts_in_words_and_nests_package_node_l3_core() {
+        // 2 nodes of 2 cores, 2 threads each; siblings numbered 4 apart.
+        let tree = render_tree(&Topology::synthetic(2, 1, 2, 2));
+        let mut lines = tree.lines();
+        assert_eq!(
+            lines.next(),
+            Some("8 CPUs online (0-7), offline: none; 1 package, 2 NUMA nodes, 4 cores, 2 L3 domains"),
+            "{tree}"
+        );
+        assert!(tree.contains("package 0\n  numa node 0, 65536 MiB, distances [10, 16]\n    L3 0\n      core 0: cpus 0,4\n"), "{tree}");
+        let one = render_tree(&Topology::synthetic(1, 1, 1, 1));
+        assert!(
+            one.starts_with(
+                "1 CPU online (0), offline: none; 1 package, 1 NUMA node, 1 core, 1 L3 domain\n"
+            ),
+            "{one}"
+        );
+    }
 
     /// A sysfs tree of `files` in a directory of its own (tests run in
     /// parallel and may build the same fixture).
