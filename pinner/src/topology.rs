@@ -759,30 +759,60 @@ mod tests {
     }
 
     #[test]
-    fn hybrid_kinds_from_base_frequency() {
-        let mut files = vec![(
-            "sys/devices/system/cpu/online".to_string(),
-            "0-2".to_string(),
-        )];
-        for (cpu, base) in [(0, "1900000"), (1, "1900000"), (2, "1400000")] {
-            files.push((
-                format!("sys/devices/system/cpu/cpu{cpu}/cpufreq/base_frequency"),
-                base.into(),
-            ));
-        }
-        let refs: Vec<(&str, &str)> = files
-            .iter()
-            .map(|(a, b)| (a.as_str(), b.as_str()))
-            .collect();
-        let topo = Topology::read(&fake_sysfs("hybrid", &refs)).unwrap();
-        let kinds: Vec<_> = topo.cpus.iter().map(|c| c.kind).collect();
+    fn hybrid_kinds_from_pmus_capacity_or_base_frequency() {
+        use CpuKind::{Efficiency as E, Performance as P};
+        let kinds = |tag: &str, per_cpu_file: &str, values: &[&str], extra: &[(&str, &str)]| {
+            let mut files = vec![(
+                "sys/devices/system/cpu/online".to_string(),
+                format!("0-{}", values.len() - 1),
+            )];
+            for (cpu, value) in values.iter().enumerate() {
+                files.push((
+                    format!("sys/devices/system/cpu/cpu{cpu}/{per_cpu_file}"),
+                    value.to_string(),
+                ));
+            }
+            files.extend(extra.iter().map(|(a, b)| (a.to_string(), b.to_string())));
+            let refs: Vec<(&str, &str)> = files
+                .iter()
+                .map(|(a, b)| (a.as_str(), b.as_str()))
+                .collect();
+            let topo = Topology::read(&fake_sysfs(tag, &refs)).unwrap();
+            topo.cpus.iter().map(|c| c.kind).collect::<Vec<_>>()
+        };
+        let freq = "cpufreq/base_frequency";
         assert_eq!(
-            kinds,
-            vec![
-                Some(CpuKind::Performance),
-                Some(CpuKind::Performance),
-                Some(CpuKind::Efficiency)
-            ]
+            kinds("hybrid-freq", freq, &["1900000", "1900000", "1400000"], &[]),
+            vec![Some(P), Some(P), Some(E)]
+        );
+        // arm big.LITTLE: the kernel's capacity classes.
+        assert_eq!(
+            kinds(
+                "hybrid-cap",
+                "cpu_capacity",
+                &["446", "1024", "1024", "446"],
+                &[]
+            ),
+            vec![Some(E), Some(P), Some(P), Some(E)]
+        );
+        // Intel's PMUs win over frequencies that say otherwise.
+        let pmus = [
+            ("sys/devices/cpu_core/cpus", "1-2"),
+            ("sys/devices/cpu_atom/cpus", "0"),
+        ];
+        assert_eq!(
+            kinds(
+                "hybrid-pmu",
+                freq,
+                &["1900000", "1900000", "1400000"],
+                &pmus
+            ),
+            vec![Some(E), Some(P), Some(P)]
+        );
+        // Equal values (or a CPU without one) mean no kinds at all.
+        assert_eq!(
+            kinds("uniform-cap", "cpu_capacity", &["1024", "1024"], &[]),
+            vec![None, None]
         );
     }
 
