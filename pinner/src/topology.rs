@@ -809,7 +809,7 @@ mod tests {
             ),
             vec![Some(E), Some(P), Some(P)]
         );
-        // Equal values (or a CPU without one) mean no kinds at all.
+        // Equal values mean no kinds at all.
         assert_eq!(
             kinds("uniform-cap", "cpu_capacity", &["1024", "1024"], &[]),
             vec![None, None]
