@@ -253,6 +253,21 @@ impl Sandbox {
         self.read("daemon.log")
     }
 
+    /// Waits up to 5 s for `needle` in the daemon's log, and returns the log.
+    /// The daemon logs what it did after doing it, so a test that has just
+    /// seen the effect may read the log a moment too early.
+    pub fn await_log(&self, needle: &str) -> String {
+        wait_for(Duration::from_secs(5), || {
+            let log = self.daemon_log();
+            if log.contains(needle) {
+                Ok(log)
+            } else {
+                Err(format!("no {needle:?} in the daemon's log"))
+            }
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", self.daemon_log()))
+    }
+
     pub fn start_libvirtd(&mut self) {
         assert!(self.libvirtd.is_none(), "libvirtd already running");
         let mut cmd = Command::new("nsenter");

@@ -96,12 +96,12 @@ fn sighup_reloads_and_sigterm_stops_cleanly() {
         "reload re-placed the guest",
         |pins| pins == vec![vec![last]],
     );
-    assert!(sb.daemon_log().contains("configuration reloaded"));
+    sb.await_log("configuration reloaded");
 
     let status = sb.stop_daemon().expect("daemon exits on SIGTERM");
     assert!(status.success(), "{status:?}");
     assert!(!sb.socket().exists(), "socket removed on exit");
-    assert!(sb.daemon_log().contains("pinner daemon stopped"));
+    sb.await_log("pinner daemon stopped");
     assert_eq!(
         sb.vcpu_pins("g"),
         vec![vec![last]],

@@ -85,10 +85,7 @@ fn memory_follows_the_vcpus_and_helper_threads_go_to_housekeeping() {
         status["domains"][0]["memory_nodes"],
         serde_json::json!([node])
     );
-    assert!(
-        sb.daemon_log().contains("bound memory to NUMA nodes"),
-        "decision logged"
-    );
+    sb.await_log("bound memory to NUMA nodes");
 }
 
 #[test]

@@ -216,12 +216,7 @@ fn pin_moved_by_hand_is_corrected_by_libvirts_event() {
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(counter(&sb, "outside_pin_changes"), 1);
     assert!(counter(&sb, "reconciles") > reconciles);
-    assert!(
-        sb.daemon_log()
-            .contains("pins changed outside pinner: cputune.vcpupin0="),
-        "{}",
-        sb.daemon_log()
-    );
+    sb.await_log("pins changed outside pinner: cputune.vcpupin0=");
     eprintln!("hand-made pin corrected in {corrected_in:?}");
 }
 

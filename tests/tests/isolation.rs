@@ -236,9 +236,7 @@ fn host_daemons_confined_kept_and_put_back() {
     wait_for(Duration::from_secs(2), || confined_to(restarted, &reserved))
         .unwrap_or_else(|e| panic!("restarted dummy not confined within 2 s: {e}"));
     eprintln!("restarted dummy confined after {:?}", started.elapsed());
-    assert!(sb
-        .daemon_log()
-        .contains(&format!("confined dummy-restart[{restarted}]")));
+    sb.await_log(&format!("confined dummy-restart[{restarted}]"));
 
     // One started without a pid file waits for a sweep; `pinner isolate`
     // is one.
@@ -284,7 +282,7 @@ fn host_daemons_confined_kept_and_put_back() {
     assert!(sb.stop_daemon().is_some_and(|s| s.success()));
     assert!(thread_cpus(plain).iter().all(|t| t == &online));
     assert!(!Path::new(&format!("/sys/fs/cgroup/cpuset/{group}")).exists());
-    assert!(sb.daemon_log().contains("host isolation undone"));
+    sb.await_log("host isolation undone");
 }
 
 #[test]
