@@ -67,18 +67,10 @@ fn sighup_reloads_and_sigterm_stops_cleanly() {
 
     std::fs::write(sb.config_path(), "reserved_cpus = \"0-\"\n").unwrap();
     sb.signal_daemon(libc::SIGHUP);
-    let expected = format!("{}:1:17: reserved_cpus", sb.config_path().display());
-    wait_for(Duration::from_secs(5), || {
-        let log = sb.daemon_log();
-        if log.contains("configuration not reloaded, keeping the running one")
-            && log.contains(&expected)
-        {
-            Ok(())
-        } else {
-            Err("no reload error in the log".to_string())
-        }
-    })
-    .unwrap();
+    sb.await_log(&format!(
+        "configuration not reloaded, keeping the running one: {}:1:17: reserved_cpus",
+        sb.config_path().display()
+    ));
     let status = sb.all_in_sync().expect("still running on the old config");
     assert_eq!(status["pool"], serde_json::json!([first, last]));
 
