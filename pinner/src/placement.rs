@@ -539,8 +539,9 @@ fn place_dedicated(
         let slots = &mut kept[i];
         let mine: CpuSet = slots.iter().flatten().copied().collect();
         let missing = slots.iter().filter(|s| s.is_none()).count();
-        let reason = if missing == 0 {
-            None
+        // The guest's CPUs, and why: None when it keeps every pin.
+        let (own, reason) = if missing == 0 {
+            (mine, None)
         } else {
             // Where the guest runs now (kept pins, or the range it shared)
             // is home: its memory is there.
@@ -559,7 +560,7 @@ fn place_dedicated(
                     for cpu in chosen.iter() {
                         free.remove(cpu);
                     }
-                    Some(reason)
+                    (mine.union(&chosen), Some(reason))
                 }
                 None => {
                     for cpu in mine.iter() {
@@ -573,22 +574,15 @@ fn place_dedicated(
             .iter()
             .map(|s| s.map(|c| std::iter::once(c).collect()).unwrap_or_default())
             .collect();
-        let own: CpuSet = match reason {
-            None => mine,
-            Some(_) => slots.iter().flatten().copied().collect(),
-        };
         let nodes = layout.nodes_opt(&own);
-        let reason = match reason {
-            Some(reason) => reason,
-            None => match kept_reasons.get(&nodes) {
-                Some(reason) => reason.clone(),
-                None => {
-                    let reason = format!("dedicated: kept pins on node {}", join_nodes(&nodes));
-                    kept_reasons.insert(nodes.clone(), reason.clone());
-                    reason
-                }
-            },
-        };
+        let reason = reason.unwrap_or_else(|| match kept_reasons.get(&nodes) {
+            Some(reason) => reason.clone(),
+            None => {
+                let reason = format!("dedicated: kept pins on node {}", join_nodes(&nodes));
+                kept_reasons.insert(nodes.clone(), reason.clone());
+                reason
+            }
+        });
         let locality = Locality::of(&nodes);
         let emulator = match host.emulator {
             EmulatorPolicy::Housekeeping if !reserved.is_empty() => reserved.clone(),
