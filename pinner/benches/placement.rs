@@ -6,10 +6,10 @@
 //!     cargo bench -p pinner --bench placement
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use pinner::cpuset::CpuSet;
-use pinner::domain::Policy;
-use pinner::placement::{plan, Guest, HostPolicy, Role};
-use pinner::topology::Topology;
+use pinner::engine::cpuset::CpuSet;
+use pinner::engine::domain::Policy;
+use pinner::engine::placement::{plan, Guest, HostPolicy, Role};
+use pinner::engine::topology::Topology;
 use std::hint::black_box;
 
 fn guests(count: usize, sizes: &[u32]) -> Vec<Guest> {

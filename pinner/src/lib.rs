@@ -1,29 +1,21 @@
 //! pinner: keeps libvirt/KVM guests' vCPUs on the right physical CPUs.
 //!
-//! One module per concern. `placement` is pure (no I/O); everything that
-//! touches the system (`topology` reads sysfs, `hypervisor` talks to libvirt,
-//! `daemon` owns the socket) sits behind small types so the logic between
-//! can be driven against fixtures.
+//! Folders by concern. `engine` is pure: CPU sets, the topology and domain
+//! models, placement, and the reconcile core (plan → diff → apply through
+//! the `Hypervisor` trait); it reads no file, clock or socket. Around it
+//! the shells that touch the system: `libvirt` (the real hypervisor and its
+//! events), `host` (sysfs, /proc, cgroupfs, nova.conf, sd_notify),
+//! `isolation` (host daemons on the reserved CPUs), `daemon` (intake,
+//! control loop, libvirt session, passes, observation), `doctor`, `config`
+//! and `cli`.
 
-pub mod cgroupfs;
 pub mod cli;
-pub mod coalesce;
 pub mod config;
-pub mod cpuset;
 pub mod daemon;
 pub mod doctor;
-pub mod domain;
-pub mod guest_stats;
-pub mod hypervisor;
+pub mod engine;
+pub mod host;
 pub mod isolation;
-pub mod libvirt_events;
-pub mod metrics;
-pub mod notify;
-pub mod nova;
-pub mod placement;
-pub mod procs;
-pub mod reconcile;
-pub mod report;
+pub mod libvirt;
 #[cfg(test)]
 mod test_support;
-pub mod topology;

@@ -1,9 +1,9 @@
 //! Invariants of the placement engine over random hosts and guest mixes.
 
-use pinner::cpuset::CpuSet;
-use pinner::domain::Policy;
-use pinner::placement::{plan, Guest, GuestPlan, HostPolicy, Placement, Plan, Role};
-use pinner::topology::{CpuKind, Topology};
+use pinner::engine::cpuset::CpuSet;
+use pinner::engine::domain::Policy;
+use pinner::engine::placement::{plan, Guest, GuestPlan, HostPolicy, Placement, Plan, Role};
+use pinner::engine::topology::{CpuKind, Topology};
 use proptest::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -192,7 +192,7 @@ proptest! {
             }
         }
         for g in p.guests.iter().filter(|g| g.placement == Placement::Shared) {
-            let fallback = p.warnings.iter().any(|w| w.contains("no CPUs left"));
+            let fallback = p.warnings.iter().any(|w| w.to_string().contains("no CPUs left"));
             if !fallback {
                 for cpu in g.vcpus[0].iter() {
                     prop_assert!(!owner.contains_key(&cpu), "{} shares dedicated CPU {}", g.name, cpu);

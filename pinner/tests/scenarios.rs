@@ -4,10 +4,10 @@
 
 mod common;
 
-use pinner::cpuset::CpuSet;
-use pinner::domain::Policy;
-use pinner::placement::{plan, Guest, GuestPlan, HostPolicy, Mode, Placement, Plan, Role};
-use pinner::topology::{Cpu, Topology};
+use pinner::engine::cpuset::CpuSet;
+use pinner::engine::domain::Policy;
+use pinner::engine::placement::{plan, Guest, GuestPlan, HostPolicy, Mode, Placement, Plan, Role};
+use pinner::engine::topology::{Cpu, Topology};
 use std::collections::{BTreeMap, BTreeSet};
 
 fn machine(name: &str) -> Option<Topology> {
@@ -26,7 +26,7 @@ fn machine(name: &str) -> Option<Topology> {
     let scratch =
         std::env::temp_dir().join(format!("pinner-scenario-{name}-{}", std::process::id()));
     let root = common::extract(&archive, &scratch);
-    let topo = Topology::read(&root).unwrap();
+    let topo = pinner::host::sysfs::read_topology(&root).unwrap();
     let _ = std::fs::remove_dir_all(&scratch);
     Some(topo)
 }
@@ -294,5 +294,8 @@ fn overcommitted_opterons_share_node_ranges_evenly() {
     let spread = per_cpu.iter().cloned().fold(f64::MIN, f64::max)
         - per_cpu.iter().cloned().fold(f64::MAX, f64::min);
     assert!(spread <= 1.0, "loads per pCPU {load:?}");
-    assert!(p.warnings.iter().any(|w| w.contains("overcommitted")));
+    assert!(p
+        .warnings
+        .iter()
+        .any(|w| w.to_string().contains("overcommitted")));
 }

@@ -6,6 +6,6 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {
-        let _ = pinner::domain::DomainSpec::parse(text);
+        let _ = pinner::engine::domain::DomainSpec::parse(text);
     }
 });

@@ -3,7 +3,7 @@
 //! a CPU (steal, as the guest sees it), where its memory is, and the host's
 //! NUMA hit/miss counters.
 
-use crate::procs::ProcFs;
+use crate::host::procs::ProcFs;
 use pinner_shared::protocol::NodeNumaStatus;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;

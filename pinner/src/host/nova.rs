@@ -3,8 +3,48 @@
 //! `initial_cpu_allocation_ratio`, `reserved_host_cpus`, and
 //! `[compute] cpu_dedicated_set`, `cpu_shared_set`.
 
-use crate::cpuset::CpuSet;
+use crate::engine::cpuset::{CpuListError, CpuSet};
 use std::path::Path;
+
+/// What is wrong with nova.conf; every variant but `Read` has its line.
+#[derive(Debug, thiserror::Error)]
+pub enum NovaError {
+    #[error("cannot read: {0}")]
+    Read(std::io::Error),
+    #[error("{key}: \"{value}\" is not a number")]
+    NotANumber {
+        line: usize,
+        key: String,
+        value: String,
+    },
+    #[error("reserved_host_cpus: \"{value}\" is not a count")]
+    NotACount { line: usize, value: String },
+    #[error("{key}: {error}")]
+    CpuList {
+        line: usize,
+        key: &'static str,
+        error: CpuListError,
+    },
+    #[error("cpu_shared_set and cpu_dedicated_set (line {dedicated_line}) overlap on CPUs {both}")]
+    Overlap {
+        line: usize,
+        dedicated_line: usize,
+        both: CpuSet,
+    },
+}
+
+impl NovaError {
+    /// The 1-based line at fault (None: the file as a whole).
+    pub fn line(&self) -> Option<usize> {
+        match self {
+            NovaError::Read(_) => None,
+            NovaError::NotANumber { line, .. }
+            | NovaError::NotACount { line, .. }
+            | NovaError::CpuList { line, .. }
+            | NovaError::Overlap { line, .. } => Some(*line),
+        }
+    }
+}
 
 /// A value and the 1-based line it came from.
 #[derive(Debug, Clone, PartialEq)]
@@ -25,14 +65,13 @@ pub struct NovaCpu {
 const NOVA_INITIAL_RATIO: f64 = 4.0;
 
 /// Reads `path`; errors carry the line (None: the file as a whole).
-pub fn read(path: &Path) -> Result<NovaCpu, (Option<usize>, String)> {
-    let text = std::fs::read_to_string(path).map_err(|e| (None, format!("cannot read: {e}")))?;
-    parse(&text).map_err(|(line, message)| (Some(line), message))
+pub fn read(path: &Path) -> Result<NovaCpu, NovaError> {
+    parse(&std::fs::read_to_string(path).map_err(NovaError::Read)?)
 }
 
 /// Parses oslo.config's INI dialect: `[section]`, `key = value`, `#`/`;`
 /// comments. Only the keys above are looked at.
-pub fn parse(text: &str) -> Result<NovaCpu, (usize, String)> {
+pub fn parse(text: &str) -> Result<NovaCpu, NovaError> {
     let mut section = String::new();
     let mut out = NovaCpu::default();
     let mut ratio = None;
@@ -52,8 +91,14 @@ pub fn parse(text: &str) -> Result<NovaCpu, (usize, String)> {
         };
         let (key, value) = (key.trim(), value.trim());
         let float = |v: &str| {
-            v.parse::<f64>()
-                .map_err(|_| (line, format!("{key}: \"{v}\" is not a number")))
+            v.parse::<f64>().map_err(|_| NovaError::NotANumber {
+                line,
+                key: key.to_string(),
+                value: v.to_string(),
+            })
+        };
+        let cpus = |key: &'static str| {
+            parse_spec(value).map_err(|error| NovaError::CpuList { line, key, error })
         };
         match (section.as_str(), key) {
             ("default", "cpu_allocation_ratio") if !value.is_empty() => {
@@ -69,24 +114,21 @@ pub fn parse(text: &str) -> Result<NovaCpu, (usize, String)> {
                 })
             }
             ("default", "reserved_host_cpus") => {
-                let count = value.parse().map_err(|_| {
-                    (
-                        line,
-                        format!("reserved_host_cpus: \"{value}\" is not a count"),
-                    )
+                let count = value.parse().map_err(|_| NovaError::NotACount {
+                    line,
+                    value: value.to_string(),
                 })?;
                 out.reserved_host_cpus = Some(Located { value: count, line });
             }
             ("compute", "cpu_dedicated_set") if !value.is_empty() => {
                 out.cpu_dedicated_set = Some(Located {
-                    value: parse_spec(value)
-                        .map_err(|e| (line, format!("cpu_dedicated_set: {e}")))?,
+                    value: cpus("cpu_dedicated_set")?,
                     line,
                 })
             }
             ("compute", "cpu_shared_set") if !value.is_empty() => {
                 out.cpu_shared_set = Some(Located {
-                    value: parse_spec(value).map_err(|e| (line, format!("cpu_shared_set: {e}")))?,
+                    value: cpus("cpu_shared_set")?,
                     line,
                 })
             }
@@ -105,20 +147,18 @@ pub fn parse(text: &str) -> Result<NovaCpu, (usize, String)> {
     if let (Some(d), Some(s)) = (&out.cpu_dedicated_set, &out.cpu_shared_set) {
         let both = d.value.intersection(&s.value);
         if !both.is_empty() {
-            return Err((
-                s.line,
-                format!(
-                    "cpu_shared_set and cpu_dedicated_set (line {}) overlap on CPUs {both}",
-                    d.line
-                ),
-            ));
+            return Err(NovaError::Overlap {
+                line: s.line,
+                dedicated_line: d.line,
+                both,
+            });
         }
     }
     Ok(out)
 }
 
 /// nova's CPU spec: the kernel list syntax plus `^N` / `^N-M` exclusions.
-pub fn parse_spec(spec: &str) -> Result<CpuSet, String> {
+pub fn parse_spec(spec: &str) -> Result<CpuSet, CpuListError> {
     let (mut include, mut exclude) = (Vec::new(), Vec::new());
     for part in spec.split(',').map(str::trim) {
         match part.strip_prefix('^') {
@@ -177,16 +217,19 @@ cpu_shared_set = 2-3, 8
     #[test]
     fn errors_name_the_line() {
         assert_eq!(
-            parse("[compute]\n\ncpu_shared_set = 1-x\n").unwrap_err().0,
-            3
+            parse("[compute]\n\ncpu_shared_set = 1-x\n")
+                .unwrap_err()
+                .line(),
+            Some(3)
         );
-        let (line, message) =
+        let error =
             parse("[compute]\ncpu_dedicated_set = 1-4\ncpu_shared_set = 4-5\n").unwrap_err();
-        assert_eq!(line, 3);
+        assert_eq!(error.line(), Some(3));
+        let message = error.to_string();
         assert!(message.contains("overlap on CPUs 4"), "{message}");
         assert!(parse("[DEFAULT]\ncpu_allocation_ratio = lots\n")
             .unwrap_err()
-            .1
+            .to_string()
             .contains("not a number"));
     }
 }

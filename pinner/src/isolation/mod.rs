@@ -14,50 +14,47 @@
 //! JSON file beside the daemon's socket: its presence is what "isolation
 //! is active" means.
 
-use crate::cgroupfs::{self, Group, Layout, Limits};
-use crate::config::IsolationConfig;
-use crate::cpuset::CpuSet;
-use crate::procs::{ProcFs, Process};
-use crate::topology::Topology;
-use nix::fcntl::{Flock, FlockArg};
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
-use serde::{Deserialize, Serialize};
-use std::fs::File;
-use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+pub mod classify;
+pub mod keeper;
+pub mod pidwatch;
+pub mod state;
+pub mod systemd;
 
-/// systemd units confined on unified hosts run by systemd.
-pub const SYSTEMD_UNITS: [&str; 3] = ["system.slice", "user.slice", "init.scope"];
+pub use classify::{classify, Verdict};
+pub use pidwatch::PidFileWatch;
+pub use systemd::{Systemctl, Systemd, SYSTEMD_UNITS};
+
+use crate::config::IsolationConfig;
+use crate::engine::cpuset::CpuSet;
+use crate::engine::topology::Topology;
+use crate::host::cgroupfs::{self, CgroupError, Group, Layout, Limits};
+use crate::host::procs::{ProcFs, Process};
+use serde::{Deserialize, Serialize};
+use state::{Origin, State, StateError};
+use std::path::{Path, PathBuf};
+use systemd::SystemdError;
+
 /// Moving processes out of a group while they fork may need a few rounds.
 const UNDO_ROUNDS: usize = 10;
 
-/// Sets runtime properties of systemd units.
-pub trait Systemd {
-    fn set_properties(&mut self, unit: &str, properties: &[String]) -> Result<(), String>;
-}
-
-/// Through `systemctl set-property --runtime` (nothing persists a reboot).
-pub struct Systemctl;
-
-impl Systemd for Systemctl {
-    fn set_properties(&mut self, unit: &str, properties: &[String]) -> Result<(), String> {
-        let output = std::process::Command::new("systemctl")
-            .args(["set-property", "--runtime", unit])
-            .args(properties)
-            .output()
-            .map_err(|e| format!("cannot run systemctl: {e}"))?;
-        if output.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "systemctl set-property {unit} {}: {}",
-                properties.join(" "),
-                String::from_utf8_lossy(&output.stderr).trim()
-            ))
-        }
-    }
+#[derive(Debug, thiserror::Error)]
+pub enum IsolationError {
+    #[error("isolation needs reserved_cpus: the CPUs host processes are confined to")]
+    NoReservedCpus,
+    #[error("no cgroup hierarchy with the cpuset controller is mounted")]
+    NoCpusetHierarchy,
+    #[error("isolation was set through systemd, which is not running now")]
+    SystemdGone,
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    #[error(transparent)]
+    Systemd(#[from] SystemdError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The group could not be removed after every round of moving its
+    /// processes out.
+    #[error("{0} (processes keep entering it; state kept, run again)")]
+    StillInUse(CgroupError),
 }
 
 /// What isolation touches: the process table, the cgroup layout, systemd
@@ -87,51 +84,12 @@ impl System {
         }
     }
 
-    fn mechanism(&self) -> Result<Mechanism<'_>, String> {
+    fn mechanism(&self) -> Result<Mechanism<'_>, IsolationError> {
         match (&self.layout, &self.systemd) {
             (Some(Layout::V2 { .. }), Some(_)) => Ok(Mechanism::Systemd),
             (Some(layout), _) => Ok(Mechanism::Group(layout)),
-            (None, _) => Err("no cgroup hierarchy with the cpuset controller is mounted".into()),
+            (None, _) => Err(IsolationError::NoCpusetHierarchy),
         }
-    }
-
-    fn state_path(&self) -> PathBuf {
-        self.state_dir.join("isolation.json")
-    }
-
-    /// Holds the isolation lock until dropped.
-    fn lock(&self) -> Result<Flock<File>, String> {
-        std::fs::create_dir_all(&self.state_dir)
-            .map_err(|e| format!("cannot create {}: {e}", self.state_dir.display()))?;
-        let path = self.state_dir.join("isolation.lock");
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-        Flock::lock(file, FlockArg::LockExclusive)
-            .map_err(|(_, e)| format!("cannot lock {}: {e}", path.display()))
-    }
-
-    fn load_state(&self) -> Result<Option<State>, String> {
-        let path = self.state_path();
-        match std::fs::read_to_string(&path) {
-            Ok(text) => serde_json::from_str(&text)
-                .map(Some)
-                .map_err(|e| format!("{}: unreadable isolation state: {e}", path.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(format!("cannot read {}: {e}", path.display())),
-        }
-    }
-
-    fn save_state(&self, state: &State) -> Result<(), String> {
-        let path = self.state_path();
-        let partial = path.with_extension("json.new");
-        let text = serde_json::to_string_pretty(state).expect("state serializes");
-        std::fs::write(&partial, text)
-            .and_then(|()| std::fs::rename(&partial, &path))
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))
     }
 }
 
@@ -173,81 +131,6 @@ impl Settings {
     }
 }
 
-/// What becomes of a process.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "kind", content = "detail", rename_all = "snake_case")]
-pub enum Verdict {
-    /// A host process not confined yet.
-    Move,
-    Confined,
-    Init,
-    KernelThread,
-    /// In libvirt's machine cgroups: a guest, its emulator and vhost threads.
-    Guest,
-    Excluded(String),
-    /// In a cpuset group of someone else's (a container, a tool's own).
-    OtherGroup(String),
-    /// Outside the process group a test restricted isolation to.
-    OutOfScope,
-}
-
-pub fn classify(p: &Process, config: &IsolationConfig, group: &Group) -> Verdict {
-    if p.pid == 1 {
-        return Verdict::Init;
-    }
-    if p.kernel_thread {
-        return Verdict::KernelThread;
-    }
-    let in_machine = |path: &str| {
-        path.trim_start_matches('/')
-            .split('/')
-            .next()
-            .is_some_and(|top| top == "machine" || top == "machine.slice")
-    };
-    if p.cgroups.iter().any(|(_, path)| in_machine(path)) {
-        return Verdict::Guest;
-    }
-    for entry in &config.exclude {
-        if entry.starts_with('/') {
-            let under = |path: &str| {
-                path == entry
-                    || path
-                        .strip_prefix(entry.as_str())
-                        .is_some_and(|rest| rest.starts_with('/'))
-            };
-            if let Some((_, path)) = p.cgroups.iter().find(|(_, path)| under(path)) {
-                return Verdict::Excluded(format!("cgroup {path} is excluded ({entry})"));
-            }
-        } else if p.comm == *entry || p.program == *entry {
-            return Verdict::Excluded(format!("name {entry} is excluded"));
-        }
-    }
-    if config
-        .test_only_process_group
-        .is_some_and(|pgrp| p.pgrp != pgrp)
-    {
-        return Verdict::OutOfScope;
-    }
-    let ours = group.path();
-    let mut everywhere = true;
-    for (hierarchy, _) in &group.parts {
-        match p.cgroup(hierarchy.controller) {
-            Some(path) if path == ours => {}
-            // Only the cpu hierarchy decides whether a process is the host's:
-            // in v1's memory hierarchy systemd puts every service in a group.
-            Some(path) if path != "/" && hierarchy == &group.parts[0].0 => {
-                return Verdict::OtherGroup(path.to_string());
-            }
-            _ => everywhere = false,
-        }
-    }
-    if everywhere {
-        Verdict::Confined
-    } else {
-        Verdict::Move
-    }
-}
-
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProcessRef {
     pub pid: u32,
@@ -255,7 +138,7 @@ pub struct ProcessRef {
 }
 
 impl ProcessRef {
-    fn of(p: &Process) -> ProcessRef {
+    pub fn of(p: &Process) -> ProcessRef {
         ProcessRef {
             pid: p.pid,
             name: p.comm.clone(),
@@ -270,28 +153,6 @@ pub struct Failure {
     pub error: String,
 }
 
-/// Where a moved process was, per hierarchy, to put it back.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct Origin {
-    pid: u32,
-    start_time: u64,
-    /// (hierarchy mount, group path).
-    groups: Vec<(PathBuf, String)>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct State {
-    mechanism: String,
-    reserved: String,
-    group: String,
-    with_memory: bool,
-    /// systemd units given AllowedCPUs=.
-    units: Vec<String>,
-    origins: Vec<Origin>,
-    /// The last attempt's failures, by pid.
-    failures: Vec<Failure>,
-}
-
 /// The outcome of confining processes.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Sweep {
@@ -300,11 +161,9 @@ pub struct Sweep {
 }
 
 /// Starts (or updates) isolation and confines every host process now.
-pub fn isolate(sys: &mut System, settings: &Settings) -> Result<Sweep, String> {
+pub fn isolate(sys: &mut System, settings: &Settings) -> Result<Sweep, IsolationError> {
     if settings.reserved.is_empty() {
-        return Err(
-            "isolation needs reserved_cpus: the CPUs host processes are confined to".into(),
-        );
+        return Err(IsolationError::NoReservedCpus);
     }
     let _lock = sys.lock()?;
     let mut state = sys.load_state()?.unwrap_or_else(|| State {
@@ -320,16 +179,16 @@ pub fn isolate(sys: &mut System, settings: &Settings) -> Result<Sweep, String> {
     state.failures.clear();
     match sys.mechanism()? {
         Mechanism::Systemd => {
-            let properties = systemd_properties(settings);
+            let properties = systemd::properties(settings);
             let systemd = sys.systemd.as_mut().expect("systemd mechanism has systemd");
             let mut done = Vec::new();
             for unit in SYSTEMD_UNITS {
                 if let Err(e) = systemd.set_properties(unit, &properties) {
                     // Nothing half-applied: take back what was set.
                     for unit in done {
-                        let _ = systemd.set_properties(unit, &systemd_reset());
+                        let _ = systemd.set_properties(unit, &systemd::reset());
                     }
-                    return Err(e);
+                    return Err(e.into());
                 }
                 done.push(unit);
             }
@@ -355,30 +214,13 @@ pub fn isolate(sys: &mut System, settings: &Settings) -> Result<Sweep, String> {
     }
 }
 
-fn systemd_properties(settings: &Settings) -> Vec<String> {
-    let mut properties = vec![format!("AllowedCPUs={}", settings.reserved)];
-    if !settings.mems.is_empty() {
-        properties.push(format!("AllowedMemoryNodes={}", settings.mems));
-    }
-    if let Some(bytes) = settings.config.memory_limit {
-        properties.push(format!("MemoryMax={bytes}"));
-    }
-    properties
-}
-
-fn systemd_reset() -> Vec<String> {
-    ["AllowedCPUs=", "AllowedMemoryNodes=", "MemoryMax=infinity"]
-        .map(String::from)
-        .to_vec()
-}
-
 /// Confines processes that are not yet (all, or just `only`), when
 /// isolation is active; None when it is not.
 pub fn keep(
     sys: &System,
     config: &IsolationConfig,
     only: Option<u32>,
-) -> Result<Option<Sweep>, String> {
+) -> Result<Option<Sweep>, IsolationError> {
     let _lock = sys.lock()?;
     let Some(mut state) = sys.load_state()? else {
         return Ok(None);
@@ -441,12 +283,12 @@ fn confine(
         }
         match group.admit(pid) {
             Ok(()) => sweep.moved.push(ProcessRef::of(&p)),
-            Err(e) if e == "exited" => {}
+            Err(CgroupError::Exited) => {}
             Err(error) => {
                 let failure = Failure {
                     pid,
                     name: p.comm.clone(),
-                    error,
+                    error: error.to_string(),
                 };
                 state.failures.push(failure.clone());
                 sweep.failed.push(failure);
@@ -478,17 +320,14 @@ pub struct Undo {
 /// Puts every confined process back where it was and removes the groups
 /// (or resets systemd's properties). Without state, removes a leftover
 /// group named in `config` all the same.
-pub fn undo(sys: &mut System, config: &IsolationConfig) -> Result<Undo, String> {
+pub fn undo(sys: &mut System, config: &IsolationConfig) -> Result<Undo, IsolationError> {
     let _lock = sys.lock()?;
     let state = sys.load_state()?;
     let mut result = Undo::default();
     if let Some(state) = state.as_ref().filter(|s| s.mechanism == "systemd") {
-        let systemd = sys
-            .systemd
-            .as_mut()
-            .ok_or("isolation was set through systemd, which is not running now")?;
+        let systemd = sys.systemd.as_mut().ok_or(IsolationError::SystemdGone)?;
         for unit in &state.units {
-            systemd.set_properties(unit, &systemd_reset())?;
+            systemd.set_properties(unit, &systemd::reset())?;
             result.reset_units.push(unit.clone());
         }
     } else if let Some(layout) = &sys.layout {
@@ -513,9 +352,7 @@ pub fn undo(sys: &mut System, config: &IsolationConfig) -> Result<Undo, String> 
             }
         }
         if let Some(e) = last_error {
-            return Err(format!(
-                "{e} (processes keep entering it; state kept, run again)"
-            ));
+            return Err(IsolationError::StillInUse(e));
         }
         result.removed_groups = group
             .parts
@@ -523,11 +360,7 @@ pub fn undo(sys: &mut System, config: &IsolationConfig) -> Result<Undo, String> 
             .map(|(_, dir)| dir.display().to_string())
             .collect();
     }
-    match std::fs::remove_file(sys.state_path()) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(format!("cannot remove {}: {e}", sys.state_path().display())),
-    }
+    sys.remove_state()?;
     Ok(result)
 }
 
@@ -569,7 +402,7 @@ pub struct Status {
     pub failed: Vec<Failure>,
 }
 
-pub fn status(sys: &System, settings: &Settings) -> Result<Status, String> {
+pub fn status(sys: &System, settings: &Settings) -> Result<Status, IsolationError> {
     let state = {
         let _lock = sys.lock()?;
         sys.load_state()?
@@ -643,105 +476,13 @@ pub fn status(sys: &System, settings: &Settings) -> Result<Status, String> {
     Ok(status)
 }
 
-/// Watches pid-file directories (and their subdirectories) for daemons
-/// that (re)start, so they are confined at once rather than at the next
-/// sweep.
-pub struct PidFileWatch {
-    inotify: Inotify,
-    /// Watched directories; true for the configured ones (whose new
-    /// subdirectories are watched too).
-    dirs: Vec<(WatchDescriptor, PathBuf, bool)>,
-}
-
-impl PidFileWatch {
-    pub fn new(dirs: &[PathBuf]) -> Result<PidFileWatch, String> {
-        let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
-            .map_err(|e| format!("cannot start inotify: {e}"))?;
-        let mut watch = PidFileWatch {
-            inotify,
-            dirs: Vec::new(),
-        };
-        for dir in dirs {
-            if watch.add(dir, true) {
-                for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-                    if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                        watch.add(&entry.path(), false);
-                    }
-                }
-            }
-        }
-        Ok(watch)
-    }
-
-    /// Watches `dir` unless it is watched already (/var/run is usually
-    /// /run); false when it cannot be.
-    fn add(&mut self, dir: &Path, top: bool) -> bool {
-        let flags = AddWatchFlags::IN_CLOSE_WRITE
-            | AddWatchFlags::IN_MOVED_TO
-            | AddWatchFlags::IN_CREATE
-            | AddWatchFlags::IN_ONLYDIR;
-        match self.inotify.add_watch(dir, flags) {
-            Ok(wd) => {
-                if !self.dirs.iter().any(|(w, _, _)| *w == wd) {
-                    self.dirs.push((wd, dir.to_path_buf(), top));
-                }
-                true
-            }
-            Err(_) => false,
-        }
-    }
-
-    /// Waits up to `timeout` for pid files to be written; returns the pids
-    /// they name (empty on timeout). Directories created in a watched one
-    /// are watched from then on.
-    pub fn wait(&mut self, timeout: Duration) -> Vec<u32> {
-        let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
-        let mut fds = [PollFd::new(self.inotify.as_fd(), PollFlags::POLLIN)];
-        if !matches!(poll(&mut fds, PollTimeout::from(ms)), Ok(n) if n > 0) {
-            return Vec::new();
-        }
-        let mut pids = Vec::new();
-        while let Ok(events) = self.inotify.read_events() {
-            if events.is_empty() {
-                break;
-            }
-            for event in events {
-                let Some((_, dir, top)) = self.dirs.iter().find(|(w, _, _)| *w == event.wd) else {
-                    continue;
-                };
-                let Some(name) = event.name.as_ref() else {
-                    continue;
-                };
-                let path = dir.join(name);
-                if event.mask.contains(AddWatchFlags::IN_ISDIR) {
-                    // Only one level down from the configured directories.
-                    if *top {
-                        self.add(&path, false);
-                    }
-                    continue;
-                }
-                let is_pid_file = path.extension().is_some_and(|e| e == "pid");
-                if let Some(pid) = is_pid_file
-                    .then(|| std::fs::read_to_string(&path).ok())
-                    .flatten()
-                    .and_then(|text| text.trim().parse::<u32>().ok())
-                {
-                    pids.push(pid);
-                }
-            }
-        }
-        pids.sort_unstable();
-        pids.dedup();
-        pids
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::procs::write_fixture_process;
+    use crate::host::procs::write_fixture_process;
     use crate::test_support::scratch_dir;
     use std::sync::{Arc, Mutex};
+    use std::time::Duration;
 
     /// A host: /proc with init, a kernel thread, host daemons, an excluded
     /// one, a guest, a container's process and one already confined.
@@ -932,7 +673,7 @@ mod tests {
         // the first rmdir fails and the state is kept for another run.
         std::fs::write(cpuset.join("cgroup.procs"), "100\n106\n").unwrap();
         std::fs::write(memory.join("cgroup.procs"), "100\n106\n").unwrap();
-        let err = undo(&mut sys, &settings.config).unwrap_err();
+        let err = undo(&mut sys, &settings.config).unwrap_err().to_string();
         assert!(err.contains("run again"), "{err}");
         assert!(sys.state_path().exists());
         assert!(read(root.join("cg/cpuset/cgroup.procs")).contains("100\n"));
@@ -992,9 +733,17 @@ mod tests {
     }
 
     impl Systemd for FakeSystemd {
-        fn set_properties(&mut self, unit: &str, properties: &[String]) -> Result<(), String> {
+        fn set_properties(
+            &mut self,
+            unit: &str,
+            properties: &[String],
+        ) -> Result<(), SystemdError> {
             if self.fail_unit == Some(unit) {
-                return Err(format!("{unit}: Access denied"));
+                return Err(SystemdError::Refused {
+                    unit: unit.to_string(),
+                    properties: properties.join(" "),
+                    stderr: "Access denied".into(),
+                });
             }
             self.calls
                 .lock()
@@ -1067,8 +816,13 @@ mod tests {
     fn a_refusing_unit_takes_back_what_was_set() {
         let root = scratch_dir("iso-systemd-fail");
         let (mut sys, calls) = systemd_host(&root, Some("user.slice"));
-        let err = isolate(&mut sys, &settings(config())).unwrap_err();
-        assert!(err.contains("user.slice: Access denied"), "{err}");
+        let err = isolate(&mut sys, &settings(config()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("user.slice") && err.contains(": Access denied"),
+            "{err}"
+        );
         let calls = calls.lock().unwrap();
         assert_eq!(calls.len(), 2);
         assert!(calls[1].starts_with("system.slice AllowedCPUs= "));
@@ -1091,6 +845,7 @@ mod tests {
         };
         assert!(isolate(&mut sys, &none)
             .unwrap_err()
+            .to_string()
             .contains("reserved_cpus"));
         assert!(!root
             .join("cg/cpuset/pinner-housekeeping/cpuset.cpus")

@@ -30,6 +30,17 @@ pub struct CpuSet {
 /// must not allocate a giant set.
 pub const MAX_CPU_ID: u32 = 65_535;
 
+/// Why a CPU list does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CpuListError {
+    #[error("range \"{0}\" runs backwards")]
+    Backwards(String),
+    #[error("\"{0}\" is not a CPU number")]
+    NotANumber(String),
+    #[error("CPU {0} is beyond the supported {MAX_CPU_ID}")]
+    TooHigh(u32),
+}
+
 impl CpuSet {
     pub fn new() -> CpuSet {
         CpuSet::default()
@@ -37,7 +48,7 @@ impl CpuSet {
 
     /// Parses "0-3,8"; whitespace and NUL padding (seen in real sysfs files)
     /// are ignored; "" is the empty set.
-    pub fn parse(text: &str) -> Result<CpuSet, String> {
+    pub fn parse(text: &str) -> Result<CpuSet, CpuListError> {
         let text = text.trim_matches(|c: char| c.is_whitespace() || c == '\0');
         let mut set = CpuSet::new();
         if text.is_empty() {
@@ -53,7 +64,7 @@ impl CpuSet {
                 }
             };
             if lo > hi {
-                return Err(format!("range \"{part}\" runs backwards"));
+                return Err(CpuListError::Backwards(part.to_string()));
             }
             for cpu in lo..=hi {
                 set.insert(cpu);
@@ -293,13 +304,13 @@ impl PartialOrd for CpuSet {
     }
 }
 
-fn parse_id(text: &str) -> Result<u32, String> {
+fn parse_id(text: &str) -> Result<u32, CpuListError> {
+    let text = text.trim();
     let id: u32 = text
-        .trim()
         .parse()
-        .map_err(|_| format!("\"{}\" is not a CPU number", text.trim()))?;
+        .map_err(|_| CpuListError::NotANumber(text.to_string()))?;
     if id > MAX_CPU_ID {
-        return Err(format!("CPU {id} is beyond the supported {MAX_CPU_ID}"));
+        return Err(CpuListError::TooHigh(id));
     }
     Ok(id)
 }
@@ -359,9 +370,18 @@ mod tests {
 
     #[test]
     fn rejects_bad_lists_with_reason() {
-        assert!(CpuSet::parse("3-1").unwrap_err().contains("backwards"));
-        assert!(CpuSet::parse("a").unwrap_err().contains("not a CPU number"));
-        assert!(CpuSet::parse("0-99999999").unwrap_err().contains("beyond"));
+        assert!(CpuSet::parse("3-1")
+            .unwrap_err()
+            .to_string()
+            .contains("backwards"));
+        assert!(CpuSet::parse("a")
+            .unwrap_err()
+            .to_string()
+            .contains("not a CPU number"));
+        assert!(CpuSet::parse("0-99999999")
+            .unwrap_err()
+            .to_string()
+            .contains("beyond"));
         assert!(CpuSet::parse("1,,2").is_err());
     }
 

@@ -1,8 +1,10 @@
-//! Human-readable renderings of the daemon's answers.
+//! Human-readable renderings: the daemon's answers, plans, isolation and
+//! the host's topology.
 
-use crate::cpuset::CpuSet;
-use crate::domain::DomainSpec;
-use crate::placement::Plan;
+use crate::engine::cpuset::CpuSet;
+use crate::engine::domain::DomainSpec;
+use crate::engine::placement::Plan;
+use crate::engine::topology::{Cpu, CpuKind, Topology};
 use pinner_shared::protocol::{DomainStatus, ReconcileReport, StatusReport};
 use std::fmt::Write;
 
@@ -172,7 +174,7 @@ fn left_alone<'a>(plan: &Plan, specs: &'a [DomainSpec]) -> Vec<(&'a str, &'stati
             } else if s
                 .metadata
                 .as_ref()
-                .is_some_and(|m| m.policy == crate::domain::Policy::None)
+                .is_some_and(|m| m.policy == crate::engine::domain::Policy::None)
             {
                 "opted out (policy none)"
             } else {
@@ -214,7 +216,7 @@ pub fn plan_json(plan: &Plan, specs: &[DomainSpec]) -> serde_json::Value {
         "domains": domains,
         "left_alone": alone,
         "pins_moved": plan.pins_moved,
-        "warnings": plan.warnings,
+        "warnings": plan.warnings.iter().map(ToString::to_string).collect::<Vec<_>>(),
     })
 }
 
@@ -369,6 +371,106 @@ pub fn isolation_status_text(status: &crate::isolation::Status) -> String {
     out
 }
 
+/// The readable tree `pinner topology` prints.
+pub fn topology_tree(topo: &Topology) -> String {
+    use std::fmt::Write;
+    let online: Vec<&Cpu> = topo.cpus.iter().filter(|c| c.online).collect();
+    let count = |f: fn(&Cpu) -> Option<u32>| {
+        let mut ids: Vec<u32> = online.iter().filter_map(|c| f(c)).collect();
+        ids.sort();
+        ids.dedup();
+        ids.len()
+    };
+    let mut out = String::new();
+    let offline: CpuSet = topo
+        .cpus
+        .iter()
+        .filter(|c| !c.online)
+        .map(|c| c.id)
+        .collect();
+    let _ = writeln!(
+        out,
+        "{} online ({}), offline: {}; {}, {}, {}, {}",
+        counted(online.len(), "CPU", "CPUs"),
+        topo.online,
+        if offline.is_empty() {
+            "none".into()
+        } else {
+            offline.to_string()
+        },
+        counted(count(|c| c.package), "package", "packages"),
+        counted(
+            topo.numa_nodes
+                .iter()
+                .filter(|n| !n.cpus.is_empty())
+                .count(),
+            "NUMA node",
+            "NUMA nodes"
+        ),
+        counted(count(|c| c.core), "core", "cores"),
+        counted(count(|c| c.l3), "L3 domain", "L3 domains"),
+    );
+    if !topo.isolated.is_empty() || !topo.nohz_full.is_empty() {
+        let _ = writeln!(
+            out,
+            "isolated: {}   nohz_full: {}",
+            topo.isolated, topo.nohz_full
+        );
+    }
+    let label = |v: Option<u32>| v.map_or_else(|| "?".to_string(), |v| v.to_string());
+    let mut last: (Option<u32>, Option<u32>, Option<u32>) =
+        (Some(u32::MAX), Some(u32::MAX), Some(u32::MAX));
+    let mut sorted = online.clone();
+    sorted.sort_by_key(|c| (c.package, c.numa_node, c.l3, c.core, c.id));
+    for cpu in sorted {
+        if cpu.package != last.0 {
+            let _ = writeln!(out, "package {}", label(cpu.package));
+            last = (cpu.package, Some(u32::MAX), Some(u32::MAX));
+        }
+        if cpu.numa_node != last.1 {
+            let node = topo.numa_nodes.iter().find(|n| Some(n.id) == cpu.numa_node);
+            let memory = node
+                .and_then(|n| n.memory_mib)
+                .map_or_else(String::new, |m| format!(", {m} MiB"));
+            let distances = node
+                .filter(|n| !n.distances.is_empty())
+                .map_or_else(String::new, |n| format!(", distances {:?}", n.distances));
+            let _ = writeln!(
+                out,
+                "  numa node {}{memory}{distances}",
+                label(cpu.numa_node)
+            );
+            last.1 = cpu.numa_node;
+            last.2 = Some(u32::MAX);
+        }
+        if cpu.l3 != last.2 {
+            let _ = writeln!(out, "    L3 {}", label(cpu.l3));
+            last.2 = cpu.l3;
+        }
+        if cpu.smt_siblings.first() == Some(&cpu.id) || cpu.smt_siblings.is_empty() {
+            let kind = match cpu.kind {
+                Some(CpuKind::Performance) => " (performance)",
+                Some(CpuKind::Efficiency) => " (efficiency)",
+                None => "",
+            };
+            let siblings: CpuSet = cpu.smt_siblings.iter().copied().collect();
+            let _ = writeln!(out, "      core {}: cpus {siblings}{kind}", label(cpu.core));
+        }
+    }
+    for node in topo.numa_nodes.iter().filter(|n| n.cpus.is_empty()) {
+        let memory = node
+            .memory_mib
+            .map_or_else(String::new, |m| format!(" ({m} MiB)"));
+        let _ = writeln!(out, "memory-only numa node {}{memory}", node.id);
+    }
+    out
+}
+
+/// "1 core", "14 cores".
+fn counted(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -421,6 +523,26 @@ mod tests {
         assert!(
             text.contains("  memory   -> node -   (plan: node 0)\n"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn tree_counts_in_words_and_nests_package_node_l3_core() {
+        // 2 nodes of 2 cores, 2 threads each; siblings numbered 4 apart.
+        let tree = topology_tree(&Topology::synthetic(2, 1, 2, 2));
+        let mut lines = tree.lines();
+        assert_eq!(
+            lines.next(),
+            Some("8 CPUs online (0-7), offline: none; 1 package, 2 NUMA nodes, 4 cores, 2 L3 domains"),
+            "{tree}"
+        );
+        assert!(tree.contains("package 0\n  numa node 0, 65536 MiB, distances [10, 16]\n    L3 0\n      core 0: cpus 0,4\n"), "{tree}");
+        let one = topology_tree(&Topology::synthetic(1, 1, 1, 1));
+        assert!(
+            one.starts_with(
+                "1 CPU online (0), offline: none; 1 package, 1 NUMA node, 1 core, 1 L3 domain\n"
+            ),
+            "{one}"
         );
     }
 }

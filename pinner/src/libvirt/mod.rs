@@ -1,52 +1,16 @@
-//! Everything the daemon asks of libvirt, behind a small trait so reconcile
-//! logic can be driven against fixtures.
+//! The real [`Hypervisor`]: libvirt through the `virt` crate, and libvirt's
+//! own events (`events`).
 
-use crate::cpuset::CpuSet;
-use crate::domain::DomainSpec;
-use crate::libvirt_events::{Sink, Subscription};
+pub mod events;
+
+use crate::engine::cpuset::CpuSet;
+use crate::engine::domain::DomainSpec;
+use crate::engine::hypervisor::{HvError, Hypervisor, Running, Unreadable};
+use crate::libvirt::events::{EventsError, Sink, Subscription};
 use pinner_shared::paths::{METADATA_KEY, METADATA_URI};
-use std::fmt;
 use virt::connect::Connect;
 use virt::domain::Domain;
 use virt::sys;
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HvError {
-    /// The connection is gone (libvirtd stopped or restarted): reconnect.
-    Disconnected(String),
-    /// "cannot acquire state change lock": another job holds the domain.
-    Busy(String),
-    /// The domain stopped or vanished meanwhile.
-    Gone(String),
-    Other(String),
-}
-
-impl fmt::Display for HvError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            HvError::Disconnected(m) => write!(f, "libvirt connection lost: {m}"),
-            HvError::Busy(m) => write!(f, "domain busy: {m}"),
-            HvError::Gone(m) => write!(f, "domain gone: {m}"),
-            HvError::Other(m) => write!(f, "{m}"),
-        }
-    }
-}
-
-pub trait Hypervisor {
-    /// Every running domain with its live XML facts. Domains whose XML cannot
-    /// be read are reported in the second list (name or uuid, reason).
-    fn running_domains(&mut self) -> Result<(Vec<DomainSpec>, Vec<String>), HvError>;
-    fn set_metadata(&mut self, uuid: &str, element: &str) -> Result<(), HvError>;
-    fn pin_vcpu(&mut self, uuid: &str, vcpu: u32, cpus: &CpuSet) -> Result<(), HvError>;
-    fn pin_emulator(&mut self, uuid: &str, cpus: &CpuSet) -> Result<(), HvError>;
-    fn pin_iothread(&mut self, uuid: &str, iothread: u32, cpus: &CpuSet) -> Result<(), HvError>;
-    /// Binds memory to NUMA `nodes` (the numatune nodeset; mode unchanged).
-    fn set_memory_nodes(&mut self, uuid: &str, nodes: &CpuSet) -> Result<(), HvError>;
-    /// Whether libvirt is in the middle of a job on the domain (starting it,
-    /// say). A change then waits for the job, so it is tried later instead
-    /// of stalling changes to every other guest.
-    fn job_active(&mut self, uuid: &str) -> Result<bool, HvError>;
-}
 
 /// libvirt through the `virt` crate. Only live state is changed: pins and
 /// metadata vanish with the guest, and the persistent definition is the
@@ -79,12 +43,12 @@ impl Libvirt {
     }
 
     /// Hands libvirt's pin-change and connection-closed events to `sink`
-    /// (needs [`crate::libvirt_events::start_event_loop`] before connecting).
-    pub fn subscribe(&mut self, sink: Sink) -> Result<(), String> {
+    /// (needs [`crate::libvirt::events::start_event_loop`] before connecting).
+    pub fn subscribe(&mut self, sink: Sink) -> Result<(), EventsError> {
         if let Some(old) = self.events.take() {
             old.cancel();
         }
-        self.events = Some(crate::libvirt_events::subscribe(&self.conn, sink)?);
+        self.events = Some(crate::libvirt::events::subscribe(&self.conn, sink)?);
         Ok(())
     }
 
@@ -102,7 +66,7 @@ impl Libvirt {
 
     /// The live XML of every running domain; those that cannot be read
     /// (other than having stopped meanwhile) in the second list.
-    pub fn running_xml(&self) -> Result<(Vec<String>, Vec<String>), HvError> {
+    pub fn running_xml(&self) -> Result<(Vec<String>, Vec<Unreadable>), HvError> {
         let domains = self
             .conn
             .list_all_domains(sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)
@@ -115,10 +79,10 @@ impl Libvirt {
                 Err(e) => match self.classify(e) {
                     HvError::Gone(_) => {}
                     HvError::Disconnected(m) => return Err(HvError::Disconnected(m)),
-                    other => unreadable.push(format!(
-                        "{}: {other}",
-                        dom.name().unwrap_or_else(|_| "(unknown)".into())
-                    )),
+                    error => unreadable.push(Unreadable::Xml {
+                        domain: dom.name().unwrap_or_else(|_| "(unknown)".into()),
+                        error,
+                    }),
                 },
             }
         }
@@ -144,13 +108,13 @@ impl Libvirt {
 }
 
 impl Hypervisor for Libvirt {
-    fn running_domains(&mut self) -> Result<(Vec<DomainSpec>, Vec<String>), HvError> {
+    fn running_domains(&mut self) -> Result<Running, HvError> {
         let (xmls, mut unreadable) = self.running_xml()?;
         let mut specs = Vec::with_capacity(xmls.len());
         for xml in xmls {
             match DomainSpec::parse(&xml) {
                 Ok(spec) => specs.push(spec),
-                Err(e) => unreadable.push(e),
+                Err(e) => unreadable.push(e.into()),
             }
         }
         Ok((specs, unreadable))

@@ -2,7 +2,7 @@
 //! collector (which reads it as Prometheus text: only counter, gauge and
 //! summary types are used, so both parsers take it).
 
-use crate::cpuset::CpuSet;
+use crate::engine::cpuset::CpuSet;
 use pinner_shared::protocol::{DomainStatus, StatusReport};
 use std::fmt::Write;
 use std::path::Path;

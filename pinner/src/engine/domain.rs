@@ -1,7 +1,7 @@
 //! The parts of a running domain's live XML that placement needs: its vCPUs,
 //! the pins libvirt holds for them, and pinner's own metadata.
 
-use crate::cpuset::CpuSet;
+use crate::engine::cpuset::{CpuListError, CpuSet};
 use pinner_shared::paths::METADATA_URI;
 use std::collections::BTreeMap;
 
@@ -35,25 +35,6 @@ impl Policy {
             Policy::None => "none",
         }
     }
-}
-
-/// Reads every `*.xml` in `dir` (sorted by file name) as a running domain;
-/// an error names the file.
-pub fn read_dir(dir: &std::path::Path) -> Result<Vec<DomainSpec>, String> {
-    let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let mut files: Vec<std::path::PathBuf> = entries
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "xml"))
-        .collect();
-    files.sort();
-    files
-        .iter()
-        .map(|f| {
-            let xml = std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?;
-            DomainSpec::parse(&xml).map_err(|e| format!("{}: {e}", f.display()))
-        })
-        .collect()
 }
 
 /// `<pinner:state xmlns:pinner="urn:pinner:1" policy="…"/>` in `<metadata>`.
@@ -119,83 +100,150 @@ pub struct DomainSpec {
     pub metadata: Option<PinnerMetadata>,
 }
 
-impl DomainSpec {
-    pub fn parse(xml: &str) -> Result<DomainSpec, String> {
-        let doc = roxmltree::Document::parse(xml).map_err(|e| format!("domain XML: {e}"))?;
-        let root = doc.root_element();
-        if !root.has_tag_name("domain") {
-            return Err(format!(
-                "domain XML: root element is <{}>, not <domain>",
-                root.tag_name().name()
-            ));
-        }
-        let child = |tag: &str| root.children().find(|n| n.has_tag_name(tag));
-        let text = |tag: &str| {
-            child(tag)
-                .and_then(|n| n.text())
-                .map(|t| t.trim().to_string())
-        };
-        let name = text("name").ok_or("domain XML: no <name>")?;
-        let uuid = text("uuid").unwrap_or_default();
+/// Why a domain's XML is not taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DomainError {
+    #[error("domain XML: {0}")]
+    Xml(#[from] roxmltree::Error),
+    #[error("domain XML: root element is <{0}>, not <domain>")]
+    NotADomain(String),
+    #[error("domain XML: no <name>")]
+    NoName,
+    #[error("domain {domain:?}: {problem}")]
+    Invalid { domain: String, problem: Problem },
+}
 
-        let count = |value: &str, what: &str| -> Result<u32, String> {
-            match value.trim().parse::<u32>() {
-                Ok(n) if n <= MAX_GUEST_THREADS => Ok(n),
-                Ok(n) => Err(format!(
-                    "domain {name:?}: {what} {n} is more than the {MAX_GUEST_THREADS} pinner handles"
-                )),
-                Err(_) => Err(format!("domain {name:?}: {what} {value:?} is not a count")),
-            }
-        };
-        let vcpu = child("vcpu").ok_or_else(|| format!("domain {name:?}: no <vcpu>"))?;
-        let max = count(vcpu.text().unwrap_or(""), "<vcpu>")?;
-        let vcpus = match vcpu.attribute("current") {
-            Some(c) => count(c, "<vcpu current>")?,
+/// What is wrong inside a named domain's XML.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Problem {
+    #[error("no <vcpu>")]
+    NoVcpu,
+    #[error("{what} {count} is more than the {MAX_GUEST_THREADS} pinner handles")]
+    TooMany { what: &'static str, count: u32 },
+    #[error("{what} {value:?} is not a count")]
+    NotACount { what: &'static str, value: String },
+    #[error("{what}: {error}")]
+    CpuList {
+        what: &'static str,
+        error: CpuListError,
+    },
+    #[error("{element} without {id} number")]
+    NoId {
+        element: &'static str,
+        id: &'static str,
+    },
+}
+
+/// Reads the parts of one `<domain>` element, its name at hand for errors.
+struct Reader<'a, 'input> {
+    root: roxmltree::Node<'a, 'input>,
+    name: &'a str,
+}
+
+impl<'a, 'input> Reader<'a, 'input> {
+    fn child(&self, tag: &str) -> Option<roxmltree::Node<'a, 'input>> {
+        self.root.children().find(|n| n.has_tag_name(tag))
+    }
+
+    fn text(&self, tag: &str) -> Option<String> {
+        text_of(self.root, tag)
+    }
+
+    fn invalid(&self, problem: Problem) -> DomainError {
+        DomainError::Invalid {
+            domain: self.name.to_string(),
+            problem,
+        }
+    }
+
+    fn count(&self, value: &str, what: &'static str) -> Result<u32, DomainError> {
+        match value.trim().parse::<u32>() {
+            Ok(count) if count <= MAX_GUEST_THREADS => Ok(count),
+            Ok(count) => Err(self.invalid(Problem::TooMany { what, count })),
+            Err(_) => Err(self.invalid(Problem::NotACount {
+                what,
+                value: value.to_string(),
+            })),
+        }
+    }
+
+    fn cpu_list(
+        &self,
+        text: Option<&str>,
+        what: &'static str,
+    ) -> Result<Option<CpuSet>, DomainError> {
+        text.map(|s| {
+            CpuSet::parse(s).map_err(|error| self.invalid(Problem::CpuList { what, error }))
+        })
+        .transpose()
+    }
+
+    fn cpuset_attr(
+        &self,
+        node: roxmltree::Node,
+        what: &'static str,
+    ) -> Result<Option<CpuSet>, DomainError> {
+        self.cpu_list(node.attribute("cpuset"), what)
+    }
+
+    /// The vCPUs online, the `<vcpu cpuset>` default and numad placement.
+    fn vcpus(&self) -> Result<(u32, Option<CpuSet>, bool), DomainError> {
+        let vcpu = self
+            .child("vcpu")
+            .ok_or_else(|| self.invalid(Problem::NoVcpu))?;
+        let max = self.count(vcpu.text().unwrap_or(""), "<vcpu>")?;
+        let online = match vcpu.attribute("current") {
+            Some(c) => self.count(c, "<vcpu current>")?,
             None => max,
         };
-        let cpuset_attr = |node: roxmltree::Node, what: &str| -> Result<Option<CpuSet>, String> {
-            node.attribute("cpuset")
-                .map(|s| CpuSet::parse(s).map_err(|e| format!("domain {name:?}: {what}: {e}")))
-                .transpose()
-        };
-        let vcpu_default = cpuset_attr(vcpu, "<vcpu cpuset>")?;
-        let auto_placement = vcpu.attribute("placement") == Some("auto");
+        let default = self.cpuset_attr(vcpu, "<vcpu cpuset>")?;
+        Ok((online, default, vcpu.attribute("placement") == Some("auto")))
+    }
 
-        let mut vcpu_pins = BTreeMap::new();
-        let mut emulator_pin = None;
-        let mut iothread_pins = BTreeMap::new();
-        if let Some(cputune) = child("cputune") {
-            for node in cputune.children().filter(|n| n.is_element()) {
-                match node.tag_name().name() {
-                    "vcpupin" => {
-                        let id: u32 = node
-                            .attribute("vcpu")
-                            .and_then(|v| v.parse().ok())
-                            .ok_or_else(|| {
-                                format!("domain {name:?}: <vcpupin> without a vcpu number")
-                            })?;
-                        if let Some(set) = cpuset_attr(node, "<vcpupin>")? {
-                            vcpu_pins.insert(id, set);
-                        }
+    /// A `<vcpupin>`/`<iothreadpin>`'s id and CPU set.
+    fn pin(
+        &self,
+        node: roxmltree::Node,
+        element: &'static str,
+        attribute: &str,
+        id: &'static str,
+    ) -> Result<(u32, Option<CpuSet>), DomainError> {
+        let number = node
+            .attribute(attribute)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| self.invalid(Problem::NoId { element, id }))?;
+        Ok((number, self.cpuset_attr(node, element)?))
+    }
+
+    /// `<cputune>`: vCPU pins, the emulator pin, IOThread pins.
+    fn cputune(&self, spec: &mut DomainSpec) -> Result<(), DomainError> {
+        let Some(cputune) = self.child("cputune") else {
+            return Ok(());
+        };
+        for node in cputune.children().filter(|n| n.is_element()) {
+            match node.tag_name().name() {
+                "vcpupin" => {
+                    if let (id, Some(set)) = self.pin(node, "<vcpupin>", "vcpu", "a vcpu")? {
+                        spec.vcpu_pins.insert(id, set);
                     }
-                    "emulatorpin" => emulator_pin = cpuset_attr(node, "<emulatorpin>")?,
-                    "iothreadpin" => {
-                        let id: u32 = node
-                            .attribute("iothread")
-                            .and_then(|v| v.parse().ok())
-                            .ok_or_else(|| {
-                                format!("domain {name:?}: <iothreadpin> without an iothread number")
-                            })?;
-                        if let Some(set) = cpuset_attr(node, "<iothreadpin>")? {
-                            iothread_pins.insert(id, set);
-                        }
-                    }
-                    _ => {}
                 }
+                "emulatorpin" => spec.emulator_pin = self.cpuset_attr(node, "<emulatorpin>")?,
+                "iothreadpin" => {
+                    let (id, set) = self.pin(node, "<iothreadpin>", "iothread", "an iothread")?;
+                    if let Some(set) = set {
+                        spec.iothread_pins.insert(id, set);
+                    }
+                }
+                _ => {}
             }
         }
+        Ok(())
+    }
 
-        let mut iothreads: Vec<u32> = child("iothreadids")
+    /// IOThread ids: `<iothreadids>`, else 1..=`<iothreads>`.
+    fn iothreads(&self) -> Result<Vec<u32>, DomainError> {
+        let listed: Vec<u32> = self
+            .child("iothreadids")
             .map(|ids| {
                 ids.children()
                     .filter(|n| n.has_tag_name("iothread"))
@@ -203,52 +251,74 @@ impl DomainSpec {
                     .collect()
             })
             .unwrap_or_default();
-        if iothreads.is_empty() {
-            if let Some(n) = text("iothreads") {
-                iothreads = (1..=count(&n, "<iothreads>")?).collect();
-            }
+        match self.text("iothreads") {
+            Some(n) if listed.is_empty() => Ok((1..=self.count(&n, "<iothreads>")?).collect()),
+            _ => Ok(listed),
         }
-        let memory =
-            child("numatune").and_then(|n| n.children().find(|c| c.has_tag_name("memory")));
-        let memory_nodes = memory
-            .and_then(|m| m.attribute("nodeset"))
-            .map(|s| {
-                CpuSet::parse(s)
-                    .map_err(|e| format!("domain {name:?}: <numatune><memory nodeset>: {e}"))
-            })
-            .transpose()?;
-        let memory_mode = memory.and_then(|m| m.attribute("mode")).map(str::to_string);
+    }
 
-        let metadata = child("metadata")
-            .and_then(|m| {
-                m.children().find(|n| {
-                    n.tag_name().namespace() == Some(METADATA_URI) && n.tag_name().name() == "state"
-                })
-            })
-            .map(|state| {
-                let word = state.attribute("policy").unwrap_or("auto");
-                let policy = Policy::parse(word);
-                PinnerMetadata {
-                    policy: policy.unwrap_or(Policy::Auto),
-                    unknown_policy: policy.is_none().then(|| word.to_string()),
-                    mode: state.attribute("mode").map(str::to_string),
-                }
-            });
+    /// `<numatune><memory nodeset mode>`.
+    fn memory(&self) -> Result<(Option<CpuSet>, Option<String>), DomainError> {
+        let memory = self
+            .child("numatune")
+            .and_then(|n| n.children().find(|c| c.has_tag_name("memory")));
+        let nodes = self.cpu_list(
+            memory.and_then(|m| m.attribute("nodeset")),
+            "<numatune><memory nodeset>",
+        )?;
+        Ok((
+            nodes,
+            memory.and_then(|m| m.attribute("mode")).map(str::to_string),
+        ))
+    }
 
-        Ok(DomainSpec {
-            name,
-            uuid,
+    /// pinner's `<pinner:state>` in `<metadata>`.
+    fn metadata(&self) -> Option<PinnerMetadata> {
+        let state = self.child("metadata")?.children().find(|n| {
+            n.tag_name().namespace() == Some(METADATA_URI) && n.tag_name().name() == "state"
+        })?;
+        let word = state.attribute("policy").unwrap_or("auto");
+        let policy = Policy::parse(word);
+        Some(PinnerMetadata {
+            policy: policy.unwrap_or(Policy::Auto),
+            unknown_policy: policy.is_none().then(|| word.to_string()),
+            mode: state.attribute("mode").map(str::to_string),
+        })
+    }
+}
+
+fn text_of(node: roxmltree::Node, tag: &str) -> Option<String> {
+    node.children()
+        .find(|n| n.has_tag_name(tag))
+        .and_then(|n| n.text())
+        .map(|t| t.trim().to_string())
+}
+
+impl DomainSpec {
+    pub fn parse(xml: &str) -> Result<DomainSpec, DomainError> {
+        let doc = roxmltree::Document::parse(xml)?;
+        let root = doc.root_element();
+        if !root.has_tag_name("domain") {
+            return Err(DomainError::NotADomain(root.tag_name().name().to_string()));
+        }
+        let name = text_of(root, "name").ok_or(DomainError::NoName)?;
+        let reader = Reader { root, name: &name };
+        let (vcpus, vcpu_default, auto_placement) = reader.vcpus()?;
+        let (memory_nodes, memory_mode) = reader.memory()?;
+        let mut spec = DomainSpec {
+            uuid: reader.text("uuid").unwrap_or_default(),
             vcpus,
-            vcpu_pins,
             vcpu_default,
             auto_placement,
-            emulator_pin,
-            iothreads,
-            iothread_pins,
+            iothreads: reader.iothreads()?,
             memory_nodes,
             memory_mode,
-            metadata,
-        })
+            metadata: reader.metadata(),
+            ..DomainSpec::default()
+        };
+        reader.cputune(&mut spec)?;
+        spec.name = name;
+        Ok(spec)
     }
 
     /// The CPUs libvirt holds for one vCPU; None when it is not pinned.
@@ -350,14 +420,17 @@ mod tests {
 
     #[test]
     fn bad_xml_is_an_error_naming_the_domain() {
-        let e = DomainSpec::parse("<domain><name>bad</name><vcpu>two</vcpu></domain>").unwrap_err();
+        let e = DomainSpec::parse("<domain><name>bad</name><vcpu>two</vcpu></domain>")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("\"bad\"") && e.contains("<vcpu>"), "{e}");
         assert!(DomainSpec::parse("<domain><name>x").is_err());
         assert!(DomainSpec::parse("<network/>")
             .unwrap_err()
+            .to_string()
             .contains("not <domain>"));
         let e = DomainSpec::parse("<domain><name>b</name><vcpu>1</vcpu><cputune><vcpupin vcpu='0' cpuset='9-1'/></cputune></domain>")
-            .unwrap_err();
+            .unwrap_err().to_string();
         assert!(e.contains("backwards"), "{e}");
     }
 
@@ -366,16 +439,22 @@ mod tests {
         let with =
             |body: &str| DomainSpec::parse(&format!("<domain><name>big</name>{body}</domain>"));
         // The fuzzer's finding: an <iothreads> count that asked for 7 GB.
-        let e = with("<vcpu>2</vcpu><iothreads>0001855677348</iothreads>").unwrap_err();
+        let e = with("<vcpu>2</vcpu><iothreads>0001855677348</iothreads>")
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("\"big\"") && e.contains("<iothreads> 1855677348"),
             "{e}"
         );
-        let e = with("<vcpu>4294967295</vcpu>").unwrap_err();
+        let e = with("<vcpu>4294967295</vcpu>").unwrap_err().to_string();
         assert!(e.contains("<vcpu> 4294967295 is more than"), "{e}");
-        let e = with("<vcpu current='99999'>2</vcpu>").unwrap_err();
+        let e = with("<vcpu current='99999'>2</vcpu>")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("<vcpu current> 99999"), "{e}");
-        let e = with("<vcpu>1</vcpu><iothreads>many</iothreads>").unwrap_err();
+        let e = with("<vcpu>1</vcpu><iothreads>many</iothreads>")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("<iothreads> \"many\" is not a count"), "{e}");
         let at_limit =
             format!("<vcpu>{MAX_GUEST_THREADS}</vcpu><iothreads>{MAX_GUEST_THREADS}</iothreads>");

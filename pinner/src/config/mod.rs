@@ -1,10 +1,10 @@
 //! `/etc/pinner/pinner.toml`. Every error names the file, line and column,
 //! and the key where one is at fault.
 
-use crate::cpuset::CpuSet;
-use crate::nova;
-use crate::placement::{EmulatorPolicy, HostPolicy};
-use crate::topology::Topology;
+use crate::engine::cpuset::CpuSet;
+use crate::engine::placement::{EmulatorPolicy, HostPolicy};
+use crate::engine::topology::Topology;
+use crate::host::nova;
 use pinner_shared::log::Level;
 use pinner_shared::paths::{DEFAULT_CONFIG, DEFAULT_SOCKET};
 use serde::Deserialize;
@@ -388,7 +388,7 @@ impl Config {
             column: None,
             message,
         };
-        let nova = nova::read(path).map_err(|(line, message)| nova_error(line, message))?;
+        let nova = nova::read(path).map_err(|e| nova_error(e.line(), e.to_string()))?;
         let at = |line: usize| {
             if line == 0 {
                 "nova's default".to_string()
@@ -608,7 +608,7 @@ mod tests {
 
     #[test]
     fn shipped_default_config_parses_to_the_defaults() {
-        let text = include_str!("../../packaging/pinner.toml");
+        let text = include_str!("../../../packaging/pinner.toml");
         let config = parse(text).unwrap();
         assert_eq!(
             config,

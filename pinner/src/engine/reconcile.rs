@@ -2,11 +2,12 @@
 //! Level-triggered: it needs no memory of earlier events, so a missed event
 //! or a daemon restart costs nothing but a delay.
 
-use crate::cpuset::CpuSet;
-use crate::domain::{DomainSpec, PinnerMetadata, Policy};
-use crate::hypervisor::{HvError, Hypervisor};
-use crate::placement::{self, Guest, HostPolicy, Plan, Role};
-use crate::topology::Topology;
+use crate::engine::cpuset::CpuSet;
+use crate::engine::domain::{DomainSpec, PinnerMetadata, Policy};
+use crate::engine::hypervisor::{HvError, Hypervisor};
+use crate::engine::placement::{self, Guest, HostPolicy, Plan, Role, Warning};
+use crate::engine::topology::Topology;
+use pinner_shared::log::Level;
 use pinner_shared::protocol::{DomainStatus, VcpuStatus};
 use std::collections::{BTreeMap, HashMap};
 
@@ -49,6 +50,58 @@ impl Action {
             Action::SetMetadata { .. } | Action::SetMemoryNodes { .. } => None,
         }
     }
+
+    /// How the change is logged once made: its message and its journald
+    /// fields (OP first; the caller adds DOMAIN).
+    pub fn describe(&self) -> (String, Vec<(&'static str, String)>) {
+        let cpus = |cpus: &CpuSet| ("CPUS", cpus.to_string());
+        match self {
+            Action::SetMetadata { element } => (
+                format!("marked as managed: {element}"),
+                vec![("OP", "metadata".into())],
+            ),
+            Action::PinVcpu { vcpu, cpus: set } => (
+                format!("pinned vCPU {vcpu} to CPUs {set}"),
+                vec![
+                    ("OP", "pin_vcpu".into()),
+                    ("VCPU", vcpu.to_string()),
+                    cpus(set),
+                ],
+            ),
+            Action::PinEmulator { cpus: set } => (
+                format!("pinned emulator threads to CPUs {set}"),
+                vec![("OP", "pin_emulator".into()), cpus(set)],
+            ),
+            Action::PinIothread {
+                iothread,
+                cpus: set,
+            } => (
+                format!("pinned IOThread {iothread} to CPUs {set}"),
+                vec![("OP", "pin_iothread".into()), cpus(set)],
+            ),
+            Action::SetMemoryNodes { nodes } => (
+                format!("bound memory to NUMA nodes {nodes}"),
+                vec![("OP", "memory".into()), ("NODES", nodes.to_string())],
+            ),
+        }
+    }
+
+    /// Marking a domain is bookkeeping; every other change is news.
+    pub fn log_level(&self) -> Level {
+        match self {
+            Action::SetMetadata { .. } => Level::Debug,
+            _ => Level::Info,
+        }
+    }
+}
+
+/// A change libvirt did not make.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApplyError {
+    #[error("{domain}: busy, will retry: {message}")]
+    Busy { domain: String, message: String },
+    #[error("{domain}: {message}")]
+    Failed { domain: String, message: String },
 }
 
 /// The changes for one domain, in the order they must be made.
@@ -95,10 +148,10 @@ pub fn plan_for(topology: &Topology, host: &HostPolicy, specs: &[DomainSpec]) ->
             .as_ref()
             .and_then(|m| m.unknown_policy.as_deref())
         {
-            plan.warnings.push(format!(
-                "{}: unknown pinner policy {word:?}, treated as auto",
-                spec.name
-            ));
+            plan.warnings.push(Warning::UnknownPolicy {
+                guest: spec.name.clone(),
+                word: word.to_string(),
+            });
         }
     }
     plan
@@ -177,7 +230,7 @@ pub fn diff(specs: &[DomainSpec], plan: &Plan, refused: &MemoryRefusals) -> Vec<
         .collect()
 }
 
-fn planned_memory(gp: &crate::placement::GuestPlan) -> Option<CpuSet> {
+fn planned_memory(gp: &crate::engine::placement::GuestPlan) -> Option<CpuSet> {
     gp.memory_nodes
         .as_ref()
         .map(|n| n.iter().copied().collect())
@@ -186,7 +239,7 @@ fn planned_memory(gp: &crate::placement::GuestPlan) -> Option<CpuSet> {
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct ApplyOutcome {
     pub changed: u32,
-    pub errors: Vec<String>,
+    pub errors: Vec<ApplyError>,
     /// Some domain was busy with another libvirt job: try again soon.
     pub busy: bool,
     /// Memory bindings libvirt refused: (uuid, reason).
@@ -247,9 +300,10 @@ pub fn apply(
                 }
                 Err(HvError::Busy(m)) => {
                     outcome.busy = true;
-                    outcome
-                        .errors
-                        .push(format!("{}: busy, will retry: {m}", domain.name));
+                    outcome.errors.push(ApplyError::Busy {
+                        domain: domain.name.clone(),
+                        message: m,
+                    });
                     outcome.unsettled.push(domain.uuid.clone());
                     break;
                 }
@@ -259,7 +313,10 @@ pub fn apply(
                     outcome.memory_refused.push((domain.uuid.clone(), m));
                 }
                 Err(HvError::Other(m)) => {
-                    outcome.errors.push(format!("{}: {m}", domain.name));
+                    outcome.errors.push(ApplyError::Failed {
+                        domain: domain.name.clone(),
+                        message: m,
+                    });
                     outcome.unsettled.push(domain.uuid.clone());
                     break;
                 }
@@ -275,7 +332,7 @@ pub fn domain_status(
     plan: &Plan,
     refused: &MemoryRefusals,
 ) -> Vec<DomainStatus> {
-    let planned: HashMap<&str, &crate::placement::GuestPlan> =
+    let planned: HashMap<&str, &crate::engine::placement::GuestPlan> =
         plan.guests.iter().map(|g| (g.uuid.as_str(), g)).collect();
     let mut out: Vec<DomainStatus> = specs
         .iter()
@@ -357,85 +414,7 @@ pub fn domain_status(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeMap;
-
-    /// In-memory libvirt: domains by uuid, with a switch to fail calls.
-    #[derive(Default)]
-    struct FakeHypervisor {
-        domains: BTreeMap<String, DomainSpec>,
-        fail_with: Option<HvError>,
-        refuse_memory: Option<String>,
-        calls: u32,
-        /// Domains libvirt is busy with (a job in progress).
-        in_job: Vec<String>,
-    }
-
-    impl Hypervisor for FakeHypervisor {
-        fn running_domains(&mut self) -> Result<(Vec<DomainSpec>, Vec<String>), HvError> {
-            Ok((self.domains.values().cloned().collect(), vec![]))
-        }
-        fn set_metadata(&mut self, uuid: &str, element: &str) -> Result<(), HvError> {
-            self.call()?;
-            let d = self.domains.get_mut(uuid).unwrap();
-            let probe = format!(
-                "<domain><name>x</name><vcpu>1</vcpu><metadata>{}</metadata></domain>",
-                element.replace("<state ", "<p:state xmlns:p=\"urn:pinner:1\" ")
-            );
-            let parsed = DomainSpec::parse(&probe).unwrap();
-            d.metadata = parsed.metadata;
-            Ok(())
-        }
-        fn pin_vcpu(&mut self, uuid: &str, vcpu: u32, cpus: &CpuSet) -> Result<(), HvError> {
-            self.call()?;
-            self.domains
-                .get_mut(uuid)
-                .unwrap()
-                .vcpu_pins
-                .insert(vcpu, cpus.clone());
-            Ok(())
-        }
-        fn pin_emulator(&mut self, uuid: &str, cpus: &CpuSet) -> Result<(), HvError> {
-            self.call()?;
-            self.domains.get_mut(uuid).unwrap().emulator_pin = Some(cpus.clone());
-            Ok(())
-        }
-        fn pin_iothread(
-            &mut self,
-            uuid: &str,
-            iothread: u32,
-            cpus: &CpuSet,
-        ) -> Result<(), HvError> {
-            self.call()?;
-            self.domains
-                .get_mut(uuid)
-                .unwrap()
-                .iothread_pins
-                .insert(iothread, cpus.clone());
-            Ok(())
-        }
-        fn job_active(&mut self, uuid: &str) -> Result<bool, HvError> {
-            Ok(self.in_job.iter().any(|u| u == uuid))
-        }
-        fn set_memory_nodes(&mut self, uuid: &str, nodes: &CpuSet) -> Result<(), HvError> {
-            if let Some(reason) = &self.refuse_memory {
-                return Err(HvError::Other(reason.clone()));
-            }
-            self.call()?;
-            self.domains.get_mut(uuid).unwrap().memory_nodes = Some(nodes.clone());
-            Ok(())
-        }
-    }
-
-    impl FakeHypervisor {
-        fn call(&mut self) -> Result<(), HvError> {
-            self.calls += 1;
-            self.fail_with.clone().map_or(Ok(()), Err)
-        }
-        fn add(&mut self, xml: &str) {
-            let spec = DomainSpec::parse(xml).unwrap();
-            self.domains.insert(spec.uuid.clone(), spec);
-        }
-    }
+    use crate::engine::hypervisor::fake::FakeHypervisor;
 
     fn reconcile(hv: &mut FakeHypervisor) -> Result<(Plan, ApplyOutcome), HvError> {
         let topo = Topology::uniform(&CpuSet::parse("0-3").unwrap(), 1);
@@ -567,7 +546,7 @@ mod tests {
 #[cfg(test)]
 mod memory_tests {
     use super::*;
-    use crate::topology::Topology;
+    use crate::engine::topology::Topology;
 
     #[test]
     fn iothreads_follow_the_emulator_and_memory_modes_are_respected() {

@@ -28,14 +28,28 @@ pub enum LibvirtEvent {
 
 pub type Sink = Arc<dyn Fn(LibvirtEvent) + Send + Sync>;
 
+/// Why libvirt's events are not coming; the daemon then relies on the
+/// periodic reconcile alone.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EventsError {
+    #[error("cannot start libvirt's event loop: {0}")]
+    Loop(String),
+    #[error("cannot start libvirt's event thread: {0}")]
+    Thread(String),
+    #[error("cannot watch the libvirt connection: {0}")]
+    CloseCallback(String),
+    #[error("cannot subscribe to libvirt's domain events: {0}")]
+    Subscribe(String),
+}
+
 /// Starts libvirt's default event loop on a thread of its own, once per
 /// process. It must run before the connection that subscribes is opened.
-pub fn start_event_loop() -> Result<(), String> {
+pub fn start_event_loop() -> Result<(), EventsError> {
     static START: Once = Once::new();
     let mut result = Ok(());
     START.call_once(|| {
         if let Err(e) = virt::event::event_register_default_impl() {
-            result = Err(format!("cannot start libvirt's event loop: {e}"));
+            result = Err(EventsError::Loop(e.to_string()));
             return;
         }
         let spawned = std::thread::Builder::new()
@@ -46,7 +60,7 @@ pub fn start_event_loop() -> Result<(), String> {
                 }
             });
         if let Err(e) = spawned {
-            result = Err(format!("cannot start libvirt's event thread: {e}"));
+            result = Err(EventsError::Thread(e.to_string()));
         }
     });
     result
@@ -63,7 +77,7 @@ pub struct Subscription {
 unsafe impl Send for Subscription {}
 
 /// Subscribes `sink` to pin changes and to the connection closing.
-pub fn subscribe(conn: &Connect, sink: Sink) -> Result<Subscription, String> {
+pub fn subscribe(conn: &Connect, sink: Sink) -> Result<Subscription, EventsError> {
     // SAFETY: the pointer stays valid while `conn` lives; the subscription is
     // cancelled before `conn` is dropped (see `Libvirt`'s Drop).
     let ptr = unsafe { conn.as_ptr() };
@@ -76,7 +90,7 @@ pub fn subscribe(conn: &Connect, sink: Sink) -> Result<Subscription, String> {
     if rc < 0 {
         // SAFETY: not registered, so still ours to free.
         unsafe { free_sink(close_opaque) };
-        return Err(last_error("cannot watch the libvirt connection"));
+        return Err(EventsError::CloseCallback(last_error()));
     }
     let tunable_opaque = Box::into_raw(Box::new(sink)) as *mut c_void;
     // SAFETY: libvirt calls the generic callback with the tunable event's
@@ -96,7 +110,7 @@ pub fn subscribe(conn: &Connect, sink: Sink) -> Result<Subscription, String> {
         )
     };
     if tunable_id < 0 {
-        let error = last_error("cannot subscribe to libvirt's domain events");
+        let error = EventsError::Subscribe(last_error());
         // SAFETY: as above; the close callback is unregistered (and its
         // opaque freed by libvirt).
         unsafe {
@@ -122,8 +136,8 @@ impl Subscription {
     }
 }
 
-fn last_error(what: &str) -> String {
-    format!("{what}: {}", virt::error::Error::last_error().message())
+fn last_error() -> String {
+    virt::error::Error::last_error().message().to_string()
 }
 
 unsafe extern "C" fn free_sink(opaque: *mut c_void) {

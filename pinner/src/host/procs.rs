@@ -2,7 +2,7 @@
 //! laid out like it): what isolation needs to decide whether a process may
 //! be moved, and to check afterwards where its threads may run.
 
-use crate::cpuset::CpuSet;
+use crate::engine::cpuset::CpuSet;
 use std::path::{Path, PathBuf};
 
 /// PF_KTHREAD in /proc/PID/stat's flags: a kernel thread.

@@ -3,10 +3,31 @@
 //! back, remove). Paths come from the mount table, so tests point it at a
 //! temporary directory laid out like cgroupfs v1 or v2.
 
-use crate::cpuset::CpuSet;
+use crate::engine::cpuset::CpuSet;
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+
+/// A cgroupfs operation that failed, with the file or directory it
+/// concerns.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CgroupError {
+    #[error("cannot create {}: {reason}", path.display())]
+    Create { path: PathBuf, reason: String },
+    #[error("cannot remove {}: {reason}", path.display())]
+    Remove { path: PathBuf, reason: String },
+    #[error("cannot write \"{value}\" to {}: {reason}", path.display())]
+    Write {
+        path: PathBuf,
+        value: String,
+        reason: String,
+    },
+    /// The process is gone: nothing to move.
+    #[error("exited")]
+    Exited,
+    #[error("cannot read the memory nodes of {}", .0.display())]
+    NoMems(PathBuf),
+}
 
 /// One mounted hierarchy: where, and the controller that names it in
 /// /proc/PID/cgroup ("" for the unified hierarchy).
@@ -172,7 +193,7 @@ impl Group {
 
     /// Creates the group (or updates an existing one) with `limits`. On
     /// failure, directories this call created are removed again.
-    pub fn create(&self, layout: &Layout, limits: &Limits) -> Result<(), String> {
+    pub fn create(&self, layout: &Layout, limits: &Limits) -> Result<(), CgroupError> {
         let mut created = Vec::new();
         let result = self.create_parts(layout, limits, &mut created);
         if result.is_err() {
@@ -188,7 +209,7 @@ impl Group {
         layout: &Layout,
         limits: &Limits,
         created: &mut Vec<PathBuf>,
-    ) -> Result<(), String> {
+    ) -> Result<(), CgroupError> {
         if let Layout::V2 { root } = layout {
             // Controllers must be enabled in the parent for the child to get
             // its cpuset.* (and memory.*) files.
@@ -208,8 +229,10 @@ impl Group {
         };
         for (hierarchy, dir) in &self.parts {
             if !dir.is_dir() {
-                std::fs::create_dir(dir)
-                    .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+                std::fs::create_dir(dir).map_err(|e| CgroupError::Create {
+                    path: dir.clone(),
+                    reason: e.to_string(),
+                })?;
                 created.push(dir.clone());
             }
             match (layout, hierarchy.controller) {
@@ -235,7 +258,7 @@ impl Group {
     }
 
     /// Moves process `pid` (all its threads) into the group.
-    pub fn admit(&self, pid: u32) -> Result<(), String> {
+    pub fn admit(&self, pid: u32) -> Result<(), CgroupError> {
         for (_, dir) in &self.parts {
             add_process(dir, pid)?;
         }
@@ -255,12 +278,17 @@ impl Group {
     }
 
     /// Removes the group's directories; fails while processes remain.
-    pub fn remove(&self) -> Result<(), String> {
+    pub fn remove(&self) -> Result<(), CgroupError> {
         for (_, dir) in &self.parts {
             match std::fs::remove_dir(dir) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(format!("cannot remove {}: {e}", dir.display())),
+                Err(e) => {
+                    return Err(CgroupError::Remove {
+                        path: dir.clone(),
+                        reason: e.to_string(),
+                    })
+                }
             }
         }
         Ok(())
@@ -269,15 +297,19 @@ impl Group {
 
 /// Moves process `pid` into the group at `dir`. cgroup.procs takes one pid
 /// per write and moves the whole thread group.
-pub fn add_process(dir: &Path, pid: u32) -> Result<(), String> {
+pub fn add_process(dir: &Path, pid: u32) -> Result<(), CgroupError> {
     let path = dir.join("cgroup.procs");
     OpenOptions::new()
         .append(true)
         .open(&path)
         .and_then(|mut f| f.write_all(format!("{pid}\n").as_bytes()))
         .map_err(|e| match e.raw_os_error() {
-            Some(libc::ESRCH) => "exited".to_string(),
-            _ => format!("cannot write {}: {e}", path.display()),
+            Some(libc::ESRCH) => CgroupError::Exited,
+            _ => CgroupError::Write {
+                value: pid.to_string(),
+                path,
+                reason: e.to_string(),
+            },
         })
 }
 
@@ -287,14 +319,17 @@ fn read_pids(path: &Path) -> Vec<u32> {
         .unwrap_or_default()
 }
 
-fn write_file(path: &Path, value: &str) -> Result<(), String> {
-    std::fs::write(path, value)
-        .map_err(|e| format!("cannot write \"{value}\" to {}: {e}", path.display()))
+fn write_file(path: &Path, value: &str) -> Result<(), CgroupError> {
+    std::fs::write(path, value).map_err(|e| CgroupError::Write {
+        path: path.to_path_buf(),
+        value: value.to_string(),
+        reason: e.to_string(),
+    })
 }
 
 /// The memory nodes a new group may use when the reserved CPUs have none
 /// of their own: its parent's.
-fn parent_mems(layout: &Layout, mount: &Path) -> Result<String, String> {
+fn parent_mems(layout: &Layout, mount: &Path) -> Result<String, CgroupError> {
     let names: &[&str] = match layout {
         Layout::V1 { .. } => &["cpuset.effective_mems", "cpuset.mems"],
         Layout::V2 { .. } => &["cpuset.mems.effective"],
@@ -303,7 +338,7 @@ fn parent_mems(layout: &Layout, mount: &Path) -> Result<String, String> {
         .iter()
         .find_map(|name| std::fs::read_to_string(mount.join(name)).ok())
         .map(|text| text.trim().to_string())
-        .ok_or_else(|| format!("cannot read the memory nodes of {}", mount.display()))
+        .ok_or_else(|| CgroupError::NoMems(mount.to_path_buf()))
 }
 
 #[cfg(test)]
@@ -478,7 +513,8 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
                     memory_bytes: None,
                 },
             )
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("memory nodes"), "{err}");
         assert!(!group.exists());
         std::fs::remove_dir_all(&root).unwrap();

@@ -10,9 +10,9 @@
 //! never performance and efficiency cores in one guest. Memory follows the
 //! vCPUs. Pins that still satisfy the rules are kept.
 
-use crate::cpuset::CpuSet;
-use crate::domain::Policy;
-use crate::topology::{CpuKind, Topology};
+use crate::engine::cpuset::CpuSet;
+use crate::engine::domain::Policy;
+use crate::engine::topology::{CpuKind, Topology};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,9 +129,40 @@ pub struct Plan {
     pub pool: CpuSet,
     pub reserved: CpuSet,
     pub guests: Vec<GuestPlan>,
-    pub warnings: Vec<String>,
+    pub warnings: Vec<Warning>,
     /// vCPUs whose existing pin the plan changes.
     pub pins_moved: u32,
+}
+
+/// Why no CPU is left for guests.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("online {online}, reserved {reserved}, isolated {isolated}, pinned by others {taken}")]
+pub struct NoCpus {
+    pub online: CpuSet,
+    pub reserved: CpuSet,
+    pub isolated: CpuSet,
+    pub taken: CpuSet,
+}
+
+/// What a plan could not do as asked; never a refusal.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Warning {
+    /// Nothing to pin to: every guest is left as it is.
+    #[error("no CPUs left for guests: {0}")]
+    NoCpus(Box<NoCpus>),
+    #[error("{guest}: {vcpus} dedicated CPUs of one core kind are not free; shared instead")]
+    NoDedicatedRoom { guest: String, vcpus: u32 },
+    #[error("no CPUs left beside dedicated guests; shared guests use the whole pool")]
+    NoSharedRoom,
+    #[error("overcommitted: {vcpus} shared vCPUs on {pcpus} pCPUs exceed cpu_allocation_ratio {ratio} (capacity {capacity})")]
+    Overcommitted {
+        vcpus: u32,
+        pcpus: usize,
+        ratio: f64,
+        capacity: f64,
+    },
+    #[error("{guest}: unknown pinner policy {word:?}, treated as auto")]
+    UnknownPolicy { guest: String, word: String },
 }
 
 /// (NUMA node, L3 id) of a CPU.
@@ -325,10 +356,12 @@ pub fn plan(topo: &Topology, host: &HostPolicy, guests: &[Guest]) -> Plan {
     let mut warnings = Vec::new();
     if pool.is_empty() {
         // Nothing to pin to: leave every guest as it is rather than pin to nothing.
-        warnings.push(format!(
-            "no CPUs left for guests: online {}, reserved {reserved}, isolated {}, pinned by others {taken}",
-            topo.online, topo.isolated
-        ));
+        warnings.push(Warning::NoCpus(Box::new(NoCpus {
+            online: topo.online.clone(),
+            reserved: reserved.clone(),
+            isolated: topo.isolated.clone(),
+            taken,
+        })));
         return Plan {
             mode: Mode::Dedicated,
             pool,
@@ -378,10 +411,10 @@ pub fn plan(topo: &Topology, host: &HostPolicy, guests: &[Guest]) -> Plan {
     {
         match plan {
             Some(plan) => placed[i] = Some(plan),
-            None => warnings.push(format!(
-                "{}: {} dedicated CPUs of one core kind are not free; shared instead",
-                managed[i].0.name, managed[i].0.vcpus
-            )),
+            None => warnings.push(Warning::NoDedicatedRoom {
+                guest: managed[i].0.name.clone(),
+                vcpus: managed[i].0.vcpus,
+            }),
         }
     }
     let shared_index: Vec<usize> = (0..managed.len())
@@ -399,8 +432,7 @@ pub fn plan(topo: &Topology, host: &HostPolicy, guests: &[Guest]) -> Plan {
         .map_or_else(|| pool.clone(), |s| s.intersection(&pool));
     let mut shared_pool = shared_base.difference(&used);
     if shared_pool.is_empty() && !shared.is_empty() {
-        warnings
-            .push("no CPUs left beside dedicated guests; shared guests use the whole pool".into());
+        warnings.push(Warning::NoSharedRoom);
         shared_pool = pool.clone();
     }
     for (&i, plan) in shared_index
@@ -413,11 +445,12 @@ pub fn plan(topo: &Topology, host: &HostPolicy, guests: &[Guest]) -> Plan {
     let shared_demand: u32 = shared.iter().map(|(g, _)| g.vcpus).sum();
     let capacity = shared_pool.len() as f64 * host.cpu_allocation_ratio;
     if !shared.is_empty() && f64::from(shared_demand) > capacity {
-        warnings.push(format!(
-            "overcommitted: {shared_demand} shared vCPUs on {} pCPUs exceed cpu_allocation_ratio {} (capacity {capacity})",
-            shared_pool.len(),
-            host.cpu_allocation_ratio
-        ));
+        warnings.push(Warning::Overcommitted {
+            vcpus: shared_demand,
+            pcpus: shared_pool.len(),
+            ratio: host.cpu_allocation_ratio,
+            capacity,
+        });
     }
     let pins_moved = managed
         .iter()
@@ -1069,7 +1102,9 @@ mod tests {
             .collect();
         assert!((per_cpu[0] - per_cpu[1]).abs() <= 1.0, "{load:?}");
         assert!(
-            plan.warnings.iter().any(|w| w.contains("overcommitted")),
+            plan.warnings
+                .iter()
+                .any(|w| w.to_string().contains("overcommitted")),
             "{:?}",
             plan.warnings
         );
@@ -1255,7 +1290,7 @@ mod tests {
         let plan = host_plan(&[managed("huge", 9, Policy::Dedicated, vec![])]);
         assert_eq!(by_name(&plan, "huge").placement, Placement::Shared);
         assert!(
-            plan.warnings.iter().any(|w| w.contains("huge")),
+            plan.warnings.iter().any(|w| w.to_string().contains("huge")),
             "{:?}",
             plan.warnings
         );
@@ -1342,7 +1377,9 @@ mod tests {
         );
         assert!(plan.guests.is_empty());
         assert!(
-            plan.warnings[0].contains("no CPUs left for guests"),
+            plan.warnings[0]
+                .to_string()
+                .contains("no CPUs left for guests"),
             "{:?}",
             plan.warnings
         );

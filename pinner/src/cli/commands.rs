@@ -1,0 +1,372 @@
+//! The body of each `pinner` subcommand. Each returns the exit code or a
+//! typed error; `main` prints the error as the one line the user sees.
+
+use super::args::{Cli, Command};
+use super::client::{self, ClientError};
+use super::report;
+use crate::config::{Config, ConfigError};
+use crate::daemon::{self, DaemonError};
+use crate::doctor::{self, DoctorError};
+use crate::engine::domain::{DomainError, DomainSpec};
+use crate::engine::hypervisor::{HvError, Hypervisor};
+use crate::engine::reconcile;
+use crate::host::guest_stats::{self, StealTracker};
+use crate::host::procs::ProcFs;
+use crate::host::sysfs::{self, SysfsError};
+use crate::isolation::{self, IsolationError};
+use crate::libvirt::Libvirt;
+use pinner_shared::paths::DEFAULT_SOCKET;
+use pinner_shared::protocol::{Request, Response};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+/// How long the CLI waits for the daemon's answer.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(150);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Topology(#[from] SysfsError),
+    #[error(transparent)]
+    Daemon(#[from] DaemonError),
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error(transparent)]
+    Isolation(#[from] IsolationError),
+    #[error(transparent)]
+    Doctor(#[from] DoctorError),
+    #[error("{}: {source}", path.display())]
+    DomainFile { path: PathBuf, source: DomainError },
+    #[error("{}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("libvirt at {uri}: {source}")]
+    Libvirt { uri: String, source: HvError },
+    #[error("daemon: {0}")]
+    Refused(String),
+    #[error("daemon: unexpected answer")]
+    UnexpectedAnswer,
+    #[error("no running guest named {name:?} at {uri}")]
+    NoSuchGuest { name: String, uri: String },
+    #[error("cannot render JSON: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
+    let config_path = cli.config.as_deref();
+    match &cli.command {
+        Command::Daemon => {
+            daemon::run(cli.config.clone())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Topology { sysfs_root, json } => {
+            let topo = sysfs::read_topology(sysfs_root)?;
+            print!(
+                "{}",
+                if *json {
+                    topo.to_json()
+                } else {
+                    report::topology_tree(&topo)
+                }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plan {
+            sysfs_root,
+            domains,
+            connect,
+            json,
+        } => plan(
+            config_path,
+            sysfs_root,
+            domains.as_deref(),
+            connect.as_deref(),
+            *json,
+        ),
+        Command::Isolate { undo, status, json } => isolate(config_path, *undo, *status, *json),
+        Command::Doctor {
+            connect,
+            domain,
+            json,
+            root,
+            sample,
+        } => doctor(
+            config_path,
+            connect.as_deref(),
+            domain.as_deref(),
+            *json,
+            root,
+            *sample,
+        ),
+        Command::Status { watch: Some(s), .. } => watch_status(&socket_of(&cli)?, *s),
+        Command::Status { json, watch: None } => {
+            ask(&socket_of(&cli)?, Request::Status, *json, false)
+        }
+        Command::Metrics => ask(&socket_of(&cli)?, Request::Status, false, true),
+        Command::Reconcile { json } => ask(&socket_of(&cli)?, Request::Reconcile, *json, false),
+    }
+}
+
+/// The daemon's socket: `--socket`, else the configuration's (a missing
+/// default configuration means the default socket).
+fn socket_of(cli: &Cli) -> Result<PathBuf, CliError> {
+    Ok(match (&cli.socket, &cli.config) {
+        (Some(socket), _) => socket.clone(),
+        (None, Some(path)) => Config::load(Some(path))?.socket,
+        (None, None) => Config::load(None)
+            .map(|c| c.socket)
+            .unwrap_or_else(|_| PathBuf::from(DEFAULT_SOCKET)),
+    })
+}
+
+/// `pinner status`, `metrics` and `reconcile`: one request to the daemon.
+fn ask(socket: &Path, request: Request, json: bool, metrics: bool) -> Result<ExitCode, CliError> {
+    let response = client::request(socket, &request, ANSWER_TIMEOUT)?;
+    let text = match &response {
+        Response::Error(message) => return Err(CliError::Refused(message.clone())),
+        Response::Status(report) if metrics => daemon::metrics::render(report),
+        Response::Status(report) if json => to_json(report)?,
+        Response::Reconciled(report) if json => to_json(report)?,
+        Response::Status(report) => report::status_text(report),
+        Response::Reconciled(report) => report::reconcile_text(report),
+    };
+    print!("{text}");
+    // A reconcile that hit errors is a failure for scripts.
+    let failed = matches!(&response, Response::Reconciled(r) if !r.errors.is_empty());
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// `pinner status --watch`: the status, redrawn every `seconds` until
+/// interrupted (or the daemon goes away).
+fn watch_status(socket: &Path, seconds: u64) -> Result<ExitCode, CliError> {
+    let every = Duration::from_secs(seconds.max(1));
+    loop {
+        let text = match client::request(socket, &Request::Status, ANSWER_TIMEOUT)? {
+            Response::Status(report) => report::status_text(&report),
+            Response::Error(message) => return Err(CliError::Refused(message)),
+            Response::Reconciled(_) => return Err(CliError::UnexpectedAnswer),
+        };
+        // Home and clear, then the status: a terminal shows one screen.
+        print!(
+            "\x1b[H\x1b[2J{text}\nevery {}s; Ctrl-C to stop\n",
+            every.as_secs()
+        );
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+        std::thread::sleep(every);
+    }
+}
+
+/// `pinner plan`: the placement for the running guests (from libvirt, or
+/// from domain XML files), with reasons.
+fn plan(
+    config_path: Option<&Path>,
+    sysfs_root: &Path,
+    domains: Option<&Path>,
+    connect: Option<&str>,
+    json: bool,
+) -> Result<ExitCode, CliError> {
+    let topo = sysfs::read_topology(sysfs_root)?;
+    let config = Config::load(config_path)?;
+    let host = config.resolve(&topo)?;
+    let specs = match domains {
+        Some(dir) => read_domain_dir(dir)?,
+        None => {
+            let uri = connect.unwrap_or(&config.libvirt_uri);
+            let (specs, unreadable) = read_only(uri)?
+                .running_domains()
+                .map_err(|source| libvirt_error(uri, source))?;
+            for problem in unreadable {
+                eprintln!("pinner: skipped a domain: {problem}");
+            }
+            specs
+        }
+    };
+    let plan = reconcile::plan_for(&topo, &host, &specs);
+    let text = if json {
+        to_json(&report::plan_json(&plan, &specs))?
+    } else {
+        report::plan_text(&plan, &specs)
+    };
+    print!("{text}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn read_only(uri: &str) -> Result<Libvirt, CliError> {
+    Libvirt::connect_read_only(uri).map_err(|source| libvirt_error(uri, source))
+}
+
+fn libvirt_error(uri: &str, source: HvError) -> CliError {
+    CliError::Libvirt {
+        uri: uri.to_string(),
+        source,
+    }
+}
+
+/// Reads every `*.xml` in `dir` (sorted by file name) as a running domain;
+/// an error names the file.
+fn read_domain_dir(dir: &Path) -> Result<Vec<DomainSpec>, CliError> {
+    let read_error = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| CliError::Read { path, source }
+    };
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(read_error(dir))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "xml"))
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .map(|f| {
+            let xml = std::fs::read_to_string(f).map_err(read_error(f))?;
+            DomainSpec::parse(&xml).map_err(|source| CliError::DomainFile {
+                path: f.clone(),
+                source,
+            })
+        })
+        .collect()
+}
+
+/// `pinner isolate`: confine host processes, undo it, or show the state.
+fn isolate(
+    config_path: Option<&Path>,
+    undo: bool,
+    status: bool,
+    json: bool,
+) -> Result<ExitCode, CliError> {
+    let config = Config::load(config_path)?;
+    let state_dir = daemon::HostPaths::system(&config.socket).state_dir;
+    let mut system = isolation::System::host(&state_dir);
+    // Undo needs only the recorded state: it works with a config that no
+    // longer resolves (e.g. reserved CPUs gone offline).
+    if undo {
+        let undo = isolation::undo(&mut system, &config.isolation)?;
+        print!(
+            "{}",
+            if json {
+                to_json(&undo)?
+            } else {
+                report::undo_text(&undo)
+            }
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let topo = sysfs::read_topology(Path::new("/"))?;
+    let host = config.resolve(&topo)?;
+    let settings = isolation::Settings::new(&config.isolation, &host.reserved, &topo);
+    if status {
+        let status = isolation::status(&system, &settings)?;
+        print!(
+            "{}",
+            if json {
+                to_json(&status)?
+            } else {
+                report::isolation_status_text(&status)
+            }
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let sweep = isolation::isolate(&mut system, &settings)?;
+    print!(
+        "{}",
+        if json {
+            to_json(&sweep)?
+        } else {
+            report::sweep_text(&sweep, &settings, config.isolation.enabled)
+        }
+    );
+    Ok(if sweep.failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// `pinner doctor`: host and guest findings; exit 2 when any needs fixing.
+fn doctor(
+    config_path: Option<&Path>,
+    connect: Option<&str>,
+    only: Option<&str>,
+    json: bool,
+    root: &Path,
+    sample_secs: f64,
+) -> Result<ExitCode, CliError> {
+    let config = Config::load(config_path)?;
+    let topo = sysfs::read_topology(root)?;
+    let uri = connect.unwrap_or(&config.libvirt_uri);
+    let (xmls, unreadable) = read_only(uri)?
+        .running_xml()
+        .map_err(|source| libvirt_error(uri, source))?;
+    for problem in unreadable {
+        eprintln!("pinner: skipped a domain: {problem}");
+    }
+    let mut guests = xmls
+        .iter()
+        .map(|xml| doctor::Guest::from_xml(xml))
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(name) = only.filter(|n| !guests.iter().any(|g| g.spec.name == *n)) {
+        return Err(CliError::NoSuchGuest {
+            name: name.to_string(),
+            uri: uri.to_string(),
+        });
+    }
+    // Without a configuration that fits this host, the pool checks are skipped.
+    let pool = config
+        .resolve(&topo)
+        .ok()
+        .map(|host| reconcile::plan_for(&topo, &host, &[]).pool);
+    let sample = Duration::from_secs_f64(sample_secs.clamp(0.0, 60.0));
+    let host = sample_steal(root, &mut guests, |root| {
+        doctor::Host::read(root, topo, pool, sample)
+    });
+    let findings = doctor::audit(&host, &guests, only);
+    if json {
+        print!("{}", to_json(&doctor::findings_json(&findings))?);
+    } else {
+        print!("{}", doctor::render_text(&findings));
+    }
+    Ok(if doctor::needs_fixing(&findings) {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// Each guest's steal over the host sample `read_host` takes: its vCPUs'
+/// run-queue wait before and after.
+fn sample_steal<T>(
+    root: &Path,
+    guests: &mut [doctor::Guest],
+    read_host: impl FnOnce(&Path) -> T,
+) -> T {
+    let procfs = ProcFs::new(root.join("proc"));
+    let started = Instant::now();
+    let before: Vec<_> = guests
+        .iter()
+        .map(|g| guest_stats::sample(&procfs, &g.spec.uuid, None))
+        .collect();
+    let host = read_host(root);
+    let mut steal = StealTracker::default();
+    for (guest, first) in guests.iter_mut().zip(before) {
+        let Some(first) = first else { continue };
+        steal.record(&guest.spec.uuid, started, &first);
+        if let Some(second) = guest_stats::sample(&procfs, &guest.spec.uuid, Some(first.pid)) {
+            guest.steal_pct = steal.record(&guest.spec.uuid, Instant::now(), &second);
+        }
+    }
+    host
+}
+
+fn to_json(value: &impl serde::Serialize) -> Result<String, CliError> {
+    Ok(serde_json::to_string_pretty(value)? + "\n")
+}

@@ -1,0 +1,178 @@
+//! `pinner daemon`: the socket intake, the control loop that owns the
+//! libvirt session, and what it observes.
+//!
+//! Threads: one accepts connections (`intake`, one short-lived thread per
+//! connection), one turns signals into work, the isolation keeper, and the
+//! main thread runs the control loop (`control`), which alone talks to
+//! libvirt (`session`), one pass at a time (`pass`); `observe` measures and
+//! reports, `metrics` renders OpenMetrics.
+
+pub mod control;
+pub mod intake;
+pub mod metrics;
+pub mod observe;
+pub mod pass;
+pub mod session;
+
+use crate::config::{Config, ConfigError};
+use crate::engine::topology::Topology;
+use crate::host::sysfs::{self, SysfsError};
+use crate::libvirt::events::{self, LibvirtEvent};
+use control::{Daemon, Setup};
+use intake::{Intake, IntakeError};
+use pinner_shared::log::Logger;
+use pinner_shared::protocol::{HookEvent, Response};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::mpsc::{self, Sender};
+use std::sync::Arc;
+
+/// What the control loop is handed, by the intake, libvirt's event thread
+/// and the signal thread.
+pub enum Work {
+    Event(HookEvent),
+    Libvirt(LibvirtEvent),
+    Status(Sender<Response>),
+    Reconcile(Sender<Response>),
+    Reload,
+    Stop,
+}
+
+/// Where the daemon reads the host and keeps its state: `/` and the
+/// socket's directory on a host, fixture trees in tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPaths {
+    /// The /proc to read guests' threads and peers' groups from.
+    pub proc: PathBuf,
+    /// The root sysfs is read under (`/` on a host).
+    pub sysfs_root: PathBuf,
+    /// Isolation state, the hook's drop counter.
+    pub state_dir: PathBuf,
+}
+
+impl HostPaths {
+    /// This host, with state beside the socket.
+    pub fn system(socket: &Path) -> HostPaths {
+        HostPaths {
+            proc: PathBuf::from("/proc"),
+            sysfs_root: PathBuf::from("/"),
+            state_dir: socket
+                .parent()
+                .map_or_else(|| PathBuf::from("/run/pinner"), Path::to_path_buf),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Topology(#[from] SysfsError),
+    #[error(transparent)]
+    Intake(#[from] IntakeError),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+    #[error("cannot start the {name} thread: {source}")]
+    Thread {
+        name: &'static str,
+        source: std::io::Error,
+    },
+}
+
+pub fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
+    let config = Config::load(config_path.as_deref())?;
+    let topology = sysfs::read_topology(Path::new("/"))?;
+    let host = config.resolve(&topology)?;
+    let logger = Arc::new(Logger::new("pinner", config.log_level));
+    let paths = HostPaths::system(&config.socket);
+
+    let listener = intake::bind_socket(&config.socket, config.socket_group.as_ref())?;
+    let refused = Arc::new(AtomicU64::new(0));
+    let (tx, rx) = mpsc::channel();
+    spawn_signal_thread(tx.clone())?;
+    let intake = Intake {
+        work: tx.clone(),
+        logger: logger.clone(),
+        allowed_gid: config.socket_group.as_ref().map(|g| g.gid),
+        refused: refused.clone(),
+        proc_root: paths.proc.clone(),
+    };
+    std::thread::Builder::new()
+        .name("intake".into())
+        .spawn(move || intake.accept_loop(listener))
+        .map_err(|source| DaemonError::Thread {
+            name: "intake",
+            source,
+        })?;
+    log_start(&logger, &config, &topology);
+    // Without libvirt's events, hand-made pin changes wait for the periodic
+    // reconcile, and a closed connection for the next call.
+    if let Err(e) = events::start_event_loop() {
+        logger.warn(&e.to_string(), &[]);
+    }
+    let socket = config.socket.clone();
+    let mut daemon = Daemon::new(Setup {
+        config,
+        host,
+        config_path,
+        topology,
+        paths,
+        logger: logger.clone(),
+        connector: Box::new(session::LibvirtConnector),
+        work_tx: tx,
+        refused,
+    });
+    daemon.update_isolation(false);
+    // Ready: the socket takes events (the first reconcile follows at once).
+    if let Err(e) = crate::host::notify::notify("READY=1") {
+        logger.warn(&format!("cannot tell systemd we are ready: {e}"), &[]);
+    }
+    daemon.run(&rx);
+    let _ = crate::host::notify::notify("STOPPING=1");
+    let isolation = &daemon.config().isolation;
+    if isolation.enabled && isolation.restore_on_exit {
+        daemon.undo_isolation();
+    }
+    let _ = std::fs::remove_file(&socket);
+    logger.info("pinner daemon stopped", &[]);
+    Ok(())
+}
+
+fn log_start(logger: &Logger, config: &Config, topology: &Topology) {
+    logger.info(
+        &format!(
+            "pinner daemon started: socket {}, libvirt {}, reserved CPUs \"{}\", online {}",
+            config.socket.display(),
+            config.libvirt_uri,
+            config.reserved_cpus,
+            topology.online
+        ),
+        &[],
+    );
+}
+
+fn spawn_signal_thread(tx: Sender<Work>) -> Result<(), DaemonError> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM])
+        .map_err(DaemonError::Signals)?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                let work = if signal == SIGHUP {
+                    Work::Reload
+                } else {
+                    Work::Stop
+                };
+                if tx.send(work).is_err() {
+                    break;
+                }
+            }
+        })
+        .map_err(|source| DaemonError::Thread {
+            name: "signal",
+            source,
+        })?;
+    Ok(())
+}

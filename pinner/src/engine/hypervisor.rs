@@ -1,0 +1,137 @@
+//! What the reconciler asks of a hypervisor, behind a small trait so the
+//! reconcile logic runs against a fake in unit tests; `crate::libvirt` has
+//! the real one.
+
+use crate::engine::cpuset::CpuSet;
+use crate::engine::domain::{DomainError, DomainSpec};
+
+/// What a hypervisor call can fail with, sorted by what the reconciler
+/// does about it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HvError {
+    /// The connection is gone (libvirtd stopped or restarted): reconnect.
+    #[error("libvirt connection lost: {0}")]
+    Disconnected(String),
+    /// "cannot acquire state change lock": another job holds the domain.
+    #[error("domain busy: {0}")]
+    Busy(String),
+    /// The domain stopped or vanished meanwhile.
+    #[error("domain gone: {0}")]
+    Gone(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// A running domain whose XML could not be read or taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unreadable {
+    /// libvirt would not give its XML; its name, or "(unknown)".
+    #[error("{domain}: {error}")]
+    Xml { domain: String, error: HvError },
+    #[error(transparent)]
+    Parse(#[from] DomainError),
+}
+
+/// The running domains, and those that could not be read.
+pub type Running = (Vec<DomainSpec>, Vec<Unreadable>);
+
+pub trait Hypervisor {
+    /// Every running domain with its live XML facts. Domains whose XML cannot
+    /// be read are reported in the second list (name or uuid, reason).
+    fn running_domains(&mut self) -> Result<Running, HvError>;
+    fn set_metadata(&mut self, uuid: &str, element: &str) -> Result<(), HvError>;
+    fn pin_vcpu(&mut self, uuid: &str, vcpu: u32, cpus: &CpuSet) -> Result<(), HvError>;
+    fn pin_emulator(&mut self, uuid: &str, cpus: &CpuSet) -> Result<(), HvError>;
+    fn pin_iothread(&mut self, uuid: &str, iothread: u32, cpus: &CpuSet) -> Result<(), HvError>;
+    /// Binds memory to NUMA `nodes` (the numatune nodeset; mode unchanged).
+    fn set_memory_nodes(&mut self, uuid: &str, nodes: &CpuSet) -> Result<(), HvError>;
+    /// Whether libvirt is in the middle of a job on the domain (starting it,
+    /// say). A change then waits for the job, so it is tried later instead
+    /// of stalling changes to every other guest.
+    fn job_active(&mut self, uuid: &str) -> Result<bool, HvError>;
+}
+
+/// An in-memory hypervisor for unit tests.
+#[cfg(test)]
+pub mod fake {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    /// In-memory libvirt: domains by uuid, with a switch to fail calls.
+    #[derive(Default)]
+    pub struct FakeHypervisor {
+        pub domains: BTreeMap<String, DomainSpec>,
+        pub fail_with: Option<HvError>,
+        pub refuse_memory: Option<String>,
+        pub calls: u32,
+        /// Domains libvirt is busy with (a job in progress).
+        pub in_job: Vec<String>,
+    }
+
+    impl Hypervisor for FakeHypervisor {
+        fn running_domains(&mut self) -> Result<Running, HvError> {
+            Ok((self.domains.values().cloned().collect(), vec![]))
+        }
+        fn set_metadata(&mut self, uuid: &str, element: &str) -> Result<(), HvError> {
+            self.call()?;
+            let d = self.domains.get_mut(uuid).unwrap();
+            let probe = format!(
+                "<domain><name>x</name><vcpu>1</vcpu><metadata>{}</metadata></domain>",
+                element.replace("<state ", "<p:state xmlns:p=\"urn:pinner:1\" ")
+            );
+            let parsed = DomainSpec::parse(&probe).unwrap();
+            d.metadata = parsed.metadata;
+            Ok(())
+        }
+        fn pin_vcpu(&mut self, uuid: &str, vcpu: u32, cpus: &CpuSet) -> Result<(), HvError> {
+            self.call()?;
+            self.domains
+                .get_mut(uuid)
+                .unwrap()
+                .vcpu_pins
+                .insert(vcpu, cpus.clone());
+            Ok(())
+        }
+        fn pin_emulator(&mut self, uuid: &str, cpus: &CpuSet) -> Result<(), HvError> {
+            self.call()?;
+            self.domains.get_mut(uuid).unwrap().emulator_pin = Some(cpus.clone());
+            Ok(())
+        }
+        fn pin_iothread(
+            &mut self,
+            uuid: &str,
+            iothread: u32,
+            cpus: &CpuSet,
+        ) -> Result<(), HvError> {
+            self.call()?;
+            self.domains
+                .get_mut(uuid)
+                .unwrap()
+                .iothread_pins
+                .insert(iothread, cpus.clone());
+            Ok(())
+        }
+        fn job_active(&mut self, uuid: &str) -> Result<bool, HvError> {
+            Ok(self.in_job.iter().any(|u| u == uuid))
+        }
+        fn set_memory_nodes(&mut self, uuid: &str, nodes: &CpuSet) -> Result<(), HvError> {
+            if let Some(reason) = &self.refuse_memory {
+                return Err(HvError::Other(reason.clone()));
+            }
+            self.call()?;
+            self.domains.get_mut(uuid).unwrap().memory_nodes = Some(nodes.clone());
+            Ok(())
+        }
+    }
+
+    impl FakeHypervisor {
+        pub fn call(&mut self) -> Result<(), HvError> {
+            self.calls += 1;
+            self.fail_with.clone().map_or(Ok(()), Err)
+        }
+        pub fn add(&mut self, xml: &str) {
+            let spec = DomainSpec::parse(xml).unwrap();
+            self.domains.insert(spec.uuid.clone(), spec);
+        }
+    }
+}
