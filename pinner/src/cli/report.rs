@@ -23,6 +23,46 @@ fn nodes(list: &[u32]) -> String {
 }
 
 pub fn status_text(report: &StatusReport) -> String {
+    let mut out = status_header(report);
+    if report.domains.is_empty() {
+        let _ = writeln!(out, "\nno running guests");
+    }
+    let name_width = report
+        .domains
+        .iter()
+        .map(|d| d.name.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(6);
+    for d in &report.domains {
+        guest_status(&mut out, d, name_width);
+    }
+    if !report.numa.is_empty() {
+        let _ = writeln!(out);
+        for n in &report.numa {
+            let total = n.numa_hit + n.numa_miss;
+            let _ = writeln!(
+                out,
+                "node {}: numa_hit {}  numa_miss {} ({})  numa_foreign {}",
+                n.node,
+                n.numa_hit,
+                n.numa_miss,
+                percent(n.numa_miss, total),
+                n.numa_foreign
+            );
+        }
+    }
+    if let Some(count) = report.isolated_processes {
+        let _ = writeln!(out, "host processes on the reserved CPUs: {count}");
+    }
+    for w in &report.warnings {
+        let _ = writeln!(out, "warning: {w}");
+    }
+    out
+}
+
+/// The mode, pool and connection, the counters and the pin latency.
+fn status_header(report: &StatusReport) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -57,78 +97,49 @@ pub fn status_text(report: &StatusReport) -> String {
             l.median_ms, l.p99_ms, l.max_ms, l.count
         );
     }
-    if report.domains.is_empty() {
-        let _ = writeln!(out, "\nno running guests");
-    }
-    let name_width = report
-        .domains
-        .iter()
-        .map(|d| d.name.chars().count())
-        .max()
-        .unwrap_or(0)
-        .max(6);
-    for d in &report.domains {
-        let _ = writeln!(
-            out,
-            "\n{:<name_width$}  {:<9}  {}  {}",
-            d.name,
-            d.policy,
-            if d.in_sync { "in sync" } else { "PENDING" },
-            d.reason
-        );
-        for v in &d.vcpus {
-            let mark = if v.cpus == v.planned {
-                ""
-            } else {
-                "   (plan: "
-            };
-            let _ = write!(out, "  vcpu {:<3} -> {}", v.vcpu, cpus(&v.cpus));
-            if !mark.is_empty() {
-                let _ = write!(out, "{mark}{})", cpus(&v.planned));
-            }
-            out.push('\n');
-        }
-        let _ = write!(out, "  emulator -> {}", cpus(&d.emulator));
-        if d.emulator != d.planned_emulator {
-            let _ = write!(out, "   (plan: {})", cpus(&d.planned_emulator));
+    out
+}
+
+/// One guest: its line, each vCPU's and the emulator's CPUs (with the plan
+/// where it differs), memory, and what was measured.
+fn guest_status(out: &mut String, d: &DomainStatus, name_width: usize) {
+    let _ = writeln!(
+        out,
+        "\n{:<name_width$}  {:<9}  {}  {}",
+        d.name,
+        d.policy,
+        if d.in_sync { "in sync" } else { "PENDING" },
+        d.reason
+    );
+    let planned = |out: &mut String, now: String, plan: Option<String>| {
+        out.push_str(&now);
+        if let Some(plan) = plan {
+            let _ = write!(out, "   (plan: {plan})");
         }
         out.push('\n');
-        if !d.memory_nodes.is_empty() || !d.planned_memory_nodes.is_empty() {
-            let _ = write!(out, "  memory   -> {}", nodes(&d.memory_nodes));
-            if d.memory_nodes != d.planned_memory_nodes {
-                let _ = write!(out, "   (plan: {})", nodes(&d.planned_memory_nodes));
-            }
-            out.push('\n');
-        }
-        if !d.memory_note.is_empty() {
-            let _ = writeln!(out, "  memory: {}", d.memory_note);
-        }
-        if let Some(line) = measured_line(d) {
-            let _ = writeln!(out, "  {line}");
-        }
+    };
+    let differs =
+        |now: &[u32], plan: &[u32], show: fn(&[u32]) -> String| (now != plan).then(|| show(plan));
+    for v in &d.vcpus {
+        let now = format!("  vcpu {:<3} -> {}", v.vcpu, cpus(&v.cpus));
+        planned(out, now, differs(&v.cpus, &v.planned, cpus));
     }
-    if !report.numa.is_empty() {
-        let _ = writeln!(out);
-        for n in &report.numa {
-            let total = n.numa_hit + n.numa_miss;
-            let _ = writeln!(
-                out,
-                "node {}: numa_hit {}  numa_miss {} ({})  numa_foreign {}",
-                n.node,
-                n.numa_hit,
-                n.numa_miss,
-                percent(n.numa_miss, total),
-                n.numa_foreign
-            );
-        }
+    let now = format!("  emulator -> {}", cpus(&d.emulator));
+    planned(out, now, differs(&d.emulator, &d.planned_emulator, cpus));
+    if !d.memory_nodes.is_empty() || !d.planned_memory_nodes.is_empty() {
+        let now = format!("  memory   -> {}", nodes(&d.memory_nodes));
+        planned(
+            out,
+            now,
+            differs(&d.memory_nodes, &d.planned_memory_nodes, nodes),
+        );
     }
-    if let Some(count) = report.isolated_processes {
-        let _ = writeln!(out, "host processes on the reserved CPUs: {count}");
+    if !d.memory_note.is_empty() {
+        let _ = writeln!(out, "  memory: {}", d.memory_note);
     }
-    for w in &report.warnings {
-        let _ = writeln!(out, "warning: {w}");
+    if let Some(line) = measured_line(d) {
+        let _ = writeln!(out, "  {line}");
     }
-    out
 }
 
 fn percent(part: u64, total: u64) -> String {
@@ -373,8 +384,20 @@ pub fn isolation_status_text(status: &crate::isolation::Status) -> String {
 
 /// The readable tree `pinner topology` prints.
 pub fn topology_tree(topo: &Topology) -> String {
-    use std::fmt::Write;
     let online: Vec<&Cpu> = topo.cpus.iter().filter(|c| c.online).collect();
+    let mut out = topology_summary(topo, &online);
+    topology_levels(&mut out, topo, &online);
+    for node in topo.numa_nodes.iter().filter(|n| n.cpus.is_empty()) {
+        let memory = node
+            .memory_mib
+            .map_or_else(String::new, |m| format!(" ({m} MiB)"));
+        let _ = writeln!(out, "memory-only numa node {}{memory}", node.id);
+    }
+    out
+}
+
+/// The counts line, and isolated CPUs where there are any.
+fn topology_summary(topo: &Topology, online: &[&Cpu]) -> String {
     let count = |f: fn(&Cpu) -> Option<u32>| {
         let mut ids: Vec<u32> = online.iter().filter_map(|c| f(c)).collect();
         ids.sort();
@@ -417,10 +440,16 @@ pub fn topology_tree(topo: &Topology) -> String {
             topo.isolated, topo.nohz_full
         );
     }
+    out
+}
+
+/// package → numa node → L3 → core lines, each level printed where it
+/// changes.
+fn topology_levels(out: &mut String, topo: &Topology, online: &[&Cpu]) {
     let label = |v: Option<u32>| v.map_or_else(|| "?".to_string(), |v| v.to_string());
     let mut last: (Option<u32>, Option<u32>, Option<u32>) =
         (Some(u32::MAX), Some(u32::MAX), Some(u32::MAX));
-    let mut sorted = online.clone();
+    let mut sorted = online.to_vec();
     sorted.sort_by_key(|c| (c.package, c.numa_node, c.l3, c.core, c.id));
     for cpu in sorted {
         if cpu.package != last.0 {
@@ -457,13 +486,6 @@ pub fn topology_tree(topo: &Topology) -> String {
             let _ = writeln!(out, "      core {}: cpus {siblings}{kind}", label(cpu.core));
         }
     }
-    for node in topo.numa_nodes.iter().filter(|n| n.cpus.is_empty()) {
-        let memory = node
-            .memory_mib
-            .map_or_else(String::new, |m| format!(" ({m} MiB)"));
-        let _ = writeln!(out, "memory-only numa node {}{memory}", node.id);
-    }
-    out
 }
 
 /// "1 core", "14 cores".

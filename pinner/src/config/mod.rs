@@ -236,86 +236,64 @@ impl Config {
             config.socket = absolute_path(&v, "socket", &err_at)?;
         }
         if let Some(v) = raw.socket_group {
-            let name = v.get_ref();
-            let group = match nix::unistd::Group::from_name(name) {
-                Ok(Some(group)) => group,
-                Ok(None) => {
-                    return Err(err_at(
-                        Some(v.span().start),
-                        format!("socket_group: no group named \"{name}\" on this host"),
-                    ))
-                }
-                Err(e) => {
-                    return Err(err_at(
-                        Some(v.span().start),
-                        format!("socket_group: cannot look up group \"{name}\": {e}"),
-                    ))
-                }
-            };
-            config.socket_group = Some(SocketGroup {
-                name: group.name,
-                gid: group.gid.as_raw(),
-            });
+            config.socket_group = Some(socket_group(&v, &err_at)?);
         }
         if let Some(v) = raw.reconcile_interval_secs {
             config.reconcile_interval = interval(&v, "reconcile_interval_secs", &err_at)?;
         }
         if let Some(v) = raw.log_level {
-            config.log_level = match v.get_ref().as_str() {
-                "error" => Level::Error,
-                "warning" => Level::Warning,
-                "info" => Level::Info,
-                "debug" => Level::Debug,
-                other => {
-                    return Err(err_at(
-                        Some(v.span().start),
-                        format!("log_level must be error, warning, info or debug, not \"{other}\""),
-                    ))
-                }
-            };
+            config.log_level = log_level(&v, &err_at)?;
         }
         if let Some(v) = raw.emulator_threads {
-            config.emulator_threads = match v.get_ref().as_str() {
-                "housekeeping" => EmulatorPolicy::Housekeeping,
-                "guest" => EmulatorPolicy::Guest,
-                other => {
-                    return Err(err_at(
-                        Some(v.span().start),
-                        format!(
-                        "emulator_threads must be \"housekeeping\" or \"guest\", not \"{other}\""
-                    ),
-                    ))
-                }
-            };
+            config.emulator_threads = emulator_threads(&v, &err_at)?;
         }
-        if let Some(v) = raw.openstack.and_then(|o| o.nova_conf) {
+        config.tables(
+            raw.openstack,
+            raw.libvirt,
+            raw.isolation,
+            raw.metrics,
+            &err_at,
+        )?;
+        Ok(config)
+    }
+
+    /// `[openstack]`, `[libvirt]`, `[isolation]` and `[metrics]`.
+    fn tables(
+        &mut self,
+        openstack: Option<RawOpenstack>,
+        libvirt: Option<RawLibvirt>,
+        isolation: Option<RawIsolation>,
+        metrics: Option<RawMetrics>,
+        err_at: &dyn Fn(Option<usize>, String) -> ConfigError,
+    ) -> Result<(), ConfigError> {
+        if let Some(v) = openstack.and_then(|o| o.nova_conf) {
             if !v.get_ref().is_empty() {
-                config.nova_conf = Some(absolute_path(&v, "openstack.nova_conf", &err_at)?);
+                self.nova_conf = Some(absolute_path(&v, "openstack.nova_conf", err_at)?);
             }
         }
-        if let Some(uri) = raw.libvirt.and_then(|l| l.uri) {
+        if let Some(uri) = libvirt.and_then(|l| l.uri) {
             if uri.get_ref().trim().is_empty() {
                 return Err(err_at(
                     Some(uri.span().start),
                     "libvirt.uri is empty".into(),
                 ));
             }
-            config.libvirt_uri = uri.into_inner();
+            self.libvirt_uri = uri.into_inner();
         }
-        if let Some(raw) = raw.isolation {
-            config.isolation = parse_isolation(raw, &err_at)?;
+        if let Some(raw) = isolation {
+            self.isolation = parse_isolation(raw, err_at)?;
         }
-        if let Some(metrics) = raw.metrics {
+        if let Some(metrics) = metrics {
             if let Some(v) = metrics.file {
                 if !v.get_ref().is_empty() {
-                    config.metrics_file = Some(absolute_path(&v, "metrics.file", &err_at)?);
+                    self.metrics_file = Some(absolute_path(&v, "metrics.file", err_at)?);
                 }
             }
             if let Some(v) = metrics.interval_secs {
-                config.metrics_interval = interval(&v, "metrics.interval_secs", &err_at)?;
+                self.metrics_interval = interval(&v, "metrics.interval_secs", err_at)?;
             }
         }
-        Ok(config)
+        Ok(())
     }
 
     fn error_in_file(&self, line: Option<usize>, message: String) -> ConfigError {
@@ -396,7 +374,7 @@ impl Config {
                 format!("{shown}:{line}")
             }
         };
-        if let Some(ratio) = nova.cpu_allocation_ratio {
+        if let Some(ratio) = &nova.cpu_allocation_ratio {
             if self.ratio_line.is_some() && ratio.value != self.cpu_allocation_ratio {
                 return Err(self.error_in_file(
                     self.ratio_line,
@@ -422,30 +400,7 @@ impl Config {
                 ));
             }
         }
-        let nova_reserved = if nova.cpu_dedicated_set.is_some() || nova.cpu_shared_set.is_some() {
-            let guests = [&nova.cpu_dedicated_set, &nova.cpu_shared_set]
-                .into_iter()
-                .flatten()
-                .fold(CpuSet::new(), |acc, s| acc.union(&s.value));
-            host.dedicated_set = nova.cpu_dedicated_set.map(|s| s.value);
-            host.shared_set = nova.cpu_shared_set.map(|s| s.value);
-            Some((
-                topology.online.difference(&guests),
-                "the CPUs outside cpu_dedicated_set and cpu_shared_set".to_string(),
-            ))
-        } else {
-            nova.reserved_host_cpus.filter(|r| r.value > 0).map(|r| {
-                let lowest: CpuSet = topology.online.iter().take(r.value as usize).collect();
-                (
-                    lowest,
-                    format!(
-                        "the lowest {} CPUs (reserved_host_cpus, {})",
-                        r.value,
-                        at(r.line)
-                    ),
-                )
-            })
-        };
+        let nova_reserved = nova_reserved(&nova, topology, host, &at);
         if let Some((reserved, why)) = nova_reserved {
             if self.reserved_cpus_line.is_some() && reserved != self.reserved_cpus {
                 return Err(self.error_in_file(
@@ -459,6 +414,97 @@ impl Config {
             host.reserved = reserved;
         }
         Ok(())
+    }
+}
+
+/// The CPUs nova.conf reserves for the host, and how it says so: the CPUs
+/// outside its dedicated and shared sets (which `host` then takes), else
+/// its lowest `reserved_host_cpus`.
+fn nova_reserved(
+    nova: &nova::NovaCpu,
+    topology: &Topology,
+    host: &mut HostPolicy,
+    at: &dyn Fn(usize) -> String,
+) -> Option<(CpuSet, String)> {
+    if nova.cpu_dedicated_set.is_some() || nova.cpu_shared_set.is_some() {
+        let guests = [&nova.cpu_dedicated_set, &nova.cpu_shared_set]
+            .into_iter()
+            .flatten()
+            .fold(CpuSet::new(), |acc, s| acc.union(&s.value));
+        host.dedicated_set = nova.cpu_dedicated_set.as_ref().map(|s| s.value.clone());
+        host.shared_set = nova.cpu_shared_set.as_ref().map(|s| s.value.clone());
+        Some((
+            topology.online.difference(&guests),
+            "the CPUs outside cpu_dedicated_set and cpu_shared_set".to_string(),
+        ))
+    } else {
+        nova.reserved_host_cpus
+            .as_ref()
+            .filter(|r| r.value > 0)
+            .map(|r| {
+                let lowest: CpuSet = topology.online.iter().take(r.value as usize).collect();
+                (
+                    lowest,
+                    format!(
+                        "the lowest {} CPUs (reserved_host_cpus, {})",
+                        r.value,
+                        at(r.line)
+                    ),
+                )
+            })
+    }
+}
+
+/// `socket_group`: a group that exists on this host.
+fn socket_group(
+    v: &Spanned<String>,
+    err_at: &dyn Fn(Option<usize>, String) -> ConfigError,
+) -> Result<SocketGroup, ConfigError> {
+    let name = v.get_ref();
+    let at = Some(v.span().start);
+    match nix::unistd::Group::from_name(name) {
+        Ok(Some(group)) => Ok(SocketGroup {
+            name: group.name,
+            gid: group.gid.as_raw(),
+        }),
+        Ok(None) => Err(err_at(
+            at,
+            format!("socket_group: no group named \"{name}\" on this host"),
+        )),
+        Err(e) => Err(err_at(
+            at,
+            format!("socket_group: cannot look up group \"{name}\": {e}"),
+        )),
+    }
+}
+
+fn log_level(
+    v: &Spanned<String>,
+    err_at: &dyn Fn(Option<usize>, String) -> ConfigError,
+) -> Result<Level, ConfigError> {
+    match v.get_ref().as_str() {
+        "error" => Ok(Level::Error),
+        "warning" => Ok(Level::Warning),
+        "info" => Ok(Level::Info),
+        "debug" => Ok(Level::Debug),
+        other => Err(err_at(
+            Some(v.span().start),
+            format!("log_level must be error, warning, info or debug, not \"{other}\""),
+        )),
+    }
+}
+
+fn emulator_threads(
+    v: &Spanned<String>,
+    err_at: &dyn Fn(Option<usize>, String) -> ConfigError,
+) -> Result<EmulatorPolicy, ConfigError> {
+    match v.get_ref().as_str() {
+        "housekeeping" => Ok(EmulatorPolicy::Housekeeping),
+        "guest" => Ok(EmulatorPolicy::Guest),
+        other => Err(err_at(
+            Some(v.span().start),
+            format!("emulator_threads must be \"housekeeping\" or \"guest\", not \"{other}\""),
+        )),
     }
 }
 

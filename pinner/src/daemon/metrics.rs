@@ -3,9 +3,11 @@
 //! summary types are used, so both parsers take it).
 
 use crate::engine::cpuset::CpuSet;
-use pinner_shared::protocol::{DomainStatus, StatusReport};
+use pinner_shared::protocol::{
+    Counters, DomainStatus, LatencySummary, NodeNumaStatus, StatusReport,
+};
 use std::fmt::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// A label value with `\`, `"` and newlines escaped: domain names are
 /// whatever the operator (or a tenant) chose.
@@ -63,8 +65,81 @@ impl Out {
     }
 }
 
+/// The daemon's counters: family name, help, value.
+type CounterFamily = (&'static str, &'static str, fn(&Counters) -> u64);
+
+const COUNTERS: [CounterFamily; 4] = [
+    ("pinner_hook_events", "Hook events received.", |c| {
+        c.events_received
+    }),
+    (
+        "pinner_hook_events_dropped",
+        "Hook events the hook could not hand over to the daemon (since boot).",
+        |c| c.hook_events_dropped,
+    ),
+    (
+        "pinner_requests_refused",
+        "Socket requests refused or dropped (bad frames, peers not allowed, too many connections).",
+        |c| c.requests_refused,
+    ),
+    (
+        "pinner_outside_pin_changes",
+        "Pin changes libvirt reported that pinner did not make.",
+        |c| c.outside_pin_changes,
+    ),
+];
+
+/// Counters listed after the reconcile summary.
+const PASS_COUNTERS: [CounterFamily; 4] = [
+    (
+        "pinner_event_reconciles",
+        "Reconcile passes that served events.",
+        |c| c.event_passes,
+    ),
+    ("pinner_pins_applied", "Pins changed.", |c| c.pins_applied),
+    ("pinner_apply_errors", "Changes libvirt refused.", |c| {
+        c.apply_errors
+    }),
+    (
+        "pinner_libvirt_reconnects",
+        "Reconnections to libvirt.",
+        |c| c.libvirt_reconnects,
+    ),
+];
+
+/// The host's NUMA counters: family name, help, value.
+type NumaFamily = (&'static str, &'static str, fn(&NodeNumaStatus) -> u64);
+
+const NUMA_COUNTERS: [NumaFamily; 3] = [
+    (
+        "pinner_numa_hit_pages",
+        "Allocations served from the intended node.",
+        |n| n.numa_hit,
+    ),
+    (
+        "pinner_numa_miss_pages",
+        "Allocations meant for another node that landed on this one.",
+        |n| n.numa_miss,
+    ),
+    (
+        "pinner_numa_foreign_pages",
+        "Allocations meant for this node that landed elsewhere.",
+        |n| n.numa_foreign,
+    ),
+];
+
 pub fn render(report: &StatusReport) -> String {
     let mut out = Out(String::new());
+    daemon_families(&mut out, report);
+    latency_family(&mut out, &report.pin_latency);
+    guest_families(&mut out, report);
+    host_families(&mut out, report);
+    out.0.push_str("# EOF\n");
+    out.0
+}
+
+/// The connection and the daemon's counters.
+fn daemon_families(out: &mut Out, report: &StatusReport) {
     out.family(
         "pinner_libvirt_connected",
         "gauge",
@@ -76,26 +151,9 @@ pub fn render(report: &StatusReport) -> String {
         f64::from(u8::from(report.libvirt_connected)),
     );
     let c = &report.counters;
-    out.counter(
-        "pinner_hook_events",
-        "Hook events received.",
-        c.events_received,
-    );
-    out.counter(
-        "pinner_hook_events_dropped",
-        "Hook events the hook could not hand over to the daemon (since boot).",
-        c.hook_events_dropped,
-    );
-    out.counter(
-        "pinner_requests_refused",
-        "Socket requests refused or dropped (bad frames, peers not allowed, too many connections).",
-        c.requests_refused,
-    );
-    out.counter(
-        "pinner_outside_pin_changes",
-        "Pin changes libvirt reported that pinner did not make.",
-        c.outside_pin_changes,
-    );
+    for (name, help, value) in COUNTERS {
+        out.counter(name, help, value(c));
+    }
     out.family(
         "pinner_reconcile_seconds",
         "summary",
@@ -103,24 +161,12 @@ pub fn render(report: &StatusReport) -> String {
     );
     out.sample("pinner_reconcile_seconds_count", &[], c.reconciles as f64);
     out.sample("pinner_reconcile_seconds_sum", &[], c.reconcile_seconds);
-    out.counter(
-        "pinner_event_reconciles",
-        "Reconcile passes that served events.",
-        c.event_passes,
-    );
-    out.counter("pinner_pins_applied", "Pins changed.", c.pins_applied);
-    out.counter(
-        "pinner_apply_errors",
-        "Changes libvirt refused.",
-        c.apply_errors,
-    );
-    out.counter(
-        "pinner_libvirt_reconnects",
-        "Reconnections to libvirt.",
-        c.libvirt_reconnects,
-    );
+    for (name, help, value) in PASS_COUNTERS {
+        out.counter(name, help, value(c));
+    }
+}
 
-    let l = &report.pin_latency;
+fn latency_family(out: &mut Out, l: &LatencySummary) {
     out.family(
         "pinner_pin_latency_seconds",
         "summary",
@@ -132,7 +178,9 @@ pub fn render(report: &StatusReport) -> String {
         }
     }
     out.sample("pinner_pin_latency_seconds_count", &[], l.count as f64);
+}
 
+fn guest_families(out: &mut Out, report: &StatusReport) {
     out.family(
         "pinner_guest_in_sync",
         "gauge",
@@ -153,15 +201,13 @@ pub fn render(report: &StatusReport) -> String {
     for d in &report.domains {
         for v in &d.vcpus {
             let cpus: CpuSet = v.cpus.iter().copied().collect();
-            out.sample(
-                "pinner_guest_vcpu_pin_info",
-                &[
-                    ("domain", &d.name),
-                    ("vcpu", &v.vcpu.to_string()),
-                    ("cpus", &cpus.to_string()),
-                ],
-                1.0,
-            );
+            let vcpu = v.vcpu.to_string();
+            let labels = [
+                ("domain", d.name.as_str()),
+                ("vcpu", &vcpu),
+                ("cpus", &cpus.to_string()),
+            ];
+            out.sample("pinner_guest_vcpu_pin_info", &labels, 1.0);
         }
     }
     out.per_guest(
@@ -186,36 +232,22 @@ pub fn render(report: &StatusReport) -> String {
     for d in &report.domains {
         if let (Some(local), Some(remote)) = (d.memory_pages_local, d.memory_pages_remote) {
             for (locality, pages) in [("local", local), ("remote", remote)] {
-                out.sample(
-                    "pinner_guest_memory_pages",
-                    &[("domain", &d.name), ("locality", locality)],
-                    pages as f64,
-                );
+                let labels = [("domain", d.name.as_str()), ("locality", locality)];
+                out.sample("pinner_guest_memory_pages", &labels, pages as f64);
             }
         }
     }
-    for (name, help, value) in [
-        (
-            "pinner_numa_hit_pages",
-            "Allocations served from the intended node.",
-            (|n: &pinner_shared::protocol::NodeNumaStatus| n.numa_hit) as fn(&_) -> u64,
-        ),
-        (
-            "pinner_numa_miss_pages",
-            "Allocations meant for another node that landed on this one.",
-            |n| n.numa_miss,
-        ),
-        (
-            "pinner_numa_foreign_pages",
-            "Allocations meant for this node that landed elsewhere.",
-            |n| n.numa_foreign,
-        ),
-    ] {
+}
+
+/// The host's NUMA counters and isolation.
+fn host_families(out: &mut Out, report: &StatusReport) {
+    for (name, help, value) in NUMA_COUNTERS {
         out.family(name, "counter", help);
         for n in &report.numa {
+            let node = n.node.to_string();
             out.sample(
                 &format!("{name}_total"),
-                &[("node", &n.node.to_string())],
+                &[("node", &node)],
                 value(n) as f64,
             );
         }
@@ -228,19 +260,36 @@ pub fn render(report: &StatusReport) -> String {
         );
         out.sample("pinner_isolated_processes", &[], count as f64);
     }
-    out.0.push_str("# EOF\n");
-    out.0
 }
 
 /// Replaces `path` with `text` atomically: a scraper never reads half a file.
-pub fn write_file(path: &Path, text: &str) -> Result<(), String> {
-    let shown = path.display();
+pub fn write_file(path: &Path, text: &str) -> Result<(), MetricsFileError> {
     let tmp = path.with_extension("prom.tmp");
-    std::fs::write(&tmp, text).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| {
+    std::fs::write(&tmp, text).map_err(|source| MetricsFileError::Write {
+        path: tmp.clone(),
+        source,
+    })?;
+    std::fs::rename(&tmp, path).map_err(|source| {
         let _ = std::fs::remove_file(&tmp);
-        format!("cannot replace {shown}: {e}")
+        MetricsFileError::Replace {
+            path: path.to_path_buf(),
+            source,
+        }
     })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsFileError {
+    #[error("cannot write {}: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot replace {}: {source}", path.display())]
+    Replace {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 #[cfg(test)]
@@ -338,7 +387,9 @@ mod tests {
             .unwrap()
             .contains("pinner_reconcile_seconds_count 5"));
         assert!(!dir.join("pinner.prom.tmp").exists());
-        let e = write_file(&dir.join("absent/pinner.prom"), "x").unwrap_err();
+        let e = write_file(&dir.join("absent/pinner.prom"), "x")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("cannot write"), "{e}");
     }
 }

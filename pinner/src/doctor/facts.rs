@@ -50,6 +50,42 @@ pub struct Disk {
     pub io: Option<String>,
 }
 
+impl Nic {
+    /// An `<interface>`, the `index`th of its guest.
+    fn from_node(nic: roxmltree::Node, index: usize) -> Nic {
+        let driver = child(nic, "driver");
+        Nic {
+            id: child(nic, "mac")
+                .and_then(|m| m.attribute("address"))
+                .map_or_else(|| format!("interface {index}"), str::to_string),
+            model: child(nic, "model")
+                .and_then(|m| m.attribute("type"))
+                .map(str::to_string),
+            driver: driver.and_then(|d| d.attribute("name")).map(str::to_string),
+            queues: driver.and_then(|d| attr_u32(d, "queues")),
+        }
+    }
+}
+
+impl Disk {
+    fn from_node(disk: roxmltree::Node) -> Disk {
+        let target = child(disk, "target");
+        let driver = child(disk, "driver");
+        Disk {
+            target: target
+                .and_then(|t| t.attribute("dev"))
+                .unwrap_or("?")
+                .to_string(),
+            device: disk.attribute("device").unwrap_or("disk").to_string(),
+            bus: target.and_then(|t| t.attribute("bus")).map(str::to_string),
+            cache: driver
+                .and_then(|d| d.attribute("cache"))
+                .map(str::to_string),
+            io: driver.and_then(|d| d.attribute("io")).map(str::to_string),
+        }
+    }
+}
+
 impl Guest {
     /// Reads the facts doctor needs from a domain's live XML.
     pub fn from_xml(xml: &str) -> Result<Guest, DoctorError> {
@@ -97,39 +133,17 @@ impl Guest {
         let Some(devices) = child(root, "devices") else {
             return Ok(guest);
         };
-        for (index, nic) in devices
+        guest.nics = devices
             .children()
             .filter(|c| c.has_tag_name("interface"))
             .enumerate()
-        {
-            let driver = child(nic, "driver");
-            guest.nics.push(Nic {
-                id: child(nic, "mac")
-                    .and_then(|m| m.attribute("address"))
-                    .map_or_else(|| format!("interface {index}"), str::to_string),
-                model: child(nic, "model")
-                    .and_then(|m| m.attribute("type"))
-                    .map(str::to_string),
-                driver: driver.and_then(|d| d.attribute("name")).map(str::to_string),
-                queues: driver.and_then(|d| attr_u32(d, "queues")),
-            });
-        }
-        for disk in devices.children().filter(|c| c.has_tag_name("disk")) {
-            let target = child(disk, "target");
-            let driver = child(disk, "driver");
-            guest.disks.push(Disk {
-                target: target
-                    .and_then(|t| t.attribute("dev"))
-                    .unwrap_or("?")
-                    .to_string(),
-                device: disk.attribute("device").unwrap_or("disk").to_string(),
-                bus: target.and_then(|t| t.attribute("bus")).map(str::to_string),
-                cache: driver
-                    .and_then(|d| d.attribute("cache"))
-                    .map(str::to_string),
-                io: driver.and_then(|d| d.attribute("io")).map(str::to_string),
-            });
-        }
+            .map(|(index, nic)| Nic::from_node(nic, index))
+            .collect();
+        guest.disks = devices
+            .children()
+            .filter(|c| c.has_tag_name("disk"))
+            .map(Disk::from_node)
+            .collect();
         guest.scsi_models = devices
             .children()
             .filter(|c| c.has_tag_name("controller") && c.attribute("type") == Some("scsi"))

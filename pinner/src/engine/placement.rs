@@ -97,6 +97,19 @@ pub enum Mode {
 }
 
 impl Mode {
+    /// Dedicated when every guest is, shared when none is, else mixed.
+    fn of(plans: &[GuestPlan]) -> Mode {
+        let dedicated = plans
+            .iter()
+            .filter(|p| p.placement == Placement::Dedicated)
+            .count();
+        match (dedicated, plans.len() - dedicated) {
+            (_, 0) => Mode::Dedicated,
+            (0, _) => Mode::Shared,
+            _ => Mode::Mixed,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Mode::Dedicated => "dedicated",
@@ -337,6 +350,33 @@ fn join_nodes(nodes: &[Option<u32>]) -> String {
 
 type Current<'g> = &'g [Option<CpuSet>];
 
+/// A managed guest as planning sees it: the guest, its policy, its pins.
+type Managed<'g> = (&'g Guest, Policy, Current<'g>);
+
+/// What the steps of [`plan`] build up, indexed like the managed guests.
+struct Planning<'g> {
+    managed: Vec<Managed<'g>>,
+    placed: Vec<Option<GuestPlan>>,
+    warnings: Vec<Warning>,
+}
+
+impl<'g> Planning<'g> {
+    /// The managed guests with the given indices, as the placers take them.
+    fn inputs(&self, indices: &[usize]) -> Vec<(&'g Guest, Current<'g>)> {
+        indices
+            .iter()
+            .map(|&i| (self.managed[i].0, self.managed[i].2))
+            .collect()
+    }
+}
+
+/// The plan for `guests` on `topo`:
+///  1. the pool: online − reserved − isolated − CPUs pinned by others;
+///  2. the managed guests, by name;
+///  3. one-to-one for guests that ask for it, and for auto guests while all
+///     of them fit the (dedicated) pool;
+///  4. range binding for every other guest on what is left;
+///  5. the mode, and how many existing pins moved.
 pub fn plan(topo: &Topology, host: &HostPolicy, guests: &[Guest]) -> Plan {
     let layout = Layout::new(topo);
     let reserved = host.reserved.intersection(&topo.online);
@@ -349,31 +389,49 @@ pub fn plan(topo: &Topology, host: &HostPolicy, guests: &[Guest]) -> Plan {
         .difference(&reserved)
         .difference(&topo.isolated)
         .difference(&taken);
-    let dedicated_pool = host
-        .dedicated_set
-        .as_ref()
-        .map_or_else(|| pool.clone(), |s| s.intersection(&pool));
-    let mut warnings = Vec::new();
     if pool.is_empty() {
         // Nothing to pin to: leave every guest as it is rather than pin to nothing.
-        warnings.push(Warning::NoCpus(Box::new(NoCpus {
+        let why = NoCpus {
             online: topo.online.clone(),
             reserved: reserved.clone(),
             isolated: topo.isolated.clone(),
             taken,
-        })));
+        };
         return Plan {
             mode: Mode::Dedicated,
             pool,
             reserved,
             guests: Vec::new(),
-            warnings,
+            warnings: vec![Warning::NoCpus(Box::new(why))],
             pins_moved: 0,
         };
     }
+    let mut planning = Planning {
+        managed: managed_guests(guests),
+        placed: Vec::new(),
+        warnings: Vec::new(),
+    };
+    planning.placed = vec![None; planning.managed.len()];
+    let used = plan_dedicated(&layout, host, &reserved, &pool, &mut planning);
+    plan_shared(&layout, host, &pool, &used, &mut planning);
+    let pins_moved = moved_pins(&planning);
+    // Already in name order: `managed` is. Every managed guest has a plan
+    // by now; the capacity saves regrowing (and copying) the list.
+    let mut plans: Vec<GuestPlan> = Vec::with_capacity(planning.placed.len());
+    plans.extend(planning.placed.into_iter().flatten());
+    Plan {
+        mode: Mode::of(&plans),
+        pool,
+        reserved,
+        guests: plans,
+        warnings: planning.warnings,
+        pins_moved,
+    }
+}
 
-    // Managed guests in a stable order: by name, then uuid.
-    let mut managed: Vec<(&Guest, Policy, Current)> = guests
+/// Managed guests with vCPUs, in a stable order: by name, then uuid.
+fn managed_guests(guests: &[Guest]) -> Vec<Managed<'_>> {
+    let mut managed: Vec<Managed> = guests
         .iter()
         .filter_map(|g| match &g.role {
             Role::Managed { policy, current } if g.vcpus > 0 => {
@@ -383,15 +441,31 @@ pub fn plan(topo: &Topology, host: &HostPolicy, guests: &[Guest]) -> Plan {
         })
         .collect();
     managed.sort_by(|a, b| (&a.0.name, &a.0.uuid).cmp(&(&b.0.name, &b.0.uuid)));
+    managed
+}
 
+/// Step 3: who may have CPUs of their own gets them; returns the CPUs they
+/// took.
+fn plan_dedicated(
+    layout: &Layout,
+    host: &HostPolicy,
+    reserved: &CpuSet,
+    pool: &CpuSet,
+    planning: &mut Planning,
+) -> CpuSet {
+    let dedicated_pool = host
+        .dedicated_set
+        .as_ref()
+        .map_or_else(|| pool.clone(), |s| s.intersection(pool));
+    let managed = &planning.managed;
     let dedicated_demand: usize = managed
         .iter()
         .filter(|(_, p, _)| *p != Policy::Shared)
         .map(|(g, _, _)| g.vcpus as usize)
         .sum();
     let all_fit = dedicated_demand <= dedicated_pool.len();
-    // Who may have CPUs of their own: guests asking for it, and auto guests
-    // when all fit. Indices into `managed`, so its name order carries over.
+    // Guests asking for it, and auto guests when all fit. Indices into
+    // `managed`, so its name order carries over.
     let wanting: Vec<usize> = (0..managed.len())
         .filter(|&i| match managed[i].1 {
             Policy::Dedicated => true,
@@ -399,62 +473,70 @@ pub fn plan(topo: &Topology, host: &HostPolicy, guests: &[Guest]) -> Plan {
             _ => false,
         })
         .collect();
-    let input: Vec<(&Guest, Current)> = wanting
-        .iter()
-        .map(|&i| (managed[i].0, managed[i].2))
-        .collect();
+    let input = planning.inputs(&wanting);
     let mut free = dedicated_pool.clone();
-    let mut placed: Vec<Option<GuestPlan>> = vec![None; managed.len()];
-    for (&i, plan) in wanting
-        .iter()
-        .zip(place_dedicated(&layout, host, &reserved, &input, &mut free))
-    {
+    let plans = place_dedicated(layout, host, reserved, &input, &mut free);
+    for (&i, plan) in wanting.iter().zip(plans) {
         match plan {
-            Some(plan) => placed[i] = Some(plan),
-            None => warnings.push(Warning::NoDedicatedRoom {
-                guest: managed[i].0.name.clone(),
-                vcpus: managed[i].0.vcpus,
+            Some(plan) => planning.placed[i] = Some(plan),
+            None => planning.warnings.push(Warning::NoDedicatedRoom {
+                guest: planning.managed[i].0.name.clone(),
+                vcpus: planning.managed[i].0.vcpus,
             }),
         }
     }
-    let shared_index: Vec<usize> = (0..managed.len())
-        .filter(|&i| placed[i].is_none())
-        .collect();
-    let shared: Vec<(&Guest, Current)> = shared_index
-        .iter()
-        .map(|&i| (managed[i].0, managed[i].2))
-        .collect();
+    dedicated_pool.difference(&free)
+}
 
-    let used: CpuSet = dedicated_pool.difference(&free);
+/// Step 4: every guest without a plan yet is bound to a range of what the
+/// dedicated guests left (`used` is theirs).
+fn plan_shared(
+    layout: &Layout,
+    host: &HostPolicy,
+    pool: &CpuSet,
+    used: &CpuSet,
+    planning: &mut Planning,
+) {
+    let shared_index: Vec<usize> = (0..planning.managed.len())
+        .filter(|&i| planning.placed[i].is_none())
+        .collect();
+    if shared_index.is_empty() {
+        return;
+    }
+    let shared = planning.inputs(&shared_index);
     let shared_base = host
         .shared_set
         .as_ref()
-        .map_or_else(|| pool.clone(), |s| s.intersection(&pool));
-    let mut shared_pool = shared_base.difference(&used);
-    if shared_pool.is_empty() && !shared.is_empty() {
-        warnings.push(Warning::NoSharedRoom);
+        .map_or_else(|| pool.clone(), |s| s.intersection(pool));
+    let mut shared_pool = shared_base.difference(used);
+    if shared_pool.is_empty() {
+        planning.warnings.push(Warning::NoSharedRoom);
         shared_pool = pool.clone();
     }
     for (&i, plan) in shared_index
         .iter()
-        .zip(place_shared(&layout, &shared_pool, &shared))
+        .zip(place_shared(layout, &shared_pool, &shared))
     {
-        placed[i] = Some(plan);
+        planning.placed[i] = Some(plan);
     }
-
     let shared_demand: u32 = shared.iter().map(|(g, _)| g.vcpus).sum();
     let capacity = shared_pool.len() as f64 * host.cpu_allocation_ratio;
-    if !shared.is_empty() && f64::from(shared_demand) > capacity {
-        warnings.push(Warning::Overcommitted {
+    if f64::from(shared_demand) > capacity {
+        planning.warnings.push(Warning::Overcommitted {
             vcpus: shared_demand,
             pcpus: shared_pool.len(),
             ratio: host.cpu_allocation_ratio,
             capacity,
         });
     }
-    let pins_moved = managed
+}
+
+/// Step 5: vCPUs whose existing pin the plan changes.
+fn moved_pins(planning: &Planning) -> u32 {
+    planning
+        .managed
         .iter()
-        .zip(&placed)
+        .zip(&planning.placed)
         .filter_map(|((_, _, current), plan)| {
             let plan = plan.as_ref()?;
             Some(
@@ -465,28 +547,7 @@ pub fn plan(topo: &Topology, host: &HostPolicy, guests: &[Guest]) -> Plan {
                     .count() as u32,
             )
         })
-        .sum();
-    // Already in name order: `managed` is. Every managed guest has a plan
-    // by now; the capacity saves regrowing (and copying) the list.
-    let mut plans: Vec<GuestPlan> = Vec::with_capacity(placed.len());
-    plans.extend(placed.into_iter().flatten());
-    let dedicated_count = plans
-        .iter()
-        .filter(|p| p.placement == Placement::Dedicated)
-        .count();
-    let mode = match (dedicated_count, plans.len() - dedicated_count) {
-        (_, 0) => Mode::Dedicated,
-        (0, _) => Mode::Shared,
-        _ => Mode::Mixed,
-    };
-    Plan {
-        mode,
-        pool,
-        reserved,
-        guests: plans,
-        warnings,
-        pins_moved,
-    }
+        .sum()
 }
 
 /// Where a guest's CPUs are, and the memory binding that follows from it.
@@ -539,9 +600,56 @@ fn place_dedicated(
     guests: &[(&Guest, Current)],
     free: &mut CpuSet,
 ) -> Vec<Option<GuestPlan>> {
-    // First keep every single-CPU pin that is still free (and of the kind the
-    // guest's first kept pin has), so a replan moves nothing it need not.
-    let mut kept: Vec<Vec<Option<u32>>> = Vec::with_capacity(guests.len());
+    let mut kept = keep_free_pins(layout, guests, free);
+    // Then fill the rest, larger guests first (they are the hardest to fit).
+    let mut order: Vec<usize> = (0..guests.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(guests[i].0.vcpus));
+    let mut plans = vec![None; guests.len()];
+    // Guests that keep all their pins share a reason per node list.
+    let mut kept_reasons: HashMap<Vec<Option<u32>>, String> = HashMap::new();
+    for i in order {
+        let (g, current) = guests[i];
+        let slots = &mut kept[i];
+        let Some((own, reason)) = fill_slots(layout, current, slots, free) else {
+            continue;
+        };
+        let vcpus: Vec<CpuSet> = slots
+            .iter()
+            .map(|s| s.map(|c| std::iter::once(c).collect()).unwrap_or_default())
+            .collect();
+        let nodes = layout.nodes_opt(&own);
+        let reason = reason.unwrap_or_else(|| {
+            kept_reasons
+                .entry(nodes.clone())
+                .or_insert_with(|| format!("dedicated: kept pins on node {}", join_nodes(&nodes)))
+                .clone()
+        });
+        let emulator = match host.emulator {
+            EmulatorPolicy::Housekeeping if !reserved.is_empty() => reserved.clone(),
+            _ => own,
+        };
+        let locality = Locality::of(&nodes);
+        plans[i] = Some(guest_plan(
+            g,
+            Placement::Dedicated,
+            vcpus,
+            emulator,
+            locality,
+            reason,
+        ));
+    }
+    plans
+}
+
+/// Per guest, per vCPU: the single-CPU pin it keeps, taken out of `free`.
+/// A pin is kept while its CPU is free and of the kind the guest's first
+/// kept pin has, so a replan moves nothing it need not.
+fn keep_free_pins(
+    layout: &Layout,
+    guests: &[(&Guest, Current)],
+    free: &mut CpuSet,
+) -> Vec<Vec<Option<u32>>> {
+    let mut kept = Vec::with_capacity(guests.len());
     for (g, current) in guests {
         let mut slots = vec![None; g.vcpus as usize];
         let mut kind = None;
@@ -561,76 +669,44 @@ fn place_dedicated(
         }
         kept.push(slots);
     }
-    // Then fill the rest, larger guests first (they are the hardest to fit).
-    let mut order: Vec<usize> = (0..guests.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(guests[i].0.vcpus));
-    let mut plans = vec![None; guests.len()];
-    // Guests that keep all their pins share a reason per node list.
-    let mut kept_reasons: HashMap<Vec<Option<u32>>, String> = HashMap::new();
-    for i in order {
-        let (g, _) = guests[i];
-        let slots = &mut kept[i];
-        let mine: CpuSet = slots.iter().flatten().copied().collect();
-        let missing = slots.iter().filter(|s| s.is_none()).count();
-        // The guest's CPUs, and why: None when it keeps every pin.
-        let (own, reason) = if missing == 0 {
-            (mine, None)
-        } else {
-            // Where the guest runs now (kept pins, or the range it shared)
-            // is home: its memory is there.
-            let current = guests[i].1;
-            // Pins on CPUs it can no longer have (reserved, taken) are no home.
-            let usable = free.union(&mine);
-            let home = current.iter().flatten().fold(mine.clone(), |acc, pin| {
-                acc.union(&pin.intersection(&usable))
-            });
-            match pick_dedicated(layout, free, &mine, &home, missing) {
-                Some((chosen, reason)) => {
-                    let mut fresh = chosen.iter();
-                    for slot in slots.iter_mut().filter(|s| s.is_none()) {
-                        *slot = fresh.next();
-                    }
-                    for cpu in chosen.iter() {
-                        free.remove(cpu);
-                    }
-                    (mine.union(&chosen), Some(reason))
-                }
-                None => {
-                    for cpu in mine.iter() {
-                        free.insert(cpu);
-                    }
-                    continue;
-                }
-            }
-        };
-        let vcpus: Vec<CpuSet> = slots
-            .iter()
-            .map(|s| s.map(|c| std::iter::once(c).collect()).unwrap_or_default())
-            .collect();
-        let nodes = layout.nodes_opt(&own);
-        let reason = reason.unwrap_or_else(|| match kept_reasons.get(&nodes) {
-            Some(reason) => reason.clone(),
-            None => {
-                let reason = format!("dedicated: kept pins on node {}", join_nodes(&nodes));
-                kept_reasons.insert(nodes.clone(), reason.clone());
-                reason
-            }
-        });
-        let locality = Locality::of(&nodes);
-        let emulator = match host.emulator {
-            EmulatorPolicy::Housekeeping if !reserved.is_empty() => reserved.clone(),
-            _ => own,
-        };
-        plans[i] = Some(guest_plan(
-            g,
-            Placement::Dedicated,
-            vcpus,
-            emulator,
-            locality,
-            reason,
-        ));
+    kept
+}
+
+/// Fills a guest's empty `slots` from `free`. Returns its CPUs and the
+/// reason for fresh picks (None: it kept every pin), or None when it does
+/// not fit, its kept pins then handed back to `free`.
+fn fill_slots(
+    layout: &Layout,
+    current: Current,
+    slots: &mut [Option<u32>],
+    free: &mut CpuSet,
+) -> Option<(CpuSet, Option<String>)> {
+    let mine: CpuSet = slots.iter().flatten().copied().collect();
+    let missing = slots.iter().filter(|s| s.is_none()).count();
+    if missing == 0 {
+        return Some((mine, None));
     }
-    plans
+    // Where the guest runs now (kept pins, or the range it shared) is home:
+    // its memory is there. Pins on CPUs it can no longer have (reserved,
+    // taken) are no home.
+    let usable = free.union(&mine);
+    let home = current.iter().flatten().fold(mine.clone(), |acc, pin| {
+        acc.union(&pin.intersection(&usable))
+    });
+    let Some((chosen, reason)) = pick_dedicated(layout, free, &mine, &home, missing) else {
+        for cpu in mine.iter() {
+            free.insert(cpu);
+        }
+        return None;
+    };
+    let mut fresh = chosen.iter();
+    for slot in slots.iter_mut().filter(|s| s.is_none()) {
+        *slot = fresh.next();
+    }
+    for cpu in chosen.iter() {
+        free.remove(cpu);
+    }
+    Some((mine.union(&chosen), Some(reason)))
 }
 
 /// `need` free CPUs for a guest that already holds `mine`: one core kind,
@@ -891,6 +967,87 @@ impl Ranges {
     }
 }
 
+impl Ranges {
+    /// The L3 domains and nodes of the shared pool, per core kind: the
+    /// ranges every guest may pick from (spans are added per guest).
+    fn of_pool(layout: &Layout, by_kind: &BTreeMap<u8, CpuSet>) -> Ranges {
+        let mut ranges = Ranges::new();
+        for cpus in by_kind.values() {
+            for l3 in layout.by_l3(cpus).into_values() {
+                ranges.add(l3, 0);
+            }
+        }
+        for cpus in by_kind.values() {
+            for node in layout.by_node(cpus).into_values() {
+                ranges.add(node, 1);
+            }
+        }
+        ranges
+    }
+
+    /// Where a guest of `need` vCPUs may go, into `out`: the L3 ranges it
+    /// fits, else the nodes it fits (both among the first `fixed`), else a
+    /// span made for it.
+    fn candidates(
+        &mut self,
+        span: impl FnOnce() -> CpuSet,
+        fixed: usize,
+        need: usize,
+        out: &mut Vec<usize>,
+    ) {
+        out.clear();
+        for level in [0, 1] {
+            out.extend((0..fixed).filter(|&r| self.level[r] == level && self.size[r] >= need));
+            if !out.is_empty() {
+                return;
+            }
+        }
+        out.push(self.add(span(), 2));
+    }
+
+    /// The least loaded candidate after adding `vcpus`, unless the range
+    /// the guest is on now is within one vCPU per pCPU of it.
+    fn choose(&self, candidates: &[usize], current: Current, vcpus: u32) -> usize {
+        let best = candidates
+            .iter()
+            .map(|&r| (r, self.mean_after(r, vcpus)))
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|(r, _)| r)
+            .expect("at least one candidate");
+        let here = match current.first() {
+            Some(Some(first))
+                if current.len() == vcpus as usize
+                    && current.iter().all(|c| c.as_ref() == Some(first)) =>
+            {
+                candidates.iter().copied().find(|&r| self.sets[r] == *first)
+            }
+            _ => None,
+        };
+        match here {
+            Some(h) if self.mean_after(h, vcpus) - self.mean_after(best, vcpus) < 1.0 => h,
+            _ => best,
+        }
+    }
+
+    /// Range `r`'s reason and locality.
+    fn describe(&self, layout: &Layout, r: usize) -> (String, Locality) {
+        let set = &self.sets[r];
+        let nodes = layout.nodes_opt(set);
+        let where_ = match (self.level[r], layout.l3_key(set.first().unwrap_or(0))) {
+            (0, (_, Some(l3))) if layout.l3_masks.len() > layout.node_masks.len() => {
+                format!("node {} L3 {l3}", node_label(nodes[0]))
+            }
+            _ if nodes.len() == 1 => format!("node {}", node_label(nodes[0])),
+            _ => format!("nodes {}", join_nodes(&nodes)),
+        };
+        let reason = format!(
+            "shared: {where_} ({:.2} vCPUs per pCPU)",
+            self.load[r] / self.size[r] as f64
+        );
+        (reason, Locality::of(&nodes))
+    }
+}
+
 /// Binds each shared guest to one range: an L3 domain of a node if the guest
 /// fits one, else a node, else the fewest closest nodes, else the whole
 /// shared pool; always the least loaded candidate (vCPUs per pCPU), unless
@@ -901,76 +1058,35 @@ fn place_shared(
     guests: &[(&Guest, Current)],
 ) -> Vec<GuestPlan> {
     let by_kind = layout.by_kind(shared_pool);
-    let mut ranges = Ranges::new();
-    for cpus in by_kind.values() {
-        for l3 in layout.by_l3(cpus).into_values() {
-            ranges.add(l3, 0);
+    let mut ranges = Ranges::of_pool(layout, &by_kind);
+    let fixed = ranges.sets.len();
+    // Larger than any node: the fewest closest nodes of the largest kind,
+    // else the whole pool.
+    let span = |need: usize| {
+        let largest = by_kind
+            .values()
+            .max_by_key(|s| s.len())
+            .cloned()
+            .unwrap_or_default();
+        if largest.len() >= need {
+            choose_nodes(layout, &largest, &CpuSet::new(), need).0
+        } else {
+            shared_pool.clone()
         }
-    }
-    for cpus in by_kind.values() {
-        for node in layout.by_node(cpus).into_values() {
-            ranges.add(node, 1);
-        }
-    }
-    let static_count = ranges.sets.len();
-
+    };
     let mut order: Vec<usize> = (0..guests.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(guests[i].0.vcpus));
     let mut chosen: Vec<usize> = vec![0; guests.len()];
-    // One buffer for every guest's candidates: the L3 ranges it fits, else
-    // the nodes it fits, else a span made for it.
-    let mut candidates: Vec<usize> = Vec::with_capacity(static_count + 1);
+    // One buffer for every guest's candidates.
+    let mut candidates: Vec<usize> = Vec::with_capacity(fixed + 1);
     for i in order {
         let (g, current) = guests[i];
         let need = g.vcpus as usize;
-        candidates.clear();
-        for level in [0, 1] {
-            candidates.extend(
-                (0..static_count).filter(|&r| ranges.level[r] == level && ranges.size[r] >= need),
-            );
-            if !candidates.is_empty() {
-                break;
-            }
-        }
-        if candidates.is_empty() {
-            // Larger than any node: the fewest closest nodes of the largest kind.
-            let largest = by_kind
-                .values()
-                .max_by_key(|s| s.len())
-                .cloned()
-                .unwrap_or_default();
-            let span = if largest.len() >= need {
-                choose_nodes(layout, &largest, &CpuSet::new(), need).0
-            } else {
-                shared_pool.clone()
-            };
-            candidates.push(ranges.add(span, 2));
-        }
-        let best = candidates
-            .iter()
-            .map(|&r| (r, ranges.mean_after(r, g.vcpus)))
-            .min_by(|a, b| a.1.total_cmp(&b.1))
-            .map(|(r, _)| r)
-            .expect("at least one candidate");
-        let here = match current.first() {
-            Some(Some(first))
-                if current.len() == need && current.iter().all(|c| c.as_ref() == Some(first)) =>
-            {
-                candidates
-                    .iter()
-                    .copied()
-                    .find(|&r| ranges.sets[r] == *first)
-            }
-            _ => None,
-        };
-        let range = match here {
-            Some(h) if ranges.mean_after(h, g.vcpus) - ranges.mean_after(best, g.vcpus) < 1.0 => h,
-            _ => best,
-        };
+        ranges.candidates(|| span(need), fixed, need, &mut candidates);
+        let range = ranges.choose(&candidates, current, g.vcpus);
         ranges.assign(range, g.vcpus);
         chosen[i] = range;
     }
-
     // Guests of one range share its reason and locality: work them out once.
     let mut described: Vec<Option<(String, Locality)>> = vec![None; ranges.sets.len()];
     guests
@@ -979,21 +1095,7 @@ fn place_shared(
         .map(|((g, _), r)| {
             let set = &ranges.sets[r];
             let (reason, locality) = described[r]
-                .get_or_insert_with(|| {
-                    let nodes = layout.nodes_opt(set);
-                    let where_ = match (ranges.level[r], layout.l3_key(set.first().unwrap_or(0))) {
-                        (0, (_, Some(l3))) if layout.l3_masks.len() > layout.node_masks.len() => {
-                            format!("node {} L3 {l3}", node_label(nodes[0]))
-                        }
-                        _ if nodes.len() == 1 => format!("node {}", node_label(nodes[0])),
-                        _ => format!("nodes {}", join_nodes(&nodes)),
-                    };
-                    let reason = format!(
-                        "shared: {where_} ({:.2} vCPUs per pCPU)",
-                        ranges.load[r] / ranges.size[r] as f64
-                    );
-                    (reason, Locality::of(&nodes))
-                })
+                .get_or_insert_with(|| ranges.describe(layout, r))
                 .clone();
             guest_plan(
                 g,

@@ -5,7 +5,7 @@
 use crate::engine::cpuset::CpuSet;
 use crate::engine::domain::{DomainSpec, PinnerMetadata, Policy};
 use crate::engine::hypervisor::{HvError, Hypervisor};
-use crate::engine::placement::{self, Guest, HostPolicy, Plan, Role, Warning};
+use crate::engine::placement::{self, Guest, GuestPlan, HostPolicy, Plan, Role, Warning};
 use crate::engine::topology::Topology;
 use pinner_shared::log::Level;
 use pinner_shared::protocol::{DomainStatus, VcpuStatus};
@@ -326,6 +326,32 @@ pub fn apply(
     Ok(outcome)
 }
 
+/// The policy status shows for a domain, and why.
+fn policy_and_reason(spec: &DomainSpec, gp: Option<&GuestPlan>) -> (String, String) {
+    match gp {
+        Some(g) => (g.placement.as_str().to_string(), g.reason.clone()),
+        None if spec.is_foreign() => (
+            "foreign".to_string(),
+            "pinned by someone else; left alone".to_string(),
+        ),
+        None if spec
+            .metadata
+            .as_ref()
+            .is_some_and(|m| m.policy == Policy::None) =>
+        {
+            (
+                "none".to_string(),
+                "opted out (policy none); left alone".to_string(),
+            )
+        }
+        None if spec.vcpus == 0 => ("none".to_string(), "no vCPUs to place".to_string()),
+        None => (
+            "none".to_string(),
+            "not placed: no CPUs left for guests (see warnings)".to_string(),
+        ),
+    }
+}
+
 /// Per-domain status: what libvirt holds next to what the plan says.
 pub fn domain_status(
     specs: &[DomainSpec],
@@ -352,28 +378,7 @@ pub fn domain_status(
                 .map(CpuSet::to_vec)
                 .unwrap_or_default();
             let planned_emulator = gp.map_or_else(|| emulator.clone(), |g| g.emulator.to_vec());
-            let (policy, reason) = match gp {
-                Some(g) => (g.placement.as_str().to_string(), g.reason.clone()),
-                None if spec.is_foreign() => (
-                    "foreign".to_string(),
-                    "pinned by someone else; left alone".to_string(),
-                ),
-                None if spec
-                    .metadata
-                    .as_ref()
-                    .is_some_and(|m| m.policy == Policy::None) =>
-                {
-                    (
-                        "none".to_string(),
-                        "opted out (policy none); left alone".to_string(),
-                    )
-                }
-                None if spec.vcpus == 0 => ("none".to_string(), "no vCPUs to place".to_string()),
-                None => (
-                    "none".to_string(),
-                    "not placed: no CPUs left for guests (see warnings)".to_string(),
-                ),
-            };
+            let (policy, reason) = policy_and_reason(spec, gp);
             let memory_nodes: Vec<u32> = spec
                 .memory_nodes
                 .as_ref()

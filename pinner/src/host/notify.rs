@@ -4,9 +4,25 @@
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 
+#[derive(Debug, thiserror::Error)]
+pub enum NotifyError {
+    #[error("NOTIFY_SOCKET {path}: {source}")]
+    Address {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("notify socket: {0}")]
+    Socket(std::io::Error),
+    #[error("notify {path}: {source}")]
+    Send {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
 /// Sends `state` ("READY=1", "STOPPING=1", "RELOADING=1", ...); errors are
 /// returned for logging, never fatal.
-pub fn notify(state: &str) -> Result<(), String> {
+pub fn notify(state: &str) -> Result<(), NotifyError> {
     match std::env::var_os("NOTIFY_SOCKET") {
         Some(path) => notify_to(&path.to_string_lossy(), state),
         None => Ok(()),
@@ -14,18 +30,24 @@ pub fn notify(state: &str) -> Result<(), String> {
 }
 
 /// Sends `state` to the notify socket at `path` ("@name": abstract).
-fn notify_to(path: &str, state: &str) -> Result<(), String> {
+fn notify_to(path: &str, state: &str) -> Result<(), NotifyError> {
     let address = match path.strip_prefix('@') {
         // An abstract socket: '@' stands for the leading NUL byte.
         Some(name) => SocketAddr::from_abstract_name(name.as_bytes()),
         None => SocketAddr::from_pathname(path),
     }
-    .map_err(|e| format!("NOTIFY_SOCKET {path}: {e}"))?;
-    let socket = UnixDatagram::unbound().map_err(|e| format!("notify socket: {e}"))?;
+    .map_err(|source| NotifyError::Address {
+        path: path.to_string(),
+        source,
+    })?;
+    let socket = UnixDatagram::unbound().map_err(NotifyError::Socket)?;
     socket
         .send_to_addr(state.as_bytes(), &address)
         .map(|_| ())
-        .map_err(|e| format!("notify {path}: {e}"))
+        .map_err(|source| NotifyError::Send {
+            path: path.to_string(),
+            source,
+        })
 }
 
 #[cfg(test)]

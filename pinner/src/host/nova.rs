@@ -72,24 +72,10 @@ pub fn read(path: &Path) -> Result<NovaCpu, NovaError> {
 /// Parses oslo.config's INI dialect: `[section]`, `key = value`, `#`/`;`
 /// comments. Only the keys above are looked at.
 pub fn parse(text: &str) -> Result<NovaCpu, NovaError> {
-    let mut section = String::new();
     let mut out = NovaCpu::default();
     let mut ratio = None;
     let mut initial_ratio = None;
-    for (i, raw) in text.lines().enumerate() {
-        let line = i + 1;
-        let trimmed = raw.trim();
-        if trimmed.is_empty() || trimmed.starts_with('#') || trimmed.starts_with(';') {
-            continue;
-        }
-        if let Some(name) = trimmed.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
-            section = name.trim().to_ascii_lowercase();
-            continue;
-        }
-        let Some((key, value)) = trimmed.split_once('=') else {
-            continue;
-        };
-        let (key, value) = (key.trim(), value.trim());
+    for (section, key, value, line) in entries(text) {
         let float = |v: &str| {
             v.parse::<f64>().map_err(|_| NovaError::NotANumber {
                 line,
@@ -155,6 +141,27 @@ pub fn parse(text: &str) -> Result<NovaCpu, NovaError> {
         }
     }
     Ok(out)
+}
+
+/// `(section, key, value, line)` of each `key = value` line, the section
+/// lower-cased, comments and blank lines skipped.
+fn entries(text: &str) -> Vec<(String, &str, &str, usize)> {
+    let mut section = String::new();
+    let mut out = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let trimmed = raw.trim();
+        if trimmed.is_empty() || trimmed.starts_with('#') || trimmed.starts_with(';') {
+            continue;
+        }
+        if let Some(name) = trimmed.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+            section = name.trim().to_ascii_lowercase();
+            continue;
+        }
+        if let Some((key, value)) = trimmed.split_once('=') {
+            out.push((section.clone(), key.trim(), value.trim(), i + 1));
+        }
+    }
+    out
 }
 
 /// nova's CPU spec: the kernel list syntax plus `^N` / `^N-M` exclusions.

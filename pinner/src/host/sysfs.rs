@@ -89,17 +89,7 @@ fn machine_wide_ids<K: Ord + Clone>(keys: &[Option<K>]) -> Vec<Option<u32>> {
 pub fn read_topology(sysfs_root: &Path) -> Result<Topology, SysfsError> {
     let cpu_dir = sysfs_root.join("sys/devices/system/cpu");
     let present = cpu_dirs(&cpu_dir)?;
-    let online = match read_cpus(&cpu_dir.join("online")).filter(|s| !s.is_empty()) {
-        Some(set) => set,
-        // Older kernels: cpuN/online per CPU (cpu0 often has none).
-        None => present
-            .iter()
-            .filter(|&id| {
-                read_text(&cpu_dir.join(format!("cpu{id}/online")))
-                    .is_none_or(|t| t.starts_with('1'))
-            })
-            .collect(),
-    };
+    let online = read_online(&cpu_dir, &present);
     if online.is_empty() {
         return Err(SysfsError::NoOnlineCpus(cpu_dir));
     }
@@ -113,45 +103,11 @@ pub fn read_topology(sysfs_root: &Path) -> Result<Topology, SysfsError> {
         .flat_map(|n| n.cpus.iter().map(move |c| (c, n.id)))
         .collect();
     let kinds = read_kinds(sysfs_root, &cpu_dir, &online);
-
     let ids: Vec<u32> = all.iter().collect();
-    let topo_file = |id: u32, name: &str| cpu_dir.join(format!("cpu{id}/topology/{name}"));
-    let signed = |id: u32, name: &str| {
-        read_number::<i64>(&topo_file(id, name))
-            .filter(|v| *v >= 0)
-            .map(|v| v as u32)
-    };
-    let mut packages = Vec::new();
-    let mut dies = Vec::new();
-    let mut core_keys = Vec::new();
-    let mut l2_keys = Vec::new();
-    let mut l3_keys = Vec::new();
-    for &id in &ids {
-        let is_online = online.contains(id);
-        let package = signed(id, "physical_package_id").filter(|_| is_online);
-        let die = signed(id, "die_id").filter(|_| is_online);
-        let cluster = signed(id, "cluster_id");
-        let siblings =
-            read_cpus(&topo_file(id, "thread_siblings_list")).map(|s| s.intersection(&online));
-        // SMT siblings share all of these, so each splits only what is
-        // really apart: AMD Bulldozer lists a module's two cores as thread
-        // siblings but gives each its own core_id; ia64 gives every CPU
-        // core_id 0 with itself as its only thread sibling; some AMD
-        // packages reuse core_ids on each of their two dies/nodes.
-        let node = node_of.get(&id).copied();
-        let core = signed(id, "core_id")
-            .filter(|_| is_online)
-            .map(|c| (package, die, cluster, node, siblings, c));
-        packages.push(package);
-        dies.push(die);
-        let own_core = (None, None, None, None, None, u32::MAX - id);
-        core_keys.push(core.or(is_online.then_some(own_core)));
-        l2_keys.push(cache_domain(&cpu_dir, id, 2).filter(|_| is_online));
-        l3_keys.push(cache_domain(&cpu_dir, id, 3).filter(|_| is_online));
-    }
-    let cores = machine_wide_ids(&core_keys);
-    let l2 = machine_wide_ids(&l2_keys);
-    let l3 = machine_wide_ids(&l3_keys);
+    let keys = CpuKeys::read(&cpu_dir, &ids, &online, &node_of);
+    let cores = machine_wide_ids(&keys.cores);
+    let l2 = machine_wide_ids(&keys.l2);
+    let l3 = machine_wide_ids(&keys.l3);
     let mut members: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
     for (i, &id) in ids.iter().enumerate() {
         if let Some(core) = cores[i] {
@@ -164,8 +120,8 @@ pub fn read_topology(sysfs_root: &Path) -> Result<Topology, SysfsError> {
         .map(|(i, &id)| Cpu {
             id,
             online: online.contains(id),
-            package: packages[i],
-            die: dies[i],
+            package: keys.packages[i],
+            die: keys.dies[i],
             numa_node: node_of.get(&id).copied(),
             core: cores[i],
             l2: l2[i],
@@ -182,6 +138,86 @@ pub fn read_topology(sysfs_root: &Path) -> Result<Topology, SysfsError> {
         nohz_full: read_cpus(&cpu_dir.join("nohz_full")).unwrap_or_default(),
         cpumap_width,
     })
+}
+
+/// The online CPUs: the `online` list, else (older kernels) each
+/// `cpuN/online` (cpu0 often has none).
+fn read_online(cpu_dir: &Path, present: &CpuSet) -> CpuSet {
+    match read_cpus(&cpu_dir.join("online")).filter(|s| !s.is_empty()) {
+        Some(set) => set,
+        None => present
+            .iter()
+            .filter(|&id| {
+                read_text(&cpu_dir.join(format!("cpu{id}/online")))
+                    .is_none_or(|t| t.starts_with('1'))
+            })
+            .collect(),
+    }
+}
+
+/// A core as sysfs tells it apart: (package, die, cluster, node, thread
+/// siblings, core_id).
+type CoreKey = (
+    Option<u32>,
+    Option<u32>,
+    Option<u32>,
+    Option<u32>,
+    Option<CpuSet>,
+    u32,
+);
+
+/// Per CPU (in the order of `ids`), what identifies its package, die,
+/// core and caches; None for offline CPUs.
+struct CpuKeys {
+    packages: Vec<Option<u32>>,
+    dies: Vec<Option<u32>>,
+    cores: Vec<Option<CoreKey>>,
+    l2: Vec<Option<CpuSet>>,
+    l3: Vec<Option<CpuSet>>,
+}
+
+impl CpuKeys {
+    fn read(cpu_dir: &Path, ids: &[u32], online: &CpuSet, node_of: &BTreeMap<u32, u32>) -> CpuKeys {
+        let topo_file = |id: u32, name: &str| cpu_dir.join(format!("cpu{id}/topology/{name}"));
+        let signed = |id: u32, name: &str| {
+            read_number::<i64>(&topo_file(id, name))
+                .filter(|v| *v >= 0)
+                .map(|v| v as u32)
+        };
+        let mut keys = CpuKeys {
+            packages: Vec::new(),
+            dies: Vec::new(),
+            cores: Vec::new(),
+            l2: Vec::new(),
+            l3: Vec::new(),
+        };
+        for &id in ids {
+            let is_online = online.contains(id);
+            let package = signed(id, "physical_package_id").filter(|_| is_online);
+            let die = signed(id, "die_id").filter(|_| is_online);
+            let cluster = signed(id, "cluster_id");
+            let siblings =
+                read_cpus(&topo_file(id, "thread_siblings_list")).map(|s| s.intersection(online));
+            // SMT siblings share all of these, so each splits only what is
+            // really apart: AMD Bulldozer lists a module's two cores as thread
+            // siblings but gives each its own core_id; ia64 gives every CPU
+            // core_id 0 with itself as its only thread sibling; some AMD
+            // packages reuse core_ids on each of their two dies/nodes.
+            let node = node_of.get(&id).copied();
+            let core = signed(id, "core_id")
+                .filter(|_| is_online)
+                .map(|c| (package, die, cluster, node, siblings, c));
+            keys.packages.push(package);
+            keys.dies.push(die);
+            let own_core = (None, None, None, None, None, u32::MAX - id);
+            keys.cores.push(core.or(is_online.then_some(own_core)));
+            keys.l2
+                .push(cache_domain(cpu_dir, id, 2).filter(|_| is_online));
+            keys.l3
+                .push(cache_domain(cpu_dir, id, 3).filter(|_| is_online));
+        }
+        keys
+    }
 }
 
 /// The CPU ids that have a `cpuN` directory.
