@@ -186,8 +186,8 @@ trap 'kill "$dummy" 2>/dev/null || true' EXIT
 sleep 0.2
 first_cpu=$(cut -d, -f1 /sys/devices/system/cpu/online | cut -d- -f1)
 sed -i "s/^#reserved_cpus = \"\"/reserved_cpus = \"$first_cpu\"/" /etc/pinner/pinner.toml
-sed -i "s/^group = \"pinner-housekeeping\"/group = \"pinner-pkg-$dummy\"\ntest_only_process_group = $dummy/" /etc/pinner/pinner.toml
-out=$(/usr/bin/pinner isolate 2>&1) || fail "pinner isolate: $out"
+sed -i "s/^group = \"pinner-housekeeping\"/group = \"pinner-pkg-$dummy\"/" /etc/pinner/pinner.toml
+out=$(PINNER_TEST_ONLY_PROCESS_GROUP=$dummy /usr/bin/pinner isolate 2>&1) || fail "pinner isolate: $out"
 grep -q ":cpuset:/pinner-pkg-$dummy\$" "/proc/$dummy/cgroup" || fail "dummy not confined: $(cat "/proc/$dummy/cgroup")"
 out=$(dpkg -r pinner 2>&1) || fail "dpkg -r: $out"
 echo "$out" | sed 's/^/  dpkg: /'

@@ -46,6 +46,8 @@ pub struct Sandbox {
     pub reconcile_interval_secs: u64,
     /// Top-level TOML lines added to the daemon's config.
     pub extra_config: String,
+    /// Environment variables the daemon is started with.
+    pub daemon_env: Vec<(String, String)>,
 }
 
 /// Why a sandbox cannot run here, or None when it can.
@@ -215,6 +217,7 @@ impl Sandbox {
             daemon: None,
             reconcile_interval_secs: 10,
             extra_config: String::new(),
+            daemon_env: Vec::new(),
         };
         let ready = sandbox.dir.join("ready");
         if let Err(e) = wait_for(Duration::from_secs(10), || {
@@ -361,7 +364,8 @@ impl Sandbox {
         let mut cmd = Command::new(self.bin_dir.join("pinner"));
         cmd.args(["daemon", "--config"])
             .arg(&config)
-            .env("PINNER_LOG", "stderr");
+            .env("PINNER_LOG", "stderr")
+            .envs(self.daemon_env.iter().map(|(k, v)| (k, v)));
         let child = self.spawn_logged(cmd, "daemon.log");
         self.daemon = Some(child);
         let sock = self.socket();

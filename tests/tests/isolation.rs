@@ -4,7 +4,7 @@
 //! and everything put back by `--undo` and by the daemon's exit.
 //!
 //! Only the test's own dummies are ever moved: they run in a process group
-//! of their own, and the config's `test_only_process_group` restricts
+//! of their own, and `PINNER_TEST_ONLY_PROCESS_GROUP` restricts
 //! isolation to it.
 
 use pinner_e2e::{bin_dir, online_cpus, sandbox_or_skip, wait_for, Sandbox};
@@ -12,6 +12,9 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+/// Restricts isolation to one process group: the test's own dummies.
+const SCOPE_ENV: &str = "PINNER_TEST_ONLY_PROCESS_GROUP";
 
 /// The test's dummy daemons, in one process group; killed (and isolation
 /// undone) however the test ends.
@@ -70,6 +73,7 @@ impl Dummies {
 
     fn pinner_isolate(&self, args: &[&str]) -> std::process::Output {
         Command::new(bin_dir().join("pinner"))
+            .env(SCOPE_ENV, self.pgrp.to_string())
             .arg("--config")
             .arg(&self.config)
             .arg("isolate")
@@ -156,11 +160,10 @@ fn host_daemons_confined_kept_and_put_back() {
     sb.start_guest("g");
     sb.extra_config = format!(
         "[isolation]\nenabled = true\nrestore_on_exit = true\nmemory_limit = \"512M\"\n\
-         group = \"{group}\"\ntest_only_process_group = {}\npid_dirs = [\"{}\"]\n\
-         sweep_interval_secs = 600\n",
-        dummies.pgrp,
+         group = \"{group}\"\npid_dirs = [\"{}\"]\nsweep_interval_secs = 600\n",
         dummies.dir.join("pids").display()
     );
+    sb.daemon_env = vec![(SCOPE_ENV.into(), dummies.pgrp.to_string())];
     sb.start_daemon(&online[0].to_string());
     dummies.config = sb.config_path();
 
@@ -298,7 +301,9 @@ fn isolation_refuses_a_config_without_reserved_cpus_and_changes_nothing() {
         ),
     )
     .unwrap();
+    // Scoped to a process group that does not exist, should the refusal fail.
     let out = Command::new(bin_dir().join("pinner"))
+        .env(SCOPE_ENV, u32::MAX.to_string())
         .arg("--config")
         .arg(&config)
         .arg("isolate")

@@ -84,7 +84,8 @@ pub struct IsolationConfig {
     pub pid_dirs: Vec<PathBuf>,
     /// Name of pinner's housekeeping cgroup.
     pub group: String,
-    /// Tests only: move nothing outside this process group.
+    /// Tests only, from [`TEST_PROCESS_GROUP_ENV`] (never the file): move
+    /// nothing outside this process group.
     pub test_only_process_group: Option<u32>,
 }
 
@@ -101,6 +102,28 @@ impl Default for IsolationConfig {
             test_only_process_group: None,
         }
     }
+}
+
+/// Set by the test suite so that isolation only ever moves its own dummy
+/// processes: the process group to restrict it to. Not a configuration key,
+/// so no operator sets it by accident.
+pub const TEST_PROCESS_GROUP_ENV: &str = "PINNER_TEST_ONLY_PROCESS_GROUP";
+
+/// The process group of [`TEST_PROCESS_GROUP_ENV`], when set.
+fn test_process_group() -> Result<Option<u32>, ConfigError> {
+    let Some(value) = std::env::var_os(TEST_PROCESS_GROUP_ENV) else {
+        return Ok(None);
+    };
+    let text = value.to_string_lossy();
+    text.trim().parse().map(Some).map_err(|_| ConfigError {
+        file: format!("${TEST_PROCESS_GROUP_ENV}"),
+        line: None,
+        column: None,
+        message: format!(
+            "{:?} is not a process group id",
+            text.chars().take(32).collect::<String>()
+        ),
+    })
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -159,7 +182,6 @@ struct RawIsolation {
     sweep_interval_secs: Option<Spanned<u64>>,
     pid_dirs: Option<Vec<Spanned<String>>>,
     group: Option<Spanned<String>>,
-    test_only_process_group: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -178,6 +200,12 @@ impl Config {
     /// Loads `path`, or the default file when `path` is None. A missing
     /// default file means built-in defaults; a missing named file is an error.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut config = Config::read(path)?;
+        config.isolation.test_only_process_group = test_process_group()?;
+        Ok(config)
+    }
+
+    fn read(path: Option<&Path>) -> Result<Config, ConfigError> {
         let (path, explicit) = match path {
             Some(p) => (p.to_path_buf(), true),
             None => (PathBuf::from(DEFAULT_CONFIG), false),
@@ -546,7 +574,6 @@ fn parse_isolation(
     let mut isolation = IsolationConfig {
         enabled: raw.enabled.unwrap_or(false),
         restore_on_exit: raw.restore_on_exit.unwrap_or(false),
-        test_only_process_group: raw.test_only_process_group,
         ..IsolationConfig::default()
     };
     if let Some(list) = raw.exclude {
@@ -698,6 +725,9 @@ mod tests {
         assert_eq!(isolation.pid_dirs, [PathBuf::from("/run")]);
         assert_eq!(isolation.group, "hk");
         assert_eq!(isolation.test_only_process_group, None);
+        // The suite's restriction is no key an operator can set.
+        let e = parse("[isolation]\ntest_only_process_group = 1\n").unwrap_err();
+        assert!(e.to_string().contains("unknown field"), "{e}");
         for (size, bytes) in [("512M", 512 << 20), ("1GiB", 1 << 30), ("1048576", 1 << 20)] {
             assert_eq!(parse_size(size), Some(bytes), "{size}");
         }
