@@ -33,7 +33,8 @@ pub fn qemu_pid(procfs: &ProcFs, uuid: &str, hint: Option<u32>) -> Option<u32> {
 }
 
 /// The guest's vCPU threads: (vCPU index, thread id), from qemu's thread
-/// names ("CPU 3/KVM", "CPU 3/TCG").
+/// names ("CPU 3/KVM", "CPU 3/TCG"), read from each thread's `comm` (the
+/// `procfs` crate has it only inside the whole stat line).
 pub fn vcpu_threads(procfs: &ProcFs, pid: u32) -> Vec<(u32, u32)> {
     let mut threads: Vec<(u32, u32)> = procfs
         .threads(pid)
@@ -49,14 +50,8 @@ pub fn vcpu_threads(procfs: &ProcFs, pid: u32) -> Vec<(u32, u32)> {
     threads
 }
 
-/// Nanoseconds the thread has waited on a run queue (schedstat's second
-/// field): time it was runnable but another task had its CPU.
-pub fn run_delay_ns(procfs: &ProcFs, pid: u32, tid: u32) -> Option<u64> {
-    let text = std::fs::read_to_string(procfs.path(&format!("{pid}/task/{tid}/schedstat"))).ok()?;
-    text.split_whitespace().nth(1)?.parse().ok()
-}
-
-/// The process's resident pages per NUMA node, from numa_maps' `N<node>=`.
+/// The process's resident pages per NUMA node, from numa_maps' `N<node>=`
+/// (by hand: the `procfs` crate does not read numa_maps).
 pub fn numa_pages(procfs: &ProcFs, pid: u32) -> BTreeMap<u32, u64> {
     let mut pages = BTreeMap::new();
     let text =
@@ -130,7 +125,7 @@ pub fn sample(procfs: &ProcFs, uuid: &str, hint: Option<u32>) -> Option<GuestSam
         vcpu_threads: threads.len(),
         run_delay_ns: threads
             .iter()
-            .filter_map(|&(_, tid)| run_delay_ns(procfs, pid, tid))
+            .filter_map(|&(_, tid)| procfs.run_delay_ns(pid, tid))
             .sum(),
         pages: numa_pages(procfs, pid),
     })

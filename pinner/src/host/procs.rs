@@ -44,7 +44,10 @@ impl Process {
     }
 }
 
-/// A `/proc` tree.
+/// A `/proc` tree, read through the `procfs` crate where it covers the file
+/// (stat, cgroup, status, tasks, schedstat). `cmdline` is read by hand:
+/// `procfs` takes it as UTF-8 and fails on anything else, and a process may
+/// put any bytes there.
 #[derive(Debug, Clone)]
 pub struct ProcFs {
     root: PathBuf,
@@ -59,14 +62,15 @@ impl ProcFs {
         self.root.join(rest)
     }
 
+    /// One process of this tree; Err when it has gone.
+    fn open(&self, pid: u32) -> Option<procfs::process::Process> {
+        procfs::process::Process::new_with_root(self.root.join(pid.to_string())).ok()
+    }
+
     /// Every pid present now, ascending.
     pub fn pids(&self) -> Vec<u32> {
-        let mut pids: Vec<u32> = std::fs::read_dir(&self.root)
-            .map(|dir| {
-                dir.flatten()
-                    .filter_map(|e| e.file_name().to_str()?.parse().ok())
-                    .collect()
-            })
+        let mut pids: Vec<u32> = procfs::process::all_processes_with_root(&self.root)
+            .map(|all| all.flatten().map(|p| p.pid() as u32).collect())
             .unwrap_or_default();
         pids.sort_unstable();
         pids
@@ -74,19 +78,19 @@ impl ProcFs {
 
     /// The process, or None when it has gone (or its files are unreadable).
     pub fn process(&self, pid: u32) -> Option<Process> {
-        let dir = self.root.join(pid.to_string());
-        let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
-        let (comm, fields) = parse_stat(&stat)?;
-        // Fields after "(comm)": state is index 0, so field N of proc(5)
-        // is index N-3.
-        let ppid = fields.get(1)?.parse().ok()?;
-        let pgrp = fields.get(2)?.parse().ok()?;
-        let flags: u64 = fields.get(6)?.parse().ok()?;
-        let start_time = fields.get(19)?.parse().ok()?;
-        let cgroups = std::fs::read_to_string(dir.join("cgroup"))
-            .map(|text| parse_cgroups(&text))
+        let process = self.open(pid)?;
+        let stat = process.stat().ok()?;
+        let cgroups = process
+            .cgroups()
+            .map(|groups| {
+                groups
+                    .0
+                    .into_iter()
+                    .map(|g| (g.controllers.join(","), g.pathname))
+                    .collect()
+            })
             .unwrap_or_default();
-        let program = std::fs::read(dir.join("cmdline"))
+        let program = std::fs::read(self.root.join(format!("{pid}/cmdline")))
             .ok()
             .and_then(|raw| {
                 let argv0 = raw.split(|b| *b == 0).next()?;
@@ -94,83 +98,55 @@ impl ProcFs {
                 let base = name.rsplit('/').next()?.to_string();
                 (!base.is_empty()).then_some(base)
             })
-            .unwrap_or_else(|| comm.clone());
+            .unwrap_or_else(|| stat.comm.clone());
         Some(Process {
             pid,
-            ppid,
-            pgrp,
-            comm,
+            ppid: stat.ppid as u32,
+            pgrp: stat.pgrp as u32,
+            comm: stat.comm,
             program,
-            kernel_thread: flags & PF_KTHREAD != 0,
-            start_time,
+            kernel_thread: u64::from(stat.flags) & PF_KTHREAD != 0,
+            start_time: stat.starttime,
             cgroups,
         })
     }
 
     /// The thread ids of `pid`.
     pub fn threads(&self, pid: u32) -> Vec<u32> {
-        std::fs::read_dir(self.root.join(format!("{pid}/task")))
-            .map(|dir| {
-                dir.flatten()
-                    .filter_map(|e| e.file_name().to_str()?.parse().ok())
-                    .collect()
-            })
+        self.open(pid)
+            .and_then(|p| p.tasks().ok())
+            .map(|tasks| tasks.flatten().map(|t| t.tid as u32).collect())
             .unwrap_or_default()
     }
 
-    /// A field of a `status` file (`rest`: "PID/status" or
-    /// "PID/task/TID/status"), without its "Key:".
-    fn status_field(&self, rest: &str, key: &str) -> Option<String> {
-        let status = std::fs::read_to_string(self.root.join(rest)).ok()?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':').map(str::to_string))
+    fn task(&self, pid: u32, tid: u32) -> Option<procfs::process::Task> {
+        self.open(pid)?.task_from_tid(tid as i32).ok()
     }
 
     /// Where a thread may run: `Cpus_allowed_list` of its status.
     pub fn cpus_allowed(&self, pid: u32, tid: u32) -> Option<CpuSet> {
-        self.status_field(&format!("{pid}/task/{tid}/status"), "Cpus_allowed_list")
-            .and_then(|v| CpuSet::parse(&v).ok())
+        let ranges = self.task(pid, tid)?.status().ok()?.cpus_allowed_list?;
+        Some(ranges.into_iter().flat_map(|(lo, hi)| lo..=hi).collect())
+    }
+
+    /// Nanoseconds the thread has waited on a run queue (schedstat's
+    /// second field): time it was runnable but another task had its CPU.
+    pub fn run_delay_ns(&self, pid: u32, tid: u32) -> Option<u64> {
+        Some(self.task(pid, tid)?.schedstat().ok()?.run_delay)
     }
 
     /// The process's supplementary groups (`Groups:`; empty when unreadable).
     pub fn groups(&self, pid: u32) -> Vec<u32> {
-        self.status_field(&format!("{pid}/status"), "Groups")
-            .map(|g| {
-                g.split_whitespace()
-                    .filter_map(|g| g.parse().ok())
-                    .collect()
-            })
+        self.open(pid)
+            .and_then(|p| p.status().ok())
+            .map(|s| s.groups)
             .unwrap_or_default()
     }
 }
 
-/// Splits /proc/PID/stat into comm and the fields after it. comm may hold
-/// spaces and parentheses, so it ends at the last ')'.
-fn parse_stat(stat: &str) -> Option<(String, Vec<&str>)> {
-    let open = stat.find('(')?;
-    let close = stat.rfind(')')?;
-    let comm = stat.get(open + 1..close)?.to_string();
-    let fields = stat.get(close + 1..)?.split_whitespace().collect();
-    Some((comm, fields))
-}
-
-/// "4:memory:/a" lines into (controllers, path); v1's named hierarchies
-/// ("name=systemd") are kept as they are.
-fn parse_cgroups(text: &str) -> Vec<(String, String)> {
-    text.lines()
-        .filter_map(|line| {
-            let mut parts = line.splitn(3, ':');
-            let _id = parts.next()?;
-            let controllers = parts.next()?.to_string();
-            let path = parts.next()?.to_string();
-            Some((controllers, path))
-        })
-        .collect()
-}
-
 /// Writes a fake process into a fixture `/proc` tree (tests only, but shared
-/// by unit and integration tests).
+/// by unit and integration tests): stat, status and schedstat as the kernel
+/// writes them (all 52 stat fields), its cgroups, its command line.
 pub fn write_fixture_process(
     root: &Path,
     pid: u32,
@@ -182,24 +158,34 @@ pub fn write_fixture_process(
     let dir = root.join(pid.to_string());
     std::fs::create_dir_all(dir.join(format!("task/{pid}")))?;
     let flags = if kernel_thread { PF_KTHREAD } else { 0x400000 };
-    std::fs::write(
-        dir.join("stat"),
-        format!(
-            "{pid} ({comm}) S {ppid} {pid} {pid} 0 -1 {flags} 0 0 0 0 0 0 0 0 20 0 1 0 {} 1000 100\n",
-            1000 + pid
-        ),
-    )?;
+    let start = 1000 + pid;
+    let stat = format!(
+        "{pid} ({comm}) S {ppid} {pid} {pid} 0 -1 {flags} 100 0 0 0 5 3 0 0 20 0 1 0 {start} \
+         10000000 500 18446744073709551615 1 1 0 0 0 0 0 4096 0 0 0 0 17 1 0 0 0 0 0 \
+         0 0 0 0 0 0 0 0\n"
+    );
+    let status = format!(
+        "Name:\t{comm}\nUmask:\t0022\nState:\tS (sleeping)\nTgid:\t{pid}\nNgid:\t0\n\
+         Pid:\t{pid}\nPPid:\t{ppid}\nTracerPid:\t0\nUid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\n\
+         FDSize:\t64\nGroups:\t4 27 \nThreads:\t1\nSigQ:\t0/63429\nSigPnd:\t0000000000000000\n\
+         ShdPnd:\t0000000000000000\nSigBlk:\t0000000000000000\nSigIgn:\t0000000000001000\n\
+         SigCgt:\t0000000000004002\nCapInh:\t0000000000000000\nCapPrm:\t000001ffffffffff\n\
+         CapEff:\t000001ffffffffff\nCapBnd:\t000001ffffffffff\nCapAmb:\t0000000000000000\n\
+         Cpus_allowed:\tf\nCpus_allowed_list:\t0-3\nMems_allowed:\t1\n\
+         Mems_allowed_list:\t0\nvoluntary_ctxt_switches:\t10\nnonvoluntary_ctxt_switches:\t1\n"
+    );
+    for file in [dir.clone(), dir.join(format!("task/{pid}"))] {
+        std::fs::write(file.join("stat"), &stat)?;
+        std::fs::write(file.join("status"), &status)?;
+        std::fs::write(file.join("schedstat"), "5000000 200000 10\n")?;
+    }
     std::fs::write(dir.join("cgroup"), cgroups)?;
     let cmdline = if kernel_thread {
         String::new()
     } else {
         format!("/usr/sbin/{comm}\0--flag\0")
     };
-    std::fs::write(dir.join("cmdline"), cmdline)?;
-    std::fs::write(
-        dir.join(format!("task/{pid}/status")),
-        format!("Name:\t{comm}\nCpus_allowed_list:\t0-3\n"),
-    )
+    std::fs::write(dir.join("cmdline"), cmdline)
 }
 
 #[cfg(test)]
@@ -227,6 +213,9 @@ mod tests {
         assert_eq!(odd.cgroup("cpuacct"), Some("/x"));
         assert_eq!(odd.cgroup("cpuset"), None);
         assert_eq!(procs.cpus_allowed(40, 40).unwrap().to_string(), "0-3");
+        assert_eq!(procs.run_delay_ns(40, 40), Some(200000));
+        assert_eq!(procs.groups(40), [4, 27]);
+        assert_eq!(procs.threads(40), [40]);
         assert!(procs.process(99).is_none());
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -238,5 +227,6 @@ mod tests {
         assert!(!me.kernel_thread);
         assert!(procs.threads(me.pid).contains(&me.pid));
         assert!(procs.cpus_allowed(me.pid, me.pid).is_some());
+        assert!(procs.pids().contains(&me.pid));
     }
 }
