@@ -66,14 +66,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         }
         Command::Topology { sysfs_root, json } => {
             let topo = sysfs::read_topology(sysfs_root)?;
-            print!(
-                "{}",
-                if *json {
-                    topo.to_json()
-                } else {
-                    report::topology_tree(&topo)
-                }
-            );
+            emit(*json, &topo, report::topology_tree)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Plan {
@@ -250,15 +243,11 @@ fn isolate(
     // Undo needs only the recorded state: it works with a config that no
     // longer resolves (e.g. reserved CPUs gone offline).
     if undo {
-        let undo = isolation::undo(&mut system, &config.isolation)?;
-        print!(
-            "{}",
-            if json {
-                to_json(&undo)?
-            } else {
-                report::undo_text(&undo)
-            }
-        );
+        emit(
+            json,
+            &isolation::undo(&mut system, &config.isolation)?,
+            report::undo_text,
+        )?;
         return Ok(ExitCode::SUCCESS);
     }
     let topo = sysfs::read_topology(Path::new("/"))?;
@@ -266,25 +255,13 @@ fn isolate(
     let settings = isolation::Settings::new(&config.isolation, &host.reserved, &topo);
     if status {
         let status = isolation::status(&system, &settings)?;
-        print!(
-            "{}",
-            if json {
-                to_json(&status)?
-            } else {
-                report::isolation_status_text(&status)
-            }
-        );
+        emit(json, &status, report::isolation_status_text)?;
         return Ok(ExitCode::SUCCESS);
     }
     let sweep = isolation::isolate(&mut system, &settings)?;
-    print!(
-        "{}",
-        if json {
-            to_json(&sweep)?
-        } else {
-            report::sweep_text(&sweep, &settings, config.isolation.enabled)
-        }
-    );
+    emit(json, &sweep, |sweep| {
+        report::sweep_text(sweep, &settings, config.isolation.enabled)
+    })?;
     Ok(if sweep.failed.is_empty() {
         ExitCode::SUCCESS
     } else {
@@ -365,6 +342,16 @@ fn sample_steal<T>(
         }
     }
     host
+}
+
+/// Prints `value` as JSON, or as the text `text` renders.
+fn emit<T: serde::Serialize>(
+    json: bool,
+    value: &T,
+    text: impl FnOnce(&T) -> String,
+) -> Result<(), CliError> {
+    print!("{}", if json { to_json(value)? } else { text(value) });
+    Ok(())
 }
 
 fn to_json(value: &impl serde::Serialize) -> Result<String, CliError> {

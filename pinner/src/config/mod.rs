@@ -270,10 +270,22 @@ impl Config {
             config.reconcile_interval = interval(&v, "reconcile_interval_secs", &err_at)?;
         }
         if let Some(v) = raw.log_level {
-            config.log_level = log_level(&v, &err_at)?;
+            let levels = [
+                ("error", Level::Error),
+                ("warning", Level::Warning),
+                ("info", Level::Info),
+                ("debug", Level::Debug),
+            ];
+            let expected = "error, warning, info or debug";
+            config.log_level = one_of(&v, "log_level", &levels, expected, &err_at)?;
         }
         if let Some(v) = raw.emulator_threads {
-            config.emulator_threads = emulator_threads(&v, &err_at)?;
+            let policies = [
+                ("housekeeping", EmulatorPolicy::Housekeeping),
+                ("guest", EmulatorPolicy::Guest),
+            ];
+            let expected = "\"housekeeping\" or \"guest\"";
+            config.emulator_threads = one_of(&v, "emulator_threads", &policies, expected, &err_at)?;
         }
         config.tables(
             raw.openstack,
@@ -506,34 +518,25 @@ fn socket_group(
     }
 }
 
-fn log_level(
+/// `key`'s value, one of `choices` (`expected` lists them for the error).
+fn one_of<T: Copy>(
     v: &Spanned<String>,
+    key: &str,
+    choices: &[(&str, T)],
+    expected: &str,
     err_at: &dyn Fn(Option<usize>, String) -> ConfigError,
-) -> Result<Level, ConfigError> {
-    match v.get_ref().as_str() {
-        "error" => Ok(Level::Error),
-        "warning" => Ok(Level::Warning),
-        "info" => Ok(Level::Info),
-        "debug" => Ok(Level::Debug),
-        other => Err(err_at(
-            Some(v.span().start),
-            format!("log_level must be error, warning, info or debug, not \"{other}\""),
-        )),
-    }
-}
-
-fn emulator_threads(
-    v: &Spanned<String>,
-    err_at: &dyn Fn(Option<usize>, String) -> ConfigError,
-) -> Result<EmulatorPolicy, ConfigError> {
-    match v.get_ref().as_str() {
-        "housekeeping" => Ok(EmulatorPolicy::Housekeeping),
-        "guest" => Ok(EmulatorPolicy::Guest),
-        other => Err(err_at(
-            Some(v.span().start),
-            format!("emulator_threads must be \"housekeeping\" or \"guest\", not \"{other}\""),
-        )),
-    }
+) -> Result<T, ConfigError> {
+    let word = v.get_ref().as_str();
+    choices
+        .iter()
+        .find(|(name, _)| *name == word)
+        .map(|(_, value)| *value)
+        .ok_or_else(|| {
+            err_at(
+                Some(v.span().start),
+                format!("{key} must be {expected}, not \"{word}\""),
+            )
+        })
 }
 
 /// A period in seconds, 1 to 3600, for `key`.

@@ -189,9 +189,4 @@ impl Topology {
             .map(|n| n.id)
             .collect()
     }
-
-    /// JSON in the format DESIGN.md documents (`pinner topology --json`).
-    pub fn to_json(&self) -> String {
-        serde_json::to_string_pretty(self).unwrap_or_default() + "\n"
-    }
 }
