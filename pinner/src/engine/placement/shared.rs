@@ -1,0 +1,220 @@
+//! Shared placement: each guest bound to one range (an L3 domain, a node,
+//! or a span of nodes), balancing vCPUs per pCPU.
+
+use super::dedicated::choose_nodes;
+use super::layout::{join_nodes, node_label, Layout};
+use super::{guest_plan, Current, Guest, GuestPlan, Locality, Placement};
+use crate::engine::cpuset::CpuSet;
+use std::collections::{BTreeMap, HashMap};
+
+/// The ranges shared guests can be bound to, with the load on each (the
+/// sum over its CPUs of vCPUs per pCPU), kept up to date through the
+/// ranges' overlaps so judging a candidate costs O(1).
+pub(super) struct Ranges {
+    pub(super) sets: Vec<CpuSet>,
+    pub(super) size: Vec<usize>,
+    /// 0: an L3 domain of a node, 1: a node, 2: a span of nodes.
+    pub(super) level: Vec<u8>,
+    pub(super) load: Vec<f64>,
+    /// For each range: every range it overlaps, and by how many CPUs.
+    pub(super) overlaps: Vec<Vec<(usize, usize)>>,
+    pub(super) index: HashMap<CpuSet, usize>,
+}
+
+impl Ranges {
+    pub(super) fn new() -> Ranges {
+        Ranges {
+            sets: Vec::new(),
+            size: Vec::new(),
+            level: Vec::new(),
+            load: Vec::new(),
+            overlaps: Vec::new(),
+            index: HashMap::new(),
+        }
+    }
+
+    /// Adds a range (or finds the equal one) and returns its index.
+    pub(super) fn add(&mut self, set: CpuSet, level: u8) -> usize {
+        if let Some(&i) = self.index.get(&set) {
+            return i;
+        }
+        let i = self.sets.len();
+        let mut mine = Vec::new();
+        for (j, other) in self.sets.iter().enumerate() {
+            let shared = set.overlap(other);
+            if shared > 0 {
+                mine.push((j, shared));
+                self.overlaps[j].push((i, shared));
+            }
+        }
+        mine.push((i, set.len()));
+        // A new range starts with the load its CPUs already carry. L3
+        // ranges partition the pool and every range is a union of them, so
+        // load is even within each L3 range and summing theirs is exact.
+        let load = mine
+            .iter()
+            .filter(|&&(j, _)| j != i && self.level[j] == 0)
+            .map(|&(j, shared)| self.load[j] / self.size[j] as f64 * shared as f64)
+            .sum();
+        self.index.insert(set.clone(), i);
+        self.size.push(set.len());
+        self.sets.push(set);
+        self.level.push(level);
+        self.load.push(load);
+        self.overlaps.push(mine);
+        i
+    }
+
+    pub(super) fn mean_after(&self, r: usize, vcpus: u32) -> f64 {
+        (self.load[r] + f64::from(vcpus)) / self.size[r] as f64
+    }
+
+    pub(super) fn assign(&mut self, r: usize, vcpus: u32) {
+        let share = f64::from(vcpus) / self.size[r] as f64;
+        for &(other, shared) in &self.overlaps[r] {
+            self.load[other] += share * shared as f64;
+        }
+    }
+}
+
+impl Ranges {
+    /// The L3 domains and nodes of the shared pool, per core kind: the
+    /// ranges every guest may pick from (spans are added per guest).
+    pub(super) fn of_pool(layout: &Layout, by_kind: &BTreeMap<u8, CpuSet>) -> Ranges {
+        let mut ranges = Ranges::new();
+        for cpus in by_kind.values() {
+            for l3 in layout.by_l3(cpus).into_values() {
+                ranges.add(l3, 0);
+            }
+        }
+        for cpus in by_kind.values() {
+            for node in layout.by_node(cpus).into_values() {
+                ranges.add(node, 1);
+            }
+        }
+        ranges
+    }
+
+    /// Where a guest of `need` vCPUs may go, into `out`: the L3 ranges it
+    /// fits, else the nodes it fits (both among the first `fixed`), else a
+    /// span made for it.
+    pub(super) fn candidates(
+        &mut self,
+        span: impl FnOnce() -> CpuSet,
+        fixed: usize,
+        need: usize,
+        out: &mut Vec<usize>,
+    ) {
+        out.clear();
+        for level in [0, 1] {
+            out.extend((0..fixed).filter(|&r| self.level[r] == level && self.size[r] >= need));
+            if !out.is_empty() {
+                return;
+            }
+        }
+        out.push(self.add(span(), 2));
+    }
+
+    /// The least loaded candidate after adding `vcpus`, unless the range
+    /// the guest is on now is within one vCPU per pCPU of it.
+    pub(super) fn choose(&self, candidates: &[usize], current: Current, vcpus: u32) -> usize {
+        let best = candidates
+            .iter()
+            .map(|&r| (r, self.mean_after(r, vcpus)))
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|(r, _)| r)
+            .expect("at least one candidate");
+        let here = match current.first() {
+            Some(Some(first))
+                if current.len() == vcpus as usize
+                    && current.iter().all(|c| c.as_ref() == Some(first)) =>
+            {
+                candidates.iter().copied().find(|&r| self.sets[r] == *first)
+            }
+            _ => None,
+        };
+        match here {
+            Some(h) if self.mean_after(h, vcpus) - self.mean_after(best, vcpus) < 1.0 => h,
+            _ => best,
+        }
+    }
+
+    /// Range `r`'s reason and locality.
+    pub(super) fn describe(&self, layout: &Layout, r: usize) -> (String, Locality) {
+        let set = &self.sets[r];
+        let nodes = layout.nodes_opt(set);
+        let where_ = match (self.level[r], layout.l3_key(set.first().unwrap_or(0))) {
+            (0, (_, Some(l3))) if layout.l3_masks.len() > layout.node_masks.len() => {
+                format!("node {} L3 {l3}", node_label(nodes[0]))
+            }
+            _ if nodes.len() == 1 => format!("node {}", node_label(nodes[0])),
+            _ => format!("nodes {}", join_nodes(&nodes)),
+        };
+        let reason = format!(
+            "shared: {where_} ({:.2} vCPUs per pCPU)",
+            self.load[r] / self.size[r] as f64
+        );
+        (reason, Locality::of(&nodes))
+    }
+}
+
+/// Binds each shared guest to one range: an L3 domain of a node if the guest
+/// fits one, else a node, else the fewest closest nodes, else the whole
+/// shared pool; always the least loaded candidate (vCPUs per pCPU), unless
+/// the guest's current range is within one vCPU per pCPU of it.
+pub(super) fn place_shared(
+    layout: &Layout,
+    shared_pool: &CpuSet,
+    guests: &[(&Guest, Current)],
+) -> Vec<GuestPlan> {
+    let by_kind = layout.by_kind(shared_pool);
+    let mut ranges = Ranges::of_pool(layout, &by_kind);
+    let fixed = ranges.sets.len();
+    // Larger than any node: the fewest closest nodes of the largest kind,
+    // else the whole pool.
+    let span = |need: usize| {
+        let largest = by_kind
+            .values()
+            .max_by_key(|s| s.len())
+            .cloned()
+            .unwrap_or_default();
+        if largest.len() >= need {
+            choose_nodes(layout, &largest, &CpuSet::new(), need).0
+        } else {
+            shared_pool.clone()
+        }
+    };
+    let mut order: Vec<usize> = (0..guests.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(guests[i].0.vcpus));
+    let mut chosen: Vec<usize> = vec![0; guests.len()];
+    // One buffer for every guest's candidates.
+    let mut candidates: Vec<usize> = Vec::with_capacity(fixed + 1);
+    for i in order {
+        let (g, current) = guests[i];
+        let need = g.vcpus as usize;
+        ranges.candidates(|| span(need), fixed, need, &mut candidates);
+        let range = ranges.choose(&candidates, current, g.vcpus);
+        ranges.assign(range, g.vcpus);
+        chosen[i] = range;
+    }
+    // Guests of one range share its reason and locality: work them out once.
+    let mut described: Vec<Option<(String, Locality)>> = vec![None; ranges.sets.len()];
+    guests
+        .iter()
+        .zip(chosen)
+        .map(|((g, _), r)| {
+            let set = &ranges.sets[r];
+            let (reason, locality) = described[r]
+                .get_or_insert_with(|| ranges.describe(layout, r))
+                .clone();
+            guest_plan(
+                g,
+                Placement::Shared,
+                vec![set.clone(); g.vcpus as usize],
+                set.clone(),
+                locality,
+                reason,
+            )
+        })
+        .collect()
+}
