@@ -6,18 +6,26 @@
 mod domain_xml;
 mod rewrite;
 mod send;
+mod stdin;
 
 use pinner_shared::log::{Level, Logger};
 use pinner_shared::paths::{DEFAULT_SOCKET, HOOK_DROPS_FILE};
 use pinner_shared::protocol::{HookEvent, HookOp, Request};
 use pinner_shared::wire;
-use std::io::{Read, Write};
+use std::io::Write;
+use std::os::fd::AsFd;
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Budget for handing the event over; the whole run must stay under 50 ms.
 const SEND_BUDGET: Duration = Duration::from_millis(30);
+/// How long stdin may keep the hook waiting for more XML (libvirt writes
+/// it whole and closes the pipe at once). An event without its XML still
+/// names the domain; the XML of `migrate`/`restore` is echoed back as the
+/// guest's definition, so it gets longer than any real write pause.
+const STDIN_BUDGET: Duration = Duration::from_millis(15);
+const ECHO_STDIN_BUDGET: Duration = Duration::from_secs(2);
 
 const USAGE: &str = "usage: pinner-hook DOMAIN OPERATION SUB-OPERATION EXTRA < domain.xml
 
@@ -55,11 +63,27 @@ fn main() -> ExitCode {
     let (arg_name, op_word) = (&args[0], &args[1]);
     let sub_op = args.get(2).cloned().unwrap_or_default();
 
+    let op = HookOp::parse(op_word);
     // Always drain stdin: libvirt writes the whole XML before waiting on us.
-    let mut xml = Vec::new();
-    let _ = std::io::stdin().lock().read_to_end(&mut xml);
+    // Bounded, so no stdin can hold the hook.
+    let budget = match op {
+        Some(op) if op.echoes_xml() => ECHO_STDIN_BUDGET,
+        _ => STDIN_BUDGET,
+    };
+    let input = stdin::read_bounded(std::io::stdin().as_fd(), started + budget);
+    if input.truncated {
+        logger().warn(
+            &format!(
+                "stdin cut off after {} bytes (over {} or still open after {budget:?})",
+                input.xml.len(),
+                stdin::MAX_XML
+            ),
+            &[("OP", op_word)],
+        );
+    }
+    let xml = input.xml;
 
-    let Some(op) = HookOp::parse(op_word) else {
+    let Some(op) = op else {
         // A newer libvirt may send ops we do not know; they are not ours to fail.
         logger().debug("ignoring unknown hook operation", &[("OP", op_word)]);
         return ExitCode::SUCCESS;
@@ -84,11 +108,11 @@ fn main() -> ExitCode {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64),
     };
+    let deadline = Instant::now() + SEND_BUDGET;
     let outcome = wire::encode(&Request::Event(event.clone()))
         .map_err(|e| e.to_string())
         .and_then(|frame| {
-            send::send_frame(Path::new(DEFAULT_SOCKET), &frame, started + SEND_BUDGET)
-                .map_err(|e| e.to_string())
+            send::deliver(Path::new(DEFAULT_SOCKET), &frame, deadline).map_err(|e| e.to_string())
         });
     if let Err(reason) = outcome {
         // Not lost: the daemon reconciles the whole host at start and on a timer.

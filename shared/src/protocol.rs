@@ -109,6 +109,9 @@ pub enum Response {
     Status(StatusReport),
     Reconciled(ReconcileReport),
     Error(String),
+    /// A hook event was queued: the hook counts an event as delivered only
+    /// on this answer.
+    Accepted,
 }
 
 /// What the daemon knows of the host and every running guest.

@@ -106,6 +106,11 @@ fn which(tool: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// The daemon's acknowledgement of a hook event, for stand-in daemons.
+pub fn accepted_frame() -> Vec<u8> {
+    pinner_shared::wire::encode(&pinner_shared::protocol::Response::Accepted).expect("encodes")
+}
+
 /// Where the workspace's binaries are: beside this executable (a bin), or
 /// one level up (a test, which lives in `deps/`). `PINNER_BIN_DIR` overrides.
 pub fn bin_dir() -> PathBuf {

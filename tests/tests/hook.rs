@@ -8,6 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 const XML: &str = "<domain type='qemu'>\n  <name>web-1</name>\n  <uuid>c7a5fdbd-edaf-9455-926a-d65c16db1809</uuid>\n  <vcpu placement='static' current='2'>4</vcpu>\n  <cputune><vcpupin vcpu='0' cpuset='3'/></cputune>\n</domain>\n";
 
@@ -173,12 +174,12 @@ fn hostile_input_still_exits_zero_with_the_name_as_data() {
         return;
     }
     let run = PrivateRun::new("hook-hostile");
-    let listener = UnixListener::bind(run.socket()).unwrap();
+    let daemon = acking_daemon(UnixListener::bind(run.socket()).unwrap(), 1, true);
     let name = "../../etc/passwd\n$(reboot)";
     let bomb = "<!DOCTYPE d [<!ENTITY a \"aaaaaaaaaa\"><!ENTITY b \"&a;&a;&a;&a;&a;&a;\">]><domain><name>&b;</name></domain>";
     let out = run_hook(&run, &[name, "started", "begin", "-"], bomb.as_bytes());
     assert_eq!(out.status.code(), Some(0));
-    let frame = received_frame(&listener);
+    let frame = daemon.join().unwrap().remove(0);
     assert!(
         String::from_utf8_lossy(&frame).contains(name),
         "unreadable XML: the name comes from libvirt's argument, as data"
@@ -242,4 +243,129 @@ fn odd_names_and_huge_or_truncated_xml_are_data() {
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(out.stdout, cut);
     assert!(String::from_utf8_lossy(&received_frame(&listener)).contains("web-1"));
+}
+
+/// A stand-in daemon that reads each event and acknowledges it (or not);
+/// returns the frames it read.
+fn acking_daemon(
+    listener: UnixListener,
+    runs: usize,
+    ack: bool,
+) -> std::thread::JoinHandle<Vec<Vec<u8>>> {
+    std::thread::spawn(move || {
+        let mut frames = Vec::new();
+        for conn in listener.incoming().take(runs) {
+            let mut conn = conn.unwrap();
+            let mut frame = Vec::new();
+            conn.read_to_end(&mut frame).unwrap();
+            assert!(!frame.is_empty(), "an event came");
+            if ack {
+                conn.write_all(&pinner_e2e::accepted_frame()).unwrap();
+            }
+            frames.push(frame);
+        }
+        frames
+    })
+}
+
+/// An event counts as delivered only once the daemon acknowledged it: one
+/// it read but never answered is counted as dropped, never lost silently.
+#[test]
+fn only_an_acknowledged_event_counts_as_delivered() {
+    if skip("only_an_acknowledged_event_counts_as_delivered") {
+        return;
+    }
+    let run = PrivateRun::new("hook-ack");
+    let drops = run.socket().with_file_name("hook-dropped");
+    let daemon = acking_daemon(UnixListener::bind(run.socket()).unwrap(), 1, true);
+    let out = run_hook(&run, &["web-1", "started", "begin", "-"], XML.as_bytes());
+    daemon.join().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!drops.exists(), "an acknowledged event is no drop");
+
+    std::fs::remove_file(run.socket()).unwrap();
+    let daemon = acking_daemon(UnixListener::bind(run.socket()).unwrap(), 1, false);
+    let out = run_hook(&run, &["web-1", "started", "begin", "-"], XML.as_bytes());
+    daemon.join().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("did not acknowledge"), "{stderr}");
+    assert_eq!(std::fs::metadata(&drops).unwrap().len(), 1);
+}
+
+/// `yes | pinner-hook vm1 started begin -`, and a stdin that never closes:
+/// the hook still hands the event over and exits 0, its memory bounded.
+#[test]
+fn endless_or_never_closing_stdin_does_not_hold_the_hook() {
+    if skip("endless_or_never_closing_stdin_does_not_hold_the_hook") {
+        return;
+    }
+    let run = PrivateRun::new("hook-stdin");
+    let daemon = acking_daemon(UnixListener::bind(run.socket()).unwrap(), 2, true);
+    let started = std::time::Instant::now();
+    let mut child = with_private_run(run.path(), &hook())
+        .args(["vm1", "started", "begin", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let feeder = std::thread::spawn(move || {
+        let chunk = vec![b'y'; 1 << 16];
+        while stdin.write_all(&chunk).is_ok() {}
+    });
+    let status = wait_or_kill(&mut child, Duration::from_secs(10));
+    feeder.join().unwrap();
+    let endless = started.elapsed();
+    assert_eq!(status, Some(0), "endless stdin: the hook must come back");
+
+    // A writer that keeps the pipe open and sends nothing more.
+    let mut child = with_private_run(run.path(), &hook())
+        .args(["vm1", "started", "begin", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"<domain><name>vm1</name>").unwrap();
+    let started = std::time::Instant::now();
+    let status = wait_or_kill(&mut child, Duration::from_secs(10));
+    let open = started.elapsed();
+    drop(stdin);
+    assert_eq!(
+        status,
+        Some(0),
+        "never-closing stdin: the hook must come back"
+    );
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(stderr.contains("stdin cut off"), "{stderr}");
+    daemon.join().unwrap();
+    eprintln!("endless stdin: back in {endless:?}; never-closing stdin: back in {open:?}");
+}
+
+/// The child's exit code, or None after killing it when it outlives `limit`.
+fn wait_or_kill(child: &mut std::process::Child, limit: Duration) -> Option<i32> {
+    let until = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < until {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code();
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
 }

@@ -41,6 +41,10 @@ pub fn request(
         },
     })?;
     let _ = stream.set_read_timeout(Some(timeout));
-    wire::write_message(&mut stream, request).map_err(ClientError::Send)?;
+    if let Err(e) = wire::write_message(&mut stream, request) {
+        // A daemon that refused at once (busy, not allowed) answered and
+        // closed before reading: its answer says more than the broken pipe.
+        return wire::read_message(&mut stream).map_err(|_| ClientError::Send(e));
+    }
     wire::read_message(&mut stream).map_err(ClientError::Receive)
 }

@@ -127,6 +127,7 @@ fn ask(socket: &Path, request: Request, json: bool, metrics: bool) -> Result<Exi
         Response::Reconciled(report) if json => to_json(report)?,
         Response::Status(report) => report::status_text(report),
         Response::Reconciled(report) => report::reconcile_text(report),
+        Response::Accepted => return Err(CliError::UnexpectedAnswer),
     };
     print!("{text}");
     // A reconcile that hit errors is a failure for scripts.
@@ -146,7 +147,7 @@ fn watch_status(socket: &Path, seconds: u64) -> Result<ExitCode, CliError> {
         let text = match client::request(socket, &Request::Status, ANSWER_TIMEOUT)? {
             Response::Status(report) => report::status_text(&report),
             Response::Error(message) => return Err(CliError::Refused(message)),
-            Response::Reconciled(_) => return Err(CliError::UnexpectedAnswer),
+            Response::Reconciled(_) | Response::Accepted => return Err(CliError::UnexpectedAnswer),
         };
         // Home and clear, then the status: a terminal shows one screen.
         print!(

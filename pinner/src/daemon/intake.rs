@@ -3,10 +3,11 @@
 //! loop. One short-lived thread per connection, so a slow client cannot
 //! stall others.
 
+use super::ratelimit::LogLimiter;
 use super::Work;
 use crate::config::SocketGroup;
 use crate::host::procs::ProcFs;
-use pinner_shared::log::Logger;
+use pinner_shared::log::{Level, Logger};
 use pinner_shared::protocol::{Request, Response};
 use pinner_shared::wire::{self, WireError};
 use std::io;
@@ -16,13 +17,19 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-/// Connections served at once; more are closed at once (hooks retry nothing,
-/// the periodic reconcile covers them).
+/// Connections served at once; more get a "busy" answer and the close
+/// (hooks count the event as dropped, the periodic reconcile covers it).
 const MAX_CONNECTIONS: usize = 64;
-/// A client must send its whole request within this.
+/// Of those, `socket_group` members may hold at most this many, so the
+/// hook and root's CLI always have room.
+const GROUP_CONNECTIONS: usize = 48;
+/// A client must send its whole request within this; a drain after a
+/// refusal shares the same deadline.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// A CLI request waits this long for the reconcile loop.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -110,71 +117,158 @@ pub fn bind_socket(path: &Path, group: Option<&SocketGroup>) -> Result<UnixListe
 pub struct Intake {
     pub work: Sender<Work>,
     pub logger: Arc<Logger>,
+    pub limiter: Arc<LogLimiter>,
     pub allowed_gid: Option<u32>,
     /// Requests refused (read by status).
     pub refused: Arc<AtomicU64>,
     pub proc_root: PathBuf,
 }
 
+/// Who is on the other end, as far as capacity goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Peer {
+    /// Root or the daemon's own user: the hook and the operator's CLI.
+    Privileged,
+    /// A member of `socket_group`.
+    Group,
+}
+
+/// Connections in service, by kind of peer.
+#[derive(Default)]
+struct Slots {
+    all: AtomicUsize,
+    group: AtomicUsize,
+}
+
+impl Slots {
+    /// Takes a slot for `peer`, if one is free for it.
+    fn take(&self, peer: Peer) -> bool {
+        if peer == Peer::Group && self.group.fetch_add(1, Ordering::SeqCst) >= GROUP_CONNECTIONS {
+            self.group.fetch_sub(1, Ordering::SeqCst);
+            return false;
+        }
+        if self.all.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+            self.release(peer);
+            return false;
+        }
+        true
+    }
+
+    fn release(&self, peer: Peer) {
+        self.all.fetch_sub(1, Ordering::SeqCst);
+        if peer == Peer::Group {
+            self.group.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
 impl Intake {
     pub fn accept_loop(self, listener: UnixListener) {
-        let active = Arc::new(AtomicUsize::new(0));
+        let slots = Arc::new(Slots::default());
+        let mut backoff = AcceptBackoff::default();
         for conn in listener.incoming() {
-            let Ok(stream) = conn else { continue };
-            if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
-                active.fetch_sub(1, Ordering::SeqCst);
-                self.refused.fetch_add(1, Ordering::Relaxed);
-                self.logger.warn("too many connections; closing one", &[]);
-                continue;
-            }
-            let (intake, conn_active) = (self.clone(), active.clone());
-            let spawned = std::thread::Builder::new()
-                .name("conn".into())
-                .spawn(move || {
-                    if !intake.serve(stream) {
-                        intake.refused.fetch_add(1, Ordering::Relaxed);
-                    }
-                    conn_active.fetch_sub(1, Ordering::SeqCst);
-                });
-            if spawned.is_err() {
-                active.fetch_sub(1, Ordering::SeqCst);
-                self.logger.warn("cannot start a connection thread", &[]);
-            }
+            let stream = match conn {
+                Ok(stream) => {
+                    backoff.recovered(&self.logger);
+                    stream
+                }
+                Err(e) => {
+                    backoff.failed(&e, &self.logger, &self.limiter);
+                    continue;
+                }
+            };
+            self.admit(stream, &slots);
         }
     }
 
-    /// Reads one request; events are queued without an answer, CLI requests
-    /// are answered once the control loop has handled them. Returns false
-    /// when the request was refused.
-    fn serve(&self, mut stream: UnixStream) -> bool {
-        if let Err(reason) = self.check_peer(&stream) {
-            let reason = reason.to_string();
-            self.logger
-                .warn(&format!("refused connection: {reason}"), &[]);
-            let _ = wire::write_message(&mut stream, &Response::Error(reason));
-            close_after_error(stream);
-            return false;
+    /// Checks the peer and takes a slot for it, at once and without reading:
+    /// a refused or surplus peer gets its error and the close; the others a
+    /// thread that serves their one request.
+    fn admit(&self, stream: UnixStream, slots: &Arc<Slots>) {
+        let peer = match self.check_peer(&stream) {
+            Ok(peer) => peer,
+            Err(refusal) => {
+                let reason = refusal.to_string();
+                self.refuse(stream, "refused connection", &reason);
+                return;
+            }
+        };
+        if !slots.take(peer) {
+            let busy = "busy (too many connections), retry";
+            self.refuse(stream, "too many connections", busy);
+            return;
         }
-        let _ = stream.set_read_timeout(Some(REQUEST_TIMEOUT));
-        let _ = stream.set_write_timeout(Some(REQUEST_TIMEOUT));
-        let request = match wire::read_message::<Request>(&mut stream) {
+        let (intake, slots_held) = (self.clone(), slots.clone());
+        let spawned = std::thread::Builder::new()
+            .name("conn".into())
+            .spawn(move || {
+                if !intake.serve(stream, Instant::now() + REQUEST_TIMEOUT) {
+                    intake.refused.fetch_add(1, Ordering::Relaxed);
+                }
+                slots_held.release(peer);
+            });
+        if spawned.is_err() {
+            slots.release(peer);
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            self.limiter.log(
+                &self.logger,
+                Level::Warning,
+                "connection thread",
+                "cannot start a connection thread; connection closed",
+            );
+        }
+    }
+
+    /// Answers `reason` without waiting (the write never blocks: a peer
+    /// that does not read loses the answer, not the daemon its thread),
+    /// counts the refusal and closes.
+    fn refuse(&self, stream: UnixStream, kind: &'static str, reason: &str) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        self.limiter.log(
+            &self.logger,
+            Level::Warning,
+            kind,
+            &format!("{kind}: {reason}"),
+        );
+        if stream.set_nonblocking(true).is_ok() {
+            let mut stream = stream;
+            let _ = wire::write_message(&mut stream, &Response::Error(reason.to_string()));
+        }
+    }
+
+    /// Reads one request by `deadline`; an event is queued and
+    /// acknowledged, a CLI request answered once the control loop has
+    /// handled it. Returns false when the request was refused.
+    fn serve(&self, stream: UnixStream, deadline: Instant) -> bool {
+        let mut reader = DeadlineReader {
+            stream: &stream,
+            deadline,
+        };
+        let request = match wire::read_message::<Request>(&mut reader) {
             Ok(r) => r,
             Err(e) => {
                 let message = format!("bad request: {e}");
-                if matches!(e, WireError::Truncated) {
-                    self.logger.debug(&message, &[]);
-                } else {
-                    self.logger.warn(&message, &[]);
-                }
-                let _ = wire::write_message(&mut stream, &Response::Error(message));
-                close_after_error(stream);
+                let level = match e {
+                    WireError::Truncated => Level::Debug,
+                    _ => Level::Warning,
+                };
+                self.limiter
+                    .log(&self.logger, level, "bad request", &message);
+                answer(&stream, &Response::Error(message), deadline);
+                drain(&mut reader);
                 return false;
             }
         };
         let (reply_tx, reply_rx) = mpsc::channel();
         let work = match request {
             Request::Event(event) => {
-                let _ = self.work.send(Work::Event(event));
+                let taken = self.work.send(Work::Event(event)).is_ok();
+                let ack = if taken {
+                    Response::Accepted
+                } else {
+                    Response::Error("daemon is stopping".into())
+                };
+                answer(&stream, &ack, deadline);
                 return true;
             }
             Request::Status => Work::Status(reply_tx),
@@ -186,27 +280,29 @@ impl Intake {
         let response = reply_rx
             .recv_timeout(REPLY_TIMEOUT)
             .unwrap_or_else(|_| Response::Error("daemon did not answer in time".into()));
-        let _ = stream.set_write_timeout(Some(REPLY_TIMEOUT));
-        let _ = wire::write_message(&mut stream, &response);
+        answer(&stream, &response, Instant::now() + REQUEST_TIMEOUT);
         true
     }
 
     /// Only root, the daemon's own user and members of `allowed_gid` may
     /// talk to the daemon, whatever the socket file's mode says.
-    fn check_peer(&self, stream: &UnixStream) -> Result<(), PeerRefusal> {
+    fn check_peer(&self, stream: &UnixStream) -> Result<Peer, PeerRefusal> {
         use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
         let creds = getsockopt(stream, PeerCredentials).map_err(PeerRefusal::NoCredentials)?;
         let own = nix::unistd::geteuid().as_raw();
         if creds.uid() == 0 || creds.uid() == own {
-            return Ok(());
+            return Ok(Peer::Privileged);
         }
         if let Some(gid) = self.allowed_gid {
             // SO_PEERCRED carries the primary group only; the supplementary
             // ones are read from the peer process (still connected, so
             // still there).
-            let groups = ProcFs::new(&self.proc_root).groups(creds.pid() as u32);
-            if creds.gid() == gid || groups.contains(&gid) {
-                return Ok(());
+            if creds.gid() == gid
+                || ProcFs::new(&self.proc_root)
+                    .groups(creds.pid() as u32)
+                    .contains(&gid)
+            {
+                return Ok(Peer::Group);
             }
         }
         Err(PeerRefusal::NotAllowed {
@@ -221,16 +317,87 @@ impl Intake {
     }
 }
 
-/// Closes a connection whose request was refused so that the client can
-/// read the error: unread input at close would reset the connection and
-/// discard the answer. What is drained is bounded in bytes and time.
-fn close_after_error(mut stream: UnixStream) {
-    let _ = stream.shutdown(std::net::Shutdown::Write);
-    let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+/// Writes `response` by `deadline` (at least a moment, for answers that
+/// come after a long reconcile).
+fn answer(stream: &UnixStream, response: &Response, deadline: Instant) {
+    let left = deadline.saturating_duration_since(Instant::now());
+    let _ = stream.set_write_timeout(Some(left.max(Duration::from_millis(100))));
+    let _ = wire::write_message(&mut &*stream, response);
+}
+
+/// A stream whose reads share one deadline: a client that sends a byte now
+/// and then still has its whole request cut off at the deadline.
+struct DeadlineReader<'s> {
+    stream: &'s UnixStream,
+    deadline: Instant,
+}
+
+impl io::Read for DeadlineReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("request not complete within {REQUEST_TIMEOUT:?}"),
+            ));
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        self.stream.read(buf)
+    }
+}
+
+/// `accept` failing (out of file descriptors, say): back off instead of
+/// spinning, say so once with a count, and say when it works again.
+struct AcceptBackoff {
+    failures: u64,
+    delay: Duration,
+}
+
+impl Default for AcceptBackoff {
+    fn default() -> Self {
+        AcceptBackoff {
+            failures: 0,
+            delay: ACCEPT_BACKOFF_MIN,
+        }
+    }
+}
+
+impl AcceptBackoff {
+    fn failed(&mut self, error: &io::Error, logger: &Logger, limiter: &LogLimiter) {
+        self.failures += 1;
+        let message = format!(
+            "cannot accept connections: {error} ({} failures so far); retrying in {:?}",
+            self.failures, self.delay
+        );
+        limiter.log(logger, Level::Error, "accept", &message);
+        std::thread::sleep(self.delay);
+        self.delay = (self.delay * 2).min(ACCEPT_BACKOFF_MAX);
+    }
+
+    fn recovered(&mut self, logger: &Logger) {
+        if self.failures > 0 {
+            logger.info(
+                &format!(
+                    "accepting connections again after {} failures",
+                    self.failures
+                ),
+                &[],
+            );
+            *self = AcceptBackoff::default();
+        }
+    }
+}
+
+/// Reads what the client still sends after its request was refused, so
+/// the client can read the error (unread input at close would reset the
+/// connection and discard the answer); bounded in bytes and by the
+/// request's deadline.
+fn drain(reader: &mut DeadlineReader) {
+    let _ = reader.stream.shutdown(std::net::Shutdown::Write);
     let mut sink = [0u8; 4096];
     let mut drained = 0;
     while drained < wire::MAX_FRAME {
-        match io::Read::read(&mut stream, &mut sink) {
+        match io::Read::read(reader, &mut sink) {
             Ok(0) | Err(_) => break,
             Ok(n) => drained += n,
         }

@@ -12,6 +12,7 @@ pub mod intake;
 pub mod metrics;
 pub mod observe;
 pub mod pass;
+pub mod ratelimit;
 pub mod session;
 
 use crate::config::{Config, ConfigError};
@@ -86,6 +87,7 @@ pub fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
     let host = config.resolve(&topology)?;
     let logger = Arc::new(Logger::new("pinner", config.log_level));
     let paths = HostPaths::system(&config.socket);
+    raise_file_limit(&logger);
 
     let listener = intake::bind_socket(&config.socket, config.socket_group.as_ref())?;
     let refused = Arc::new(AtomicU64::new(0));
@@ -94,6 +96,7 @@ pub fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
     let intake = Intake {
         work: tx.clone(),
         logger: logger.clone(),
+        limiter: Arc::default(),
         allowed_gid: config.socket_group.as_ref().map(|g| g.gid),
         refused: refused.clone(),
         proc_root: paths.proc.clone(),
@@ -137,6 +140,23 @@ pub fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
     let _ = std::fs::remove_file(&socket);
     logger.info("pinner daemon stopped", &[]);
     Ok(())
+}
+
+/// Every connection is a descriptor: take the hard limit, so a flood
+/// exhausts it later (and the accept loop backs off when it does).
+fn raise_file_limit(logger: &Logger) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    if soft < hard {
+        if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            logger.warn(
+                &format!("open files stay limited to {soft} (hard limit {hard}): {e}"),
+                &[],
+            );
+        }
+    }
 }
 
 fn log_start(logger: &Logger, config: &Config, topology: &Topology) {

@@ -195,13 +195,16 @@ fn main() {
     }
 }
 
-/// Runs `body` with a daemon stand-in on `sock` that reads `runs` events.
+/// Runs `body` with a daemon stand-in on `sock` that reads `runs` events
+/// and acknowledges each as the daemon does.
 fn with_reader(sock: &Path, runs: usize, body: impl FnOnce()) {
     let listener = UnixListener::bind(sock).unwrap();
     let reader = std::thread::spawn(move || {
         for conn in listener.incoming().take(runs) {
+            let mut conn = conn.unwrap();
             let mut buf = Vec::new();
-            let _ = conn.unwrap().read_to_end(&mut buf);
+            let _ = conn.read_to_end(&mut buf);
+            let _ = conn.write_all(&pinner_e2e::accepted_frame());
         }
     });
     body();
