@@ -4,7 +4,7 @@
 use crate::engine::cpuset::CpuSet;
 use crate::engine::placement::{EmulatorPolicy, HostPolicy};
 use crate::engine::topology::Topology;
-use crate::host::nova;
+use crate::host::{file, nova};
 use pinner_shared::log::Level;
 use pinner_shared::paths::{DEFAULT_CONFIG, DEFAULT_SOCKET};
 use serde::Deserialize;
@@ -104,6 +104,10 @@ impl Default for IsolationConfig {
     }
 }
 
+/// The largest config file read: the shipped one is ~4 KiB, and anything
+/// near this is a mistake or an attack, not a configuration.
+pub const CONFIG_SIZE_CAP: u64 = 1024 * 1024;
+
 /// Set by the test suite so that isolation only ever moves its own dummy
 /// processes: the process group to restrict it to. Not a configuration key,
 /// so no operator sets it by accident.
@@ -143,7 +147,19 @@ impl fmt::Display for ConfigError {
                 write!(f, ":{col}")?;
             }
         }
-        write!(f, ": {}", self.message)
+        write!(f, ": {}", cut(&self.message, MESSAGE_CAP))
+    }
+}
+
+/// The longest message shown: a value pasted whole into an error (a 100 MB
+/// line, say) would otherwise become one log line of that size.
+const MESSAGE_CAP: usize = 400;
+
+/// `text` up to `cap` characters, with what was left out counted.
+fn cut(text: &str, cap: usize) -> std::borrow::Cow<'_, str> {
+    match text.char_indices().nth(cap) {
+        None => text.into(),
+        Some((end, _)) => format!("{}… ({} more bytes)", &text[..end], text.len() - end).into(),
     }
 }
 
@@ -210,16 +226,14 @@ impl Config {
             Some(p) => (p.to_path_buf(), true),
             None => (PathBuf::from(DEFAULT_CONFIG), false),
         };
-        match std::fs::read_to_string(&path) {
+        match file::read_text(&path, CONFIG_SIZE_CAP) {
             Ok(text) => Config::parse(&text, &path),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
-                Ok(Config::default())
-            }
+            Err(e) if e.is_not_found() && !explicit => Ok(Config::default()),
             Err(e) => Err(ConfigError {
                 file: path.display().to_string(),
                 line: None,
                 column: None,
-                message: format!("cannot read: {e}"),
+                message: e.to_string(),
             }),
         }
     }
@@ -820,6 +834,55 @@ mod tests {
         assert!(e.message.contains("socket_group: no group named"), "{e}");
         let root = parse("socket_group = \"root\"\n").unwrap().socket_group;
         assert_eq!(root.map(|g| g.gid), Some(0));
+    }
+
+    #[test]
+    fn only_a_small_regular_file_is_read() {
+        let dir = std::env::temp_dir().join(format!("pinner-config-kinds-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("fifo.toml");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", dir.join("zero.toml")).unwrap();
+        let big = vec![b'#'; CONFIG_SIZE_CAP as usize + 1];
+        std::fs::write(dir.join("big.toml"), big).unwrap();
+        let refused = |name: &str| Config::load(Some(&dir.join(name))).unwrap_err().to_string();
+        let at = |name: &str| dir.join(name).display().to_string();
+        assert_eq!(
+            refused("fifo.toml"),
+            format!(
+                "{}: not a regular file but a FIFO; refused",
+                at("fifo.toml")
+            )
+        );
+        assert_eq!(
+            refused("zero.toml"),
+            format!(
+                "{}: not a regular file but a character device; refused",
+                at("zero.toml")
+            )
+        );
+        assert_eq!(
+            refused("."),
+            format!("{}: not a regular file but a directory; refused", at("."))
+        );
+        assert_eq!(
+            refused("big.toml"),
+            format!(
+                "{}: 1048577 bytes, over the 1048576-byte limit; refused",
+                at("big.toml")
+            )
+        );
+    }
+
+    #[test]
+    fn a_huge_value_is_cut_in_the_message() {
+        let value = "x".repeat(100_000);
+        let e = parse(&format!("log_level = \"{value}\"\n")).unwrap_err();
+        let shown = e.to_string();
+        assert!(shown.len() < 1000, "{} bytes", shown.len());
+        assert!(shown.contains("more bytes)"), "{shown}");
+        assert!(shown.starts_with("/etc/pinner/pinner.toml:1:"), "{shown}");
     }
 
     #[test]

@@ -22,9 +22,11 @@ use std::time::{Duration, Instant};
 /// Connections served at once; more get a "busy" answer and the close
 /// (hooks count the event as dropped, the periodic reconcile covers it).
 const MAX_CONNECTIONS: usize = 64;
-/// Of those, `socket_group` members may hold at most this many, so the
-/// hook and root's CLI always have room.
-const GROUP_CONNECTIONS: usize = 48;
+/// Descriptors kept for everything but connections: libvirt, inotify,
+/// logs, cgroup and /proc files, the metrics file.
+const RESERVED_DESCRIPTORS: u64 = 32;
+/// At least this many connections, however low the descriptor limit.
+const MIN_CONNECTIONS: usize = 4;
 /// A client must send its whole request within this; a drain after a
 /// refusal shares the same deadline.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
@@ -133,21 +135,37 @@ enum Peer {
     Group,
 }
 
-/// Connections in service, by kind of peer.
-#[derive(Default)]
-struct Slots {
+/// Connections in service, by kind of peer, and how many of each fit.
+pub struct Slots {
     all: AtomicUsize,
     group: AtomicUsize,
+    max_all: usize,
+    max_group: usize,
 }
 
 impl Slots {
+    /// Caps that fit `file_limit` descriptors (RLIMIT_NOFILE), so
+    /// connections alone never exhaust them; `socket_group` members get at
+    /// most three quarters, so the hook and root's CLI always have room.
+    pub fn for_file_limit(file_limit: u64) -> Slots {
+        let room = usize::try_from(file_limit.saturating_sub(RESERVED_DESCRIPTORS))
+            .unwrap_or(MAX_CONNECTIONS);
+        let max_all = room.clamp(MIN_CONNECTIONS, MAX_CONNECTIONS);
+        Slots {
+            all: AtomicUsize::new(0),
+            group: AtomicUsize::new(0),
+            max_all,
+            max_group: max_all * 3 / 4,
+        }
+    }
+
     /// Takes a slot for `peer`, if one is free for it.
     fn take(&self, peer: Peer) -> bool {
-        if peer == Peer::Group && self.group.fetch_add(1, Ordering::SeqCst) >= GROUP_CONNECTIONS {
+        if peer == Peer::Group && self.group.fetch_add(1, Ordering::SeqCst) >= self.max_group {
             self.group.fetch_sub(1, Ordering::SeqCst);
             return false;
         }
-        if self.all.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+        if self.all.fetch_add(1, Ordering::SeqCst) >= self.max_all {
             self.release(peer);
             return false;
         }
@@ -163,28 +181,40 @@ impl Slots {
 }
 
 impl Intake {
-    pub fn accept_loop(self, listener: UnixListener) {
-        let slots = Arc::new(Slots::default());
+    pub fn accept_loop(self, listener: UnixListener, slots: Slots) {
+        let slots = Arc::new(slots);
         let mut backoff = AcceptBackoff::default();
+        let mut spare = spare_descriptor();
         for conn in listener.incoming() {
-            let stream = match conn {
+            match conn {
                 Ok(stream) => {
                     backoff.recovered(&self.logger);
-                    stream
+                    self.admit(stream, &slots, false);
+                }
+                Err(e) if out_of_descriptors(&e) && spare.is_some() => {
+                    // The kept descriptor makes room for one accept: the
+                    // hook and root are served, anyone else answered busy,
+                    // so the queue drains instead of the loop spinning.
+                    drop(spare.take());
+                    backoff.shedding(&e, &self.logger, &self.limiter);
+                    if let Ok((stream, _)) = listener.accept() {
+                        self.admit(stream, &slots, true);
+                    }
+                    spare = spare_descriptor();
                 }
                 Err(e) => {
                     backoff.failed(&e, &self.logger, &self.limiter);
-                    continue;
+                    spare = spare.or_else(spare_descriptor);
                 }
-            };
-            self.admit(stream, &slots);
+            }
         }
     }
 
     /// Checks the peer and takes a slot for it, at once and without reading:
     /// a refused or surplus peer gets its error and the close; the others a
     /// thread that serves their one request.
-    fn admit(&self, stream: UnixStream, slots: &Arc<Slots>) {
+    /// Out of descriptors (`exhausted`), only privileged peers are served.
+    fn admit(&self, stream: UnixStream, slots: &Arc<Slots>, exhausted: bool) {
         let peer = match self.check_peer(&stream) {
             Ok(peer) => peer,
             Err(refusal) => {
@@ -193,6 +223,11 @@ impl Intake {
                 return;
             }
         };
+        if exhausted && peer == Peer::Group {
+            let busy = "busy (out of file descriptors), retry";
+            self.refuse(stream, "out of file descriptors", busy);
+            return;
+        }
         if !slots.take(peer) {
             let busy = "busy (too many connections), retry";
             self.refuse(stream, "too many connections", busy);
@@ -202,7 +237,7 @@ impl Intake {
         let spawned = std::thread::Builder::new()
             .name("conn".into())
             .spawn(move || {
-                if !intake.serve(stream, Instant::now() + REQUEST_TIMEOUT) {
+                if !intake.serve(stream, peer, Instant::now() + REQUEST_TIMEOUT) {
                     intake.refused.fetch_add(1, Ordering::Relaxed);
                 }
                 slots_held.release(peer);
@@ -239,7 +274,7 @@ impl Intake {
     /// Reads one request by `deadline`; an event is queued and
     /// acknowledged, a CLI request answered once the control loop has
     /// handled it. Returns false when the request was refused.
-    fn serve(&self, stream: UnixStream, deadline: Instant) -> bool {
+    fn serve(&self, stream: UnixStream, peer: Peer, deadline: Instant) -> bool {
         let mut reader = DeadlineReader {
             stream: &stream,
             deadline,
@@ -261,6 +296,15 @@ impl Intake {
         };
         let (reply_tx, reply_rx) = mpsc::channel();
         let work = match request {
+            Request::Event(_) if peer == Peer::Group => {
+                // Events come from the hook, which runs as root; a group
+                // member may look (status) and ask (reconcile), not forge.
+                let message = "permission denied: only root (libvirt's hook) may send events";
+                self.limiter
+                    .log(&self.logger, Level::Warning, "forged event", message);
+                answer(&stream, &Response::Error(message.into()), deadline);
+                return false;
+            }
             Request::Event(event) => {
                 let taken = self.work.send(Work::Event(event)).is_ok();
                 let ack = if taken {
@@ -374,6 +418,17 @@ impl AcceptBackoff {
         self.delay = (self.delay * 2).min(ACCEPT_BACKOFF_MAX);
     }
 
+    /// Out of descriptors but with one kept aside: no sleep, since each
+    /// round answers one waiting connection.
+    fn shedding(&mut self, error: &io::Error, logger: &Logger, limiter: &LogLimiter) {
+        self.failures += 1;
+        let message = format!(
+            "cannot accept connections: {error} ({} times so far); answering busy to all but root",
+            self.failures
+        );
+        limiter.log(logger, Level::Error, "accept", &message);
+    }
+
     fn recovered(&mut self, logger: &Logger) {
         if self.failures > 0 {
             logger.info(
@@ -386,6 +441,20 @@ impl AcceptBackoff {
             *self = AcceptBackoff::default();
         }
     }
+}
+
+/// EMFILE or ENFILE: this process's descriptors or the system's.
+fn out_of_descriptors(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(nix::libc::EMFILE | nix::libc::ENFILE)
+    )
+}
+
+/// A descriptor held in reserve, given up to accept (and answer) one
+/// connection when all the others are in use.
+fn spare_descriptor() -> Option<std::fs::File> {
+    std::fs::File::open("/dev/null").ok()
 }
 
 /// Reads what the client still sends after its request was refused, so
@@ -401,5 +470,35 @@ fn drain(reader: &mut DeadlineReader) {
             Ok(0) | Err(_) => break,
             Ok(n) => drained += n,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_caps_fit_the_descriptor_limit() {
+        let caps = |limit| {
+            let slots = Slots::for_file_limit(limit);
+            (slots.max_all, slots.max_group)
+        };
+        assert_eq!(caps(524_288), (64, 48));
+        assert_eq!(caps(1024), (64, 48));
+        assert_eq!(caps(48), (16, 12));
+        assert_eq!(caps(10), (4, 3));
+    }
+
+    #[test]
+    fn group_peers_never_take_the_last_quarter() {
+        let slots = Slots::for_file_limit(48);
+        let group = (0..20).filter(|_| slots.take(Peer::Group)).count();
+        assert_eq!(group, 12);
+        let privileged = (0..20).filter(|_| slots.take(Peer::Privileged)).count();
+        assert_eq!(privileged, 4);
+        // A slot freed by root stays out of the group's reach.
+        slots.release(Peer::Privileged);
+        assert!(!slots.take(Peer::Group));
+        assert!(slots.take(Peer::Privileged));
     }
 }

@@ -20,7 +20,7 @@ use crate::engine::topology::Topology;
 use crate::host::sysfs::{self, SysfsError};
 use crate::libvirt::events::{self, LibvirtEvent};
 use control::{Daemon, Setup};
-use intake::{Intake, IntakeError};
+use intake::{Intake, IntakeError, Slots};
 use pinner_shared::log::Logger;
 use pinner_shared::protocol::{HookEvent, Response};
 use std::path::{Path, PathBuf};
@@ -87,7 +87,7 @@ pub fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
     let host = config.resolve(&topology)?;
     let logger = Arc::new(Logger::new("pinner", config.log_level));
     let paths = HostPaths::system(&config.socket);
-    raise_file_limit(&logger);
+    let file_limit = raise_file_limit(&logger);
 
     let listener = intake::bind_socket(&config.socket, config.socket_group.as_ref())?;
     let refused = Arc::new(AtomicU64::new(0));
@@ -103,7 +103,7 @@ pub fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
     };
     std::thread::Builder::new()
         .name("intake".into())
-        .spawn(move || intake.accept_loop(listener))
+        .spawn(move || intake.accept_loop(listener, Slots::for_file_limit(file_limit)))
         .map_err(|source| DaemonError::Thread {
             name: "intake",
             source,
@@ -144,17 +144,23 @@ pub fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
 
 /// Every connection is a descriptor: take the hard limit, so a flood
 /// exhausts it later (and the accept loop backs off when it does).
-fn raise_file_limit(logger: &Logger) {
+/// Returns the limit in force.
+fn raise_file_limit(logger: &Logger) -> u64 {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
-        return;
+        return 1024;
     };
-    if soft < hard {
-        if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+    if soft >= hard {
+        return soft;
+    }
+    match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+        Ok(()) => hard,
+        Err(e) => {
             logger.warn(
                 &format!("open files stay limited to {soft} (hard limit {hard}): {e}"),
                 &[],
             );
+            soft
         }
     }
 }

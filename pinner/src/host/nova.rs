@@ -4,13 +4,14 @@
 //! `[compute] cpu_dedicated_set`, `cpu_shared_set`.
 
 use crate::engine::cpuset::{CpuListError, CpuSet};
+use crate::host::file::{self, FileError};
 use std::path::Path;
 
 /// What is wrong with nova.conf; every variant but `Read` has its line.
 #[derive(Debug, thiserror::Error)]
 pub enum NovaError {
-    #[error("cannot read: {0}")]
-    Read(std::io::Error),
+    #[error("{0}")]
+    Read(#[from] FileError),
     #[error("{key}: \"{value}\" is not a number")]
     NotANumber {
         line: usize,
@@ -64,9 +65,12 @@ pub struct NovaCpu {
 /// nova's default when neither ratio is set (`initial_cpu_allocation_ratio`).
 const NOVA_INITIAL_RATIO: f64 = 4.0;
 
+/// The largest nova.conf read (a real one, comments and all, is ~200 KiB).
+const NOVA_CONF_SIZE_CAP: u64 = 4 * 1024 * 1024;
+
 /// Reads `path`; errors carry the line (None: the file as a whole).
 pub fn read(path: &Path) -> Result<NovaCpu, NovaError> {
-    parse(&std::fs::read_to_string(path).map_err(NovaError::Read)?)
+    parse(&file::read_text(path, NOVA_CONF_SIZE_CAP)?)
 }
 
 /// Parses oslo.config's INI dialect: `[section]`, `key = value`, `#`/`;`

@@ -1,11 +1,17 @@
 //! Pid-file directories watched with inotify, so a (re)started daemon is
 //! confined at once rather than at the next sweep.
 
+use crate::host::file;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+/// A pid file holds a number and a newline; the directory one sits in may
+/// belong to the service's own user, who could put a FIFO or a huge file
+/// there instead.
+const PID_FILE_CAP: u64 = 64;
 
 /// Watches pid-file directories (and their subdirectories) for daemons
 /// that (re)start, so they are confined at once rather than at the next
@@ -85,7 +91,7 @@ impl PidFileWatch {
                 }
                 let is_pid_file = path.extension().is_some_and(|e| e == "pid");
                 if let Some(pid) = is_pid_file
-                    .then(|| std::fs::read_to_string(&path).ok())
+                    .then(|| file::read_text(&path, PID_FILE_CAP).ok())
                     .flatten()
                     .and_then(|text| text.trim().parse::<u32>().ok())
                 {
