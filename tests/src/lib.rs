@@ -48,6 +48,8 @@ pub struct Sandbox {
     pub extra_config: String,
     /// Environment variables the daemon is started with.
     pub daemon_env: Vec<(String, String)>,
+    /// A command the daemon is started under (`prlimit --nofile=…`, say).
+    pub daemon_wrapper: Vec<String>,
 }
 
 /// Why a sandbox cannot run here, or None when it can.
@@ -223,6 +225,7 @@ impl Sandbox {
             reconcile_interval_secs: 10,
             extra_config: String::new(),
             daemon_env: Vec::new(),
+            daemon_wrapper: Vec::new(),
         };
         let ready = sandbox.dir.join("ready");
         if let Err(e) = wait_for(Duration::from_secs(10), || {
@@ -366,7 +369,15 @@ impl Sandbox {
         assert!(self.daemon.is_none(), "daemon already running");
         self.write_config(reserved_cpus);
         let config = self.config_path();
-        let mut cmd = Command::new(self.bin_dir.join("pinner"));
+        let pinner = self.bin_dir.join("pinner");
+        let mut cmd = match self.daemon_wrapper.split_first() {
+            Some((wrapper, args)) => {
+                let mut cmd = Command::new(wrapper);
+                cmd.args(args).arg(pinner);
+                cmd
+            }
+            None => Command::new(pinner),
+        };
         cmd.args(["daemon", "--config"])
             .arg(&config)
             .env("PINNER_LOG", "stderr")
@@ -616,6 +627,15 @@ impl Sandbox {
             })
             .collect();
         (cpu_list(&cpus), threads)
+    }
+
+    /// A copy of the workspace binary `name` that any user may run (the
+    /// build directory may not be reachable for them).
+    pub fn world_runnable(&self, name: &str) -> PathBuf {
+        let copy = self.dir.join(format!("run/{name}-copy"));
+        fs::copy(self.bin_dir.join(name), &copy).expect("copy a binary");
+        fs::set_permissions(&copy, fs::Permissions::from_mode(0o755)).unwrap();
+        copy
     }
 
     /// Runs the real `pinner` CLI against this sandbox's daemon.

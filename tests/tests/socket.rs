@@ -3,11 +3,11 @@
 //! nothing, and users who are not allowed. Each gets an error (or the door)
 //! and the daemon keeps serving everyone else.
 
-use pinner_e2e::{bin_dir, sandbox_or_skip, serial, wait_for, Sandbox};
+use pinner_e2e::{sandbox_or_skip, serial, wait_for};
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
@@ -117,14 +117,6 @@ fn bad_frames_get_an_error_and_a_silent_client_stalls_nobody() {
     assert!(sb.stop_daemon().is_some_and(|s| s.success()));
 }
 
-/// The `pinner` binary where any user may run it.
-fn world_runnable_pinner(sb: &Sandbox) -> PathBuf {
-    let copy = sb.socket().with_file_name("../pinner-cli");
-    std::fs::copy(bin_dir().join("pinner"), &copy).unwrap();
-    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
-    copy
-}
-
 /// `pinner status` as `uid`/`gid` with the supplementary `groups`.
 fn status_as(pinner: &Path, socket: &Path, uid: u32, gid: u32, groups: &str) -> Output {
     let mut cmd = Command::new("setpriv");
@@ -159,7 +151,7 @@ fn only_root_and_the_socket_group_may_connect() {
     const NOBODY: u32 = 65534;
     const NOGROUP: u32 = 65534;
     sb.start_daemon("");
-    let pinner = world_runnable_pinner(&sb);
+    let pinner = sb.world_runnable("pinner");
     let socket = sb.socket();
     let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);

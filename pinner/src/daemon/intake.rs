@@ -30,6 +30,8 @@ const MIN_CONNECTIONS: usize = 4;
 /// A client must send its whole request within this; a drain after a
 /// refusal shares the same deadline.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long group members are turned away after descriptors ran out.
+const SCARCE_HOLD: Duration = Duration::from_secs(5);
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// A CLI request waits this long for the reconcile loop.
@@ -185,27 +187,33 @@ impl Intake {
         let slots = Arc::new(slots);
         let mut backoff = AcceptBackoff::default();
         let mut spare = spare_descriptor();
+        // Until then, after running out of descriptors, only the hook and
+        // root are served: group members' connections time out and give
+        // their descriptors back, and new ones are answered busy.
+        let mut scarce_until = Instant::now();
         for conn in listener.incoming() {
             match conn {
                 Ok(stream) => {
                     backoff.recovered(&self.logger);
-                    self.admit(stream, &slots, false);
+                    self.admit(stream, &slots, Instant::now() < scarce_until);
                 }
-                Err(e) if out_of_descriptors(&e) && spare.is_some() => {
-                    // The kept descriptor makes room for one accept: the
-                    // hook and root are served, anyone else answered busy,
-                    // so the queue drains instead of the loop spinning.
-                    drop(spare.take());
+                Err(e) if out_of_descriptors(&e) => {
+                    scarce_until = Instant::now() + SCARCE_HOLD;
+                    let Some(kept) = spare.take() else {
+                        backoff.failed(&e, &self.logger, &self.limiter);
+                        spare = spare_descriptor();
+                        continue;
+                    };
+                    // The kept descriptor makes room for one accept, so the
+                    // queue drains instead of the loop spinning or waiting.
+                    drop(kept);
                     backoff.shedding(&e, &self.logger, &self.limiter);
                     if let Ok((stream, _)) = listener.accept() {
                         self.admit(stream, &slots, true);
                     }
                     spare = spare_descriptor();
                 }
-                Err(e) => {
-                    backoff.failed(&e, &self.logger, &self.limiter);
-                    spare = spare.or_else(spare_descriptor);
-                }
+                Err(e) => backoff.failed(&e, &self.logger, &self.limiter),
             }
         }
     }
@@ -213,8 +221,8 @@ impl Intake {
     /// Checks the peer and takes a slot for it, at once and without reading:
     /// a refused or surplus peer gets its error and the close; the others a
     /// thread that serves their one request.
-    /// Out of descriptors (`exhausted`), only privileged peers are served.
-    fn admit(&self, stream: UnixStream, slots: &Arc<Slots>, exhausted: bool) {
+    /// Short of descriptors (`scarce`), only privileged peers are served.
+    fn admit(&self, stream: UnixStream, slots: &Arc<Slots>, scarce: bool) {
         let peer = match self.check_peer(&stream) {
             Ok(peer) => peer,
             Err(refusal) => {
@@ -223,7 +231,7 @@ impl Intake {
                 return;
             }
         };
-        if exhausted && peer == Peer::Group {
+        if scarce && peer == Peer::Group {
             let busy = "busy (out of file descriptors), retry";
             self.refuse(stream, "out of file descriptors", busy);
             return;
@@ -378,15 +386,29 @@ struct DeadlineReader<'s> {
 
 impl io::Read for DeadlineReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let left = self.deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::Error::new(
+        let timed_out = || {
+            io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!("request not complete within {REQUEST_TIMEOUT:?}"),
-            ));
+            )
+        };
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(timed_out());
         }
         self.stream.set_read_timeout(Some(left))?;
-        self.stream.read(buf)
+        // SO_RCVTIMEO running out shows as EAGAIN.
+        match self.stream.read(buf) {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                Err(timed_out())
+            }
+            read => read,
+        }
     }
 }
 
