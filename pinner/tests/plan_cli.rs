@@ -88,6 +88,20 @@ fn plan_prints_the_design_json_for_a_domains_directory() {
         text.contains("nova  left alone: pinned by someone else"),
         "{text}"
     );
+
+    // The same plan as a map: guest a on 1-3, the reserved 0; nova is left
+    // alone, so not part of the plan's guests.
+    let map = String::from_utf8(plan(&dir, &["--map"]).stdout).unwrap();
+    let expected = "\
+package -
+  node 0
+    L3 -    [0#] [1a] [2a] [3a]
+  node 1
+    L3 -    [4.] [5.] [6.] [7.]
+legend: # reserved  ~ isolcpus  . free  x offline  * shared by several guests
+  a a (CPUs 1-3)
+";
+    assert_eq!(map, expected);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

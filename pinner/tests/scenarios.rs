@@ -299,3 +299,50 @@ fn overcommitted_opterons_share_node_ranges_evenly() {
         .iter()
         .any(|w| w.to_string().contains("overcommitted")));
 }
+
+/// `plan --map` on a snapshot: the expected text is in `tests/maps/`
+/// (PINNER_BLESS=1 rewrites it after a deliberate change; review the diff).
+fn assert_map(name: &str, reserved: &str, sizes: &[u32]) {
+    use pinner::cli::map::{render, Occupancy};
+    let Some(topo) = machine(name) else {
+        return;
+    };
+    let reserved = CpuSet::parse(reserved).unwrap();
+    let p = plan(&topo, &HostPolicy::with_reserved(reserved), &guests(sizes));
+    let occupancy = Occupancy::of_plan(&p);
+    let text = render(&topo, &occupancy, false);
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/maps/{name}.txt"));
+    if std::env::var_os("PINNER_BLESS").is_some() {
+        std::fs::write(&path, &text).unwrap();
+    }
+    let expected = std::fs::read_to_string(&path).unwrap_or_default();
+    assert_eq!(
+        text,
+        expected,
+        "map of {name} differs from {}",
+        path.display()
+    );
+}
+
+#[test]
+fn map_of_an_8_node_amd_host() {
+    assert_map("16amd64-8n2c", "0", &[2, 2, 2, 4, 3]);
+}
+
+#[test]
+fn map_of_a_256_cpu_power_host_stays_readable() {
+    let mut sizes = vec![4; 20];
+    sizes.extend([32, 16, 8, 2]);
+    assert_map("256ppc-8n8s4t", "0-3", &sizes);
+    if let Some(line) = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/maps/256ppc-8n8s4t.txt"),
+    )
+    .unwrap()
+    .lines()
+    .map(str::len)
+    .max()
+    {
+        assert!(line <= 120, "a map line of {line} characters");
+    }
+}

@@ -70,6 +70,23 @@ fn started_guest_is_pinned_within_a_second() {
         status["counters"]["events_received"].as_u64().unwrap() >= 3,
         "prepare, start, started"
     );
+
+    // The map of this host: the guest's letter on its CPU, the reserved
+    // CPUs marked, plain text when not on a terminal.
+    let out = sb.pinner(&["status", "--map"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let map = String::from_utf8_lossy(&out.stdout);
+    assert!(map.contains(&format!("{last}a]")), "{map}");
+    for cpu in pinner_e2e::cpu_list(&reserved) {
+        assert!(map.contains(&format!("{cpu}#")), "reserved {cpu}: {map}");
+    }
+    let legend = format!("  a {} (CPUs {last})", sb.name("solo"));
+    assert!(map.lines().any(|l| l == legend), "{map}");
+    assert!(!map.contains('\x1b'), "colour off a terminal: {map:?}");
 }
 
 /// 2. More vCPUs than the pool → shared mode, every guest range-bound;

@@ -31,6 +31,10 @@ pub enum Command {
         /// Machine-readable output.
         #[arg(long, conflicts_with = "watch")]
         json: bool,
+        /// A map of the host: packages, NUMA nodes, L3, cores and threads,
+        /// each CPU marked with its guest, reserved, isolated or free.
+        #[arg(long, conflicts_with_all = ["json", "watch"])]
+        map: bool,
         /// Refresh every SECONDS (default 2) until interrupted.
         #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2")]
         watch: Option<u64>,
@@ -77,6 +81,9 @@ pub enum Command {
         connect: Option<String>,
         #[arg(long)]
         json: bool,
+        /// The plan as a map of the host (see `status --map`).
+        #[arg(long, conflicts_with = "json")]
+        map: bool,
     },
     /// Confine host processes to the reserved CPUs (cgroups), undo it, or
     /// show where things stand.

@@ -3,6 +3,7 @@
 
 use super::args::{Cli, Command};
 use super::client::{self, ClientError};
+use super::map::{self, Occupancy};
 use super::report;
 use crate::config::{Config, ConfigError};
 use crate::daemon::{self, DaemonError};
@@ -16,7 +17,7 @@ use crate::host::sysfs::{self, SysfsError};
 use crate::isolation::{self, IsolationError};
 use crate::libvirt::Libvirt;
 use pinner_shared::paths::DEFAULT_SOCKET;
-use pinner_shared::protocol::{Request, Response};
+use pinner_shared::protocol::{Request, Response, StatusReport};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -74,12 +75,13 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
             domains,
             connect,
             json,
+            map,
         } => plan(
             config_path,
             sysfs_root,
             domains.as_deref(),
             connect.as_deref(),
-            *json,
+            Output::of(*json, *map),
         ),
         Command::Isolate { undo, status, json } => isolate(config_path, *undo, *status, *json),
         Command::Doctor {
@@ -97,9 +99,8 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
             *sample,
         ),
         Command::Status { watch: Some(s), .. } => watch_status(&socket_of(&cli)?, *s),
-        Command::Status { json, watch: None } => {
-            ask(&socket_of(&cli)?, Request::Status, *json, false)
-        }
+        Command::Status { map: true, .. } => status_map(&socket_of(&cli)?),
+        Command::Status { json, .. } => ask(&socket_of(&cli)?, Request::Status, *json, false),
         Command::Metrics => ask(&socket_of(&cli)?, Request::Status, false, true),
         Command::Reconcile { json } => ask(&socket_of(&cli)?, Request::Reconcile, *json, false),
     }
@@ -139,16 +140,54 @@ fn ask(socket: &Path, request: Request, json: bool, metrics: bool) -> Result<Exi
     })
 }
 
+/// How a command prints its result.
+#[derive(Clone, Copy)]
+enum Output {
+    Text,
+    Json,
+    Map,
+}
+
+impl Output {
+    fn of(json: bool, map: bool) -> Output {
+        match (json, map) {
+            (true, _) => Output::Json,
+            (_, true) => Output::Map,
+            _ => Output::Text,
+        }
+    }
+}
+
+/// Colour on a terminal, unless NO_COLOR (no-color.org) says otherwise.
+fn colour_wanted() -> bool {
+    use std::io::IsTerminal;
+    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+/// `pinner status --map`: the daemon's view of the guests' CPUs on this
+/// host's topology.
+fn status_map(socket: &Path) -> Result<ExitCode, CliError> {
+    let report = status_report(socket)?;
+    let topo = sysfs::read_topology(Path::new("/"))?;
+    let occupancy = Occupancy::of_status(&report);
+    print!("{}", map::render(&topo, &occupancy, colour_wanted()));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn status_report(socket: &Path) -> Result<StatusReport, CliError> {
+    match client::request(socket, &Request::Status, ANSWER_TIMEOUT)? {
+        Response::Status(report) => Ok(report),
+        Response::Error(message) => Err(CliError::Refused(message)),
+        Response::Reconciled(_) | Response::Accepted => Err(CliError::UnexpectedAnswer),
+    }
+}
+
 /// `pinner status --watch`: the status, redrawn every `seconds` until
 /// interrupted (or the daemon goes away).
 fn watch_status(socket: &Path, seconds: u64) -> Result<ExitCode, CliError> {
     let every = Duration::from_secs(seconds.max(1));
     loop {
-        let text = match client::request(socket, &Request::Status, ANSWER_TIMEOUT)? {
-            Response::Status(report) => report::status_text(&report),
-            Response::Error(message) => return Err(CliError::Refused(message)),
-            Response::Reconciled(_) | Response::Accepted => return Err(CliError::UnexpectedAnswer),
-        };
+        let text = report::status_text(&status_report(socket)?);
         // Home and clear, then the status: a terminal shows one screen.
         print!(
             "\x1b[H\x1b[2J{text}\nevery {}s; Ctrl-C to stop\n",
@@ -166,7 +205,7 @@ fn plan(
     sysfs_root: &Path,
     domains: Option<&Path>,
     connect: Option<&str>,
-    json: bool,
+    output: Output,
 ) -> Result<ExitCode, CliError> {
     let topo = sysfs::read_topology(sysfs_root)?;
     let config = Config::load(config_path)?;
@@ -185,10 +224,10 @@ fn plan(
         }
     };
     let plan = reconcile::plan_for(&topo, &host, &specs);
-    let text = if json {
-        to_json(&report::plan_json(&plan, &specs))?
-    } else {
-        report::plan_text(&plan, &specs)
+    let text = match output {
+        Output::Json => to_json(&report::plan_json(&plan, &specs))?,
+        Output::Text => report::plan_text(&plan, &specs),
+        Output::Map => map::render(&topo, &Occupancy::of_plan(&plan), colour_wanted()),
     };
     print!("{text}");
     Ok(ExitCode::SUCCESS)
