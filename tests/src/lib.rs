@@ -252,6 +252,11 @@ impl Sandbox {
         self.dir.join("run/pinner/pinner.sock")
     }
 
+    /// Where `socket_group` members connect, when the config sets one.
+    pub fn group_socket(&self) -> PathBuf {
+        self.dir.join("run/pinner/pinner-group.sock")
+    }
+
     pub fn hook_path(&self) -> PathBuf {
         self.dir.join("etc/hooks/qemu.d/50-pinner")
     }

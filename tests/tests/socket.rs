@@ -177,33 +177,66 @@ fn only_root_and_the_socket_group_may_connect() {
     sb.await_log("refused connection: permission denied for uid 65534");
     assert!(sb.stop_daemon().is_some_and(|s| s.success()));
 
-    // With socket_group: members get in (by primary or supplementary
-    // group), others are kept out by the mode and by the check.
+    // With socket_group: members get in through a socket of their own (by
+    // primary or supplementary group), others are kept out by its mode and
+    // by the check; the main socket stays root's and the hook's.
     sb.extra_config = "socket_group = \"nogroup\"".into();
     sb.start_daemon("");
-    let meta = std::fs::metadata(&socket).unwrap();
+    assert_eq!(
+        std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let group_socket = sb.group_socket();
+    let meta = std::fs::metadata(&group_socket).unwrap();
     assert_eq!(meta.permissions().mode() & 0o777, 0o660);
     assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), NOGROUP);
-    let out = status_as(&pinner, &socket, NOBODY, NOGROUP, "");
+    let out = status_as(&pinner, &group_socket, NOBODY, NOGROUP, "");
     assert!(
         out.status.success(),
         "primary group member: {}",
         stderr(&out)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("libvirt"));
-    let out = status_as(&pinner, &socket, NOBODY, 1, &NOGROUP.to_string());
+    let out = status_as(&pinner, &group_socket, NOBODY, 1, &NOGROUP.to_string());
     assert!(
         out.status.success(),
         "supplementary group member: {}",
         stderr(&out)
     );
-    let out = status_as(&pinner, &socket, NOBODY, 1, "");
+    let out = status_as(&pinner, &group_socket, NOBODY, 1, "");
     assert_eq!(out.status.code(), Some(1), "not a member");
-    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
-    let out = status_as(&pinner, &socket, NOBODY, 1, "");
+    std::fs::set_permissions(&group_socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = status_as(&pinner, &group_socket, NOBODY, 1, "");
     assert!(
         stderr(&out).contains("only root and the socket_group may use the pinner socket"),
         "{}",
+        stderr(&out)
+    );
+    // A member on the main socket (made world-writable by mistake) is still
+    // refused: that one is root's and the hook's.
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = status_as(&pinner, &socket, NOBODY, NOGROUP, "");
+    assert!(
+        stderr(&out).contains("only root may use the pinner socket"),
+        "{}",
+        stderr(&out)
+    );
+    // A member's CLI finds its socket by itself (no --socket).
+    let out = Command::new("setpriv")
+        .args([
+            &format!("--reuid={NOBODY}"),
+            &format!("--regid={NOGROUP}"),
+            "--clear-groups",
+        ])
+        .arg(&pinner)
+        .arg("--config")
+        .arg(sb.config_path())
+        .arg("status")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "member without --socket: {}",
         stderr(&out)
     );
     wait_for(Duration::from_secs(2), || {

@@ -5,7 +5,7 @@ use super::args::{Cli, Command};
 use super::client::{self, ClientError};
 use super::map::{self, Occupancy};
 use super::report;
-use crate::config::{Config, ConfigError};
+use crate::config::{group_socket_of, Config, ConfigError};
 use crate::daemon::{self, DaemonError};
 use crate::doctor::{self, DoctorError};
 use crate::engine::domain::{DomainError, DomainSpec};
@@ -107,14 +107,22 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
 }
 
 /// The daemon's socket: `--socket`, else the configuration's (a missing
-/// default configuration means the default socket).
+/// default configuration means the default socket). A user other than root
+/// uses the `socket_group` members' socket when there is one.
 fn socket_of(cli: &Cli) -> Result<PathBuf, CliError> {
-    Ok(match (&cli.socket, &cli.config) {
-        (Some(socket), _) => socket.clone(),
+    let main = match (&cli.socket, &cli.config) {
+        (Some(socket), _) => return Ok(socket.clone()),
         (None, Some(path)) => Config::load(Some(path))?.socket,
         (None, None) => Config::load(None)
             .map(|c| c.socket)
             .unwrap_or_else(|_| PathBuf::from(DEFAULT_SOCKET)),
+    };
+    let group = group_socket_of(&main);
+    let member = !nix::unistd::geteuid().is_root();
+    Ok(if member && group.exists() {
+        group
+    } else {
+        main
     })
 }
 

@@ -20,7 +20,8 @@ pub struct Config {
     /// Shared-mode capacity = |pool| × ratio; beyond it pinner warns.
     pub cpu_allocation_ratio: f64,
     pub socket: PathBuf,
-    /// A group whose members may use the socket too (mode 0660), besides root.
+    /// A group whose members may use the daemon too, through a socket of
+    /// their own ([`Config::group_socket`]), besides root.
     pub socket_group: Option<SocketGroup>,
     pub reconcile_interval: Duration,
     pub log_level: Level,
@@ -350,6 +351,14 @@ impl Config {
         Ok(())
     }
 
+    /// Where `socket_group` members connect: beside the main socket (which
+    /// stays root's and the hook's, so a member flooding theirs never
+    /// queues ahead of a hook event), when a group is set.
+    pub fn group_socket(&self) -> Option<PathBuf> {
+        self.socket_group.as_ref()?;
+        Some(group_socket_of(&self.socket))
+    }
+
     fn error_in_file(&self, line: Option<usize>, message: String) -> ConfigError {
         ConfigError {
             file: self
@@ -507,6 +516,12 @@ fn nova_reserved(
                 )
             })
     }
+}
+
+/// `pinner.sock` → `pinner-group.sock`, in the same directory.
+pub fn group_socket_of(socket: &Path) -> PathBuf {
+    let stem = socket.file_stem().unwrap_or_default().to_string_lossy();
+    socket.with_file_name(format!("{stem}-group.sock"))
 }
 
 /// `socket_group`: a group that exists on this host.
@@ -872,6 +887,17 @@ mod tests {
                 "{}: 1048577 bytes, over the 1048576-byte limit; refused",
                 at("big.toml")
             )
+        );
+    }
+
+    #[test]
+    fn members_have_their_own_socket_beside_the_main_one() {
+        let config = parse("socket = \"/run/x/pinner.sock\"\n").unwrap();
+        assert_eq!(config.group_socket(), None);
+        let config = parse("socket = \"/run/x/pinner.sock\"\nsocket_group = \"root\"\n").unwrap();
+        assert_eq!(
+            config.group_socket(),
+            Some(PathBuf::from("/run/x/pinner-group.sock"))
         );
     }
 

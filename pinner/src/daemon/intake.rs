@@ -74,7 +74,8 @@ pub enum PeerRefusal {
     },
 }
 
-/// Binds the socket: mode 0600, or 0660 owned by `group` when one is set.
+/// Binds a socket: mode 0600 (root's and the hook's), or 0660 owned by
+/// `group` (the `socket_group` members' own socket).
 pub fn bind_socket(path: &Path, group: Option<&SocketGroup>) -> Result<UnixListener, IntakeError> {
     let at = || path.to_path_buf();
     if let Some(dir) = path.parent() {
@@ -183,8 +184,9 @@ impl Slots {
 }
 
 impl Intake {
-    pub fn accept_loop(self, listener: UnixListener, slots: Slots) {
-        let slots = Arc::new(slots);
+    /// Serves `listener` until it fails; `slots` are shared with the other
+    /// socket's loop.
+    pub fn accept_loop(self, listener: UnixListener, slots: Arc<Slots>) {
         let mut backoff = AcceptBackoff::default();
         let mut spare = spare_descriptor();
         // Until then, after running out of descriptors, only the hook and

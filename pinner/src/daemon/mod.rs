@@ -89,7 +89,6 @@ pub fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
     let paths = HostPaths::system(&config.socket);
     let file_limit = raise_file_limit(&logger);
 
-    let listener = intake::bind_socket(&config.socket, config.socket_group.as_ref())?;
     let refused = Arc::new(AtomicU64::new(0));
     let (tx, rx) = mpsc::channel();
     spawn_signal_thread(tx.clone())?;
@@ -97,24 +96,28 @@ pub fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
         work: tx.clone(),
         logger: logger.clone(),
         limiter: Arc::default(),
-        allowed_gid: config.socket_group.as_ref().map(|g| g.gid),
+        allowed_gid: None,
         refused: refused.clone(),
         proc_root: paths.proc.clone(),
     };
-    std::thread::Builder::new()
-        .name("intake".into())
-        .spawn(move || intake.accept_loop(listener, Slots::for_file_limit(file_limit)))
-        .map_err(|source| DaemonError::Thread {
-            name: "intake",
-            source,
-        })?;
+    let slots = Arc::new(Slots::for_file_limit(file_limit));
+    let listener = intake::bind_socket(&config.socket, None)?;
+    if let (Some(group), Some(path)) = (&config.socket_group, config.group_socket()) {
+        let group_listener = intake::bind_socket(&path, Some(group))?;
+        let group_intake = Intake {
+            allowed_gid: Some(group.gid),
+            ..intake.clone()
+        };
+        spawn_intake("group intake", group_intake, group_listener, slots.clone())?;
+    }
+    spawn_intake("intake", intake, listener, slots)?;
     log_start(&logger, &config, &topology);
     // Without libvirt's events, hand-made pin changes wait for the periodic
     // reconcile, and a closed connection for the next call.
     if let Err(e) = events::start_event_loop() {
         logger.warn(&e.to_string(), &[]);
     }
-    let socket = config.socket.clone();
+    let sockets = [Some(config.socket.clone()), config.group_socket()];
     let mut daemon = Daemon::new(Setup {
         config,
         host,
@@ -137,8 +140,23 @@ pub fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
     if isolation.enabled && isolation.restore_on_exit {
         daemon.undo_isolation();
     }
-    let _ = std::fs::remove_file(&socket);
+    for socket in sockets.iter().flatten() {
+        let _ = std::fs::remove_file(socket);
+    }
     logger.info("pinner daemon stopped", &[]);
+    Ok(())
+}
+
+fn spawn_intake(
+    name: &'static str,
+    intake: Intake,
+    listener: std::os::unix::net::UnixListener,
+    slots: Arc<Slots>,
+) -> Result<(), DaemonError> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || intake.accept_loop(listener, slots))
+        .map_err(|source| DaemonError::Thread { name, source })?;
     Ok(())
 }
 

@@ -7,7 +7,9 @@
 //!   announce a 64 KiB frame and send one byte of it every 500 ms, reopened
 //!   when closed;
 //! - `socket-flood hooks HOOK COUNT`: runs the real hook COUNT times, 32 at
-//!   a time, each with a forged `started` event for domain `forged-N`.
+//!   a time, each with a forged `started` event for domain `forged-N`;
+//! - `socket-flood event SOCKET`: sends one forged `started` event itself
+//!   and prints the daemon's answer.
 //!
 //! Prints one JSON line: for the floods, connections made, answers saying
 //! busy, closes without an answer, other answers, failed connects and the
@@ -36,7 +38,8 @@ enum Mode {
     Drip,
 }
 
-const USAGE: &str = "usage: socket-flood silent|drip SOCKET CLIENTS SECONDS | hooks HOOK COUNT";
+const USAGE: &str =
+    "usage: socket-flood silent|drip SOCKET CLIENTS SECONDS | hooks HOOK COUNT | event SOCKET";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -45,6 +48,7 @@ fn main() {
         ["silent", socket, clients, seconds] => flood(Mode::Silent, socket, clients, seconds),
         ["drip", socket, clients, seconds] => flood(Mode::Drip, socket, clients, seconds),
         ["hooks", hook, count] => hooks(Path::new(hook), count.parse().expect("COUNT")),
+        ["event", socket] => forged_event(Path::new(socket)),
         _ => {
             eprintln!("{USAGE}");
             std::process::exit(2);
@@ -79,6 +83,23 @@ fn flood(mode: Mode, socket: &str, clients: &str, seconds: &str) {
         get(&tally.connect_failures),
         get(&tally.longest_open_ms)
     );
+}
+
+/// One forged event, sent as the hook would; prints the answer as JSON.
+fn forged_event(socket: &Path) {
+    use pinner_shared::protocol::{HookEvent, HookOp, Request, Response};
+    let event = HookEvent {
+        op: HookOp::Started,
+        sub_op: "begin".into(),
+        name: "forged".into(),
+        uuid: String::new(),
+        vcpus: 1,
+        sent_at_unix_ns: 0,
+    };
+    let mut stream = UnixStream::connect(socket).expect("connect");
+    pinner_shared::wire::write_message(&mut stream, &Request::Event(event)).expect("send");
+    let answer: Response = pinner_shared::wire::read_message(&mut stream).expect("an answer");
+    println!("{}", serde_json::to_string(&answer).expect("JSON"));
 }
 
 /// Runs the hook `count` times from 32 threads, as libvirt would for as
