@@ -300,29 +300,32 @@ fn overcommitted_opterons_share_node_ranges_evenly() {
         .any(|w| w.to_string().contains("overcommitted")));
 }
 
-/// `plan --map` on a snapshot: the expected text is in `tests/maps/`
+/// `plan --map` and `--map=svg` on a snapshot: the expected drawings are
+/// in `tests/maps/`
 /// (PINNER_BLESS=1 rewrites it after a deliberate change; review the diff).
 fn assert_map(name: &str, reserved: &str, sizes: &[u32]) {
-    use pinner::cli::map::{render, Occupancy};
+    use pinner::cli::map::{render_as, MapFormat, Occupancy};
     let Some(topo) = machine(name) else {
         return;
     };
     let reserved = CpuSet::parse(reserved).unwrap();
     let p = plan(&topo, &HostPolicy::with_reserved(reserved), &guests(sizes));
     let occupancy = Occupancy::of_plan(&p);
-    let text = render(&topo, &occupancy, false);
-    let path =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/maps/{name}.txt"));
-    if std::env::var_os("PINNER_BLESS").is_some() {
-        std::fs::write(&path, &text).unwrap();
+    for (format, ext) in [(MapFormat::Text, "txt"), (MapFormat::Svg, "svg")] {
+        let drawn = render_as(format, &topo, &occupancy, false);
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(format!("tests/maps/{name}.{ext}"));
+        if std::env::var_os("PINNER_BLESS").is_some() {
+            std::fs::write(&path, &drawn).unwrap();
+        }
+        let expected = std::fs::read_to_string(&path).unwrap_or_default();
+        assert_eq!(
+            drawn,
+            expected,
+            "map of {name} differs from {}",
+            path.display()
+        );
     }
-    let expected = std::fs::read_to_string(&path).unwrap_or_default();
-    assert_eq!(
-        text,
-        expected,
-        "map of {name} differs from {}",
-        path.display()
-    );
 }
 
 #[test]

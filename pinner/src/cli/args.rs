@@ -1,6 +1,7 @@
 //! The `pinner` command line, as a definition the binary parses and the
 //! packaging generates man pages and shell completions from.
 
+use super::map::MapFormat;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
@@ -32,9 +33,11 @@ pub enum Command {
         #[arg(long, conflicts_with = "watch")]
         json: bool,
         /// A map of the host: packages, NUMA nodes, L3, cores and threads,
-        /// each CPU marked with its guest, reserved, isolated or free.
-        #[arg(long, conflicts_with_all = ["json", "watch"])]
-        map: bool,
+        /// each CPU marked with its guest, reserved, isolated or free
+        /// (`--map=svg`: as SVG).
+        #[arg(long, value_name = "FORMAT", num_args = 0..=1, require_equals = true,
+              default_missing_value = "text", conflicts_with_all = ["json", "watch"])]
+        map: Option<MapFormat>,
         /// Refresh every SECONDS (default 2) until interrupted.
         #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2")]
         watch: Option<u64>,
@@ -82,8 +85,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
         /// The plan as a map of the host (see `status --map`).
-        #[arg(long, conflicts_with = "json")]
-        map: bool,
+        #[arg(long, value_name = "FORMAT", num_args = 0..=1, require_equals = true,
+              default_missing_value = "text", conflicts_with = "json")]
+        map: Option<MapFormat>,
     },
     /// Confine host processes to the reserved CPUs (cgroups), undo it, or
     /// show where things stand.

@@ -3,7 +3,7 @@
 
 use super::args::{Cli, Command};
 use super::client::{self, ClientError};
-use super::map::{self, Occupancy};
+use super::map::{self, MapFormat, Occupancy};
 use super::report;
 use crate::config::{group_socket_of, Config, ConfigError};
 use crate::daemon::{self, DaemonError};
@@ -99,7 +99,9 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
             *sample,
         ),
         Command::Status { watch: Some(s), .. } => watch_status(&socket_of(&cli)?, *s),
-        Command::Status { map: true, .. } => status_map(&socket_of(&cli)?),
+        Command::Status {
+            map: Some(format), ..
+        } => status_map(&socket_of(&cli)?, *format),
         Command::Status { json, .. } => ask(&socket_of(&cli)?, Request::Status, *json, false),
         Command::Metrics => ask(&socket_of(&cli)?, Request::Status, false, true),
         Command::Reconcile { json } => ask(&socket_of(&cli)?, Request::Reconcile, *json, false),
@@ -153,14 +155,14 @@ fn ask(socket: &Path, request: Request, json: bool, metrics: bool) -> Result<Exi
 enum Output {
     Text,
     Json,
-    Map,
+    Map(MapFormat),
 }
 
 impl Output {
-    fn of(json: bool, map: bool) -> Output {
+    fn of(json: bool, map: Option<MapFormat>) -> Output {
         match (json, map) {
             (true, _) => Output::Json,
-            (_, true) => Output::Map,
+            (_, Some(format)) => Output::Map(format),
             _ => Output::Text,
         }
     }
@@ -174,11 +176,14 @@ fn colour_wanted() -> bool {
 
 /// `pinner status --map`: the daemon's view of the guests' CPUs on this
 /// host's topology.
-fn status_map(socket: &Path) -> Result<ExitCode, CliError> {
+fn status_map(socket: &Path, format: MapFormat) -> Result<ExitCode, CliError> {
     let report = status_report(socket)?;
     let topo = sysfs::read_topology(Path::new("/"))?;
     let occupancy = Occupancy::of_status(&report);
-    print!("{}", map::render(&topo, &occupancy, colour_wanted()));
+    print!(
+        "{}",
+        map::render_as(format, &topo, &occupancy, colour_wanted())
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -235,7 +240,9 @@ fn plan(
     let text = match output {
         Output::Json => to_json(&report::plan_json(&plan, &specs))?,
         Output::Text => report::plan_text(&plan, &specs),
-        Output::Map => map::render(&topo, &Occupancy::of_plan(&plan), colour_wanted()),
+        Output::Map(format) => {
+            map::render_as(format, &topo, &Occupancy::of_plan(&plan), colour_wanted())
+        }
     };
     print!("{text}");
     Ok(ExitCode::SUCCESS)

@@ -1,6 +1,7 @@
 //! A map of the host for `pinner status --map` and `pinner plan --map`:
 //! packages → NUMA nodes → L3 domains → cores → SMT threads, each CPU
-//! marked with what is on it. Pure: a topology and an occupancy in, text out.
+//! marked with what is on it. Pure: a topology and an occupancy in, text
+//! (or SVG, `svg`) out.
 
 use crate::engine::cpuset::CpuSet;
 use crate::engine::placement::Plan;
@@ -8,6 +9,28 @@ use crate::engine::topology::Topology;
 use pinner_shared::protocol::StatusReport;
 use std::collections::BTreeMap;
 use std::fmt::Write;
+
+mod svg;
+
+/// `--map` (text) or `--map=svg`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MapFormat {
+    Text,
+    Svg,
+}
+
+/// The map in `format`; text in colour when `colour`.
+pub fn render_as(
+    format: MapFormat,
+    topology: &Topology,
+    occupancy: &Occupancy,
+    colour: bool,
+) -> String {
+    match format {
+        MapFormat::Text => render(topology, occupancy, colour),
+        MapFormat::Svg => svg::render_svg(topology, occupancy),
+    }
+}
 
 /// What is placed where: each guest's CPUs (its vCPUs', in order) and the
 /// host's reserved CPUs.
