@@ -19,6 +19,9 @@ pub struct Libvirt {
     conn: Connect,
     cpumap_width: u32,
     events: Option<Subscription>,
+    /// VIR_DOMAIN_AFFECT_LIVE, except on libvirt's test driver, which
+    /// refuses it: there CURRENT (0), the same for a running domain.
+    affect: u32,
 }
 
 impl Drop for Libvirt {
@@ -35,11 +38,25 @@ impl Libvirt {
         virt::error::clear_error_callback();
         let conn =
             Connect::open(Some(uri)).map_err(|e| HvError::Disconnected(e.message().to_string()))?;
-        Ok(Libvirt {
+        Ok(Libvirt::wrap(conn, cpumap_width))
+    }
+
+    /// An open connection (the scale bench shares one with libvirt's test
+    /// driver, whose state is per connection).
+    pub fn wrap(conn: Connect, cpumap_width: u32) -> Libvirt {
+        let test_driver = conn
+            .driver_type()
+            .is_ok_and(|t| t.eq_ignore_ascii_case("test"));
+        Libvirt {
             conn,
             cpumap_width,
             events: None,
-        })
+            affect: if test_driver {
+                0
+            } else {
+                sys::VIR_DOMAIN_AFFECT_LIVE
+            },
+        }
     }
 
     /// Hands libvirt's pin-change and connection-closed events to `sink`
@@ -57,11 +74,7 @@ impl Libvirt {
         virt::error::clear_error_callback();
         let conn = Connect::open_read_only(Some(uri))
             .map_err(|e| HvError::Disconnected(e.message().to_string()))?;
-        Ok(Libvirt {
-            conn,
-            cpumap_width: 0,
-            events: None,
-        })
+        Ok(Libvirt::wrap(conn, 0))
     }
 
     /// The live XML of every running domain; those that cannot be read
@@ -127,27 +140,20 @@ impl Hypervisor for Libvirt {
                 Some(element),
                 Some(METADATA_KEY),
                 Some(METADATA_URI),
-                sys::VIR_DOMAIN_AFFECT_LIVE,
+                self.affect,
             )
             .map_err(|e| self.classify(e))
     }
 
     fn pin_vcpu(&mut self, uuid: &str, vcpu: u32, cpus: &CpuSet) -> Result<(), HvError> {
         self.domain(uuid)?
-            .pin_vcpu_flags(
-                vcpu,
-                &cpus.to_cpumap(self.cpumap_width),
-                sys::VIR_DOMAIN_AFFECT_LIVE,
-            )
+            .pin_vcpu_flags(vcpu, &cpus.to_cpumap(self.cpumap_width), self.affect)
             .map_err(|e| self.classify(e))
     }
 
     fn pin_emulator(&mut self, uuid: &str, cpus: &CpuSet) -> Result<(), HvError> {
         self.domain(uuid)?
-            .pin_emulator(
-                &cpus.to_cpumap(self.cpumap_width),
-                sys::VIR_DOMAIN_AFFECT_LIVE,
-            )
+            .pin_emulator(&cpus.to_cpumap(self.cpumap_width), self.affect)
             .map_err(|e| self.classify(e))
     }
 
@@ -162,7 +168,7 @@ impl Hypervisor for Libvirt {
                 iothread,
                 map.as_mut_ptr(),
                 map.len() as std::os::raw::c_int,
-                sys::VIR_DOMAIN_AFFECT_LIVE,
+                self.affect,
             )
         };
         if rc < 0 {
@@ -194,7 +200,7 @@ impl Hypervisor for Libvirt {
             mode: None,
         };
         self.domain(uuid)?
-            .set_numa_parameters(params, sys::VIR_DOMAIN_AFFECT_LIVE)
+            .set_numa_parameters(params, self.affect)
             .map_err(|e| self.classify(e))
     }
 }
