@@ -584,12 +584,19 @@ impl Sandbox {
 
     /// A file of the guest's machine cgroup (cgroup v1 cpuset), e.g.
     /// `vcpu0/cpuset.mems`.
-    pub fn cgroup_file(&self, short: &str, file: &str) -> String {
+    /// The running guest's cpuset cgroup (cgroup v1, as libvirt makes it).
+    pub fn cgroup_dir(&self, short: &str) -> PathBuf {
         let name = self.name(short);
         let id = self.virsh_ok(&["domid", &name]).trim().to_string();
-        let path = format!("/sys/fs/cgroup/cpuset/machine/qemu-{id}-{name}.libvirt-qemu/{file}");
+        PathBuf::from(format!(
+            "/sys/fs/cgroup/cpuset/machine/qemu-{id}-{name}.libvirt-qemu"
+        ))
+    }
+
+    pub fn cgroup_file(&self, short: &str, file: &str) -> String {
+        let path = self.cgroup_dir(short).join(file);
         fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("{path}: {e}"))
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
             .trim()
             .to_string()
     }

@@ -43,7 +43,7 @@ fn run(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-const FILES: [&str; 9] = [
+const FILES: [&str; 11] = [
     "/usr/bin/pinner",
     "/usr/libexec/pinner/pinner-hook",
     "/usr/libexec/pinner/pinner-maint",
@@ -53,6 +53,8 @@ const FILES: [&str; 9] = [
     "/usr/share/man/man8/pinner-isolate.8.gz",
     "/usr/share/bash-completion/completions/pinner",
     "/usr/share/fish/vendor_completions.d/pinner.fish",
+    "/usr/share/pinner/pinner.rules.yml",
+    "/usr/share/pinner/pinner-dashboard.json",
 ];
 
 #[test]
