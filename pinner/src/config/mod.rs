@@ -86,8 +86,8 @@ pub struct IsolationConfig {
     /// Name of pinner's housekeeping cgroup.
     pub group: String,
     /// Tests only, from [`TEST_PROCESS_GROUP_ENV`] (never the file): move
-    /// nothing outside this process group.
-    pub test_only_process_group: Option<u32>,
+    /// nothing outside these process groups.
+    pub test_only_process_group: Option<Vec<u32>>,
 }
 
 impl Default for IsolationConfig {
@@ -110,22 +110,24 @@ impl Default for IsolationConfig {
 pub const CONFIG_SIZE_CAP: u64 = 1024 * 1024;
 
 /// Set by the test suite so that isolation only ever moves its own dummy
-/// processes: the process group to restrict it to. Not a configuration key,
-/// so no operator sets it by accident.
+/// processes: the process groups to restrict it to (comma-separated; the
+/// effect bench's burners are daemons of their own sessions, as real ones
+/// are). Not a configuration key, so no operator sets it by accident.
 pub const TEST_PROCESS_GROUP_ENV: &str = "PINNER_TEST_ONLY_PROCESS_GROUP";
 
-/// The process group of [`TEST_PROCESS_GROUP_ENV`], when set.
-fn test_process_group() -> Result<Option<u32>, ConfigError> {
+/// The process groups of [`TEST_PROCESS_GROUP_ENV`], when set.
+fn test_process_group() -> Result<Option<Vec<u32>>, ConfigError> {
     let Some(value) = std::env::var_os(TEST_PROCESS_GROUP_ENV) else {
         return Ok(None);
     };
     let text = value.to_string_lossy();
-    text.trim().parse().map(Some).map_err(|_| ConfigError {
+    let groups: Result<Vec<u32>, _> = text.split(',').map(|g| g.trim().parse()).collect();
+    groups.map(Some).map_err(|_| ConfigError {
         file: format!("${TEST_PROCESS_GROUP_ENV}"),
         line: None,
         column: None,
         message: format!(
-            "{:?} is not a process group id",
+            "{:?} is not a list of process group ids",
             text.chars().take(32).collect::<String>()
         ),
     })

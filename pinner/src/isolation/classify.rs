@@ -56,7 +56,8 @@ pub fn classify(p: &Process, config: &IsolationConfig, group: &Group) -> Verdict
     }
     if config
         .test_only_process_group
-        .is_some_and(|pgrp| p.pgrp != pgrp)
+        .as_ref()
+        .is_some_and(|groups| !groups.contains(&p.pgrp))
     {
         return Verdict::OutOfScope;
     }

@@ -603,7 +603,7 @@ mod tests {
         );
         // The test-only scope leaves everything outside its process group.
         let scoped = IsolationConfig {
-            test_only_process_group: Some(4242),
+            test_only_process_group: Some(vec![4242]),
             ..config()
         };
         assert_eq!(

@@ -1,15 +1,19 @@
 //! The quick-start demo: a sandboxed libvirtd with a few TCG guests, the real
 //! hook and daemon, showing one-to-one placement, range binding once the
-//! guests outgrow the pool, and the return to one-to-one.
+//! guests outgrow the pool, and the return to one-to-one, each as the
+//! status and as a map of the host.
 
 use pinner_e2e::{missing_requirement, online_cpus, wait_for, Sandbox};
 use std::time::Duration;
 
 fn show(sb: &Sandbox, title: &str) {
-    println!("\n==== {title}\n$ pinner status");
-    let out = sb.pinner(&["status"]);
-    print!("{}", String::from_utf8_lossy(&out.stdout));
-    eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    println!("\n==== {title}");
+    for args in [&["status"][..], &["status", "--map"]] {
+        println!("$ pinner {}", args.join(" "));
+        let out = sb.pinner(args);
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+        eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    }
 }
 
 fn settle(sb: &Sandbox) {
