@@ -179,9 +179,15 @@ impl Sandbox {
             "user = \"root\"\ngroup = \"root\"\nsecurity_driver = \"none\"\nstdio_handler = \"file\"\n",
         )
         .unwrap();
+        // A host of its own to libvirt: its own UUID and (below, in its own
+        // UTS namespace) hostname, so a migration between two sandboxes is
+        // not taken for one to the same host.
         fs::write(
             dir.join("etc/libvirtd.conf"),
-            "unix_sock_group = \"root\"\n",
+            format!(
+                "unix_sock_group = \"root\"\nhost_uuid = \"{}\"\n",
+                host_uuid(&tag)
+            ),
         )
         .unwrap();
         let hook = dir.join("etc/hooks/qemu.d/50-pinner");
@@ -197,10 +203,14 @@ impl Sandbox {
                 dir.join(sub).display()
             );
         }
-        script += &format!("touch {}\nexec sleep 86400\n", dir.join("ready").display());
+        script += &format!(
+            "hostname pinner-sandbox-{tag}\ntouch {}\nexec sleep 86400\n",
+            dir.join("ready").display()
+        );
         let holder = Command::new("unshare")
             .args([
                 "--mount",
+                "--uts",
                 "--propagation",
                 "private",
                 "--",
@@ -287,7 +297,14 @@ impl Sandbox {
     pub fn start_libvirtd(&mut self) {
         assert!(self.libvirtd.is_none(), "libvirtd already running");
         let mut cmd = Command::new("nsenter");
-        cmd.args(["-t", &self.holder.id().to_string(), "-m", "--", "libvirtd"]);
+        cmd.args([
+            "-t",
+            &self.holder.id().to_string(),
+            "-m",
+            "-u",
+            "--",
+            "libvirtd",
+        ]);
         let child = self.spawn_logged(cmd, "libvirtd.log");
         self.libvirtd = Some(child);
         let sock = self.dir.join("run/libvirt/libvirt-sock");
@@ -681,11 +698,13 @@ impl Sandbox {
         }
     }
 
+    /// Every domain of this sandbox's libvirtd: all of them the tests', also
+    /// those migrated in from another sandbox (named by its prefix).
     fn guests(&self) -> Vec<String> {
         String::from_utf8_lossy(&self.virsh(&["list", "--all", "--name"]).stdout)
             .lines()
             .map(str::trim)
-            .filter(|n| n.starts_with(&self.prefix))
+            .filter(|n| !n.is_empty())
             .map(String::from)
             .collect()
     }
@@ -800,6 +819,15 @@ pub fn with_private_run(run_dir: &std::path::Path, program: &std::path::Path) ->
         .arg(run_dir)
         .arg(program);
     cmd
+}
+
+/// A UUID of the sandbox's own, from its tag.
+fn host_uuid(tag: &str) -> String {
+    let digits: String = tag.chars().filter(char::is_ascii_digit).collect();
+    format!(
+        "00000000-0000-4000-8000-{:0>12}",
+        &digits[digits.len().saturating_sub(12)..]
+    )
 }
 
 /// A directory under /tmp for one test's private `/run`, removed on drop.
