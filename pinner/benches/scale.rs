@@ -86,15 +86,15 @@ struct Shared {
 }
 
 impl Connector for Shared {
-    fn connect(&mut self, _: &str, cpumap_width: u32) -> Result<Box<dyn Connection>, HvError> {
+    fn connect(&mut self, uri: &str, cpumap_width: u32) -> Result<Box<dyn Connection>, HvError> {
         Ok(Box::new(Counted {
-            libvirt: Libvirt::wrap(self.conn.clone(), cpumap_width),
+            libvirt: Libvirt::wrap(self.conn.clone(), uri, cpumap_width),
             calls: self.calls.clone(),
         }))
     }
 }
 
-/// The test driver's host: 2 sockets × 8 nodes' worth of CPUs (256).
+/// The test driver's host: 256 CPUs.
 fn host_file(dir: &std::path::Path) -> std::path::PathBuf {
     let path = dir.join("host.xml");
     let xml = "<node><cpu><mhz>2000</mhz><model>x86_64</model><active>256</active>\

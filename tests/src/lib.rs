@@ -646,14 +646,7 @@ impl Sandbox {
         let threads = self
             .cgroup_file(short, &format!("vcpu{vcpu}/tasks"))
             .lines()
-            .map(|tid| {
-                let status = fs::read_to_string(format!("/proc/{tid}/status")).unwrap_or_default();
-                let list = status
-                    .lines()
-                    .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-                    .unwrap_or("");
-                cpu_list(list)
-            })
+            .map(|tid| allowed_cpus(format!("/proc/{tid}/status")).unwrap_or_default())
             .collect();
         (cpu_list(&cpus), threads)
     }
@@ -819,6 +812,16 @@ pub fn with_private_run(run_dir: &std::path::Path, program: &std::path::Path) ->
         .arg(run_dir)
         .arg(program);
     cmd
+}
+
+/// Where a process or thread may run: `Cpus_allowed_list` of its status
+/// file (`/proc/PID/status`, `/proc/PID/task/TID/status`); None when gone.
+pub fn allowed_cpus(status_file: impl AsRef<std::path::Path>) -> Option<Vec<u32>> {
+    let status = fs::read_to_string(status_file).ok()?;
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))?;
+    Some(cpu_list(list))
 }
 
 /// A UUID of the sandbox's own, from its tag.

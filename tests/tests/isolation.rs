@@ -98,13 +98,7 @@ fn thread_cpus(pid: u32) -> Vec<Vec<u32>> {
     let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("process alive");
     tasks
         .flatten()
-        .filter_map(|t| {
-            let status = std::fs::read_to_string(t.path().join("status")).ok()?;
-            let list = status
-                .lines()
-                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))?;
-            Some(pinner_e2e::cpu_list(list))
-        })
+        .filter_map(|t| pinner_e2e::allowed_cpus(t.path().join("status")))
         .collect()
 }
 

@@ -38,15 +38,14 @@ impl Libvirt {
         virt::error::clear_error_callback();
         let conn =
             Connect::open(Some(uri)).map_err(|e| HvError::Disconnected(e.message().to_string()))?;
-        Ok(Libvirt::wrap(conn, cpumap_width))
+        Ok(Libvirt::wrap(conn, uri, cpumap_width))
     }
 
-    /// An open connection (the scale bench shares one with libvirt's test
-    /// driver, whose state is per connection).
-    pub fn wrap(conn: Connect, cpumap_width: u32) -> Libvirt {
-        let test_driver = conn
-            .driver_type()
-            .is_ok_and(|t| t.eq_ignore_ascii_case("test"));
+    /// An open connection to `uri` (the scale bench shares one with
+    /// libvirt's test driver, whose state is per connection). The driver is
+    /// told by the URI's scheme, not asked: no call at connect.
+    pub fn wrap(conn: Connect, uri: &str, cpumap_width: u32) -> Libvirt {
+        let test_driver = uri.starts_with("test:") || uri.starts_with("test+");
         Libvirt {
             conn,
             cpumap_width,
@@ -74,7 +73,7 @@ impl Libvirt {
         virt::error::clear_error_callback();
         let conn = Connect::open_read_only(Some(uri))
             .map_err(|e| HvError::Disconnected(e.message().to_string()))?;
-        Ok(Libvirt::wrap(conn, 0))
+        Ok(Libvirt::wrap(conn, uri, 0))
     }
 
     /// The live XML of every running domain; those that cannot be read

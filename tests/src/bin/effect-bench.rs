@@ -17,7 +17,9 @@
 //! (what the guest sees as steal); with pinner, cross-checked against
 //! `pinner status`'s steal for A.
 
-use pinner_e2e::{cpu_list, online_cpus, reserve_all_but, sandbox_or_skip, wait_for, Sandbox};
+use pinner_e2e::{
+    allowed_cpus, cpu_list, online_cpus, reserve_all_but, sandbox_or_skip, wait_for, Sandbox,
+};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -145,7 +147,9 @@ impl Burners {
     }
 
     fn confined_to(&self, cpus: &[u32]) -> bool {
-        self.children.iter().all(|c| allowed_cpus(c.id()) == cpus)
+        self.children
+            .iter()
+            .all(|c| allowed_cpus(format!("/proc/{}/status", c.id())).as_deref() == Some(cpus))
     }
 }
 
@@ -156,16 +160,6 @@ impl Drop for Burners {
             let _ = child.wait();
         }
     }
-}
-
-fn allowed_cpus(pid: u32) -> Vec<u32> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    cpu_list(
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-            .unwrap_or(""),
-    )
 }
 
 fn define_guests(sb: &Sandbox) {

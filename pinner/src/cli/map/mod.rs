@@ -113,21 +113,53 @@ impl Mark {
     }
 }
 
+/// Cores per row before wrapping: keeps 256 CPUs readable.
+const CORES_PER_ROW: usize = 8;
+
+/// What the legend says of the marks that are not guests.
+const LEGEND: &str = "# reserved  ~ isolcpus  . free  x offline  * shared by several guests";
+
+/// One line of a map, text or SVG: a package (depth 0) or node (depth 1)
+/// heading, or a row of cores with its L3's label (empty on a wrapped row).
+enum Line {
+    Heading(u32, String),
+    Cores(String, Vec<Vec<u32>>),
+}
+
+/// The tree flattened into lines, long L3 rows wrapped.
+fn lines(topology: &Topology) -> Vec<Line> {
+    let mut lines = Vec::new();
+    for (package, nodes) in tree(topology) {
+        lines.push(Line::Heading(0, format!("package {}", label(package))));
+        for (node, l3s) in nodes {
+            lines.push(Line::Heading(1, node_heading(topology, node)));
+            for (l3, cores) in l3s {
+                for (i, row) in cores.chunks(CORES_PER_ROW).enumerate() {
+                    let name = if i == 0 {
+                        format!("L3 {}", label(l3))
+                    } else {
+                        String::new()
+                    };
+                    lines.push(Line::Cores(name, row.to_vec()));
+                }
+            }
+        }
+    }
+    lines
+}
+
 /// Renders the map with its legend; `colour` adds ANSI colours.
 pub fn render(topology: &Topology, occupancy: &Occupancy, colour: bool) -> String {
     let marks = marks(topology, occupancy);
     let mut out = String::new();
-    for (package, nodes) in tree(topology) {
-        let _ = writeln!(out, "package {}", label(package));
-        for (node, l3s) in nodes {
-            let _ = writeln!(out, "  {}", node_heading(topology, node));
-            for (l3, cores) in l3s {
-                let _ = write!(out, "    L3 {:<4}", label(l3));
-                for (i, core) in cores.iter().enumerate() {
-                    // A new line every 8 cores keeps 256 CPUs readable.
-                    if i > 0 && i % 8 == 0 {
-                        out.push_str("\n           ");
-                    }
+    for line in lines(topology) {
+        match line {
+            Line::Heading(depth, text) => {
+                let _ = writeln!(out, "{:indent$}{text}", "", indent = 2 * depth as usize);
+            }
+            Line::Cores(l3, cores) => {
+                let _ = write!(out, "    {l3:<7}");
+                for core in &cores {
                     out.push(' ');
                     out.push_str(&core_cell(core, &marks, colour));
                 }
@@ -225,9 +257,7 @@ fn marks(topology: &Topology, occupancy: &Occupancy) -> BTreeMap<u32, Mark> {
 }
 
 fn legend(occupancy: &Occupancy) -> String {
-    let mut out = String::from(
-        "legend: # reserved  ~ isolcpus  . free  x offline  * shared by several guests\n",
-    );
+    let mut out = format!("legend: {LEGEND}\n");
     for (index, (name, cpus)) in occupancy.guests.iter().enumerate() {
         let _ = writeln!(
             out,

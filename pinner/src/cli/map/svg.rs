@@ -1,7 +1,7 @@
 //! The host map as SVG (`--map=svg`), for reports and the README: the same
 //! tree and marks as the text map, one box per CPU, cores side by side.
 
-use super::{label, marks, node_heading, tree, Mark, Occupancy};
+use super::{lines, marks, Line, Mark, Occupancy, LEGEND};
 use crate::engine::topology::Topology;
 use std::fmt::Write;
 
@@ -9,8 +9,6 @@ const CELL_W: u32 = 44;
 const CELL_H: u32 = 24;
 const ROW_H: u32 = 30;
 const INDENT: u32 = 16;
-/// Cores per row before wrapping.
-const CORES_PER_ROW: usize = 8;
 /// Fill colours the guests cycle through.
 const PALETTE: [&str; 8] = [
     "#4e9a06", "#3465a4", "#75507b", "#06989a", "#c4a000", "#ce5c00", "#8f5902", "#204a87",
@@ -28,13 +26,6 @@ impl Mark {
             Mark::Offline => ("#ffffff", "#babdb6"),
         }
     }
-}
-
-/// What one line of the drawing holds: a heading, or a row of cores with
-/// its L3's label (empty on a wrapped row).
-enum Line {
-    Heading(u32, String),
-    Cores(String, Vec<Vec<u32>>),
 }
 
 /// Where a row of cores starts: after its L3 label.
@@ -71,28 +62,6 @@ pub fn render_svg(topology: &Topology, occupancy: &Occupancy) -> String {
     draw_legend(&mut out, y, occupancy);
     out.push_str("</svg>\n");
     out
-}
-
-/// The tree flattened into lines, wrapping long L3 rows.
-fn lines(topology: &Topology) -> Vec<Line> {
-    let mut lines = Vec::new();
-    for (package, nodes) in tree(topology) {
-        lines.push(Line::Heading(0, format!("package {}", label(package))));
-        for (node, l3s) in nodes {
-            lines.push(Line::Heading(1, node_heading(topology, node)));
-            for (l3, cores) in l3s {
-                for (i, row) in cores.chunks(CORES_PER_ROW).enumerate() {
-                    let name = if i == 0 {
-                        format!("L3 {}", label(l3))
-                    } else {
-                        String::new()
-                    };
-                    lines.push(Line::Cores(name, row.to_vec()));
-                }
-            }
-        }
-    }
-    lines
 }
 
 fn row_width(cores: &[Vec<u32>]) -> u32 {
@@ -137,8 +106,7 @@ fn draw_cores(
 }
 
 fn draw_legend(out: &mut String, y: u32, occupancy: &Occupancy) {
-    let fixed = "# reserved  ~ isolcpus  . free  x offline  * shared by several guests";
-    text_at(out, 4, y, fixed);
+    text_at(out, 4, y, LEGEND);
     for (index, (name, cpus)) in occupancy.guests.iter().enumerate() {
         let mark = Mark::Guest(index);
         let top = y + (index as u32 + 1) * ROW_H;
