@@ -63,9 +63,14 @@ impl Hypervisor for Counted {
         self.count("pin", 1);
         self.libvirt.pin_iothread(uuid, iothread, cpus)
     }
-    fn set_memory_nodes(&mut self, uuid: &str, nodes: &CpuSet) -> Result<(), HvError> {
+    fn set_memory_nodes(
+        &mut self,
+        uuid: &str,
+        nodes: &CpuSet,
+        restrictive: bool,
+    ) -> Result<(), HvError> {
         self.count("memory", 1);
-        self.libvirt.set_memory_nodes(uuid, nodes)
+        self.libvirt.set_memory_nodes(uuid, nodes, restrictive)
     }
     fn job_active(&mut self, uuid: &str) -> Result<bool, HvError> {
         self.count("job", 1);

@@ -384,8 +384,13 @@ mod tests {
         fn pin_iothread(&mut self, uuid: &str, id: u32, cpus: &CpuSet) -> Result<(), HvError> {
             self.call(|hv| hv.pin_iothread(uuid, id, cpus))
         }
-        fn set_memory_nodes(&mut self, uuid: &str, nodes: &CpuSet) -> Result<(), HvError> {
-            self.call(|hv| hv.set_memory_nodes(uuid, nodes))
+        fn set_memory_nodes(
+            &mut self,
+            uuid: &str,
+            nodes: &CpuSet,
+            restrictive: bool,
+        ) -> Result<(), HvError> {
+            self.call(|hv| hv.set_memory_nodes(uuid, nodes, restrictive))
         }
         fn job_active(&mut self, uuid: &str) -> Result<bool, HvError> {
             self.call(|hv| hv.job_active(uuid))

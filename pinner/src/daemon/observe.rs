@@ -161,12 +161,14 @@ impl Daemon {
         domain.qemu_pid = Some(sample.pid);
         domain.steal_pct = steal;
         domain.steal_seconds = Some(sample.run_delay_ns as f64 / 1e9);
-        // Its own nodes: where its memory is bound, else where its vCPUs run.
-        let own = if domain.memory_nodes.is_empty() {
-            let cpus: CpuSet = domain.vcpus.iter().flat_map(|v| v.cpus.clone()).collect();
-            self.topology.nodes_of(&cpus)
-        } else {
+        // Local means on the nodes its vCPUs run on, whatever the binding
+        // says (a binding left behind by a move is exactly what to show);
+        // the bound nodes only for a guest whose vCPUs float.
+        let cpus: CpuSet = domain.vcpus.iter().flat_map(|v| v.cpus.clone()).collect();
+        let own = if cpus.is_empty() {
             domain.memory_nodes.clone()
+        } else {
+            self.topology.nodes_of(&cpus)
         };
         let (local, remote) = guest_stats::memory_split(&sample.pages, &own);
         domain.memory_pages_local = Some(local);

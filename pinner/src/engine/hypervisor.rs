@@ -43,8 +43,15 @@ pub trait Hypervisor {
     fn pin_vcpu(&mut self, uuid: &str, vcpu: u32, cpus: &CpuSet) -> Result<(), HvError>;
     fn pin_emulator(&mut self, uuid: &str, cpus: &CpuSet) -> Result<(), HvError>;
     fn pin_iothread(&mut self, uuid: &str, iothread: u32, cpus: &CpuSet) -> Result<(), HvError>;
-    /// Binds memory to NUMA `nodes` (the numatune nodeset; mode unchanged).
-    fn set_memory_nodes(&mut self, uuid: &str, nodes: &CpuSet) -> Result<(), HvError>;
+    /// Binds memory to NUMA `nodes` (the numatune nodeset), in mode
+    /// `restrictive` when asked (a guest without a binding), else in the
+    /// mode it has.
+    fn set_memory_nodes(
+        &mut self,
+        uuid: &str,
+        nodes: &CpuSet,
+        restrictive: bool,
+    ) -> Result<(), HvError>;
     /// Whether libvirt is in the middle of a job on the domain (starting it,
     /// say). A change then waits for the job, so it is tried later instead
     /// of stalling changes to every other guest.
@@ -114,12 +121,21 @@ pub mod fake {
         fn job_active(&mut self, uuid: &str) -> Result<bool, HvError> {
             Ok(self.in_job.iter().any(|u| u == uuid))
         }
-        fn set_memory_nodes(&mut self, uuid: &str, nodes: &CpuSet) -> Result<(), HvError> {
+        fn set_memory_nodes(
+            &mut self,
+            uuid: &str,
+            nodes: &CpuSet,
+            restrictive: bool,
+        ) -> Result<(), HvError> {
             if let Some(reason) = &self.refuse_memory {
                 return Err(HvError::Other(reason.clone()));
             }
             self.call()?;
-            self.domains.get_mut(uuid).unwrap().memory_nodes = Some(nodes.clone());
+            let domain = self.domains.get_mut(uuid).unwrap();
+            domain.memory_nodes = Some(nodes.clone());
+            if restrictive {
+                domain.memory_mode = Some("restrictive".into());
+            }
             Ok(())
         }
     }

@@ -30,9 +30,13 @@ pub enum Action {
         iothread: u32,
         cpus: CpuSet,
     },
-    /// numatune nodeset (the mode stays: libvirt cannot change it live).
+    /// numatune nodeset. `restrictive`: the guest has no binding yet, so
+    /// it gets mode `restrictive` with it, the one mode whose nodeset
+    /// libvirt changes live; a `strict` binding could never follow its
+    /// vCPUs to another node.
     SetMemoryNodes {
         nodes: CpuSet,
+        restrictive: bool,
     },
 }
 
@@ -79,8 +83,15 @@ impl Action {
                 format!("pinned IOThread {iothread} to CPUs {set}"),
                 vec![("OP", "pin_iothread".into()), cpus(set)],
             ),
-            Action::SetMemoryNodes { nodes } => (
-                format!("bound memory to NUMA nodes {nodes}"),
+            Action::SetMemoryNodes { nodes, restrictive } => (
+                format!(
+                    "bound memory to NUMA nodes {nodes}{}",
+                    if *restrictive {
+                        " (mode restrictive)"
+                    } else {
+                        ""
+                    }
+                ),
                 vec![("OP", "memory".into()), ("NODES", nodes.to_string())],
             ),
         }
@@ -164,10 +175,19 @@ pub type MemoryRefusals = BTreeMap<String, String>;
 /// Why pinner will not touch a domain's memory binding, if it will not.
 fn memory_hold(spec: &DomainSpec, refused: &MemoryRefusals) -> Option<String> {
     if let Some(reason) = refused.get(&spec.uuid) {
-        return Some(format!("libvirt refused the memory binding: {reason}"));
+        let advice = if spec.memory_mode.as_deref() == Some("strict") {
+            "; libvirt moves a running guest's memory only in mode restrictive: \
+             start it with <memory mode='restrictive'/> (or without <numatune>) \
+             to let its memory follow its vCPUs"
+        } else {
+            ""
+        };
+        return Some(format!(
+            "libvirt refused the memory binding: {reason}{advice}"
+        ));
     }
     match spec.memory_mode.as_deref() {
-        None | Some("strict") => None,
+        None | Some("strict") | Some("restrictive") => None,
         Some(mode) => Some(format!(
             "memory mode {mode:?} cannot change while running; left as it is"
         )),
@@ -218,7 +238,10 @@ pub fn diff(specs: &[DomainSpec], plan: &Plan, refused: &MemoryRefusals) -> Vec<
                 if spec.memory_nodes.as_ref() != Some(&nodes)
                     && memory_hold(spec, refused).is_none()
                 {
-                    actions.push(Action::SetMemoryNodes { nodes });
+                    actions.push(Action::SetMemoryNodes {
+                        nodes,
+                        restrictive: spec.memory_mode.is_none(),
+                    });
                 }
             }
             (!actions.is_empty()).then(|| DomainActions {
@@ -283,7 +306,9 @@ pub fn apply(
                 Action::PinIothread { iothread, cpus } => {
                     hv.pin_iothread(&domain.uuid, *iothread, cpus)
                 }
-                Action::SetMemoryNodes { nodes } => hv.set_memory_nodes(&domain.uuid, nodes),
+                Action::SetMemoryNodes { nodes, restrictive } => {
+                    hv.set_memory_nodes(&domain.uuid, nodes, *restrictive)
+                }
             };
             match result {
                 Ok(()) => {
@@ -607,5 +632,69 @@ mod memory_tests {
             .any(|a| matches!(a, Action::SetMemoryNodes { .. })));
         let status = domain_status(&specs, &plan, &refused);
         assert!(status[0].memory_note.contains("refused"));
+    }
+
+    /// The memory action planned for a one-vCPU guest with `numatune` on
+    /// a two-node host whose node 0 is reserved (so it goes to node 1).
+    fn memory_action(numatune: &str) -> (Option<Action>, String) {
+        let xml =
+            format!("<domain><name>m</name><uuid>u-m</uuid><vcpu>1</vcpu>{numatune}</domain>");
+        let specs = vec![DomainSpec::parse(&xml).unwrap()];
+        let topo = Topology::uniform(&CpuSet::parse("0-3").unwrap(), 2);
+        let plan = plan_for(
+            &topo,
+            &HostPolicy::with_reserved(CpuSet::parse("0-1").unwrap()),
+            &specs,
+        );
+        let action = diff(&specs, &plan, &MemoryRefusals::new())[0]
+            .actions
+            .iter()
+            .find(|a| matches!(a, Action::SetMemoryNodes { .. }))
+            .cloned();
+        let mut refused = MemoryRefusals::new();
+        refused.insert("u-m".into(), "requires restrictive numa mode".into());
+        (
+            action,
+            domain_status(&specs, &plan, &refused)[0]
+                .memory_note
+                .clone(),
+        )
+    }
+
+    #[test]
+    fn memory_is_bound_so_that_it_can_follow_the_vcpus_later() {
+        let nodes = CpuSet::parse("1").unwrap();
+        let (unbound, _) = memory_action("");
+        assert_eq!(
+            unbound,
+            Some(Action::SetMemoryNodes {
+                nodes: nodes.clone(),
+                restrictive: true
+            }),
+            "a guest without a binding gets mode restrictive, whose nodeset libvirt changes live"
+        );
+        let (restrictive, _) =
+            memory_action("<numatune><memory mode='restrictive' nodeset='0'/></numatune>");
+        assert_eq!(
+            restrictive,
+            Some(Action::SetMemoryNodes {
+                nodes: nodes.clone(),
+                restrictive: false
+            }),
+            "a restrictive binding moves with its vCPUs, mode unchanged"
+        );
+        let (strict, note) =
+            memory_action("<numatune><memory mode='strict' nodeset='0'/></numatune>");
+        assert_eq!(
+            strict,
+            Some(Action::SetMemoryNodes {
+                nodes,
+                restrictive: false
+            })
+        );
+        assert!(
+            note.contains("mode='restrictive'"),
+            "a strict binding libvirt refuses to move says what to do: {note}"
+        );
     }
 }

@@ -186,7 +186,7 @@ pub fn isolate(sys: &mut System, settings: &Settings) -> Result<Sweep, Isolation
                 if let Err(e) = systemd.set_properties(unit, &properties) {
                     // Nothing half-applied: take back what was set.
                     for unit in done {
-                        let _ = systemd.set_properties(unit, &systemd::reset());
+                        let _ = systemd.reset(unit);
                     }
                     return Err(e.into());
                 }
@@ -327,7 +327,7 @@ pub fn undo(sys: &mut System, config: &IsolationConfig) -> Result<Undo, Isolatio
     if let Some(state) = state.as_ref().filter(|s| s.mechanism == "systemd") {
         let systemd = sys.systemd.as_mut().ok_or(IsolationError::SystemdGone)?;
         for unit in &state.units {
-            systemd.set_properties(unit, &systemd::reset())?;
+            systemd.reset(unit)?;
             result.reset_units.push(unit.clone());
         }
     } else if let Some(layout) = &sys.layout {

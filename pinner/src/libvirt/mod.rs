@@ -193,13 +193,26 @@ impl Hypervisor for Libvirt {
         Ok(info.state == sys::VIR_DOMAIN_CONTROL_JOB)
     }
 
-    fn set_memory_nodes(&mut self, uuid: &str, nodes: &CpuSet) -> Result<(), HvError> {
-        let params = virt::domain::NUMAParameters {
+    fn set_memory_nodes(
+        &mut self,
+        uuid: &str,
+        nodes: &CpuSet,
+        restrictive: bool,
+    ) -> Result<(), HvError> {
+        let domain = self.domain(uuid)?;
+        let params = |mode| virt::domain::NUMAParameters {
             node_set: Some(nodes.to_string()),
-            mode: None,
+            mode,
         };
-        self.domain(uuid)?
-            .set_numa_parameters(params, self.affect)
-            .map_err(|e| self.classify(e))
+        let restrictive_mode = sys::VIR_DOMAIN_NUMATUNE_MEM_RESTRICTIVE as i32;
+        match domain
+            .set_numa_parameters(params(restrictive.then_some(restrictive_mode)), self.affect)
+        {
+            // libvirt before 7.3 has no restrictive mode; its strict
+            // nodeset still changes live there.
+            Err(_) if restrictive => domain.set_numa_parameters(params(None), self.affect),
+            result => result,
+        }
+        .map_err(|e| self.classify(e))
     }
 }
