@@ -313,6 +313,16 @@ pub fn add_process(dir: &Path, pid: u32) -> Result<(), CgroupError> {
         })
 }
 
+/// Empties a unified group's `cpuset.cpus` and `cpuset.mems` where it has
+/// them: the group then has its parent's CPUs and nodes again.
+pub fn clear_cpuset(dir: &Path) -> Result<(), CgroupError> {
+    ["cpuset.cpus", "cpuset.mems"]
+        .iter()
+        .map(|name| dir.join(name))
+        .filter(|path| path.exists())
+        .try_for_each(|path| write_file(&path, "\n"))
+}
+
 fn read_pids(path: &Path) -> Vec<u32> {
     std::fs::read_to_string(path)
         .map(|text| text.lines().filter_map(|l| l.trim().parse().ok()).collect())

@@ -185,12 +185,10 @@ pub fn isolate(sys: &mut System, settings: &Settings) -> Result<Sweep, Isolation
             for unit in SYSTEMD_UNITS {
                 if let Err(e) = systemd.set_properties(unit, &properties) {
                     // Nothing half-applied: take back what was set.
-                    for unit in done {
-                        let _ = systemd.reset(unit);
-                    }
+                    let _ = reset_units(systemd.as_mut(), sys.layout.as_ref(), &done);
                     return Err(e.into());
                 }
-                done.push(unit);
+                done.push(unit.to_string());
             }
             state.mechanism = "systemd".into();
             state.units = SYSTEMD_UNITS.iter().map(|u| u.to_string()).collect();
@@ -326,10 +324,8 @@ pub fn undo(sys: &mut System, config: &IsolationConfig) -> Result<Undo, Isolatio
     let mut result = Undo::default();
     if let Some(state) = state.as_ref().filter(|s| s.mechanism == "systemd") {
         let systemd = sys.systemd.as_mut().ok_or(IsolationError::SystemdGone)?;
-        for unit in &state.units {
-            systemd.reset(unit)?;
-            result.reset_units.push(unit.clone());
-        }
+        reset_units(systemd.as_mut(), sys.layout.as_ref(), &state.units)?;
+        result.reset_units = state.units.clone();
     } else if let Some(layout) = &sys.layout {
         let (name, with_memory) = state.as_ref().map_or((config.group.as_str(), true), |s| {
             (s.group.as_str(), s.with_memory)
@@ -362,6 +358,23 @@ pub fn undo(sys: &mut System, config: &IsolationConfig) -> Result<Undo, Isolatio
     }
     sys.remove_state()?;
     Ok(result)
+}
+
+/// Takes pinner's properties off systemd `units`, then empties the cpusets
+/// systemd leaves at their last value once it no longer manages them (it
+/// does while libvirt keeps the controller on for machine.slice).
+fn reset_units(
+    systemd: &mut (dyn Systemd + Send),
+    layout: Option<&Layout>,
+    units: &[String],
+) -> Result<(), IsolationError> {
+    systemd.reset(units)?;
+    if let Some(Layout::V2 { root }) = layout {
+        for unit in units {
+            cgroupfs::clear_cpuset(&root.dir(unit))?;
+        }
+    }
+    Ok(())
 }
 
 /// Moves `pid` out of `group` in each hierarchy: back to its recorded group
@@ -771,7 +784,10 @@ mod tests {
         .unwrap();
         let sys = System {
             procs: ProcFs::new(procs_root),
-            layout: Layout::detect("cgroup2 /sys/fs/cgroup cgroup2 rw 0 0\n"),
+            layout: Layout::detect(&format!(
+                "cgroup2 {} cgroup2 rw 0 0\n",
+                root.join("cgroup").display()
+            )),
             systemd: Some(Box::new(FakeSystemd {
                 calls: calls.clone(),
                 fail_unit,

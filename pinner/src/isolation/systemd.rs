@@ -16,16 +16,21 @@ pub enum SystemdError {
         properties: String,
         stderr: String,
     },
+    #[error("systemctl daemon-reload: {0}")]
+    Reload(String),
 }
 
 /// Sets runtime properties of systemd units.
 pub trait Systemd {
     fn set_properties(&mut self, unit: &str, properties: &[String]) -> Result<(), SystemdError>;
 
-    /// Takes pinner's properties off `unit`: the limits lifted, and the
-    /// runtime drop-ins `set-property` wrote gone, so the unit is as it was.
-    fn reset(&mut self, unit: &str) -> Result<(), SystemdError> {
-        self.set_properties(unit, &reset())
+    /// Takes pinner's properties off `units`: the limits lifted, and the
+    /// runtime drop-ins `set-property` wrote gone, so the units are as they
+    /// were.
+    fn reset(&mut self, units: &[String]) -> Result<(), SystemdError> {
+        units
+            .iter()
+            .try_for_each(|unit| self.set_properties(unit, &reset()))
     }
 }
 
@@ -35,55 +40,46 @@ pub struct Systemctl;
 /// Where `systemctl set-property --runtime` writes its drop-ins.
 const RUNTIME_CONTROL_DIR: &str = "/run/systemd/system.control";
 
-/// Where systemd's units have their cgroups on unified hosts.
-const UNIFIED_ROOT: &str = "/sys/fs/cgroup";
-
 /// The properties pinner sets, as named in their drop-in files.
 const PROPERTY_NAMES: [&str; 3] = ["AllowedCPUs", "AllowedMemoryNodes", "MemoryMax"];
 
-fn systemctl(args: &[&str], unit: &str, properties: &[String]) -> Result<(), SystemdError> {
+/// Runs systemctl with `args`: its trimmed stderr if it fails.
+fn systemctl<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Result<Result<(), String>, SystemdError> {
     let output = std::process::Command::new("systemctl")
         .args(args)
-        .args(properties)
         .output()
         .map_err(|e| SystemdError::Spawn(e.to_string()))?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(SystemdError::Refused {
-            unit: unit.to_string(),
-            properties: format!("{} {}", args.join(" "), properties.join(" ")),
-            stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
-        })
-    }
+    Ok(match output.status.success() {
+        true => Ok(()),
+        false => Err(String::from_utf8_lossy(&output.stderr).trim().to_string()),
+    })
 }
 
 impl Systemd for Systemctl {
     fn set_properties(&mut self, unit: &str, properties: &[String]) -> Result<(), SystemdError> {
-        systemctl(&["set-property", "--runtime", unit], unit, properties)
+        let mut args = vec!["set-property".to_string(), "--runtime".into(), unit.into()];
+        args.extend_from_slice(properties);
+        systemctl(&args)?.map_err(|stderr| SystemdError::Refused {
+            unit: unit.to_string(),
+            properties: properties.join(" "),
+            stderr,
+        })
     }
 
-    fn reset(&mut self, unit: &str) -> Result<(), SystemdError> {
-        self.set_properties(unit, &reset())?;
-        // Resetting leaves drop-ins that set the properties to nothing;
-        // they go too, then systemd forgets them.
-        let dir = std::path::Path::new(RUNTIME_CONTROL_DIR).join(format!("{unit}.d"));
-        for name in PROPERTY_NAMES {
-            let _ = std::fs::remove_file(dir.join(format!("50-{name}.conf")));
-        }
-        let _ = std::fs::remove_dir(&dir);
-        let _ = std::fs::remove_dir(RUNTIME_CONTROL_DIR);
-        systemctl(&["daemon-reload"], unit, &[])?;
-        // systemd stops writing a cpuset it no longer manages but leaves
-        // the last value while the controller stays on for others
-        // (libvirt's machine.slice); empty means the parent's CPUs again.
-        let dir = std::path::Path::new(UNIFIED_ROOT).join(unit);
-        for file in ["cpuset.cpus", "cpuset.mems"] {
-            if let Ok(f) = std::fs::OpenOptions::new().write(true).open(dir.join(file)) {
-                let _ = std::io::Write::write_all(&mut &f, b"\n");
+    fn reset(&mut self, units: &[String]) -> Result<(), SystemdError> {
+        let control = std::path::Path::new(RUNTIME_CONTROL_DIR);
+        for unit in units {
+            self.set_properties(unit, &reset())?;
+            // Resetting leaves drop-ins that set the properties to nothing;
+            // they go too (one reload below makes systemd forget them).
+            let dir = control.join(format!("{unit}.d"));
+            for name in PROPERTY_NAMES {
+                let _ = std::fs::remove_file(dir.join(format!("50-{name}.conf")));
             }
+            let _ = std::fs::remove_dir(&dir);
         }
-        Ok(())
+        let _ = std::fs::remove_dir(control);
+        systemctl(&["daemon-reload"])?.map_err(SystemdError::Reload)
     }
 }
 
