@@ -16,7 +16,9 @@ pub enum CgroupError {
     Create { path: PathBuf, reason: String },
     #[error("cannot remove {}: {reason}", path.display())]
     Remove { path: PathBuf, reason: String },
-    #[error("cannot write \"{value}\" to {}: {reason}", path.display())]
+    #[error("cannot read {}: {reason}", path.display())]
+    Read { path: PathBuf, reason: String },
+    #[error("cannot write {value:?} to {}: {reason}", path.display())]
     Write {
         path: PathBuf,
         value: String,
@@ -314,13 +316,40 @@ pub fn add_process(dir: &Path, pid: u32) -> Result<(), CgroupError> {
 }
 
 /// Empties a unified group's `cpuset.cpus` and `cpuset.mems` where it has
-/// them: the group then has its parent's CPUs and nodes again.
+/// them: the group then has its parent's CPUs and nodes again. Kernels
+/// before 6.12 refuse an empty set on a populated group (ENOSPC, a rule
+/// kept from cgroup v1); there the group gets its parent's effective set,
+/// which restricts nothing, and loses it when the controller is next
+/// dropped from the tree.
 pub fn clear_cpuset(dir: &Path) -> Result<(), CgroupError> {
-    ["cpuset.cpus", "cpuset.mems"]
-        .iter()
-        .map(|name| dir.join(name))
-        .filter(|path| path.exists())
-        .try_for_each(|path| write_file(&path, "\n"))
+    for name in ["cpuset.cpus", "cpuset.mems"] {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        match std::fs::write(&path, "\n") {
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                let parent = dir.parent().unwrap_or(dir);
+                let effective = read_trimmed(&parent.join(format!("{name}.effective")))?;
+                write_file(&path, &effective)?;
+            }
+            result => result.map_err(|e| CgroupError::Write {
+                path: path.clone(),
+                value: String::new(),
+                reason: e.to_string(),
+            })?,
+        }
+    }
+    Ok(())
+}
+
+fn read_trimmed(path: &Path) -> Result<String, CgroupError> {
+    std::fs::read_to_string(path)
+        .map(|text| text.trim().to_string())
+        .map_err(|e| CgroupError::Read {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
 }
 
 fn read_pids(path: &Path) -> Vec<u32> {

@@ -51,20 +51,35 @@ pub fn vcpu_threads(procfs: &ProcFs, pid: u32) -> Vec<(u32, u32)> {
 }
 
 /// The process's resident pages per NUMA node, from numa_maps' `N<node>=`
-/// (by hand: the `procfs` crate does not read numa_maps).
+/// (by hand: the `procfs` crate does not read numa_maps). Only the guest's
+/// own memory counts: anonymous mappings, hugetlbfs and memfd backings. A
+/// mapped file (qemu's binary, its libraries) is page cache shared with
+/// every process that maps it; it stays where it was first read and says
+/// nothing of where the guest's memory is.
 pub fn numa_pages(procfs: &ProcFs, pid: u32) -> BTreeMap<u32, u64> {
     let mut pages = BTreeMap::new();
     let text =
         std::fs::read_to_string(procfs.path(&format!("{pid}/numa_maps"))).unwrap_or_default();
-    for word in text.split_whitespace() {
-        let Some((node, count)) = word.strip_prefix('N').and_then(|w| w.split_once('=')) else {
-            continue;
-        };
-        if let (Ok(node), Ok(count)) = (node.parse::<u32>(), count.parse::<u64>()) {
-            *pages.entry(node).or_insert(0) += count;
+    for line in text.lines().filter(|line| is_guest_memory(line)) {
+        for word in line.split_whitespace() {
+            let Some((node, count)) = word.strip_prefix('N').and_then(|w| w.split_once('=')) else {
+                continue;
+            };
+            if let (Ok(node), Ok(count)) = (node.parse::<u32>(), count.parse::<u64>()) {
+                *pages.entry(node).or_insert(0) += count;
+            }
         }
     }
     pages
+}
+
+/// A numa_maps line of memory the guest owns rather than a shared file.
+fn is_guest_memory(line: &str) -> bool {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    match words.iter().find_map(|w| w.strip_prefix("file=")) {
+        None => true,
+        Some(file) => file.starts_with("/memfd:") || words.contains(&"huge"),
+    }
 }
 
 /// `/sys/devices/system/node/node*/numastat` under `sysfs_root`.
@@ -215,7 +230,9 @@ mod tests {
             &root,
             "400/numa_maps",
             "7f00 default anon=100 dirty=100 N0=60 N1=40 kernelpagesize_kB=4\n\
-             7f10 bind:0 file=/x mapped=5 N0=5 kernelpagesize_kB=4\n",
+             7f10 bind:0 file=/x mapped=5 N0=5 kernelpagesize_kB=4\n\
+             7f20 default file=/memfd:pc.ram\\040(deleted) dirty=3 N1=3 kernelpagesize_kB=4\n\
+             7f30 bind:1 file=/dev/hugepages/libvirt/qemu/1-g/ram huge dirty=2 N1=2 kernelpagesize_kB=2048\n",
         );
         write(&root, "500/cmdline", "sshd\0-uuid-like\0u-1\0");
         let procfs = ProcFs::new(&root);
@@ -232,8 +249,9 @@ mod tests {
         assert_eq!(vcpu_threads(&procfs, 400), vec![(0, 401), (1, 402)]);
         let sample = sample(&procfs, "u-1", None).unwrap();
         assert_eq!(sample.run_delay_ns, 400_000_000);
-        assert_eq!(sample.pages, BTreeMap::from([(0, 65), (1, 40)]));
-        assert_eq!(memory_split(&sample.pages, &[0]), (65, 40));
+        // The mapped file (5 pages on node 0) is not the guest's memory.
+        assert_eq!(sample.pages, BTreeMap::from([(0, 60), (1, 45)]));
+        assert_eq!(memory_split(&sample.pages, &[0]), (60, 45));
     }
 
     #[test]

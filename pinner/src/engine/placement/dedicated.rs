@@ -99,7 +99,7 @@ pub(super) fn fill_slots(
     slots: &mut [Option<u32>],
     free: &mut CpuSet,
 ) -> Option<(CpuSet, Option<String>)> {
-    let mine: CpuSet = slots.iter().flatten().copied().collect();
+    let mut mine: CpuSet = slots.iter().flatten().copied().collect();
     let missing = slots.iter().filter(|s| s.is_none()).count();
     if missing == 0 {
         return Some((mine, None));
@@ -111,7 +111,15 @@ pub(super) fn fill_slots(
     let home = current.iter().flatten().fold(mine.clone(), |acc, pin| {
         acc.union(&pin.intersection(&usable))
     });
-    let Some((chosen, reason)) = pick_dedicated(layout, free, &mine, &home, missing) else {
+    let mut picked = pick_dedicated(layout, free, &mine, &home, missing);
+    if let Some(regrouped) = regroup(layout, &usable, &mine, &home, slots.len(), &picked) {
+        // The whole guest moves: its memory follows it to one node.
+        slots.fill(None);
+        *free = usable;
+        mine = CpuSet::new();
+        picked = Some(regrouped);
+    }
+    let Some((chosen, reason)) = picked else {
         for cpu in mine.iter() {
             free.insert(cpu);
         }
@@ -125,6 +133,37 @@ pub(super) fn fill_slots(
         free.remove(cpu);
     }
     Some((mine.union(&chosen), Some(reason)))
+}
+
+/// A fresh pick of all `vcpus` from `usable` when it spans fewer nodes than
+/// keeping the pins `mine` and adding `picked` would (when reserved CPUs
+/// take half of a guest's node, its kept half must not pin it across two).
+fn regroup(
+    layout: &Layout,
+    usable: &CpuSet,
+    mine: &CpuSet,
+    home: &CpuSet,
+    vcpus: usize,
+    picked: &Option<(CpuSet, String)>,
+) -> Option<(CpuSet, String)> {
+    if mine.is_empty() {
+        return None;
+    }
+    let kept_nodes = picked
+        .as_ref()
+        .map(|(chosen, _)| layout.nodes_opt(&chosen.union(mine)));
+    let (cpus, reason) = pick_dedicated(layout, usable, &CpuSet::new(), home, vcpus)?;
+    match kept_nodes {
+        Some(nodes) if layout.nodes_opt(&cpus).len() >= nodes.len() => None,
+        Some(nodes) => Some((
+            cpus,
+            format!(
+                "{reason}; moved whole (its kept pins would span nodes {})",
+                join_nodes(&nodes)
+            ),
+        )),
+        None => Some((cpus, reason)),
+    }
 }
 
 /// `need` free CPUs for a guest that already holds `mine`: one core kind,

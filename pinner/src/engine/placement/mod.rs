@@ -687,6 +687,28 @@ mod tests {
     }
 
     #[test]
+    fn a_guest_whose_kept_pins_would_span_nodes_moves_whole_to_one() {
+        // 2 nodes x 2 cores x 2 threads; node 0 is CPUs 0,1,4,5 (cores 0-4, 1-5).
+        let topo = Topology::synthetic(2, 1, 2, 2);
+        let first = plan(
+            &topo,
+            &HostPolicy::with_reserved(CpuSet::new()),
+            &[guest("g", 4)],
+        );
+        assert_eq!(all_cpus(by_name(&first, "g")), set("0-1,4-5"));
+        // Reserving core 0 leaves the guest half a node where it is.
+        let second = plan(
+            &topo,
+            &HostPolicy::with_reserved(set("0,4")),
+            &settled(&first),
+        );
+        let g = by_name(&second, "g");
+        assert_eq!(all_cpus(g), set("2-3,6-7"), "{}", g.reason);
+        assert!(g.reason.contains("moved whole"), "{}", g.reason);
+        assert_eq!(second.pins_moved, 4);
+    }
+
+    #[test]
     fn shared_guests_stay_on_their_range_when_balanced() {
         let guests: Vec<Guest> = (0..6).map(|i| guest(&format!("g{i}"), 2)).collect();
         let first = host_plan(&guests);
