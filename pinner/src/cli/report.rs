@@ -313,6 +313,7 @@ pub fn sweep_text(
     for f in &sweep.failed {
         let _ = writeln!(out, "could not move {}[{}]: {}", f.name, f.pid, f.error);
     }
+    out.push_str(&steered_text(&sweep.irqs, &settings.reserved));
     if !kept_by_daemon {
         out.push_str(
             "note: processes started from now on are confined only by the daemon with [isolation] enabled = true\n",
@@ -321,19 +322,40 @@ pub fn sweep_text(
     out
 }
 
-pub fn undo_text(undo: &crate::isolation::Undo) -> String {
-    let mut out = format!("put {} processes back", undo.restored);
-    if !undo.removed_groups.is_empty() {
-        let _ = write!(out, "; removed {}", undo.removed_groups.join(", "));
+/// The IRQ lines of a sweep: what moved, what the kernel keeps, what failed.
+fn steered_text(irqs: &crate::isolation::irqs::Steered, reserved: &CpuSet) -> String {
+    let mut out = String::new();
+    let mut moved = [&irqs.moved[..], &irqs.again[..]].concat();
+    moved.sort_unstable();
+    if !moved.is_empty() {
+        let _ = writeln!(out, "steered IRQs {} to CPUs {reserved}", irq_list(&moved));
     }
-    if !undo.reset_units.is_empty() {
-        let _ = write!(
+    if !irqs.managed.is_empty() {
+        let _ = writeln!(
             out,
-            "; reset AllowedCPUs of {}",
-            undo.reset_units.join(", ")
+            "IRQs {} keep their CPUs: managed by the kernel",
+            irq_list(&irqs.managed)
         );
     }
-    out.push('\n');
+    for e in &irqs.failed {
+        let _ = writeln!(out, "could not steer: {e}");
+    }
+    out
+}
+
+/// "9, 24, 25".
+fn irq_list(irqs: &[u32]) -> String {
+    irqs.iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+pub fn undo_text(undo: &crate::isolation::Undo) -> String {
+    let mut out = format!("{}\n", undo.summary());
+    for e in &undo.irqs.failed {
+        let _ = writeln!(out, "could not restore: {e}");
+    }
     out
 }
 
@@ -378,6 +400,37 @@ pub fn isolation_status_text(status: &crate::isolation::Status) -> String {
     }
     for f in &status.failed {
         let _ = writeln!(out, "could not move: {}[{}]: {}", f.name, f.pid, f.error);
+    }
+    out.push_str(&irq_status_text(&status.irqs));
+    out
+}
+
+fn irq_status_text(irqs: &crate::isolation::irqs::IrqStatus) -> String {
+    let mut out = String::new();
+    if !irqs.steered.is_empty() {
+        let moved: Vec<String> = irqs
+            .steered
+            .iter()
+            .map(|(irq, from, now)| format!("{irq} ({from} → {now})"))
+            .collect();
+        let _ = writeln!(out, "IRQs steered: {}", moved.join(", "));
+    }
+    if !irqs.managed.is_empty() {
+        let _ = writeln!(
+            out,
+            "IRQs kept by the kernel (managed): {}",
+            irq_list(&irqs.managed)
+        );
+    }
+    if !irqs.on_guest_cpus.is_empty() {
+        let _ = writeln!(
+            out,
+            "IRQs that can reach guest CPUs now: {}",
+            irq_list(&irqs.on_guest_cpus)
+        );
+    }
+    if let Some(advice) = &irqs.irqbalance {
+        let _ = writeln!(out, "warning: {advice}");
     }
     out
 }

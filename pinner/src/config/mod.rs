@@ -79,6 +79,8 @@ pub struct IsolationConfig {
     pub memory_limit: Option<u64>,
     /// Undo isolation when the daemon stops.
     pub restore_on_exit: bool,
+    /// Steer device interrupts to the reserved CPUs too.
+    pub steer_irqs: bool,
     /// The /proc sweep that catches processes no pid file announced.
     pub sweep_interval: Duration,
     /// Directories whose pid files are watched for (re)started daemons.
@@ -90,6 +92,14 @@ pub struct IsolationConfig {
     pub test_only_process_group: Option<Vec<u32>>,
 }
 
+impl IsolationConfig {
+    /// Steering writes the host's IRQs; a test run confined to its own
+    /// processes never does.
+    pub fn steers_irqs(&self) -> bool {
+        self.steer_irqs && self.test_only_process_group.is_none()
+    }
+}
+
 impl Default for IsolationConfig {
     fn default() -> Self {
         IsolationConfig {
@@ -97,6 +107,7 @@ impl Default for IsolationConfig {
             exclude: vec!["ovs-vswitchd".into(), "ovsdb-server".into()],
             memory_limit: None,
             restore_on_exit: false,
+            steer_irqs: true,
             sweep_interval: Duration::from_secs(2),
             pid_dirs: vec![PathBuf::from("/run"), PathBuf::from("/var/run")],
             group: "pinner-housekeeping".into(),
@@ -198,6 +209,7 @@ struct RawIsolation {
     exclude: Option<Vec<Spanned<String>>>,
     memory_limit: Option<Spanned<toml::Value>>,
     restore_on_exit: Option<bool>,
+    steer_irqs: Option<bool>,
     sweep_interval_secs: Option<Spanned<u64>>,
     pid_dirs: Option<Vec<Spanned<String>>>,
     group: Option<Spanned<String>>,
@@ -608,6 +620,7 @@ fn parse_isolation(
     let mut isolation = IsolationConfig {
         enabled: raw.enabled.unwrap_or(false),
         restore_on_exit: raw.restore_on_exit.unwrap_or(false),
+        steer_irqs: raw.steer_irqs.unwrap_or(true),
         ..IsolationConfig::default()
     };
     if let Some(list) = raw.exclude {
@@ -745,11 +758,11 @@ mod tests {
     fn reads_the_isolation_section() {
         let config = parse(
             "reserved_cpus = \"0\"\n[isolation]\nenabled = true\nexclude = [\"ovs-vswitchd\", \"/system.slice/x.service\"]\n\
-             memory_limit = \"2G\"\nrestore_on_exit = true\nsweep_interval_secs = 5\npid_dirs = [\"/run\"]\ngroup = \"hk\"\n",
+             memory_limit = \"2G\"\nrestore_on_exit = true\nsteer_irqs = false\nsweep_interval_secs = 5\npid_dirs = [\"/run\"]\ngroup = \"hk\"\n",
         )
         .unwrap();
         let isolation = &config.isolation;
-        assert!(isolation.enabled && isolation.restore_on_exit);
+        assert!(isolation.enabled && isolation.restore_on_exit && !isolation.steer_irqs);
         assert_eq!(
             isolation.exclude,
             ["ovs-vswitchd", "/system.slice/x.service"]

@@ -7,6 +7,7 @@ use crate::engine::cpuset::CpuSet;
 use crate::engine::domain::DomainSpec;
 use crate::engine::topology::Topology;
 use crate::host::procs::ProcFs;
+use crate::isolation::irqs::irqbalance_banned;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -366,30 +367,4 @@ impl Host {
             nic_irqs,
         }
     }
-}
-
-/// IRQBALANCE_BANNED_CPULIST (a list) or IRQBALANCE_BANNED_CPUS (hex mask,
-/// 32-bit words separated by commas) from an irqbalance environment file.
-pub fn irqbalance_banned(text: &str) -> Option<CpuSet> {
-    let value = |key: &str| {
-        text.lines().find_map(|l| {
-            let l = l.trim();
-            let v = l.strip_prefix(key)?.strip_prefix('=')?;
-            Some(v.trim().trim_matches('"').to_string())
-        })
-    };
-    if let Some(list) = value("IRQBALANCE_BANNED_CPULIST") {
-        return CpuSet::parse(&list).ok();
-    }
-    let mask = value("IRQBALANCE_BANNED_CPUS")?;
-    let mut set = CpuSet::new();
-    for (word_index, word) in mask.rsplit(',').enumerate() {
-        let bits = u32::from_str_radix(word.trim(), 16).ok()?;
-        for bit in 0..32 {
-            if bits & (1 << bit) != 0 {
-                set.insert(word_index as u32 * 32 + bit);
-            }
-        }
-    }
-    Some(set)
 }

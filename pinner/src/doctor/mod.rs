@@ -169,10 +169,11 @@ pub fn findings_json(findings: &[Finding]) -> serde_json::Value {
 
 #[cfg(test)]
 mod tests {
-    use super::facts::{irqbalance_banned, is_nic_interrupt, read_counters};
+    use super::facts::{is_nic_interrupt, read_counters};
     use super::*;
     use crate::engine::cpuset::CpuSet;
     use crate::engine::topology::Topology;
+    use crate::isolation::irqs::irqbalance_banned;
     use std::collections::BTreeMap;
 
     /// A guest that does everything right on the host below: pinned one to

@@ -264,6 +264,38 @@ impl CpuSet {
         self.iter().collect()
     }
 
+    /// The kernel's hex CPU mask (`/proc/irq/default_smp_affinity`,
+    /// irqbalance's IRQBALANCE_BANNED_CPUS): 32-bit words, most significant
+    /// first, separated by commas. None when it is not one.
+    pub fn from_hex_mask(text: &str) -> Option<CpuSet> {
+        let mut set = CpuSet::new();
+        for (index, word) in text.trim().rsplit(',').enumerate() {
+            let word = word.trim();
+            if word.is_empty() || word.len() > 8 {
+                return None;
+            }
+            let bits = u32::from_str_radix(word, 16).ok()?;
+            for bit in (0..32).filter(|b| bits & (1 << b) != 0) {
+                set.insert(index as u32 * 32 + bit);
+            }
+        }
+        Some(set)
+    }
+
+    /// As the kernel prints a mask: every word 8 digits ("00000003").
+    pub fn to_hex_mask(&self) -> String {
+        let words = self.iter().max().map_or(1, |last| last as usize / 32 + 1);
+        let mut bits = vec![0u32; words];
+        for cpu in self.iter() {
+            bits[cpu as usize / 32] |= 1 << (cpu % 32);
+        }
+        bits.iter()
+            .rev()
+            .map(|w| format!("{w:08x}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
     /// libvirt's cpumap: one bit per CPU, CPU 0 in the lowest bit of byte 0.
     pub fn to_cpumap(&self, host_cpus: u32) -> Vec<u8> {
         let mut map = vec![0u8; (host_cpus as usize).div_ceil(8).max(1)];
@@ -358,6 +390,23 @@ impl fmt::Debug for CpuSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_and_writes_kernel_hex_masks() {
+        let set = |s: &str| CpuSet::parse(s).unwrap();
+        assert_eq!(set("0-1").to_hex_mask(), "00000003");
+        assert_eq!(set("4,7").to_hex_mask(), "00000090");
+        assert_eq!(set("0,32-33").to_hex_mask(), "00000003,00000001");
+        assert_eq!(CpuSet::new().to_hex_mask(), "00000000");
+        for text in ["ff", "00000003,00000001", "0"] {
+            let mask = CpuSet::from_hex_mask(text).unwrap();
+            assert_eq!(CpuSet::from_hex_mask(&mask.to_hex_mask()), Some(mask));
+        }
+        assert_eq!(CpuSet::from_hex_mask("f\n"), Some(set("0-3")));
+        for bad in ["", "xyz", "1,,2", "123456789"] {
+            assert_eq!(CpuSet::from_hex_mask(bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn parses_and_formats_kernel_lists() {

@@ -2,6 +2,7 @@
 //! daemon runs, confining daemons whose pid file appears at once and
 //! everything else the periodic /proc sweep finds.
 
+use super::irqs::Steered;
 use super::{PidFileWatch, Settings, Sweep, System};
 use crate::config::IsolationConfig;
 use crate::engine::cpuset::CpuSet;
@@ -66,14 +67,12 @@ impl Keeper {
     pub fn undo(config: &IsolationConfig, state_dir: &Path, logger: &Logger) {
         let mut system = System::host(state_dir);
         match super::undo(&mut system, config) {
-            Ok(undo) => logger.info(
-                &format!(
-                    "host isolation undone: {} processes put back, groups removed: {}",
-                    undo.restored,
-                    undo.removed_groups.join(", ")
-                ),
-                &[],
-            ),
+            Ok(undo) => {
+                logger.info(&format!("host isolation undone: {}", undo.summary()), &[]);
+                for e in &undo.irqs.failed {
+                    logger.warn(&format!("IRQ not restored: {e}"), &[]);
+                }
+            }
             Err(e) => logger.error(&format!("host isolation not undone: {e}"), &[]),
         }
     }
@@ -146,5 +145,43 @@ pub fn log_sweep(logger: &Logger, sweep: &Sweep, reserved: &CpuSet) {
             &format!("cannot confine {}[{pid}]: {}", f.name, f.error),
             &[("PID", &pid), ("COMM", &f.name)],
         );
+    }
+    log_irqs(logger, &sweep.irqs, &cpus);
+}
+
+/// One line per kind of IRQ outcome, not one per IRQ: a host has hundreds.
+fn log_irqs(logger: &Logger, irqs: &Steered, cpus: &str) {
+    let list = |irqs: &[u32]| {
+        irqs.iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    if !irqs.moved.is_empty() {
+        let moved = list(&irqs.moved);
+        logger.info(
+            &format!("steered IRQs {moved} to housekeeping CPUs {cpus}"),
+            &[("OP", "steer_irq"), ("IRQS", &moved), ("CPUS", cpus)],
+        );
+    }
+    // irqbalance moving them back would repeat this every sweep.
+    if !irqs.again.is_empty() {
+        logger.debug(
+            &format!(
+                "steered IRQs {} again (moved back onto guest CPUs)",
+                list(&irqs.again)
+            ),
+            &[("OP", "steer_irq")],
+        );
+    }
+    if !irqs.managed.is_empty() {
+        let managed = list(&irqs.managed);
+        logger.info(
+            &format!("IRQs {managed} keep their CPUs: managed by the kernel"),
+            &[("OP", "steer_irq"), ("IRQS", &managed)],
+        );
+    }
+    for e in &irqs.failed {
+        logger.warn(&format!("cannot steer: {e}"), &[("OP", "steer_irq")]);
     }
 }

@@ -9,12 +9,16 @@
 //! `user.slice` and `init.scope` as runtime properties, which services
 //! started later inherit.
 //!
+//! With `steer_irqs`, device interrupts go to the reserved CPUs as well
+//! (`irqs`), each IRQ's CPUs recorded so undo restores them exactly.
+//!
 //! Every operation takes a lock file, so the daemon's keeper and the CLI
 //! never interleave, and keeps its state (groups, origins, failures) in a
 //! JSON file beside the daemon's socket: its presence is what "isolation
 //! is active" means.
 
 pub mod classify;
+pub mod irqs;
 pub mod keeper;
 pub mod pidwatch;
 pub mod state;
@@ -29,6 +33,7 @@ use crate::engine::cpuset::CpuSet;
 use crate::engine::topology::Topology;
 use crate::host::cgroupfs::{self, CgroupError, Group, Layout, Limits};
 use crate::host::procs::{ProcFs, Process};
+use irqs::{IrqHost, IrqStatus, Restored, Steered};
 use serde::{Deserialize, Serialize};
 use state::{Origin, State, StateError};
 use std::path::{Path, PathBuf};
@@ -63,6 +68,8 @@ pub struct System {
     pub procs: ProcFs,
     pub layout: Option<Layout>,
     pub systemd: Option<Box<dyn Systemd + Send>>,
+    /// /proc/irq (None: IRQs are not this system's to steer).
+    pub irqs: Option<IrqHost>,
     pub state_dir: PathBuf,
 }
 
@@ -80,6 +87,7 @@ impl System {
             procs: ProcFs::new("/proc"),
             layout,
             systemd,
+            irqs: Some(IrqHost::host()),
             state_dir: state_dir.to_path_buf(),
         }
     }
@@ -105,6 +113,8 @@ pub struct Settings {
     pub reserved: CpuSet,
     /// Memory nodes of the reserved CPUs (empty when the host has none).
     pub mems: CpuSet,
+    /// The online CPUs outside the reserved ones: the guests'.
+    pub guest_cpus: CpuSet,
 }
 
 impl Settings {
@@ -115,10 +125,17 @@ impl Settings {
             .filter(|c| reserved.contains(c.id))
             .filter_map(|c| c.numa_node)
             .collect();
+        let online: CpuSet = topology
+            .cpus
+            .iter()
+            .filter(|c| c.online)
+            .map(|c| c.id)
+            .collect();
         Settings {
             config: config.clone(),
             reserved: reserved.clone(),
             mems,
+            guest_cpus: online.difference(reserved),
         }
     }
 
@@ -158,6 +175,7 @@ pub struct Failure {
 pub struct Sweep {
     pub moved: Vec<ProcessRef>,
     pub failed: Vec<Failure>,
+    pub irqs: Steered,
 }
 
 /// Starts (or updates) isolation and confines every host process now.
@@ -174,10 +192,11 @@ pub fn isolate(sys: &mut System, settings: &Settings) -> Result<Sweep, Isolation
         units: Vec::new(),
         origins: Vec::new(),
         failures: Vec::new(),
+        irqs: Default::default(),
     });
     state.reserved = settings.reserved.to_string();
     state.failures.clear();
-    match sys.mechanism()? {
+    let mut sweep = match sys.mechanism()? {
         Mechanism::Systemd => {
             let properties = systemd::properties(settings);
             let systemd = sys.systemd.as_mut().expect("systemd mechanism has systemd");
@@ -192,8 +211,7 @@ pub fn isolate(sys: &mut System, settings: &Settings) -> Result<Sweep, Isolation
             }
             state.mechanism = "systemd".into();
             state.units = SYSTEMD_UNITS.iter().map(|u| u.to_string()).collect();
-            sys.save_state(&state)?;
-            Ok(Sweep::default())
+            Sweep::default()
         }
         Mechanism::Group(layout) => {
             let group = Group::new(
@@ -205,15 +223,42 @@ pub fn isolate(sys: &mut System, settings: &Settings) -> Result<Sweep, Isolation
             state.mechanism = layout.name().into();
             state.group = group.name.clone();
             state.with_memory = settings.config.memory_limit.is_some();
-            let sweep = confine(sys, &settings.config, &group, &mut state, None);
-            sys.save_state(&state)?;
-            Ok(sweep)
+            confine(sys, &settings.config, &group, &mut state, None)
         }
+    };
+    sweep.irqs = steer_irqs(sys, &settings.config, &settings.reserved, &mut state);
+    sys.save_state(&state)?;
+    Ok(sweep)
+}
+
+/// Steers IRQs when the config says so; when it no longer does, puts back
+/// those an earlier run steered.
+fn steer_irqs(
+    sys: &System,
+    config: &IsolationConfig,
+    reserved: &CpuSet,
+    state: &mut State,
+) -> Steered {
+    let Some(host) = &sys.irqs else {
+        return Steered::default();
+    };
+    if config.steers_irqs() {
+        return irqs::steer(&host.table, reserved, &mut state.irqs);
     }
+    if state.irqs != Default::default() {
+        let restored = irqs::restore(&host.table, &state.irqs);
+        state.irqs = Default::default();
+        return Steered {
+            failed: restored.failed,
+            ..Steered::default()
+        };
+    }
+    Steered::default()
 }
 
 /// Confines processes that are not yet (all, or just `only`), when
-/// isolation is active; None when it is not.
+/// isolation is active; None when it is not. A full sweep (no `only`) also
+/// steers IRQs that appeared or were moved back since.
 pub fn keep(
     sys: &System,
     config: &IsolationConfig,
@@ -223,16 +268,24 @@ pub fn keep(
     let Some(mut state) = sys.load_state()? else {
         return Ok(None);
     };
-    let Some(layout) = sys.layout.as_ref().filter(|_| state.mechanism != "systemd") else {
-        // systemd's units are inherited by what starts later: nothing to keep.
-        return Ok(Some(Sweep::default()));
-    };
-    let group = Group::new(layout, &state.group, state.with_memory);
-    if !group.exists() {
+    let layout = sys.layout.as_ref().filter(|_| state.mechanism != "systemd");
+    let group = layout.map(|l| Group::new(l, &state.group, state.with_memory));
+    if group.as_ref().is_some_and(|g| !g.exists()) {
         return Ok(None);
     }
-    let sweep = confine(sys, config, &group, &mut state, only);
-    if only.is_none() || !sweep.moved.is_empty() || !sweep.failed.is_empty() {
+    let irqs_before = state.irqs.clone();
+    let steered = match (only, CpuSet::parse(&state.reserved)) {
+        (None, Ok(reserved)) => steer_irqs(sys, config, &reserved, &mut state),
+        _ => Steered::default(),
+    };
+    let mut sweep = match &group {
+        Some(group) => confine(sys, config, group, &mut state, only),
+        // systemd's units are inherited by what starts later: nothing to keep.
+        None => Sweep::default(),
+    };
+    sweep.irqs = steered;
+    let changed = !sweep.moved.is_empty() || !sweep.failed.is_empty();
+    if only.is_none() || changed || state.irqs != irqs_before {
         sys.save_state(&state)?;
     }
     Ok(Some(sweep))
@@ -313,6 +366,27 @@ pub struct Undo {
     pub restored: usize,
     pub removed_groups: Vec<String>,
     pub reset_units: Vec<String>,
+    pub irqs: Restored,
+}
+
+impl Undo {
+    /// "put 3 processes back; removed /pinner-housekeeping; restored 19 IRQs".
+    pub fn summary(&self) -> String {
+        let mut out = format!("put {} processes back", self.restored);
+        if !self.removed_groups.is_empty() {
+            out += &format!("; removed {}", self.removed_groups.join(", "));
+        }
+        if !self.reset_units.is_empty() {
+            out += &format!("; reset AllowedCPUs of {}", self.reset_units.join(", "));
+        }
+        if self.irqs.restored + self.irqs.gone > 0 {
+            out += &format!("; restored {} IRQs", self.irqs.restored);
+        }
+        if self.irqs.gone > 0 {
+            out += &format!(" ({} gone with their device)", self.irqs.gone);
+        }
+        out
+    }
 }
 
 /// Puts every confined process back where it was and removes the groups
@@ -322,6 +396,9 @@ pub fn undo(sys: &mut System, config: &IsolationConfig) -> Result<Undo, Isolatio
     let _lock = sys.lock()?;
     let state = sys.load_state()?;
     let mut result = Undo::default();
+    if let (Some(host), Some(state)) = (&sys.irqs, &state) {
+        result.irqs = irqs::restore(&host.table, &state.irqs);
+    }
     if let Some(state) = state.as_ref().filter(|s| s.mechanism == "systemd") {
         let systemd = sys.systemd.as_mut().ok_or(IsolationError::SystemdGone)?;
         reset_units(systemd.as_mut(), sys.layout.as_ref(), &state.units)?;
@@ -413,6 +490,7 @@ pub struct Status {
     pub kernel_threads: usize,
     /// Processes that could not be moved, and why.
     pub failed: Vec<Failure>,
+    pub irqs: IrqStatus,
 }
 
 pub fn status(sys: &System, settings: &Settings) -> Result<Status, IsolationError> {
@@ -444,6 +522,7 @@ pub fn status(sys: &System, settings: &Settings) -> Result<Status, IsolationErro
             .as_ref()
             .map(|s| s.failures.clone())
             .unwrap_or_default(),
+        irqs: irq_status(sys, settings, state.as_ref()),
     };
     let Some(layout) = &sys.layout else {
         return Ok(status);
@@ -487,6 +566,28 @@ pub fn status(sys: &System, settings: &Settings) -> Result<Status, IsolationErro
         }
     }
     Ok(status)
+}
+
+/// The IRQ part of the status, while isolation is active.
+fn irq_status(sys: &System, settings: &Settings, state: Option<&State>) -> IrqStatus {
+    let (Some(host), Some(state)) = (&sys.irqs, state) else {
+        return IrqStatus::default();
+    };
+    let irqbalance_runs = settings.config.steers_irqs()
+        && sys
+            .procs
+            .pids()
+            .into_iter()
+            .filter_map(|pid| sys.procs.process(pid))
+            .any(|p| p.comm == "irqbalance");
+    let reserved = CpuSet::parse(&state.reserved).unwrap_or_default();
+    irqs::status(
+        host,
+        &state.irqs,
+        &reserved,
+        &settings.guest_cpus,
+        irqbalance_runs,
+    )
 }
 
 #[cfg(test)]
@@ -578,6 +679,7 @@ mod tests {
             config,
             reserved: CpuSet::parse("0-1").unwrap(),
             mems: CpuSet::parse("0").unwrap(),
+            guest_cpus: CpuSet::parse("2-7").unwrap(),
         }
     }
 
@@ -633,6 +735,7 @@ mod tests {
             procs: fixture_proc(&root),
             layout: Some(fake_v1(&root)),
             systemd: None,
+            irqs: None,
             state_dir: root.join("run"),
         };
         let settings = settings(IsolationConfig {
@@ -722,6 +825,7 @@ mod tests {
             procs: ProcFs::new(procs_root),
             layout: Layout::detect(&format!("cgroup2 {} cgroup2 rw 0 0\n", unified.display())),
             systemd: None,
+            irqs: None,
             state_dir: root.join("run"),
         };
         let group_dir = unified.join("pinner-housekeeping");
@@ -792,6 +896,7 @@ mod tests {
                 calls: calls.clone(),
                 fail_unit,
             })),
+            irqs: None,
             state_dir: root.join("run"),
         };
         (sys, calls)
@@ -828,6 +933,108 @@ mod tests {
         std::fs::remove_dir_all(&root).unwrap();
     }
 
+    /// A /proc/irq with IRQ 1 on the reserved CPUs and IRQ 9 on all.
+    fn fixture_irqs(root: &Path) -> IrqHost {
+        let dir = root.join("proc-irq");
+        for (irq, cpus) in [(1, "0-1"), (9, "0-7")] {
+            write_irq(&dir, irq, cpus);
+        }
+        std::fs::write(dir.join("default_smp_affinity"), "ff\n").unwrap();
+        IrqHost {
+            table: crate::host::irq::IrqTable::new(&dir),
+            etc_root: root.to_path_buf(),
+        }
+    }
+
+    fn write_irq(dir: &Path, irq: u32, cpus: &str) {
+        std::fs::create_dir_all(dir.join(irq.to_string())).unwrap();
+        std::fs::write(dir.join(format!("{irq}/smp_affinity_list")), cpus).unwrap();
+    }
+
+    #[test]
+    fn irqs_follow_isolation_on_off_and_undo() {
+        let root = scratch_dir("iso-irqs");
+        let (mut sys, _) = systemd_host(&root, None);
+        sys.irqs = Some(fixture_irqs(&root));
+        let dir = root.join("proc-irq");
+        let irq = |n: u32| {
+            read(dir.join(format!("{n}/smp_affinity_list")))
+                .trim()
+                .to_string()
+        };
+        write_fixture_process(
+            &root.join("proc"),
+            80,
+            1,
+            "irqbalance",
+            false,
+            "0::/system.slice/irqbalance.service\n",
+        )
+        .unwrap();
+        let settings = settings(config());
+        let sweep = isolate(&mut sys, &settings).unwrap();
+        assert_eq!(sweep.irqs.moved, vec![9]);
+        assert_eq!((irq(1), irq(9)), ("0-1".into(), "0-1".into()));
+        assert_eq!(read(dir.join("default_smp_affinity")), "00000003\n");
+
+        // irqbalance moves IRQ 9 back, a device adds IRQ 40: a pid's own
+        // keep leaves IRQs alone, the sweep steers both.
+        write_irq(&dir, 9, "5");
+        write_irq(&dir, 40, "2-3");
+        assert!(keep(&sys, &settings.config, Some(70))
+            .unwrap()
+            .unwrap()
+            .irqs
+            .moved
+            .is_empty());
+        let now = status(&sys, &settings).unwrap();
+        assert_eq!(now.irqs.on_guest_cpus, vec![9, 40]);
+        let advice = now.irqs.irqbalance.unwrap_or_default();
+        assert!(advice.contains("IRQBALANCE_BANNED_CPULIST=2-7"), "{advice}");
+        let sweep = keep(&sys, &settings.config, None).unwrap().unwrap();
+        assert_eq!((sweep.irqs.moved, sweep.irqs.again), (vec![40], vec![9]));
+
+        // steer_irqs = false on a running isolation puts them back.
+        let off = Settings {
+            config: IsolationConfig {
+                steer_irqs: false,
+                ..config()
+            },
+            ..settings.clone()
+        };
+        isolate(&mut sys, &off).unwrap();
+        assert_eq!((irq(9), irq(40)), ("0-7".into(), "2-3".into()));
+        assert_eq!(read(dir.join("default_smp_affinity")), "ff\n");
+        assert_eq!(status(&sys, &off).unwrap().irqs.steered, vec![]);
+
+        // On again; undo restores each exactly, even after irqbalance moved one.
+        isolate(&mut sys, &settings).unwrap();
+        write_irq(&dir, 9, "6");
+        let done = undo(&mut sys, &settings.config).unwrap();
+        assert_eq!(done.irqs.restored, 2, "{:?}", done.irqs);
+        assert_eq!(
+            (irq(1), irq(9), irq(40)),
+            ("0-1".into(), "0-7".into(), "2-3".into())
+        );
+        assert_eq!(read(dir.join("default_smp_affinity")), "ff\n");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn a_test_scoped_run_never_steers_irqs() {
+        let root = scratch_dir("iso-irqs-test-scope");
+        let (mut sys, _) = systemd_host(&root, None);
+        sys.irqs = Some(fixture_irqs(&root));
+        let scoped = settings(IsolationConfig {
+            test_only_process_group: Some(vec![4242]),
+            ..config()
+        });
+        assert!(isolate(&mut sys, &scoped).unwrap().irqs.moved.is_empty());
+        assert_eq!(read(root.join("proc-irq/9/smp_affinity_list")), "0-7");
+        assert_eq!(read(root.join("proc-irq/default_smp_affinity")), "ff\n");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
     #[test]
     fn a_refusing_unit_takes_back_what_was_set() {
         let root = scratch_dir("iso-systemd-fail");
@@ -853,6 +1060,7 @@ mod tests {
             procs: fixture_proc(&root),
             layout: Some(fake_v1(&root)),
             systemd: None,
+            irqs: None,
             state_dir: root.join("run"),
         };
         let none = Settings {

@@ -3,6 +3,7 @@
 //! every operation holds, so the daemon's keeper and the CLI never
 //! interleave. The file's presence is what "isolation is active" means.
 
+use super::irqs::IrqState;
 use super::{Failure, System};
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
@@ -65,6 +66,9 @@ pub struct State {
     pub origins: Vec<Origin>,
     /// The last attempt's failures, by pid.
     pub failures: Vec<Failure>,
+    /// What IRQ steering changed (absent in state files of older versions).
+    #[serde(default)]
+    pub irqs: IrqState,
 }
 
 impl System {
