@@ -18,6 +18,7 @@ fn guests(count: usize, sizes: &[u32]) -> Vec<Guest> {
             name: format!("instance-{i:08x}"),
             uuid: format!("00000000-0000-0000-0000-{i:012}"),
             vcpus: sizes[i % sizes.len()],
+            cells: vec![],
             role: Role::Managed {
                 policy: Policy::Auto,
                 current: vec![],

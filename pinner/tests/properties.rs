@@ -91,6 +91,7 @@ fn case() -> impl Strategy<Value = Case> {
                         name: format!("g{i:02}"),
                         uuid: format!("u{i:02}"),
                         vcpus,
+                        cells: vec![],
                         role: if policy == Policy::None {
                             Role::OptedOut
                         } else {
@@ -107,6 +108,7 @@ fn case() -> impl Strategy<Value = Case> {
                         name: "nova".into(),
                         uuid: "nova".into(),
                         vcpus: taken.len() as u32,
+                        cells: vec![],
                         role: Role::Foreign { taken },
                     });
                 }
@@ -239,7 +241,7 @@ proptest! {
         let used: usize = first.guests.iter().map(|g| g.vcpus.len()).sum();
         prop_assume!(used + extra as usize <= first.pool.len());
         let mut more = settled(&guests, &first);
-        more.push(Guest { name: "zz-new".into(), uuid: "new".into(), vcpus: extra, role: Role::Managed { policy: Policy::Auto, current: vec![] } });
+        more.push(Guest { name: "zz-new".into(), uuid: "new".into(), vcpus: extra, cells: vec![], role: Role::Managed { policy: Policy::Auto, current: vec![] } });
         let second = plan(&c.topo, &c.host, &more);
         for before in &first.guests {
             let after = second.guests.iter().find(|g| g.uuid == before.uuid).unwrap();
@@ -273,6 +275,7 @@ proptest! {
             name: format!("s{i:02}"),
             uuid: format!("s{i:02}"),
             vcpus: v.min(smallest),
+            cells: vec![],
             role: Role::Managed { policy: Policy::Shared, current: vec![] },
         }).collect();
         let p = plan(&topo, &HostPolicy::with_reserved(CpuSet::new()), &guests);
@@ -291,7 +294,7 @@ proptest! {
     fn an_even_guest_on_an_empty_smt_host_takes_whole_cores(nodes in 1u32..=2, l3s in 1u32..=2, cores in 2u32..=6, half in 1u32..=3) {
         let topo = Topology::synthetic(nodes, l3s, cores, 2);
         let vcpus = (half * 2).min(cores * 2);
-        let guest = Guest { name: "g".into(), uuid: "g".into(), vcpus, role: Role::Managed { policy: Policy::Auto, current: vec![] } };
+        let guest = Guest { name: "g".into(), uuid: "g".into(), vcpus, cells: vec![], role: Role::Managed { policy: Policy::Auto, current: vec![] } };
         let p = plan(&topo, &HostPolicy::with_reserved(CpuSet::new()), &[guest]);
         let mine = cpus_of(&p.guests[0]);
         for cpu in mine.iter() {

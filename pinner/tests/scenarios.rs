@@ -39,6 +39,7 @@ fn guests(sizes: &[u32]) -> Vec<Guest> {
             name: format!("vm{i:03}"),
             uuid: format!("uuid-{i:03}"),
             vcpus,
+            cells: vec![],
             role: Role::Managed {
                 policy: Policy::Auto,
                 current: vec![],
@@ -348,4 +349,137 @@ fn map_of_a_256_cpu_power_host_stays_readable() {
     {
         assert!(line <= 120, "a map line of {line} characters");
     }
+}
+
+/// `g`'s cells, each as the set of host nodes its CPUs are on.
+fn cell_nodes(topo: &Topology, g: &GuestPlan, cells: &[CpuSet]) -> Vec<BTreeSet<u32>> {
+    cells
+        .iter()
+        .map(|cell| {
+            cell.iter()
+                .flat_map(|v| g.vcpus[v as usize].iter())
+                .filter_map(|cpu| info(topo, cpu).numa_node)
+                .collect()
+        })
+        .collect()
+}
+
+/// A guest of `cells` cells of `size` vCPUs each, interleaved (vCPU v in
+/// cell v mod cells), so that placing vCPUs in order without regard to
+/// cells would split every cell.
+fn celled(name: &str, cells: u32, size: u32) -> Guest {
+    let mut g = guests(&[cells * size]).remove(0);
+    g.name = name.into();
+    g.uuid = name.into();
+    g.cells = (0..cells)
+        .map(|c| (0..cells * size).filter(|v| v % cells == c).collect())
+        .collect();
+    g
+}
+
+/// Every cell in one node, no two cells of a guest on one node; returns
+/// the guest's nodes.
+fn assert_cells_node_aligned(topo: &Topology, g: &GuestPlan, cells: &[CpuSet]) -> Vec<u32> {
+    let nodes = cell_nodes(topo, g, cells);
+    for (i, n) in nodes.iter().enumerate() {
+        assert_eq!(
+            n.len(),
+            1,
+            "{}: cell {i} split over {n:?}: {}",
+            g.name,
+            g.reason
+        );
+    }
+    let flat: Vec<u32> = nodes.iter().flatten().copied().collect();
+    let distinct: BTreeSet<u32> = flat.iter().copied().collect();
+    assert_eq!(
+        distinct.len(),
+        flat.len(),
+        "{}: two cells share a node: {}",
+        g.name,
+        g.reason
+    );
+    flat
+}
+
+fn total_distance(topo: &Topology, nodes: &[u32]) -> u32 {
+    let mut sum = 0;
+    for (i, a) in nodes.iter().enumerate() {
+        for b in &nodes[i + 1..] {
+            sum += topo.distance(*a, *b);
+        }
+    }
+    sum
+}
+
+/// The least total distance of any `k` distinct nodes.
+fn closest_set(topo: &Topology, k: usize) -> u32 {
+    let ids: Vec<u32> = topo.numa_nodes.iter().map(|n| n.id).collect();
+    let mut best = u32::MAX;
+    for mask in 0u32..(1 << ids.len()) {
+        if mask.count_ones() as usize == k {
+            let chosen: Vec<u32> = (0..ids.len())
+                .filter(|i| mask & (1 << i) != 0)
+                .map(|i| ids[i])
+                .collect();
+            best = best.min(total_distance(topo, &chosen));
+        }
+    }
+    best
+}
+
+#[test]
+fn cells_on_the_closest_distinct_nodes_of_an_8_node_amd_host() {
+    let Some(topo) = machine("64amd64-4s2n4ca2co") else {
+        return;
+    };
+    // A 2-cell and a 4-cell guest of whole-node and half-node cells, beside
+    // small guests without cells.
+    let two = celled("a-two", 2, 8);
+    let four = celled("b-four", 4, 4);
+    let mut all = vec![two.clone(), four.clone()];
+    all.extend(guests(&[2; 6]));
+    let p = plan(&topo, &HostPolicy::with_reserved(CpuSet::new()), &all);
+    assert_eq!(p.mode, Mode::Dedicated);
+    let plan_of = |name: &str| p.guests.iter().find(|g| g.name == name).unwrap();
+    let nodes = assert_cells_node_aligned(&topo, plan_of("a-two"), &two.cells);
+    assert_eq!(
+        total_distance(&topo, &nodes),
+        closest_set(&topo, 2),
+        "{}",
+        plan_of("a-two").reason
+    );
+    assert_cells_node_aligned(&topo, plan_of("b-four"), &four.cells);
+    assert_eq!(plan_of("b-four").cells.len(), 4);
+    for g in &p.guests {
+        assert_eq!(g.memory_nodes.as_ref(), Some(&g.numa_nodes));
+    }
+}
+
+#[test]
+fn four_cells_on_a_16_cpu_8_node_host_take_the_closest_four_nodes() {
+    let Some(topo) = machine("16amd64-8n2c") else {
+        return;
+    };
+    let g = celled("wide", 4, 2);
+    let p = plan(
+        &topo,
+        &HostPolicy::with_reserved(CpuSet::new()),
+        std::slice::from_ref(&g),
+    );
+    let nodes = assert_cells_node_aligned(&topo, &p.guests[0], &g.cells);
+    assert_eq!(
+        total_distance(&topo, &nodes),
+        closest_set(&topo, 4),
+        "{}",
+        p.guests[0].reason
+    );
+    // Settled and planned again: no cell moves.
+    let mut settled = g.clone();
+    settled.role = Role::Managed {
+        policy: Policy::Auto,
+        current: p.guests[0].vcpus.iter().cloned().map(Some).collect(),
+    };
+    let again = plan(&topo, &HostPolicy::with_reserved(CpuSet::new()), &[settled]);
+    assert_eq!(again.pins_moved, 0, "{}", again.guests[0].reason);
 }

@@ -212,6 +212,9 @@ pub fn plan_json(plan: &Plan, specs: &[DomainSpec]) -> serde_json::Value {
                 "emulator": g.emulator.to_vec(),
                 "numa_nodes": g.numa_nodes,
                 "memory_mode": g.memory_nodes.as_ref().map(|_| "strict"),
+                "cells": g.cells.iter()
+                    .map(|c| serde_json::json!({"cell": c.cell, "nodes": c.nodes, "reason": c.reason}))
+                    .collect::<Vec<_>>(),
                 "reason": g.reason,
             })
         })

@@ -97,6 +97,9 @@ pub struct DomainSpec {
     /// `<numatune><memory mode=… nodeset=…/>`: node ids, and the mode.
     pub memory_nodes: Option<CpuSet>,
     pub memory_mode: Option<String>,
+    /// `<cpu><numa><cell cpus=…>`: the guest's own NUMA cells, by cell id,
+    /// each the vCPUs it holds (online ones only; empty cells dropped).
+    pub cells: Vec<CpuSet>,
     pub metadata: Option<PinnerMetadata>,
 }
 
@@ -272,6 +275,32 @@ impl<'a, 'input> Reader<'a, 'input> {
         ))
     }
 
+    /// `<cpu><numa><cell id cpus>`, ordered by cell id, each cut to the
+    /// `online` vCPUs.
+    fn cells(&self, online: u32) -> Result<Vec<CpuSet>, DomainError> {
+        let Some(numa) = self
+            .child("cpu")
+            .and_then(|c| c.children().find(|n| n.has_tag_name("numa")))
+        else {
+            return Ok(Vec::new());
+        };
+        let mut cells = Vec::new();
+        for cell in numa.children().filter(|n| n.has_tag_name("cell")) {
+            let id = cell.attribute("id").and_then(|v| v.parse::<u32>().ok());
+            let cpus = self
+                .cpu_list(cell.attribute("cpus"), "<cpu><numa><cell cpus>")?
+                .unwrap_or_default();
+            let online: CpuSet = cpus.iter().filter(|&v| v < online).collect();
+            cells.push((id.unwrap_or(cells.len() as u32), online));
+        }
+        cells.sort_by_key(|(id, _)| *id);
+        Ok(cells
+            .into_iter()
+            .map(|(_, cpus)| cpus)
+            .filter(|cpus| !cpus.is_empty())
+            .collect())
+    }
+
     /// pinner's `<pinner:state>` in `<metadata>`.
     fn metadata(&self) -> Option<PinnerMetadata> {
         let state = self.child("metadata")?.children().find(|n| {
@@ -313,6 +342,7 @@ impl DomainSpec {
             iothreads: reader.iothreads()?,
             memory_nodes,
             memory_mode,
+            cells: reader.cells(vcpus)?,
             metadata: reader.metadata(),
             ..DomainSpec::default()
         };
@@ -379,6 +409,23 @@ mod tests {
         assert_eq!(d.metadata.as_ref().unwrap().policy, Policy::Dedicated);
         assert!(!d.is_foreign());
         assert_eq!(d.pinned_cpus().to_string(), "2-3");
+    }
+
+    #[test]
+    fn reads_the_guests_numa_cells_in_id_order_cut_to_online_vcpus() {
+        let xml = "<domain><name>big</name><vcpu current='6'>8</vcpu><cpu><numa>\
+                   <cell id='1' cpus='4-7' memory='1048576'/>\
+                   <cell id='0' cpus='0-3' memory='1048576'/></numa></cpu></domain>";
+        let d = DomainSpec::parse(xml).unwrap();
+        assert_eq!(
+            d.cells,
+            vec![CpuSet::parse("0-3").unwrap(), CpuSet::parse("4-5").unwrap()]
+        );
+        let bad = xml.replace("cpus='4-7'", "cpus='4-x'");
+        let err = DomainSpec::parse(&bad).unwrap_err().to_string();
+        assert!(err.contains("big") && err.contains("<cell cpus>"), "{err}");
+        let none = "<domain><name>n</name><vcpu>2</vcpu></domain>";
+        assert!(DomainSpec::parse(none).unwrap().cells.is_empty());
     }
 
     #[test]

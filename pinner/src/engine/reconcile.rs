@@ -145,6 +145,7 @@ pub fn guests_of(specs: &[DomainSpec]) -> Vec<Guest> {
                 name: spec.name.clone(),
                 uuid: spec.uuid.clone(),
                 vcpus: spec.vcpus,
+                cells: spec.cells.clone(),
                 role,
             }
         })

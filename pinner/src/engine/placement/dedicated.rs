@@ -1,6 +1,7 @@
 //! Dedicated placement: one pCPU per vCPU, kept pins first, then the best
 //! nodes, L3 domains and whole cores for the rest.
 
+use super::cells::{describe, place_cells};
 use super::layout::{join_nodes, kind_rank, node_label, L3Key, Layout};
 use super::{
     guest_plan, Current, EmulatorPolicy, Guest, GuestPlan, HostPolicy, Locality, Placement,
@@ -25,10 +26,21 @@ pub(super) fn place_dedicated(
     let mut plans = vec![None; guests.len()];
     // Guests that keep all their pins share a reason per node list.
     let mut kept_reasons: HashMap<Vec<Option<u32>>, String> = HashMap::new();
+    let host_nodes = layout.node_masks.keys().flatten().count();
     for i in order {
         let (g, current) = guests[i];
         let slots = &mut kept[i];
-        let Some((own, reason)) = fill_slots(layout, current, slots, free) else {
+        let mut cells = Vec::new();
+        let placed = match g.cell_groups(host_nodes) {
+            Some(groups) => place_cells(layout, &groups, current, slots, free).map(|plans| {
+                let own: CpuSet = slots.iter().flatten().copied().collect();
+                let reason = format!("dedicated: {}", describe(&plans));
+                cells = plans;
+                (own, Some(reason))
+            }),
+            None => fill_slots(layout, current, slots, free),
+        };
+        let Some((own, reason)) = placed else {
             continue;
         };
         let vcpus: Vec<CpuSet> = slots
@@ -47,14 +59,9 @@ pub(super) fn place_dedicated(
             _ => own,
         };
         let locality = Locality::of(&nodes);
-        plans[i] = Some(guest_plan(
-            g,
-            Placement::Dedicated,
-            vcpus,
-            emulator,
-            locality,
-            reason,
-        ));
+        let mut plan = guest_plan(g, Placement::Dedicated, vcpus, emulator, locality, reason);
+        plan.cells = cells;
+        plans[i] = Some(plan);
     }
     plans
 }

@@ -14,6 +14,7 @@ use crate::engine::cpuset::CpuSet;
 use crate::engine::domain::Policy;
 use crate::engine::topology::Topology;
 
+mod cells;
 mod dedicated;
 pub mod layout;
 mod shared;
@@ -41,6 +42,8 @@ pub struct Guest {
     pub name: String,
     pub uuid: String,
     pub vcpus: u32,
+    /// The guest's own NUMA cells: the vCPUs of each (empty: none).
+    pub cells: Vec<CpuSet>,
     pub role: Role,
 }
 
@@ -140,7 +143,39 @@ pub struct GuestPlan {
     /// Memory binding (strict) to these nodes; None when some of the
     /// guest's CPUs belong to no node, so memory is left alone.
     pub memory_nodes: Option<Vec<u32>>,
+    /// Where each of the guest's NUMA cells went (empty: it has none, or
+    /// the host has one node).
+    pub cells: Vec<CellPlan>,
     pub reason: String,
+}
+
+/// Where one of a guest's NUMA cells went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CellPlan {
+    /// The cell's position in cell id order.
+    pub cell: u32,
+    /// The host nodes of its CPUs: one, unless no node had room.
+    pub nodes: Vec<u32>,
+    /// Why that node, when it is not simply the first choice.
+    pub reason: String,
+}
+
+impl Guest {
+    /// The vCPU groups to keep node-aligned: the cells, when there are two
+    /// or more and the host has two or more nodes; vCPUs no cell names go
+    /// with the last cell.
+    fn cell_groups(&self, nodes: usize) -> Option<Vec<CpuSet>> {
+        if self.cells.len() < 2 || nodes < 2 {
+            return None;
+        }
+        let mut groups = self.cells.clone();
+        let named = groups.iter().fold(CpuSet::new(), |acc, c| acc.union(c));
+        let last = groups.last_mut().expect("two or more cells");
+        for vcpu in (0..self.vcpus).filter(|v| !named.contains(*v)) {
+            last.insert(vcpu);
+        }
+        Some(groups)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -424,6 +459,7 @@ pub(super) fn guest_plan(
         emulator,
         numa_nodes: locality.numa_nodes,
         memory_nodes: locality.memory_nodes,
+        cells: Vec::new(),
         reason,
     }
 }
@@ -447,6 +483,7 @@ mod tests {
             name: name.into(),
             uuid: format!("uuid-{name}"),
             vcpus,
+            cells: vec![],
             role: Role::Managed { policy, current },
         }
     }
@@ -649,12 +686,14 @@ mod tests {
             name: "nova".into(),
             uuid: "n".into(),
             vcpus: 2,
+            cells: vec![],
             role: Role::Foreign { taken: set("4-5") },
         };
         let opted = Guest {
             name: "mine".into(),
             uuid: "m".into(),
             vcpus: 2,
+            cells: vec![],
             role: Role::OptedOut,
         };
         let mut topo = Topology::uniform(&set("0-7"), 2);
@@ -706,6 +745,98 @@ mod tests {
         assert_eq!(all_cpus(g), set("2-3,6-7"), "{}", g.reason);
         assert!(g.reason.contains("moved whole"), "{}", g.reason);
         assert_eq!(second.pins_moved, 4);
+    }
+
+    fn with_cells(mut g: Guest, cells: &[&str]) -> Guest {
+        g.cells = cells.iter().map(|c| set(c)).collect();
+        g
+    }
+
+    /// The host node of every CPU `cell` of `g` runs on.
+    fn cell_nodes(topo: &Topology, g: &GuestPlan, cell: &str) -> BTreeSet<u32> {
+        set(cell)
+            .iter()
+            .flat_map(|v| g.vcpus[v as usize].iter())
+            .filter_map(|cpu| topo.cpus.iter().find(|c| c.id == cpu)?.numa_node)
+            .collect()
+    }
+
+    #[test]
+    fn each_cell_on_a_node_of_its_own_and_kept_on_replan() {
+        // 2 nodes x 4 cores x 2 threads; a cell-less guest would fit one node.
+        let topo = Topology::synthetic(2, 1, 4, 2);
+        let host = HostPolicy::with_reserved(CpuSet::new());
+        let g = with_cells(guest("big", 8), &["0-3", "4-7"]);
+        let first = plan(&topo, &host, std::slice::from_ref(&g));
+        let p = by_name(&first, "big");
+        let (a, b) = (cell_nodes(&topo, p, "0-3"), cell_nodes(&topo, p, "4-7"));
+        assert_eq!((a.len(), b.len()), (1, 1), "{}", p.reason);
+        assert_ne!(a, b, "{}", p.reason);
+        assert_eq!(p.cells.len(), 2);
+        assert_eq!(p.memory_nodes, Some(vec![0, 1]));
+        assert!(
+            p.reason.contains("cell 0 → node 0") && p.reason.contains("cell 1 → node 1"),
+            "{}",
+            p.reason
+        );
+        // Settled, it moves nothing.
+        let mut again = with_cells(settled(&first).remove(0), &["0-3", "4-7"]);
+        again.name = "big".into();
+        let second = plan(&topo, &host, &[again]);
+        assert_eq!(second.pins_moved, 0, "{}", by_name(&second, "big").reason);
+    }
+
+    #[test]
+    fn cells_take_the_closest_nodes_and_share_one_only_when_none_is_free() {
+        // 4 nodes of 2 CPUs: 0-1 and 2-3 close (12), the pairs far (32).
+        let mut topo = Topology::synthetic(4, 1, 2, 1);
+        for node in topo.numa_nodes.iter_mut() {
+            node.distances = (0..4)
+                .map(|other| match (node.id / 2 == other / 2, node.id == other) {
+                    (_, true) => 10,
+                    (true, false) => 12,
+                    _ => 32,
+                })
+                .collect();
+        }
+        let host = HostPolicy::with_reserved(CpuSet::new());
+        // "a" keeps node 0 (CPUs 0-1); "b"'s two cells then want a close
+        // pair: nodes 2 and 3, not 1 and a far one.
+        let a = managed("a", 2, Policy::Auto, vec![Some(set("0")), Some(set("1"))]);
+        let guests = [a, with_cells(guest("b", 4), &["0-1", "2-3"])];
+        let p = plan(&topo, &host, &guests);
+        let b = by_name(&p, "b");
+        let nodes: BTreeSet<u32> = b.cells.iter().flat_map(|c| c.nodes.clone()).collect();
+        assert_eq!(nodes, BTreeSet::from([2, 3]), "{}", b.reason);
+        // Three cells on two free nodes: one shares, and says so.
+        let topo = Topology::synthetic(2, 1, 4, 1);
+        let g = with_cells(guest("c", 6), &["0-1", "2-3", "4-5"]);
+        let p = plan(&topo, &host, &[g]);
+        let c = by_name(&p, "c");
+        for cell in ["0-1", "2-3", "4-5"] {
+            assert_eq!(cell_nodes(&topo, c, cell).len(), 1, "{}", c.reason);
+        }
+        assert!(c.reason.contains("shares node"), "{}", c.reason);
+    }
+
+    #[test]
+    fn shared_guests_keep_their_cells_node_aligned() {
+        let topo = Topology::synthetic(2, 1, 4, 1);
+        let host = HostPolicy::with_reserved(CpuSet::new());
+        // Interleaved cells: in vCPU order every cell would span both nodes.
+        let s = with_cells(managed("s", 6, Policy::Shared, vec![]), &["0,2,4", "1,3,5"]);
+        let p = plan(&topo, &host, &[s, managed("t", 2, Policy::Shared, vec![])]);
+        let s = by_name(&p, "s");
+        assert_eq!(s.placement, Placement::Shared);
+        let (a, b) = (cell_nodes(&topo, s, "0,2,4"), cell_nodes(&topo, s, "1,3,5"));
+        assert_eq!((a.len(), b.len()), (1, 1), "{}", s.reason);
+        assert_ne!(a, b, "{}", s.reason);
+        assert_eq!(s.vcpus[0], s.vcpus[2], "a cell floats on one range");
+        assert!(
+            s.reason.starts_with("shared: cell 0 → node"),
+            "{}",
+            s.reason
+        );
     }
 
     #[test]
@@ -812,6 +943,7 @@ mod tests {
             name: "nova".into(),
             uuid: "n".into(),
             vcpus: 2,
+            cells: vec![],
             role: Role::Foreign { taken: set("2-3") },
         };
         let topo = Topology::uniform(&set("0-3"), 1);

@@ -1,9 +1,10 @@
 //! Shared placement: each guest bound to one range (an L3 domain, a node,
 //! or a span of nodes), balancing vCPUs per pCPU.
 
+use super::cells::describe;
 use super::dedicated::choose_nodes;
 use super::layout::{join_nodes, node_label, Layout};
-use super::{guest_plan, Current, Guest, GuestPlan, Locality, Placement};
+use super::{guest_plan, CellPlan, Current, Guest, GuestPlan, Locality, Placement};
 use crate::engine::cpuset::CpuSet;
 use std::collections::{BTreeMap, HashMap};
 
@@ -187,10 +188,23 @@ pub(super) fn place_shared(
     let mut order: Vec<usize> = (0..guests.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(guests[i].0.vcpus));
     let mut chosen: Vec<usize> = vec![0; guests.len()];
+    let mut cell_ranges: Vec<Option<Vec<(CpuSet, usize)>>> = vec![None; guests.len()];
+    let host_nodes = layout.node_masks.keys().flatten().count();
+    // Each node's share of the pool, per kind: the ranges cells bind to
+    // (an L3 range when the node has one L3).
+    let node_ranges: Vec<usize> = by_kind
+        .values()
+        .flat_map(|cpus| layout.by_node(cpus).into_values())
+        .filter_map(|set| ranges.index.get(&set).copied())
+        .collect();
     // One buffer for every guest's candidates.
     let mut candidates: Vec<usize> = Vec::with_capacity(fixed + 1);
     for i in order {
         let (g, current) = guests[i];
+        if let Some(groups) = g.cell_groups(host_nodes) {
+            cell_ranges[i] = Some(bind_cells(&mut ranges, &node_ranges, &groups, current));
+            continue;
+        }
         let need = g.vcpus as usize;
         ranges.candidates(|| span(need), fixed, need, &mut candidates);
         let range = ranges.choose(&candidates, current, g.vcpus);
@@ -202,7 +216,11 @@ pub(super) fn place_shared(
     guests
         .iter()
         .zip(chosen)
-        .map(|((g, _), r)| {
+        .zip(cell_ranges)
+        .map(|(((g, _), r), cells)| {
+            if let Some(cells) = cells {
+                return cell_plan(layout, &ranges, g, &cells);
+            }
             let set = &ranges.sets[r];
             let (reason, locality) = described[r]
                 .get_or_insert_with(|| ranges.describe(layout, r))
@@ -217,4 +235,63 @@ pub(super) fn place_shared(
             )
         })
         .collect()
+}
+
+/// Binds each cell (`groups`, vCPU sets) of one guest to a node range of its
+/// own while there are nodes left, the least loaded (or the one the cell is
+/// on, within one vCPU per pCPU of it); returns each cell's vCPUs and range.
+fn bind_cells(
+    ranges: &mut Ranges,
+    nodes: &[usize],
+    groups: &[CpuSet],
+    current: Current,
+) -> Vec<(CpuSet, usize)> {
+    let mut used: Vec<usize> = Vec::with_capacity(groups.len());
+    let mut out = Vec::with_capacity(groups.len());
+    for cell in groups {
+        let free: Vec<usize> = nodes
+            .iter()
+            .copied()
+            .filter(|r| !used.contains(r))
+            .collect();
+        let candidates = if free.is_empty() { nodes } else { &free };
+        let pins: Vec<Option<CpuSet>> = cell
+            .iter()
+            .map(|v| current.get(v as usize).cloned().flatten())
+            .collect();
+        let vcpus = cell.len() as u32;
+        let range = ranges.choose(candidates, &pins, vcpus);
+        ranges.assign(range, vcpus);
+        used.push(range);
+        out.push((cell.clone(), range));
+    }
+    out
+}
+
+/// The plan of a guest whose cells are each bound to a node range.
+fn cell_plan(layout: &Layout, ranges: &Ranges, g: &Guest, cells: &[(CpuSet, usize)]) -> GuestPlan {
+    let mut vcpus = vec![CpuSet::new(); g.vcpus as usize];
+    let mut all = CpuSet::new();
+    let mut plans = Vec::with_capacity(cells.len());
+    for (i, (cell, r)) in cells.iter().enumerate() {
+        let set = &ranges.sets[*r];
+        for v in cell.iter() {
+            vcpus[v as usize] = set.clone();
+        }
+        all = all.union(set);
+        let reason = format!(
+            "{:.2} vCPUs per pCPU",
+            ranges.load[*r] / ranges.size[*r] as f64
+        );
+        plans.push(CellPlan {
+            cell: i as u32,
+            nodes: layout.nodes_opt(set).into_iter().flatten().collect(),
+            reason,
+        });
+    }
+    let locality = Locality::of(&layout.nodes_opt(&all));
+    let reason = format!("shared: {}", describe(&plans));
+    let mut plan = guest_plan(g, Placement::Shared, vcpus, all, locality, reason);
+    plan.cells = plans;
+    plan
 }
