@@ -304,4 +304,47 @@ proptest! {
         let l3s_used: BTreeSet<_> = mine.iter().map(|cpu| topo.cpus.iter().find(|c| c.id == cpu).unwrap().l3).collect();
         prop_assert_eq!(l3s_used.len(), 1, "fits one L3: {}", mine);
     }
+
+    #[test]
+    fn no_cell_is_split_across_nodes_while_avoidable(
+        nodes in 2u32..=4, cores in 1u32..=4, threads in 1u32..=2,
+        cells in 2u32..=4, size_seed in any::<u64>(), other in 0u32..=3, policy_shared in any::<bool>()
+    ) {
+        let topo = Topology::synthetic(nodes, 1, cores, threads);
+        let node_size = cores * threads;
+        // Cell sizes 1..=node size, interleaved over the vCPUs.
+        let sizes: Vec<u32> = (0..cells).map(|c| 1 + ((size_seed >> (8 * c)) as u32 % node_size)).collect();
+        let vcpus: u32 = sizes.iter().sum();
+        let mut members: Vec<CpuSet> = vec![CpuSet::new(); cells as usize];
+        let (mut v, mut left) = (0, sizes.clone());
+        while v < vcpus {
+            for (c, n) in left.iter_mut().enumerate() {
+                if *n > 0 { members[c].insert(v); v += 1; *n -= 1; }
+            }
+        }
+        let policy = if policy_shared { Policy::Shared } else { Policy::Auto };
+        let celled = Guest { name: "c".into(), uuid: "c".into(), vcpus, cells: members.clone(), role: Role::Managed { policy, current: vec![] } };
+        let small = Guest { name: "s".into(), uuid: "s".into(), vcpus: other, cells: vec![], role: Role::Managed { policy: Policy::Auto, current: vec![] } };
+        let p = plan(&topo, &HostPolicy::with_reserved(CpuSet::new()), &[celled, small]);
+        let c = p.guests.iter().find(|g| g.name == "c").unwrap();
+        let node_of = |cpu: u32| topo.cpus.iter().find(|x| x.id == cpu).unwrap().numa_node.unwrap();
+        let cell_nodes: Vec<BTreeSet<u32>> = members.iter()
+            .map(|m| m.iter().flat_map(|v| c.vcpus[v as usize].iter()).map(node_of).collect())
+            .collect();
+        // Avoidable: each cell fits a node, and the nodes the small guest may
+        // take leave one for each cell.
+        let avoidable = cells + other.div_ceil(node_size) <= nodes;
+        if avoidable && c.placement == Placement::Dedicated {
+            for (i, n) in cell_nodes.iter().enumerate() {
+                prop_assert_eq!(n.len(), 1, "cell {} split over {:?}: {}", i, n, c.reason);
+            }
+            let distinct: BTreeSet<u32> = cell_nodes.iter().flatten().copied().collect();
+            prop_assert_eq!(distinct.len(), cells as usize, "cells share a node: {}", c.reason);
+        }
+        if c.placement == Placement::Shared && avoidable {
+            let distinct: BTreeSet<&BTreeSet<u32>> = cell_nodes.iter().collect();
+            prop_assert!(cell_nodes.iter().all(|n| n.len() == 1), "a shared cell spans nodes: {}", c.reason);
+            prop_assert_eq!(distinct.len(), cells as usize, "shared cells share a node: {}", c.reason);
+        }
+    }
 }
