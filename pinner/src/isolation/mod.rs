@@ -273,7 +273,7 @@ pub fn keep(
     if group.as_ref().is_some_and(|g| !g.exists()) {
         return Ok(None);
     }
-    let irqs_before = state.irqs.clone();
+    let before = state.clone();
     let steered = match (only, CpuSet::parse(&state.reserved)) {
         (None, Ok(reserved)) => steer_irqs(sys, config, &reserved, &mut state),
         _ => Steered::default(),
@@ -284,8 +284,8 @@ pub fn keep(
         None => Sweep::default(),
     };
     sweep.irqs = steered;
-    let changed = !sweep.moved.is_empty() || !sweep.failed.is_empty();
-    if only.is_none() || changed || state.irqs != irqs_before {
+    // Written only when something changed: the sweep runs every few seconds.
+    if state != before {
         sys.save_state(&state)?;
     }
     Ok(Some(sweep))
