@@ -348,10 +348,7 @@ fn steered_text(irqs: &crate::isolation::irqs::Steered, reserved: &CpuSet) -> St
 
 /// "9, 24, 25".
 fn irq_list(irqs: &[u32]) -> String {
-    irqs.iter()
-        .map(u32::to_string)
-        .collect::<Vec<_>>()
-        .join(", ")
+    crate::isolation::irqs::irq_list(irqs, ", ")
 }
 
 pub fn undo_text(undo: &crate::isolation::Undo) -> String {

@@ -7,7 +7,7 @@ use crate::engine::cpuset::CpuSet;
 use crate::engine::domain::DomainSpec;
 use crate::engine::topology::Topology;
 use crate::host::procs::ProcFs;
-use crate::isolation::irqs::irqbalance_banned;
+use crate::isolation::irqs::irqbalance_ban;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -324,9 +324,7 @@ impl Host {
             .collect();
         processes.sort();
         processes.dedup();
-        let irqbalance_banned = ["etc/default/irqbalance", "etc/sysconfig/irqbalance"]
-            .into_iter()
-            .find_map(|file| Some((irqbalance_banned(&read(file)?)?, format!("/{file}"))));
+        let irqbalance_banned = irqbalance_ban(root);
         let before = read_counters(root);
         std::thread::sleep(sample);
         let after = read_counters(root);

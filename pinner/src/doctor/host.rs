@@ -4,6 +4,7 @@
 use super::facts::Host;
 use super::{finding, ids, Finding, Severity};
 use crate::engine::cpuset::CpuSet;
+use crate::isolation::irqs::irqbalance_fix;
 use std::collections::BTreeMap;
 
 /// A CPU spending this share of its time in softirqs is saturated.
@@ -106,7 +107,7 @@ fn irqbalance(host: &Host, dedicated: &BTreeMap<&str, CpuSet>, out: &mut Vec<Fin
                         .as_ref()
                         .map_or(String::new(), |(b, file)| format!(" ({file} bans {b})"))
                 ),
-                format!("IRQBALANCE_BANNED_CPULIST={} in /etc/default/irqbalance (/etc/sysconfig/irqbalance on RHEL), then systemctl restart irqbalance", banned.union(&dedicated)),
+                irqbalance_fix(&banned.union(&dedicated), None),
             ));
         }
     }

@@ -343,8 +343,9 @@ pub fn clear_cpuset(dir: &Path) -> Result<(), CgroupError> {
     Ok(())
 }
 
+/// A small cgroup file's value (a regular file, at most 64 KiB).
 fn read_trimmed(path: &Path) -> Result<String, CgroupError> {
-    std::fs::read_to_string(path)
+    super::file::read_text(path, 64 * 1024)
         .map(|text| text.trim().to_string())
         .map_err(|e| CgroupError::Read {
             path: path.to_path_buf(),

@@ -9,6 +9,7 @@ use crate::engine::cpuset::CpuSet;
 use crate::host::file::read_text;
 use crate::host::irq::{IrqAffinity, IrqError, IrqTable};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// Where steering reads and writes: `/proc/irq`, and the root under which
@@ -97,6 +98,15 @@ pub fn steer(table: &IrqTable, reserved: &CpuSet, state: &mut IrqState) -> Steer
     round
 }
 
+/// IRQ numbers joined by `separator` ("9, 24" for people, "9,24" in a
+/// journal field).
+pub fn irq_list(irqs: &[u32], separator: &str) -> String {
+    irqs.iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(separator)
+}
+
 /// What undo did to the IRQs.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Restored {
@@ -148,17 +158,17 @@ pub fn status(
     guest_cpus: &CpuSet,
     irqbalance_runs: bool,
 ) -> IrqStatus {
-    let now = |irq| host.table.affinity(irq).map(|c| c.to_string());
-    let on_guest_cpus = host
+    // Each IRQ's CPUs, read once.
+    let now: BTreeMap<u32, CpuSet> = host
         .table
         .irqs()
         .into_iter()
-        .filter(|irq| !state.managed.contains(irq))
-        .filter(|irq| {
-            host.table
-                .affinity(*irq)
-                .is_ok_and(|cpus| !cpus.is_subset(reserved))
-        })
+        .filter_map(|irq| Some((irq, host.table.affinity(irq).ok()?)))
+        .collect();
+    let on_guest_cpus = now
+        .iter()
+        .filter(|(irq, cpus)| !state.managed.contains(irq) && !cpus.is_subset(reserved))
+        .map(|(irq, _)| *irq)
         .collect();
     IrqStatus {
         steered: state
@@ -168,7 +178,8 @@ pub fn status(
                 (
                     o.irq,
                     o.cpus.clone(),
-                    now(o.irq).unwrap_or_else(|_| "gone".into()),
+                    now.get(&o.irq)
+                        .map_or_else(|| "gone".into(), CpuSet::to_string),
                 )
             })
             .collect(),
@@ -184,24 +195,37 @@ pub fn status(
 /// CPUs cover the guests' CPUs it moves IRQs back onto them. pinner does not
 /// edit irqbalance's configuration (it is the operator's); it says what to set.
 pub fn irqbalance_advice(etc_root: &Path, guest_cpus: &CpuSet) -> Option<String> {
-    let files = ["etc/default/irqbalance", "etc/sysconfig/irqbalance"];
-    let (banned, file) = files
-        .iter()
-        .find_map(|f| {
-            let text = read_text(&etc_root.join(f), 64 * 1024).ok()?;
-            Some((
-                irqbalance_banned(&text).unwrap_or_default(),
-                format!("/{f}"),
-            ))
-        })
-        .unwrap_or_else(|| (CpuSet::new(), format!("/{}", files[0])));
+    let ban = irqbalance_ban(etc_root);
+    let banned = ban.as_ref().map(|(b, _)| b.clone()).unwrap_or_default();
     (!guest_cpus.is_subset(&banned)).then(|| {
         format!(
-            "irqbalance runs and may move IRQs back onto guest CPUs {}: set IRQBALANCE_BANNED_CPULIST={} in {file}, then systemctl restart irqbalance",
+            "irqbalance runs and may move IRQs back onto guest CPUs {}: set {}",
             guest_cpus.difference(&banned),
-            banned.union(guest_cpus)
+            irqbalance_fix(
+                &banned.union(guest_cpus),
+                ban.as_ref().map(|(_, f)| f.as_str())
+            )
         )
     })
+}
+
+/// irqbalance's environment files: Debian's, then RHEL's.
+const IRQBALANCE_FILES: [&str; 2] = ["etc/default/irqbalance", "etc/sysconfig/irqbalance"];
+
+/// The CPUs irqbalance is told to leave alone under `etc_root`, and the
+/// file that says so.
+pub fn irqbalance_ban(etc_root: &Path) -> Option<(CpuSet, String)> {
+    IRQBALANCE_FILES.iter().find_map(|f| {
+        let text = read_text(&etc_root.join(f), 64 * 1024).ok()?;
+        Some((irqbalance_banned(&text)?, format!("/{f}")))
+    })
+}
+
+/// What to set so that irqbalance leaves `cpus` alone, in `file` (or the
+/// usual ones when none bans anything yet).
+pub fn irqbalance_fix(cpus: &CpuSet, file: Option<&str>) -> String {
+    let file = file.unwrap_or("/etc/default/irqbalance (/etc/sysconfig/irqbalance on RHEL)");
+    format!("IRQBALANCE_BANNED_CPULIST={cpus} in {file}, then systemctl restart irqbalance")
 }
 
 /// IRQBALANCE_BANNED_CPULIST (a list) or IRQBALANCE_BANNED_CPUS (hex mask)

@@ -2,7 +2,7 @@
 //! daemon runs, confining daemons whose pid file appears at once and
 //! everything else the periodic /proc sweep finds.
 
-use super::irqs::Steered;
+use super::irqs::{irq_list, Steered};
 use super::{PidFileWatch, Settings, Sweep, System};
 use crate::config::IsolationConfig;
 use crate::engine::cpuset::CpuSet;
@@ -151,12 +151,7 @@ pub fn log_sweep(logger: &Logger, sweep: &Sweep, reserved: &CpuSet) {
 
 /// One line per kind of IRQ outcome, not one per IRQ: a host has hundreds.
 fn log_irqs(logger: &Logger, irqs: &Steered, cpus: &str) {
-    let list = |irqs: &[u32]| {
-        irqs.iter()
-            .map(u32::to_string)
-            .collect::<Vec<_>>()
-            .join(",")
-    };
+    let list = |irqs: &[u32]| irq_list(irqs, ",");
     if !irqs.moved.is_empty() {
         let moved = list(&irqs.moved);
         logger.info(

@@ -522,7 +522,7 @@ pub fn status(sys: &System, settings: &Settings) -> Result<Status, IsolationErro
             .as_ref()
             .map(|s| s.failures.clone())
             .unwrap_or_default(),
-        irqs: irq_status(sys, settings, state.as_ref()),
+        irqs: IrqStatus::default(),
     };
     let Some(layout) = &sys.layout else {
         return Ok(status);
@@ -538,10 +538,12 @@ pub fn status(sys: &System, settings: &Settings) -> Result<Status, IsolationErro
     if status.mechanism != "systemd" {
         status.group = Some(group.path());
     }
+    let mut irqbalance_runs = false;
     for pid in sys.procs.pids() {
         let Some(p) = sys.procs.process(pid) else {
             continue;
         };
+        irqbalance_runs |= p.comm == "irqbalance";
         let mut verdict = classify(&p, &settings.config, &group);
         if status.mechanism == "systemd"
             && matches!(verdict, Verdict::Move | Verdict::OtherGroup(_))
@@ -565,21 +567,22 @@ pub fn status(sys: &System, settings: &Settings) -> Result<Status, IsolationErro
             Verdict::Init | Verdict::OutOfScope => {}
         }
     }
+    status.irqs = irq_status(sys, settings, state.as_ref(), irqbalance_runs);
     Ok(status)
 }
 
-/// The IRQ part of the status, while isolation is active.
-fn irq_status(sys: &System, settings: &Settings, state: Option<&State>) -> IrqStatus {
+/// The IRQ part of the status, while isolation is active (`irqbalance_runs`
+/// from the status's own walk of the process table).
+fn irq_status(
+    sys: &System,
+    settings: &Settings,
+    state: Option<&State>,
+    irqbalance_runs: bool,
+) -> IrqStatus {
     let (Some(host), Some(state)) = (&sys.irqs, state) else {
         return IrqStatus::default();
     };
-    let irqbalance_runs = settings.config.steers_irqs()
-        && sys
-            .procs
-            .pids()
-            .into_iter()
-            .filter_map(|pid| sys.procs.process(pid))
-            .any(|p| p.comm == "irqbalance");
+    let irqbalance_runs = irqbalance_runs && settings.config.steers_irqs();
     let reserved = CpuSet::parse(&state.reserved).unwrap_or_default();
     irqs::status(
         host,

@@ -43,23 +43,29 @@ const RUNTIME_CONTROL_DIR: &str = "/run/systemd/system.control";
 /// The properties pinner sets, as named in their drop-in files.
 const PROPERTY_NAMES: [&str; 3] = ["AllowedCPUs", "AllowedMemoryNodes", "MemoryMax"];
 
-/// Runs systemctl with `args`: its trimmed stderr if it fails.
-fn systemctl<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Result<Result<(), String>, SystemdError> {
+/// Runs systemctl with `args`; when it fails, `refused` makes the error
+/// from its trimmed stderr.
+fn systemctl<S: AsRef<std::ffi::OsStr>>(
+    args: &[S],
+    refused: impl FnOnce(String) -> SystemdError,
+) -> Result<(), SystemdError> {
     let output = std::process::Command::new("systemctl")
         .args(args)
         .output()
         .map_err(|e| SystemdError::Spawn(e.to_string()))?;
-    Ok(match output.status.success() {
+    match output.status.success() {
         true => Ok(()),
-        false => Err(String::from_utf8_lossy(&output.stderr).trim().to_string()),
-    })
+        false => Err(refused(
+            String::from_utf8_lossy(&output.stderr).trim().to_string(),
+        )),
+    }
 }
 
 impl Systemd for Systemctl {
     fn set_properties(&mut self, unit: &str, properties: &[String]) -> Result<(), SystemdError> {
         let mut args = vec!["set-property".to_string(), "--runtime".into(), unit.into()];
         args.extend_from_slice(properties);
-        systemctl(&args)?.map_err(|stderr| SystemdError::Refused {
+        systemctl(&args, |stderr| SystemdError::Refused {
             unit: unit.to_string(),
             properties: properties.join(" "),
             stderr,
@@ -79,7 +85,7 @@ impl Systemd for Systemctl {
             let _ = std::fs::remove_dir(&dir);
         }
         let _ = std::fs::remove_dir(control);
-        systemctl(&["daemon-reload"])?.map_err(SystemdError::Reload)
+        systemctl(&["daemon-reload"], SystemdError::Reload)
     }
 }
 

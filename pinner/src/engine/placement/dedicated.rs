@@ -26,19 +26,19 @@ pub(super) fn place_dedicated(
     let mut plans = vec![None; guests.len()];
     // Guests that keep all their pins share a reason per node list.
     let mut kept_reasons: HashMap<Vec<Option<u32>>, String> = HashMap::new();
-    let host_nodes = layout.node_masks.keys().flatten().count();
     for i in order {
         let (g, current) = guests[i];
         let slots = &mut kept[i];
-        let mut cells = Vec::new();
-        let placed = match g.cell_groups(host_nodes) {
-            Some(groups) => place_cells(layout, &groups, current, slots, free).map(|plans| {
-                let own: CpuSet = slots.iter().flatten().copied().collect();
-                let reason = format!("dedicated: {}", describe(&plans));
-                cells = plans;
-                (own, Some(reason))
-            }),
-            None => fill_slots(layout, current, slots, free),
+        let (placed, cells) = match g.cell_groups(layout) {
+            Some(groups) => match place_cells(layout, &groups, current, slots, free) {
+                Some(plans) => {
+                    let own: CpuSet = slots.iter().flatten().copied().collect();
+                    let reason = format!("dedicated: {}", describe(&plans));
+                    (Some((own, Some(reason))), plans)
+                }
+                None => (None, Vec::new()),
+            },
+            None => (fill_slots(layout, current, slots, free), Vec::new()),
         };
         let Some((own, reason)) = placed else {
             continue;

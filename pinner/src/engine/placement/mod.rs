@@ -164,8 +164,8 @@ impl Guest {
     /// The vCPU groups to keep node-aligned: the cells, when there are two
     /// or more and the host has two or more nodes; vCPUs no cell names go
     /// with the last cell.
-    fn cell_groups(&self, nodes: usize) -> Option<Vec<CpuSet>> {
-        if self.cells.len() < 2 || nodes < 2 {
+    fn cell_groups(&self, layout: &Layout) -> Option<Vec<CpuSet>> {
+        if self.cells.len() < 2 || layout.node_masks.keys().flatten().count() < 2 {
             return None;
         }
         let mut groups = self.cells.clone();

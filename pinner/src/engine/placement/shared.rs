@@ -189,7 +189,6 @@ pub(super) fn place_shared(
     order.sort_by_key(|&i| std::cmp::Reverse(guests[i].0.vcpus));
     let mut chosen: Vec<usize> = vec![0; guests.len()];
     let mut cell_ranges: Vec<Option<Vec<(CpuSet, usize)>>> = vec![None; guests.len()];
-    let host_nodes = layout.node_masks.keys().flatten().count();
     // Each node's share of the pool, per kind: the ranges cells bind to
     // (an L3 range when the node has one L3).
     let node_ranges: Vec<usize> = by_kind
@@ -201,7 +200,7 @@ pub(super) fn place_shared(
     let mut candidates: Vec<usize> = Vec::with_capacity(fixed + 1);
     for i in order {
         let (g, current) = guests[i];
-        if let Some(groups) = g.cell_groups(host_nodes) {
+        if let Some(groups) = g.cell_groups(layout) {
             cell_ranges[i] = Some(bind_cells(&mut ranges, &node_ranges, &groups, current));
             continue;
         }
