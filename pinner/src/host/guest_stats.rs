@@ -10,26 +10,48 @@ use std::path::Path;
 use std::time::Instant;
 
 /// The qemu process running the guest with `uuid`: its command line carries
-/// `-uuid UUID`. `hint` (a pid found before) is checked first.
+/// `-uuid UUID` and it runs in a machine cgroup libvirt made. Anyone can
+/// start a process with that command line; only root can put one in
+/// libvirt's cgroups, so a local user cannot pass theirs off as a guest's
+/// (to have its pages moved, its figures reported). `hint` (a pid found
+/// before) is checked first.
 pub fn qemu_pid(procfs: &ProcFs, uuid: &str, hint: Option<u32>) -> Option<u32> {
     if uuid.is_empty() {
         return None;
     }
-    let runs_guest = |pid: u32| {
-        std::fs::read(procfs.path(&format!("{pid}/cmdline")))
-            .map(|raw| {
-                let mut args = raw.split(|b| *b == 0);
-                while let Some(arg) = args.next() {
-                    if arg == b"-uuid" {
-                        return args.next() == Some(uuid.as_bytes());
-                    }
-                }
-                false
-            })
-            .unwrap_or(false)
-    };
+    let runs_guest = |pid: u32| in_machine_cgroup(procfs, pid) && has_uuid(procfs, pid, uuid);
     hint.filter(|&pid| runs_guest(pid))
         .or_else(|| procfs.pids().into_iter().find(|&pid| runs_guest(pid)))
+}
+
+/// libvirt's machine cgroups: `/machine/qemu-1-NAME.libvirt-qemu` (its
+/// own, v1 or v2) or `/machine.slice/machine-qemu…scope` (systemd's). A
+/// user's delegated cgroups live under /user.slice, whatever their names.
+fn in_machine_cgroup(procfs: &ProcFs, pid: u32) -> bool {
+    let path = procfs.path(&format!("{pid}/cgroup"));
+    let Ok(text) = crate::host::file::read_text(&path, 64 * 1024) else {
+        return false;
+    };
+    text.lines()
+        .filter_map(|line| line.splitn(3, ':').nth(2))
+        .any(|group| {
+            group.starts_with("/machine.slice/machine-qemu")
+                || (group.starts_with("/machine/") && group.contains(".libvirt-qemu"))
+        })
+}
+
+fn has_uuid(procfs: &ProcFs, pid: u32, uuid: &str) -> bool {
+    std::fs::read(procfs.path(&format!("{pid}/cmdline")))
+        .map(|raw| {
+            let mut args = raw.split(|b| *b == 0);
+            while let Some(arg) = args.next() {
+                if arg == b"-uuid" {
+                    return args.next() == Some(uuid.as_bytes());
+                }
+            }
+            false
+        })
+        .unwrap_or(false)
 }
 
 /// The guest's vCPU threads: (vCPU index, thread id), from qemu's thread
@@ -235,6 +257,19 @@ mod tests {
              7f30 bind:1 file=/dev/hugepages/libvirt/qemu/1-g/ram huge dirty=2 N1=2 kernelpagesize_kB=2048\n",
         );
         write(&root, "500/cmdline", "sshd\0-uuid-like\0u-1\0");
+        write(
+            &root,
+            "400/cgroup",
+            "4:cpuset:/machine/qemu-1-g.libvirt-qemu/emulator\n",
+        );
+        // A user's process with the guest's command line, in a cgroup of
+        // its own naming: not the guest.
+        write(&root, "300/cmdline", "qemu\0-uuid\0u-1\0");
+        write(
+            &root,
+            "300/cgroup",
+            "0::/user.slice/user-1000.slice/x/machine/y.libvirt-qemu\n",
+        );
         let procfs = ProcFs::new(&root);
         (root, procfs)
     }
@@ -244,6 +279,11 @@ mod tests {
         let (_root, procfs) = fixture();
         assert_eq!(qemu_pid(&procfs, "u-1", None), Some(400));
         assert_eq!(qemu_pid(&procfs, "u-1", Some(500)), Some(400), "wrong hint");
+        assert_eq!(
+            qemu_pid(&procfs, "u-1", Some(300)),
+            Some(400),
+            "a user's own"
+        );
         assert_eq!(qemu_pid(&procfs, "u-2", None), None);
         assert_eq!(qemu_pid(&procfs, "", None), None);
         assert_eq!(vcpu_threads(&procfs, 400), vec![(0, 401), (1, 402)]);
