@@ -189,6 +189,25 @@ pub struct DomainStatus {
     /// its vCPUs' nodes) and elsewhere, from /proc/PID/numa_maps.
     pub memory_pages_local: Option<u64>,
     pub memory_pages_remote: Option<u64>,
+    /// The guest's NUMA cells pinner placed one by one, with where their
+    /// memory is (empty: no cells, or one host node).
+    #[serde(default)]
+    pub cells: Vec<CellStatus>,
+}
+
+/// One guest NUMA cell: its host node and its RAM's pages.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+pub struct CellStatus {
+    pub cell: u32,
+    /// The host node of its vCPUs (None: it spans nodes).
+    pub node: Option<u32>,
+    /// Where qemu holds the cell's RAM: its host virtual address and size
+    /// (None: not located in the qemu process).
+    pub ram_address: Option<u64>,
+    pub ram_bytes: Option<u64>,
+    /// Resident pages of that RAM on the cell's node, and elsewhere.
+    pub pages_on_node: Option<u64>,
+    pub pages_elsewhere: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]

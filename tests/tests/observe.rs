@@ -303,3 +303,65 @@ fn doctor_flags_a_badly_configured_guest_and_passes_a_good_one() {
     );
     assert!(text.contains("  fix: "), "{text}");
 }
+
+/// Where qemu's monitor says guest-physical address `gpa` of guest `short`
+/// is in qemu's address space (`gpa2hva`): the truth pinner's reading of
+/// /proc is checked against (pinner itself never talks to the monitor).
+fn gpa2hva(sb: &Sandbox, short: &str, gpa: u64) -> u64 {
+    let name = sb.name(short);
+    let command = format!("gpa2hva {gpa:#x}");
+    let out = sb.virsh_ok(&["qemu-monitor-command", "--hmp", &name, &command]);
+    let hex = out
+        .rsplit("is 0x")
+        .next()
+        .unwrap_or_else(|| panic!("gpa2hva: {out}"));
+    u64::from_str_radix(hex.trim(), 16).unwrap_or_else(|e| panic!("gpa2hva {out}: {e}"))
+}
+
+/// A guest with two NUMA cells of the same size, its memory allocated at
+/// start, held anonymously and in a memfd: status finds each cell's RAM
+/// where qemu's monitor says it is (for twins, by allocation order), with
+/// every page of it on the cell's node (this host has one).
+#[test]
+fn status_finds_each_cells_memory_where_qemu_has_it() {
+    let _serial = serial();
+    let Some(mut sb) = sandbox_or_skip("status_finds_each_cells_memory_where_qemu_has_it") else {
+        return;
+    };
+    sb.start_daemon(&reserve_all_but(1));
+    let cells = "<cpu><numa><cell id='0' cpus='0' memory='32' unit='MiB'/>\
+                 <cell id='1' cpus='1' memory='32' unit='MiB'/></numa></cpu>";
+    let backings = [
+        ("anon", "<allocation mode='immediate'/>"),
+        (
+            "memfd",
+            "<source type='memfd'/><access mode='shared'/><allocation mode='immediate'/>",
+        ),
+    ];
+    for (short, backing) in backings {
+        let extra = format!("{cells}<memoryBacking>{backing}</memoryBacking>");
+        sb.define_guest(short, 2, &extra);
+        sb.start_guest(short);
+        wait_for(Duration::from_secs(5), || sb.all_in_sync()).unwrap();
+        let status = sb.status_json();
+        let d = domain(&status, &sb, short);
+        let found = d["cells"].as_array().unwrap_or_else(|| panic!("{d}"));
+        assert_eq!(found.len(), 2, "{short}: {d}");
+        for (cell, c) in found.iter().enumerate() {
+            assert_eq!(c["cell"], cell as u64, "{short}: {c}");
+            assert_eq!(c["node"], 0, "{short}: {c}");
+            let truth = gpa2hva(&sb, short, cell as u64 * (32 << 20));
+            assert_eq!(c["ram_address"], truth, "{short}: cell {cell}: {c}");
+            assert_eq!(c["ram_bytes"], 32 << 20, "{short}: {c}");
+            // Allocated at start: all 8192 pages resident, all on node 0.
+            assert_eq!(c["pages_on_node"], 8192, "{short}: {c}");
+            assert_eq!(c["pages_elsewhere"], 0, "{short}: {c}");
+        }
+        let text = String::from_utf8(sb.pinner(&["status"]).stdout).unwrap();
+        assert!(
+            text.contains("cell 1 -> node 0: memory 100.0% there (8192 of 8192 pages)"),
+            "{text}"
+        );
+        sb.destroy_guest(short);
+    }
+}

@@ -5,7 +5,7 @@ use crate::engine::cpuset::CpuSet;
 use crate::engine::domain::DomainSpec;
 use crate::engine::placement::Plan;
 use crate::engine::topology::{Cpu, CpuKind, Topology};
-use pinner_shared::protocol::{DomainStatus, ReconcileReport, StatusReport};
+use pinner_shared::protocol::{CellStatus, DomainStatus, ReconcileReport, StatusReport};
 use std::fmt::Write;
 
 fn cpus(list: &[u32]) -> String {
@@ -140,6 +140,26 @@ fn guest_status(out: &mut String, d: &DomainStatus, name_width: usize) {
     if let Some(line) = measured_line(d) {
         let _ = writeln!(out, "  {line}");
     }
+    for cell in &d.cells {
+        let _ = writeln!(out, "  {}", cell_line(cell));
+    }
+}
+
+/// "cell 1 -> node 1: memory 99.2% there (8130 of 8192 pages)".
+fn cell_line(cell: &CellStatus) -> String {
+    let node = cell
+        .node
+        .map_or_else(|| "several nodes".to_string(), |n| format!("node {n}"));
+    let memory = match (cell.pages_on_node, cell.pages_elsewhere) {
+        (Some(on), Some(off)) if cell.node.is_some() => format!(
+            "memory {} there ({on} of {} pages)",
+            percent(on, on + off),
+            on + off
+        ),
+        (Some(_), Some(_)) => "memory left where it is".to_string(),
+        _ => "memory not located in qemu".to_string(),
+    };
+    format!("cell {} -> {node}: {memory}", cell.cell)
 }
 
 fn percent(part: u64, total: u64) -> String {

@@ -27,6 +27,9 @@ pub struct Config {
     pub log_level: Level,
     pub libvirt_uri: String,
     pub emulator_threads: EmulatorPolicy,
+    /// Move each guest NUMA cell's resident memory to its cell's node
+    /// (move_pages(2)); off: cells' memory lands where it is first touched.
+    pub move_cell_memory: bool,
     /// An OpenStack compute node's nova.conf to take CPU settings from.
     pub nova_conf: Option<PathBuf>,
     pub isolation: IsolationConfig,
@@ -51,6 +54,7 @@ impl Default for Config {
             log_level: Level::Info,
             libvirt_uri: "qemu:///system".into(),
             emulator_threads: EmulatorPolicy::Housekeeping,
+            move_cell_memory: true,
             nova_conf: None,
             isolation: IsolationConfig::default(),
             metrics_file: None,
@@ -189,6 +193,7 @@ struct RawConfig {
     reconcile_interval_secs: Option<Spanned<u64>>,
     log_level: Option<Spanned<String>>,
     emulator_threads: Option<Spanned<String>>,
+    move_cell_memory: Option<bool>,
     libvirt: Option<RawLibvirt>,
     openstack: Option<RawOpenstack>,
     isolation: Option<RawIsolation>,
@@ -315,6 +320,9 @@ impl Config {
             ];
             let expected = "\"housekeeping\" or \"guest\"";
             config.emulator_threads = one_of(&v, "emulator_threads", &policies, expected, &err_at)?;
+        }
+        if let Some(v) = raw.move_cell_memory {
+            config.move_cell_memory = v;
         }
         config.tables(
             raw.openstack,

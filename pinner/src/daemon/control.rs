@@ -3,6 +3,7 @@
 //! runs. All libvirt work happens here, on one thread, after the hook has
 //! returned and libvirt has released the domain's job lock.
 
+use super::cells::CellMemory;
 use super::observe::Observer;
 use super::pass::PassMemory;
 use super::session::{Connection, Connector, Session};
@@ -13,6 +14,7 @@ use crate::engine::domain::DomainSpec;
 use crate::engine::placement::{HostPolicy, Plan};
 use crate::engine::reconcile;
 use crate::engine::topology::Topology;
+use crate::host::guest_ram::KernelPageMover;
 use crate::isolation::keeper::Keeper;
 use crate::libvirt::events::LibvirtEvent;
 use pinner_shared::log::Logger;
@@ -63,6 +65,7 @@ pub struct Daemon {
     pub(super) schedule: Schedule,
     pub(super) memory: PassMemory,
     pub(super) observer: Observer,
+    pub(super) cells: CellMemory,
     keeper: Keeper,
     pub(super) refused: Arc<AtomicU64>,
     work_tx: Sender<Work>,
@@ -93,6 +96,7 @@ impl Daemon {
                 coalescer: Coalescer::new(BURST_MAX_WAIT),
             },
             observer: Observer::new(config.metrics_file.as_ref()),
+            cells: CellMemory::new(Box::new(KernelPageMover::new(&setup.paths.proc))),
             config,
             host: setup.host,
             config_path: setup.config_path,

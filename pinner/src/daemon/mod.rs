@@ -4,9 +4,11 @@
 //! Threads: one accepts connections (`intake`, one short-lived thread per
 //! connection), one turns signals into work, the isolation keeper, and the
 //! main thread runs the control loop (`control`), which alone talks to
-//! libvirt (`session`), one pass at a time (`pass`); `observe` measures and
+//! libvirt (`session`), one pass at a time (`pass`), which ends by moving
+//! guest cells' memory to their nodes (`cells`); `observe` measures and
 //! reports, `metrics` renders OpenMetrics.
 
+pub mod cells;
 pub mod control;
 pub mod intake;
 pub mod metrics;

@@ -134,6 +134,11 @@ impl Observer {
         Some((sample, steal))
     }
 
+    /// The qemu pid last found for the guest with `uuid`.
+    pub fn qemu_pid(&self, uuid: &str) -> Option<u32> {
+        self.qemu_pids.get(uuid).copied()
+    }
+
     /// Samples every running guest's steal, so each figure covers at most a
     /// reconcile interval whenever status is asked.
     pub fn sample_guests(&mut self, procfs: &ProcFs, specs: &[DomainSpec]) {
@@ -248,6 +253,12 @@ impl Daemon {
         for domain in &mut domains {
             domain.pin_latency_ms = self.observer.latency.by_domain.get(&domain.uuid).copied();
             self.measure(domain);
+            let spec = specs.iter().find(|s| s.uuid == domain.uuid);
+            if let (Some(spec), Some(gp)) =
+                (spec, plan.guests.iter().find(|g| g.uuid == domain.uuid))
+            {
+                domain.cells = self.cell_status(spec, gp, domain.qemu_pid);
+            }
         }
         Response::Status(StatusReport {
             mode: plan.mode.as_str().into(),

@@ -131,6 +131,7 @@ impl Daemon {
         self.account(&specs, &plan, &outcome, &unreadable, events);
         self.observer
             .sample_guests(&ProcFs::new(&self.paths.proc), &specs);
+        self.place_cell_memory(&specs, &plan);
         let mut errors: Vec<String> = outcome.errors.iter().map(ToString::to_string).collect();
         errors.extend(unreadable.iter().map(ToString::to_string));
         Ok(ReconcileReport {

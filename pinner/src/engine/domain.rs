@@ -97,9 +97,14 @@ pub struct DomainSpec {
     /// `<numatune><memory mode=… nodeset=…/>`: node ids, and the mode.
     pub memory_nodes: Option<CpuSet>,
     pub memory_mode: Option<String>,
+    /// `<numatune><memnode>`: the owner bound cells' memory one by one.
+    pub cell_memory_bound: bool,
     /// `<cpu><numa><cell cpus=…>`: the guest's own NUMA cells, by cell id,
     /// each the vCPUs it holds (online ones only; empty cells dropped).
     pub cells: Vec<CpuSet>,
+    /// The `<cell id>` of each of `cells` (an id is skipped where a cell
+    /// was dropped; qemu names a cell's memory by its id).
+    pub cell_ids: Vec<u32>,
     pub metadata: Option<PinnerMetadata>,
 }
 
@@ -276,8 +281,8 @@ impl<'a, 'input> Reader<'a, 'input> {
     }
 
     /// `<cpu><numa><cell id cpus>`, ordered by cell id, each cut to the
-    /// `online` vCPUs.
-    fn cells(&self, online: u32) -> Result<Vec<CpuSet>, DomainError> {
+    /// `online` vCPUs: (id, vCPUs).
+    fn cells(&self, online: u32) -> Result<Vec<(u32, CpuSet)>, DomainError> {
         let Some(numa) = self
             .child("cpu")
             .and_then(|c| c.children().find(|n| n.has_tag_name("numa")))
@@ -294,11 +299,8 @@ impl<'a, 'input> Reader<'a, 'input> {
             cells.push((id.unwrap_or(cells.len() as u32), online));
         }
         cells.sort_by_key(|(id, _)| *id);
-        Ok(cells
-            .into_iter()
-            .map(|(_, cpus)| cpus)
-            .filter(|cpus| !cpus.is_empty())
-            .collect())
+        cells.retain(|(_, cpus)| !cpus.is_empty());
+        Ok(cells)
     }
 
     /// pinner's `<pinner:state>` in `<metadata>`.
@@ -342,10 +344,13 @@ impl DomainSpec {
             iothreads: reader.iothreads()?,
             memory_nodes,
             memory_mode,
-            cells: reader.cells(vcpus)?,
+            cell_memory_bound: reader
+                .child("numatune")
+                .is_some_and(|n| n.children().any(|c| c.has_tag_name("memnode"))),
             metadata: reader.metadata(),
             ..DomainSpec::default()
         };
+        (spec.cell_ids, spec.cells) = reader.cells(vcpus)?.into_iter().unzip();
         reader.cputune(&mut spec)?;
         spec.name = name;
         Ok(spec)
@@ -406,6 +411,12 @@ mod tests {
         assert_eq!(d.iothread_pins[&2].to_string(), "0");
         assert_eq!(d.memory_nodes.as_ref().unwrap().to_string(), "1");
         assert_eq!(d.memory_mode.as_deref(), Some("strict"));
+        assert!(!d.cell_memory_bound);
+        let bound = LIVE.replace(
+            "</numatune>",
+            "<memnode cellid='0' mode='strict' nodeset='1'/></numatune>",
+        );
+        assert!(DomainSpec::parse(&bound).unwrap().cell_memory_bound);
         assert_eq!(d.metadata.as_ref().unwrap().policy, Policy::Dedicated);
         assert!(!d.is_foreign());
         assert_eq!(d.pinned_cpus().to_string(), "2-3");
@@ -421,6 +432,11 @@ mod tests {
             d.cells,
             vec![CpuSet::parse("0-3").unwrap(), CpuSet::parse("4-5").unwrap()]
         );
+        assert_eq!(d.cell_ids, [0, 1]);
+        // Cell 0's vCPUs all offline: cell 1 keeps its id.
+        let offline = xml.replace("cpus='0-3'", "cpus='7'");
+        let d = DomainSpec::parse(&offline).unwrap();
+        assert_eq!((d.cell_ids, d.cells.len()), (vec![1], 1));
         let bad = xml.replace("cpus='4-7'", "cpus='4-x'");
         let err = DomainSpec::parse(&bad).unwrap_err().to_string();
         assert!(err.contains("big") && err.contains("<cell cpus>"), "{err}");

@@ -5,6 +5,7 @@
 
 pub mod cgroupfs;
 pub mod file;
+pub mod guest_ram;
 pub mod guest_stats;
 pub mod irq;
 pub mod notify;

@@ -1,0 +1,398 @@
+//! Each guest NUMA cell's memory on its cell's node. libvirt can bind a
+//! running guest's memory only as a whole (to the union of its cells'
+//! nodes), and a cgroup's cpuset.mems moves the whole process's pages, so
+//! after a pass placed the cells' vCPUs the pages of each cell's RAM that
+//! sit on another node are moved with move_pages(2): a bounded range per
+//! pass, so a large guest never stalls the daemon, the next pass going on
+//! where this one stopped; later passes move pages that drifted there
+//! (first touched by another cell's vCPU).
+
+use super::control::Daemon;
+use crate::engine::domain::DomainSpec;
+use crate::engine::placement::{GuestPlan, Plan};
+use crate::host::guest_ram::{self, CellRam, MappingPages, PageMover};
+use crate::host::procs::ProcFs;
+use pinner_shared::log::Level;
+use pinner_shared::protocol::CellStatus;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+/// Address range handed to move_pages(2) in one pass, all guests together:
+/// about a second of page copying at worst.
+const PASS_BUDGET: u64 = 1 << 30;
+/// A pass that left a cell half moved asks for the next this soon.
+const GO_ON_AFTER: Duration = Duration::from_secs(1);
+
+/// One cell's move in progress, across passes.
+#[derive(Debug, Default, Clone)]
+struct Round {
+    /// Where the next pass goes on.
+    at: u64,
+    /// Pages on other nodes when the round began (numa_maps).
+    off_node: u64,
+    /// Pages the kernel refused to move so far, by status.
+    refused: BTreeMap<i32, u64>,
+    /// Pages faulted in first (hidden by NUMA balancing).
+    faulted_in: u64,
+}
+
+/// What cell memory placement remembers between passes.
+pub struct CellMemory {
+    mover: Box<dyn PageMover + Send>,
+    /// (guest UUID, cell) → its unfinished move.
+    rounds: HashMap<(String, u32), Round>,
+    /// (guest UUID, cell) moved once: later rounds (drift) log at debug.
+    moved_before: HashSet<(String, u32)>,
+    /// (guest UUID, cell) → pages still elsewhere after its last round (the
+    /// kernel would not move them): a new round starts only for more.
+    left_elsewhere: HashMap<(String, u32), u64>,
+    /// Guests whose cells could not be located or moved: logged once.
+    failing: HashSet<String>,
+}
+
+impl CellMemory {
+    pub fn new(mover: Box<dyn PageMover + Send>) -> CellMemory {
+        CellMemory {
+            mover,
+            rounds: HashMap::new(),
+            moved_before: HashSet::new(),
+            left_elsewhere: HashMap::new(),
+            failing: HashSet::new(),
+        }
+    }
+
+    fn retain_running(&mut self, specs: &[DomainSpec]) {
+        let running = |uuid: &String| specs.iter().any(|s| &s.uuid == uuid);
+        self.rounds.retain(|(uuid, _), _| running(uuid));
+        self.moved_before.retain(|(uuid, _)| running(uuid));
+        self.left_elsewhere.retain(|(uuid, _), _| running(uuid));
+        self.failing.retain(running);
+    }
+}
+
+/// The cells whose memory goes to one node: (cell, node). Only for a guest
+/// whose memory binding is pinner's whole-guest one (not bound cell by cell
+/// by its owner, not interleaved or preferred: those modes say where pages
+/// go themselves), and only to nodes the live binding already allows (the
+/// kernel refuses others).
+pub fn cell_targets(spec: &DomainSpec, gp: &GuestPlan) -> Vec<(u32, u32)> {
+    let whole_binding = matches!(
+        spec.memory_mode.as_deref(),
+        None | Some("strict" | "restrictive")
+    );
+    let Some(bound) = spec.memory_nodes.as_ref() else {
+        return Vec::new();
+    };
+    if gp.cells.len() < 2 || spec.cell_memory_bound || !whole_binding {
+        return Vec::new();
+    }
+    gp.cells
+        .iter()
+        .filter_map(|c| match c.nodes[..] {
+            [node] if bound.contains(node) => Some((cell_id(spec, c.cell), node)),
+            _ => None,
+        })
+        .collect()
+}
+
+impl Daemon {
+    /// Moves the cells' off-node pages of every guest the plan placed cell
+    /// by cell, within the pass's budget.
+    pub(super) fn place_cell_memory(&mut self, specs: &[DomainSpec], plan: &Plan) {
+        self.cells.retain_running(specs);
+        if !self.config.move_cell_memory {
+            return;
+        }
+        let procfs = ProcFs::new(&self.paths.proc);
+        let mut budget = PASS_BUDGET;
+        for gp in &plan.guests {
+            let Some(spec) = specs.iter().find(|s| s.uuid == gp.uuid) else {
+                continue;
+            };
+            let targets = cell_targets(spec, gp);
+            let Some(pid) = self.observer.qemu_pid(&gp.uuid) else {
+                continue;
+            };
+            if targets.is_empty() || budget == 0 {
+                continue;
+            }
+            let Some((rams, pages)) = self.located(&procfs, spec, pid) else {
+                continue;
+            };
+            for (cell, node) in targets {
+                if let Some(ram) = rams.iter().find(|r| r.cell == cell) {
+                    let target = (ram, node);
+                    budget = self.move_cell(spec, pid, target, pages.get(&ram.start), budget);
+                }
+            }
+        }
+        if !self.cells.rounds.is_empty() {
+            let now = Instant::now();
+            self.schedule.coalescer.retry_at(now + GO_ON_AFTER, now);
+        }
+    }
+
+    /// The guest's cells' RAM and the pages of its mappings; a failure is
+    /// logged once per guest.
+    fn located(
+        &mut self,
+        procfs: &ProcFs,
+        spec: &DomainSpec,
+        pid: u32,
+    ) -> Option<(Vec<CellRam>, HashMap<u64, MappingPages>)> {
+        let found = guest_ram::cell_ram(procfs, pid)
+            .and_then(|rams| Ok((rams, guest_ram::mapping_pages(procfs, pid)?)));
+        match found {
+            Ok(found) => Some(found),
+            Err(e) => {
+                self.warn_once(spec, &format!("cells' memory not moved: {e}"));
+                None
+            }
+        }
+    }
+
+    fn warn_once(&mut self, spec: &DomainSpec, message: &str) {
+        if self.cells.failing.insert(spec.uuid.clone()) {
+            let fields = [("DOMAIN", spec.name.as_str()), ("OP", "move_memory")];
+            self.logger.warn(message, &fields);
+        }
+    }
+
+    /// Moves one cell's pages to `node`, going on with a round begun
+    /// before, or beginning one when numa_maps shows pages elsewhere.
+    /// Returns the budget left.
+    fn move_cell(
+        &mut self,
+        spec: &DomainSpec,
+        pid: u32,
+        (ram, node): (&CellRam, u32),
+        pages: Option<&MappingPages>,
+        budget: u64,
+    ) -> u64 {
+        let key = (spec.uuid.clone(), ram.cell);
+        let page_size = pages.map_or(4096, |p| p.page_size);
+        let mut round = match self.cells.rounds.remove(&key) {
+            Some(round) => round,
+            None => match pages.map_or(0, |p| p.split(node).1) {
+                0 => return budget,
+                off if off <= self.cells.left_elsewhere.get(&key).copied().unwrap_or(0) => {
+                    return budget
+                }
+                off_node => Round {
+                    at: ram.start,
+                    off_node,
+                    refused: BTreeMap::new(),
+                    faulted_in: 0,
+                },
+            },
+        };
+        let end = ram.start + ram.len;
+        let span = (round.at, end);
+        let moved =
+            guest_ram::move_range(&mut *self.cells.mover, pid, span, page_size, node, budget);
+        let tally = match moved {
+            Ok(tally) => tally,
+            Err(e) => {
+                let message = format!("cell {}'s memory not moved to node {node}: {e}", ram.cell);
+                self.warn_once(spec, &message);
+                return budget;
+            }
+        };
+        let used = tally.resume_at.unwrap_or(end) - round.at;
+        round.faulted_in += tally.faulted_in;
+        for (status, count) in tally.refused {
+            *round.refused.entry(status).or_insert(0) += count;
+        }
+        match tally.resume_at {
+            Some(at) => {
+                round.at = at;
+                self.cells.rounds.insert(key, round);
+            }
+            None => {
+                let procfs = ProcFs::new(&self.paths.proc);
+                let now = guest_ram::mapping_pages(&procfs, pid)
+                    .ok()
+                    .and_then(|p| p.get(&ram.start).map(|p| p.split(node)));
+                match now {
+                    Some((_, off)) if off > 0 => self.cells.left_elsewhere.insert(key.clone(), off),
+                    _ => self.cells.left_elsewhere.remove(&key),
+                };
+                self.log_moved(spec, key, node, &round, now);
+            }
+        }
+        budget.saturating_sub(used)
+    }
+
+    /// Logs a finished round with where the cell's pages are now (on the
+    /// node, elsewhere), read back from numa_maps.
+    fn log_moved(
+        &mut self,
+        spec: &DomainSpec,
+        key: (String, u32),
+        node: u32,
+        round: &Round,
+        now: Option<(u64, u64)>,
+    ) {
+        let cell = key.1;
+        let level = if self.cells.moved_before.insert(key) {
+            Level::Info
+        } else {
+            Level::Debug
+        };
+        let now = now.map_or_else(
+            || "where they are now is unknown".to_string(),
+            |(on, off)| format!("now {on} there and {off} elsewhere"),
+        );
+        let message = format!(
+            "cell {cell}'s memory moved to node {node}: {} pages were elsewhere, {now}; \
+             faulted in first (hidden by NUMA balancing): {}; not moved: {}",
+            round.off_node,
+            round.faulted_in,
+            guest_ram::describe_refused(&round.refused)
+        );
+        let (cell, node) = (cell.to_string(), node.to_string());
+        let fields = [
+            ("DOMAIN", spec.name.as_str()),
+            ("OP", "move_memory"),
+            ("CELL", cell.as_str()),
+            ("NODE", node.as_str()),
+        ];
+        self.logger.log(level, &message, &fields);
+    }
+
+    /// What status shows of a guest's cells (two or more): each one's
+    /// node and where its RAM's pages are.
+    pub(super) fn cell_status(
+        &self,
+        spec: &DomainSpec,
+        gp: &GuestPlan,
+        pid: Option<u32>,
+    ) -> Vec<CellStatus> {
+        if spec.cells.len() < 2 {
+            return Vec::new();
+        }
+        let procfs = ProcFs::new(&self.paths.proc);
+        let located = pid.and_then(|pid| {
+            let rams = guest_ram::cell_ram(&procfs, pid).ok()?;
+            Some((rams, guest_ram::mapping_pages(&procfs, pid).ok()?))
+        });
+        (0..spec.cells.len() as u32)
+            .map(|position| {
+                let (cell, node) = (cell_id(spec, position), cell_node(gp, position));
+                let mut status = CellStatus {
+                    cell,
+                    node,
+                    ..CellStatus::default()
+                };
+                let found = located.as_ref().and_then(|(rams, pages)| {
+                    let ram = rams.iter().find(|r| r.cell == cell)?;
+                    Some((ram, pages.get(&ram.start)))
+                });
+                if let Some((ram, pages)) = found {
+                    status.ram_address = Some(ram.start);
+                    status.ram_bytes = Some(ram.len);
+                    let (on, off) = match (pages, node) {
+                        (Some(p), Some(node)) => p.split(node),
+                        (Some(p), None) => (0, p.nodes.values().sum()),
+                        (None, _) => (0, 0),
+                    };
+                    status.pages_on_node = Some(on);
+                    status.pages_elsewhere = Some(off);
+                }
+                status
+            })
+            .collect()
+    }
+}
+
+/// The id of the cell at `position` in the plan's order (ids, not
+/// positions, name a cell's memory in qemu).
+fn cell_id(spec: &DomainSpec, position: u32) -> u32 {
+    spec.cell_ids
+        .get(position as usize)
+        .copied()
+        .unwrap_or(position)
+}
+
+/// The host node of the vCPUs of the cell at `position`: its own in the
+/// plan, else the guest's one node (a host of one node places no cells);
+/// None when it spans nodes.
+fn cell_node(gp: &GuestPlan, position: u32) -> Option<u32> {
+    let nodes = match gp.cells.iter().find(|c| c.cell == position) {
+        Some(c) => &c.nodes[..],
+        None if gp.cells.is_empty() => &gp.numa_nodes[..],
+        None => &[],
+    };
+    match nodes {
+        [node] => Some(*node),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::cpuset::CpuSet;
+    use crate::engine::placement::{CellPlan, Placement};
+
+    fn guest(cells: &[&[u32]]) -> GuestPlan {
+        GuestPlan {
+            cells: cells
+                .iter()
+                .enumerate()
+                .map(|(i, nodes)| CellPlan {
+                    cell: i as u32,
+                    nodes: nodes.to_vec(),
+                    reason: String::new(),
+                })
+                .collect(),
+            name: "g".into(),
+            uuid: "u".into(),
+            placement: Placement::Dedicated,
+            vcpus: Vec::new(),
+            emulator: CpuSet::new(),
+            numa_nodes: Vec::new(),
+            memory_nodes: None,
+            reason: String::new(),
+        }
+    }
+
+    fn bound(nodes: &str, mode: Option<&str>) -> DomainSpec {
+        DomainSpec {
+            memory_nodes: Some(CpuSet::parse(nodes).unwrap()),
+            memory_mode: mode.map(str::to_string),
+            ..DomainSpec::default()
+        }
+    }
+
+    #[test]
+    fn each_cell_on_one_node_of_the_binding_is_a_target() {
+        let gp = guest(&[&[1], &[0]]);
+        assert_eq!(
+            cell_targets(&bound("0-1", Some("strict")), &gp),
+            [(0, 1), (1, 0)]
+        );
+        assert_eq!(cell_targets(&bound("0-1", None), &gp), [(0, 1), (1, 0)]);
+        // The binding does not allow node 0 yet: only cell 0 moves.
+        assert_eq!(cell_targets(&bound("1", Some("strict")), &gp), [(0, 1)]);
+        // Cell 0's vCPUs are offline: the plan's first cell is cell 1.
+        let mut spec = bound("0-1", None);
+        spec.cell_ids = vec![1, 2];
+        assert_eq!(cell_targets(&spec, &gp), [(1, 1), (2, 0)]);
+    }
+
+    #[test]
+    fn cells_spanning_nodes_and_guests_bound_otherwise_are_left_alone() {
+        let spanning = guest(&[&[0], &[1, 2]]);
+        assert_eq!(cell_targets(&bound("0-2", None), &spanning), [(0, 0)]);
+        let gp = guest(&[&[0], &[1]]);
+        assert!(cell_targets(&bound("0-1", Some("interleave")), &gp).is_empty());
+        assert!(cell_targets(&bound("0-1", Some("preferred")), &gp).is_empty());
+        let mut by_owner = bound("0-1", Some("strict"));
+        by_owner.cell_memory_bound = true;
+        assert!(cell_targets(&by_owner, &gp).is_empty());
+        let unbound = DomainSpec::default();
+        assert!(cell_targets(&unbound, &gp).is_empty());
+        assert!(cell_targets(&bound("0-1", None), &guest(&[&[0]])).is_empty());
+    }
+}
