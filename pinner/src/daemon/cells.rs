@@ -26,6 +26,10 @@ const GO_ON_AFTER: Duration = Duration::from_secs(1);
 /// One cell's move in progress, across passes.
 #[derive(Debug, Default, Clone)]
 struct Round {
+    /// The qemu and the cell's RAM it began on: a guest started again
+    /// meanwhile begins anew.
+    pid: u32,
+    ram: (u64, u64),
     /// Where the next pass goes on.
     at: u64,
     /// Pages on other nodes when the round began (numa_maps).
@@ -36,6 +40,17 @@ struct Round {
     faulted_in: u64,
 }
 
+/// What one pass did with one cell's memory.
+enum Step {
+    /// Nothing to move.
+    Idle,
+    /// Moved part of it; the next pass goes on.
+    Going,
+    Failed(std::io::Error),
+    /// The round is done.
+    Done(Round),
+}
+
 /// What cell memory placement remembers between passes.
 pub struct CellMemory {
     mover: Box<dyn PageMover + Send>,
@@ -43,9 +58,10 @@ pub struct CellMemory {
     rounds: HashMap<(String, u32), Round>,
     /// (guest UUID, cell) moved once: later rounds (drift) log at debug.
     moved_before: HashSet<(String, u32)>,
-    /// (guest UUID, cell) → pages still elsewhere after its last round (the
-    /// kernel would not move them): a new round starts only for more.
-    left_elsewhere: HashMap<(String, u32), u64>,
+    /// (guest UUID, cell) → its qemu and the pages still elsewhere after
+    /// its last round (the kernel would not move them): a new round starts
+    /// only for more.
+    left_elsewhere: HashMap<(String, u32), (u32, u64)>,
     /// Guests whose cells could not be located or moved: logged once.
     failing: HashSet<String>,
 }
@@ -59,6 +75,69 @@ impl CellMemory {
             left_elsewhere: HashMap::new(),
             failing: HashSet::new(),
         }
+    }
+
+    /// One pass's part of a cell's move: goes on with the round begun
+    /// before (same qemu, same RAM), or begins one when numa_maps shows
+    /// pages elsewhere (more than the last round left there), within
+    /// `budget`, which it spends.
+    fn step(
+        &mut self,
+        key: &(String, u32),
+        pid: u32,
+        (ram, node): (&CellRam, u32),
+        pages: Option<&MappingPages>,
+        budget: &mut u64,
+    ) -> Step {
+        let ram_span = (ram.start, ram.len);
+        let begun = self.rounds.remove(key);
+        let left = match self.left_elsewhere.get(key) {
+            Some(&(left_pid, off)) if left_pid == pid => off,
+            _ => 0,
+        };
+        let mut round = match begun.filter(|r| r.pid == pid && r.ram == ram_span) {
+            Some(round) => round,
+            None => match pages.map_or(0, |p| p.split(node).1) {
+                off if off <= left => return Step::Idle,
+                off_node => Round {
+                    pid,
+                    ram: ram_span,
+                    at: ram.start,
+                    off_node,
+                    ..Round::default()
+                },
+            },
+        };
+        let end = ram.start + ram.len;
+        let page_size = pages.map_or(4096, |p| p.page_size);
+        let span = (round.at, end);
+        let tally =
+            match guest_ram::move_range(&mut *self.mover, pid, span, page_size, node, *budget) {
+                Ok(tally) => tally,
+                Err(e) => return Step::Failed(e),
+            };
+        *budget = budget.saturating_sub(tally.resume_at.unwrap_or(end) - round.at);
+        round.faulted_in += tally.faulted_in;
+        for (status, count) in tally.refused {
+            *round.refused.entry(status).or_insert(0) += count;
+        }
+        match tally.resume_at {
+            Some(at) => {
+                round.at = at;
+                self.rounds.insert(key.clone(), round);
+                Step::Going
+            }
+            None => Step::Done(round),
+        }
+    }
+
+    /// Remembers what a finished round left elsewhere (`now`: pages on the
+    /// node, elsewhere), so those alone start no new round.
+    fn settle(&mut self, key: &(String, u32), pid: u32, now: Option<(u64, u64)>) {
+        match now {
+            Some((_, off)) if off > 0 => self.left_elsewhere.insert(key.clone(), (pid, off)),
+            _ => self.left_elsewhere.remove(key),
+        };
     }
 
     fn retain_running(&mut self, specs: &[DomainSpec]) {
@@ -158,8 +237,8 @@ impl Daemon {
         }
     }
 
-    /// Moves one cell's pages to `node`, going on with a round begun
-    /// before, or beginning one when numa_maps shows pages elsewhere.
+    /// Moves one cell's pages to `node` (see [`CellMemory::step`]), and
+    /// when its round is done logs it with where the pages are now.
     /// Returns the budget left.
     fn move_cell(
         &mut self,
@@ -167,60 +246,25 @@ impl Daemon {
         pid: u32,
         (ram, node): (&CellRam, u32),
         pages: Option<&MappingPages>,
-        budget: u64,
+        mut budget: u64,
     ) -> u64 {
         let key = (spec.uuid.clone(), ram.cell);
-        let page_size = pages.map_or(4096, |p| p.page_size);
-        let mut round = match self.cells.rounds.remove(&key) {
-            Some(round) => round,
-            None => match pages.map_or(0, |p| p.split(node).1) {
-                0 => return budget,
-                off if off <= self.cells.left_elsewhere.get(&key).copied().unwrap_or(0) => {
-                    return budget
-                }
-                off_node => Round {
-                    at: ram.start,
-                    off_node,
-                    refused: BTreeMap::new(),
-                    faulted_in: 0,
-                },
-            },
-        };
-        let end = ram.start + ram.len;
-        let span = (round.at, end);
-        let moved =
-            guest_ram::move_range(&mut *self.cells.mover, pid, span, page_size, node, budget);
-        let tally = match moved {
-            Ok(tally) => tally,
-            Err(e) => {
+        match self.cells.step(&key, pid, (ram, node), pages, &mut budget) {
+            Step::Idle | Step::Going => {}
+            Step::Failed(e) => {
                 let message = format!("cell {}'s memory not moved to node {node}: {e}", ram.cell);
                 self.warn_once(spec, &message);
-                return budget;
             }
-        };
-        let used = tally.resume_at.unwrap_or(end) - round.at;
-        round.faulted_in += tally.faulted_in;
-        for (status, count) in tally.refused {
-            *round.refused.entry(status).or_insert(0) += count;
-        }
-        match tally.resume_at {
-            Some(at) => {
-                round.at = at;
-                self.cells.rounds.insert(key, round);
-            }
-            None => {
+            Step::Done(round) => {
                 let procfs = ProcFs::new(&self.paths.proc);
                 let now = guest_ram::mapping_pages(&procfs, pid)
                     .ok()
                     .and_then(|p| p.get(&ram.start).map(|p| p.split(node)));
-                match now {
-                    Some((_, off)) if off > 0 => self.cells.left_elsewhere.insert(key.clone(), off),
-                    _ => self.cells.left_elsewhere.remove(&key),
-                };
+                self.cells.settle(&key, pid, now);
                 self.log_moved(spec, key, node, &round, now);
             }
         }
-        budget.saturating_sub(used)
+        budget
     }
 
     /// Logs a finished round with where the cell's pages are now (on the
@@ -363,6 +407,94 @@ mod tests {
             memory_mode: mode.map(str::to_string),
             ..DomainSpec::default()
         }
+    }
+
+    /// Moves every page it is asked to; records the pages of each call.
+    struct Mover(Calls);
+
+    impl PageMover for Mover {
+        fn move_to(&mut self, _pid: u32, pages: &[u64], node: u32) -> std::io::Result<Vec<i32>> {
+            self.0.lock().unwrap().push(pages.to_vec());
+            Ok(vec![node as i32; pages.len()])
+        }
+        fn fault_in(&mut self, _pid: u32, _pages: &[u64]) -> usize {
+            0
+        }
+        fn present(&mut self, _pid: u32, _first: u64, count: usize) -> Vec<bool> {
+            vec![true; count]
+        }
+    }
+
+    type Calls = std::sync::Arc<std::sync::Mutex<Vec<Vec<u64>>>>;
+
+    /// Cell memory with a [`Mover`], and the calls it records.
+    fn recording() -> (CellMemory, Calls) {
+        let calls = Calls::default();
+        (CellMemory::new(Box::new(Mover(calls.clone()))), calls)
+    }
+
+    fn ram(cell: u32, start: u64, pages: u64) -> CellRam {
+        CellRam {
+            cell,
+            start,
+            len: pages * 4096,
+        }
+    }
+
+    fn elsewhere(pages: u64) -> MappingPages {
+        MappingPages {
+            nodes: BTreeMap::from([(0, pages)]),
+            page_size: 4096,
+        }
+    }
+
+    #[test]
+    fn a_move_goes_on_over_passes_and_begins_again_only_for_more_drift() {
+        let (mut cells, calls) = recording();
+        let key = ("u".to_string(), 1);
+        let ram = ram(1, 0x1000_0000, 12);
+        let target = (&ram, 1);
+        let pages = elsewhere(12);
+        let mut budget = 8 * 4096;
+        let step = cells.step(&key, 7, target, Some(&pages), &mut budget);
+        assert!(matches!(step, Step::Going) && budget == 0);
+        let mut budget = 8 * 4096;
+        let Step::Done(round) = cells.step(&key, 7, target, Some(&pages), &mut budget) else {
+            panic!("the second pass finishes the round");
+        };
+        assert_eq!((round.off_node, budget), (12, 4 * 4096));
+        let moved: Vec<u64> = calls.lock().unwrap().concat();
+        let all: Vec<u64> = (0..12).map(|i| ram.start + i * 4096).collect();
+        assert_eq!(moved, all, "every page once, in order");
+        // Two pages the kernel kept elsewhere begin no new round...
+        cells.settle(&key, 7, Some((10, 2)));
+        let mut budget = u64::MAX;
+        let step = cells.step(&key, 7, target, Some(&elsewhere(2)), &mut budget);
+        assert!(matches!(step, Step::Idle));
+        // ...a third (drift) does, and so do two in a qemu started again.
+        let step = cells.step(&key, 7, target, Some(&elsewhere(3)), &mut budget);
+        assert!(matches!(step, Step::Done(_)));
+        cells.settle(&key, 7, Some((10, 2)));
+        let step = cells.step(&key, 8, target, Some(&elsewhere(2)), &mut budget);
+        assert!(matches!(step, Step::Done(_)));
+    }
+
+    #[test]
+    fn a_round_of_a_guest_started_again_begins_at_its_new_ram() {
+        let (mut cells, calls) = recording();
+        let key = ("u".to_string(), 0);
+        let old = ram(0, 0x7000_0000, 8);
+        let mut budget = 4 * 4096;
+        let step = cells.step(&key, 7, (&old, 1), Some(&elsewhere(8)), &mut budget);
+        assert!(matches!(step, Step::Going));
+        // Started again: another qemu, its RAM lower down.
+        let new = ram(0, 0x6000_0000, 8);
+        let mut budget = u64::MAX;
+        let step = cells.step(&key, 9, (&new, 1), Some(&elsewhere(8)), &mut budget);
+        assert!(matches!(step, Step::Done(_)));
+        let last = calls.lock().unwrap().last().unwrap().clone();
+        assert_eq!(last[0], new.start, "from the new RAM's start");
+        assert_eq!(last.len(), 8);
     }
 
     #[test]
