@@ -103,7 +103,8 @@ pub fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
         proc_root: paths.proc.clone(),
     };
     let slots = Arc::new(Slots::for_file_limit(file_limit));
-    let listener = intake::bind_socket(&config.socket, None)?;
+    // The group's socket first: whoever waits for the main one (systemd's
+    // readiness aside, a script, the tests) then finds both ready.
     if let (Some(group), Some(path)) = (&config.socket_group, config.group_socket()) {
         let group_listener = intake::bind_socket(&path, Some(group))?;
         let group_intake = Intake {
@@ -112,6 +113,7 @@ pub fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
         };
         spawn_intake("group intake", group_intake, group_listener, slots.clone())?;
     }
+    let listener = intake::bind_socket(&config.socket, None)?;
     spawn_intake("intake", intake, listener, slots)?;
     log_start(&logger, &config, &topology);
     // Without libvirt's events, hand-made pin changes wait for the periodic
