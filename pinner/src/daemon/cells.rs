@@ -289,7 +289,7 @@ impl Daemon {
         );
         let message = format!(
             "cell {cell}'s memory moved to node {node}: {} pages were elsewhere, {now}; \
-             faulted in first (hidden by NUMA balancing): {}; not moved: {}",
+             faulted in first (hidden by NUMA balancing): {}; addresses the kernel refused: {}",
             round.off_node,
             round.faulted_in,
             guest_ram::describe_refused(&round.refused)
