@@ -10,7 +10,8 @@
 use super::control::Daemon;
 use crate::engine::domain::DomainSpec;
 use crate::engine::placement::{GuestPlan, Plan};
-use crate::host::guest_ram::{self, CellRam, MappingPages, PageMover};
+use crate::host::guest_ram::{self, CellRam, PageMover};
+use crate::host::guest_stats::{self, memory_split, GuestSample, MappingPages};
 use crate::host::procs::ProcFs;
 use pinner_shared::log::Level;
 use pinner_shared::protocol::CellStatus;
@@ -97,7 +98,7 @@ impl CellMemory {
         };
         let mut round = match begun.filter(|r| r.pid == pid && r.ram == ram_span) {
             Some(round) => round,
-            None => match pages.map_or(0, |p| p.split(node).1) {
+            None => match pages.map_or(0, |p| memory_split(&p.nodes, &[node]).1) {
                 off if off <= left => return Step::Idle,
                 off_node => Round {
                     pid,
@@ -176,8 +177,14 @@ pub fn cell_targets(spec: &DomainSpec, gp: &GuestPlan) -> Vec<(u32, u32)> {
 
 impl Daemon {
     /// Moves the cells' off-node pages of every guest the plan placed cell
-    /// by cell, within the pass's budget.
-    pub(super) fn place_cell_memory(&mut self, specs: &[DomainSpec], plan: &Plan) {
+    /// by cell, within the pass's budget; `samples` (by guest UUID) give
+    /// each guest's qemu and where its pages are.
+    pub(super) fn place_cell_memory(
+        &mut self,
+        specs: &[DomainSpec],
+        plan: &Plan,
+        samples: &HashMap<String, GuestSample>,
+    ) {
         self.cells.retain_running(specs);
         if !self.config.move_cell_memory {
             return;
@@ -189,19 +196,19 @@ impl Daemon {
                 continue;
             };
             let targets = cell_targets(spec, gp);
-            let Some(pid) = self.observer.qemu_pid(&gp.uuid) else {
+            let Some(sample) = samples.get(&gp.uuid) else {
                 continue;
             };
             if targets.is_empty() || budget == 0 {
                 continue;
             }
-            let Some((rams, pages)) = self.located(&procfs, spec, pid) else {
+            let Some(rams) = self.located(&procfs, spec, sample.pid) else {
                 continue;
             };
             for (cell, node) in targets {
                 if let Some(ram) = rams.iter().find(|r| r.cell == cell) {
-                    let target = (ram, node);
-                    budget = self.move_cell(spec, pid, target, pages.get(&ram.start), budget);
+                    let pages = sample.mappings.get(&ram.start);
+                    budget = self.move_cell(spec, sample.pid, (ram, node), pages, budget);
                 }
             }
         }
@@ -211,18 +218,10 @@ impl Daemon {
         }
     }
 
-    /// The guest's cells' RAM and the pages of its mappings; a failure is
-    /// logged once per guest.
-    fn located(
-        &mut self,
-        procfs: &ProcFs,
-        spec: &DomainSpec,
-        pid: u32,
-    ) -> Option<(Vec<CellRam>, HashMap<u64, MappingPages>)> {
-        let found = guest_ram::cell_ram(procfs, pid)
-            .and_then(|rams| Ok((rams, guest_ram::mapping_pages(procfs, pid)?)));
-        match found {
-            Ok(found) => Some(found),
+    /// The guest's cells' RAM; a failure is logged once per guest.
+    fn located(&mut self, procfs: &ProcFs, spec: &DomainSpec, pid: u32) -> Option<Vec<CellRam>> {
+        match guest_ram::cell_ram(procfs, pid) {
+            Ok(rams) => Some(rams),
             Err(e) => {
                 self.warn_once(spec, &format!("cells' memory not moved: {e}"));
                 None
@@ -257,9 +256,9 @@ impl Daemon {
             }
             Step::Done(round) => {
                 let procfs = ProcFs::new(&self.paths.proc);
-                let now = guest_ram::mapping_pages(&procfs, pid)
+                let now = guest_stats::numa_mappings(&procfs, pid)
                     .ok()
-                    .and_then(|p| p.get(&ram.start).map(|p| p.split(node)));
+                    .and_then(|m| m.get(&ram.start).map(|p| memory_split(&p.nodes, &[node])));
                 self.cells.settle(&key, pid, now);
                 self.log_moved(spec, key, node, &round, now);
             }
@@ -310,16 +309,15 @@ impl Daemon {
         &self,
         spec: &DomainSpec,
         gp: &GuestPlan,
-        pid: Option<u32>,
+        sample: Option<&GuestSample>,
     ) -> Vec<CellStatus> {
         if spec.cells.len() < 2 {
             return Vec::new();
         }
         let procfs = ProcFs::new(&self.paths.proc);
-        let located = pid.and_then(|pid| {
-            let rams = guest_ram::cell_ram(&procfs, pid).ok()?;
-            Some((rams, guest_ram::mapping_pages(&procfs, pid).ok()?))
-        });
+        let rams = sample
+            .and_then(|s| guest_ram::cell_ram(&procfs, s.pid).ok())
+            .unwrap_or_default();
         (0..spec.cells.len() as u32)
             .map(|position| {
                 let (cell, node) = (cell_id(spec, position), cell_node(gp, position));
@@ -328,18 +326,12 @@ impl Daemon {
                     node,
                     ..CellStatus::default()
                 };
-                let found = located.as_ref().and_then(|(rams, pages)| {
-                    let ram = rams.iter().find(|r| r.cell == cell)?;
-                    Some((ram, pages.get(&ram.start)))
-                });
-                if let Some((ram, pages)) = found {
+                if let Some(ram) = rams.iter().find(|r| r.cell == cell) {
+                    let pages = sample.and_then(|s| s.mappings.get(&ram.start));
+                    let (on, off) =
+                        pages.map_or((0, 0), |p| memory_split(&p.nodes, node.as_slice()));
                     status.ram_address = Some(ram.start);
                     status.ram_bytes = Some(ram.len);
-                    let (on, off) = match (pages, node) {
-                        (Some(p), Some(node)) => p.split(node),
-                        (Some(p), None) => (0, p.nodes.values().sum()),
-                        (None, _) => (0, 0),
-                    };
                     status.pages_on_node = Some(on);
                     status.pages_elsewhere = Some(off);
                 }
@@ -445,6 +437,7 @@ mod tests {
         MappingPages {
             nodes: BTreeMap::from([(0, pages)]),
             page_size: 4096,
+            guest_memory: true,
         }
     }
 

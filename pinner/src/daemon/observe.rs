@@ -134,35 +134,37 @@ impl Observer {
         Some((sample, steal))
     }
 
-    /// The qemu pid last found for the guest with `uuid`.
-    pub fn qemu_pid(&self, uuid: &str) -> Option<u32> {
-        self.qemu_pids.get(uuid).copied()
-    }
-
     /// Samples every running guest's steal, so each figure covers at most a
-    /// reconcile interval whenever status is asked.
-    pub fn sample_guests(&mut self, procfs: &ProcFs, specs: &[DomainSpec]) {
+    /// reconcile interval whenever status is asked; returns the samples by
+    /// guest UUID (the pass places cells' memory from them).
+    pub fn sample_guests(
+        &mut self,
+        procfs: &ProcFs,
+        specs: &[DomainSpec],
+    ) -> HashMap<String, GuestSample> {
         self.qemu_pids
             .retain(|uuid, _| specs.iter().any(|s| &s.uuid == uuid));
         self.steal
             .retain(|uuid| specs.iter().any(|s| s.uuid == uuid));
         let now = Instant::now();
-        for spec in specs {
-            self.sample_guest(procfs, &spec.uuid, now);
-        }
+        specs
+            .iter()
+            .filter_map(|spec| {
+                let (sample, _) = self.sample_guest(procfs, &spec.uuid, now)?;
+                Some((spec.uuid.clone(), sample))
+            })
+            .collect()
     }
 }
 
 impl Daemon {
-    /// Fills in a guest's steal and memory locality from /proc.
-    fn measure(&mut self, domain: &mut DomainStatus) {
+    /// Fills in a guest's steal and memory locality from /proc; returns
+    /// the sample (None: its qemu was not found).
+    fn measure(&mut self, domain: &mut DomainStatus) -> Option<GuestSample> {
         let procfs = ProcFs::new(&self.paths.proc);
-        let Some((sample, steal)) =
-            self.observer
-                .sample_guest(&procfs, &domain.uuid, Instant::now())
-        else {
-            return;
-        };
+        let (sample, steal) = self
+            .observer
+            .sample_guest(&procfs, &domain.uuid, Instant::now())?;
         domain.qemu_pid = Some(sample.pid);
         domain.steal_pct = steal;
         domain.steal_seconds = Some(sample.run_delay_ns as f64 / 1e9);
@@ -175,9 +177,10 @@ impl Daemon {
         } else {
             self.topology.nodes_of(&cpus)
         };
-        let (local, remote) = guest_stats::memory_split(&sample.pages, &own);
+        let (local, remote) = guest_stats::memory_split(&sample.pages(), &own);
         domain.memory_pages_local = Some(local);
         domain.memory_pages_remote = Some(remote);
+        Some(sample)
     }
 
     /// Rewrites the metrics file from a fresh status.
@@ -252,12 +255,12 @@ impl Daemon {
         let mut domains = reconcile::domain_status(&specs, &plan, &self.memory.refused);
         for domain in &mut domains {
             domain.pin_latency_ms = self.observer.latency.by_domain.get(&domain.uuid).copied();
-            self.measure(domain);
+            let sample = self.measure(domain);
             let spec = specs.iter().find(|s| s.uuid == domain.uuid);
             if let (Some(spec), Some(gp)) =
                 (spec, plan.guests.iter().find(|g| g.uuid == domain.uuid))
             {
-                domain.cells = self.cell_status(spec, gp, domain.qemu_pid);
+                domain.cells = self.cell_status(spec, gp, sample.as_ref());
             }
         }
         Response::Status(StatusReport {

@@ -129,9 +129,10 @@ impl Daemon {
             .latency
             .settle(&specs, &managed, &outcome.unsettled);
         self.account(&specs, &plan, &outcome, &unreadable, events);
-        self.observer
+        let samples = self
+            .observer
             .sample_guests(&ProcFs::new(&self.paths.proc), &specs);
-        self.place_cell_memory(&specs, &plan);
+        self.place_cell_memory(&specs, &plan, &samples);
         let mut errors: Vec<String> = outcome.errors.iter().map(ToString::to_string).collect();
         errors.extend(unreadable.iter().map(ToString::to_string));
         Ok(ReconcileReport {

@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, HashMap};
 
 /// /proc/PID/cmdline of a qemu with a long command line stays far below.
 const CMDLINE_CAP: u64 = 1 << 20;
-/// /proc/PID/maps and numa_maps: a few hundred lines for qemu.
+/// /proc/PID/maps: a few hundred lines for qemu.
 const MAPS_CAP: u64 = 8 << 20;
 /// The base page size pagemap counts in (x86-64, arm64 with 4 KiB pages).
 const BASE_PAGE: u64 = 4096;
@@ -82,69 +82,12 @@ pub fn cell_ram(procfs: &ProcFs, pid: u32) -> Result<Vec<CellRam>, GuestRamError
     Ok(locate(&backends(&args), &mappings(&maps)))
 }
 
-/// Resident pages per node of each mapping, by its start address, and the
-/// mapping's page size, from /proc/PID/numa_maps.
-pub fn mapping_pages(
-    procfs: &ProcFs,
-    pid: u32,
-) -> Result<HashMap<u64, MappingPages>, GuestRamError> {
-    let text = read(procfs, pid, "numa_maps", MAPS_CAP)?;
-    Ok(parse_numa_maps(&text))
-}
-
 fn read(procfs: &ProcFs, pid: u32, name: &str, cap: u64) -> Result<String, GuestRamError> {
     let path = procfs.path(&format!("{pid}/{name}"));
     file::read_text(&path, cap).map_err(|source| GuestRamError::Read {
         path: path.display().to_string(),
         source,
     })
-}
-
-/// A mapping's resident pages per node and its page size.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct MappingPages {
-    pub nodes: BTreeMap<u32, u64>,
-    pub page_size: u64,
-}
-
-impl MappingPages {
-    /// Pages on `node`, and on every other node.
-    pub fn split(&self, node: u32) -> (u64, u64) {
-        self.nodes.iter().fold((0, 0), |(on, off), (&n, &count)| {
-            if n == node {
-                (on + count, off)
-            } else {
-                (on, off + count)
-            }
-        })
-    }
-}
-
-fn parse_numa_maps(text: &str) -> HashMap<u64, MappingPages> {
-    let mut found = HashMap::new();
-    for line in text.lines() {
-        let mut words = line.split_whitespace();
-        let Some(start) = words.next().and_then(|w| u64::from_str_radix(w, 16).ok()) else {
-            continue;
-        };
-        let mut pages = MappingPages {
-            page_size: 4096,
-            ..MappingPages::default()
-        };
-        for word in words {
-            if let Some(kb) = word.strip_prefix("kernelpagesize_kB=") {
-                pages.page_size = kb.parse::<u64>().map_or(4096, |kb| kb * 1024);
-            } else if let Some((node, count)) =
-                word.strip_prefix('N').and_then(|w| w.split_once('='))
-            {
-                if let (Ok(node), Ok(count)) = (node.parse(), count.parse()) {
-                    pages.nodes.insert(node, count);
-                }
-            }
-        }
-        found.insert(start, pages);
-    }
-    found
 }
 
 /// The memory backends of guest cells: `-numa node,nodeid=N,memdev=ID` and
@@ -614,18 +557,6 @@ mod tests {
                 len: 2 << 20
             }]
         );
-    }
-
-    #[test]
-    fn numa_maps_give_pages_per_node_and_page_size() {
-        let text = "\
-7f5699e00000 bind:0-1 anon=300 dirty=300 N0=100 N1=200 kernelpagesize_kB=4
-7f0000400000 default file=/dev/hugepages/x huge dirty=1 N1=1 kernelpagesize_kB=2048
-";
-        let pages = parse_numa_maps(text);
-        assert_eq!(pages[&0x7f5699e00000].split(1), (200, 100));
-        assert_eq!(pages[&0x7f5699e00000].page_size, 4096);
-        assert_eq!(pages[&0x7f0000400000].page_size, 2 << 20);
     }
 
     /// Records every call; pages below `absent_below` were never touched,

@@ -3,6 +3,7 @@
 //! a CPU (steal, as the guest sees it), where its memory is, and the host's
 //! NUMA hit/miss counters.
 
+use crate::host::file::{read_text, FileError};
 use crate::host::procs::ProcFs;
 use pinner_shared::protocol::NodeNumaStatus;
 use std::collections::{BTreeMap, HashMap};
@@ -29,7 +30,7 @@ pub fn qemu_pid(procfs: &ProcFs, uuid: &str, hint: Option<u32>) -> Option<u32> {
 /// user's delegated cgroups live under /user.slice, whatever their names.
 fn in_machine_cgroup(procfs: &ProcFs, pid: u32) -> bool {
     let path = procfs.path(&format!("{pid}/cgroup"));
-    let Ok(text) = crate::host::file::read_text(&path, 64 * 1024) else {
+    let Ok(text) = read_text(&path, 64 * 1024) else {
         return false;
     };
     text.lines()
@@ -72,36 +73,51 @@ pub fn vcpu_threads(procfs: &ProcFs, pid: u32) -> Vec<(u32, u32)> {
     threads
 }
 
-/// The process's resident pages per NUMA node, from numa_maps' `N<node>=`
-/// (by hand: the `procfs` crate does not read numa_maps). Only the guest's
-/// own memory counts: anonymous mappings, hugetlbfs and memfd backings. A
-/// mapped file (qemu's binary, its libraries) is page cache shared with
-/// every process that maps it; it stays where it was first read and says
-/// nothing of where the guest's memory is.
-pub fn numa_pages(procfs: &ProcFs, pid: u32) -> BTreeMap<u32, u64> {
-    let mut pages = BTreeMap::new();
-    let text =
-        std::fs::read_to_string(procfs.path(&format!("{pid}/numa_maps"))).unwrap_or_default();
-    for line in text.lines().filter(|line| is_guest_memory(line)) {
-        for word in line.split_whitespace() {
-            let Some((node, count)) = word.strip_prefix('N').and_then(|w| w.split_once('=')) else {
-                continue;
-            };
-            if let (Ok(node), Ok(count)) = (node.parse::<u32>(), count.parse::<u64>()) {
-                *pages.entry(node).or_insert(0) += count;
+/// numa_maps of a qemu: a few hundred lines.
+const NUMA_MAPS_CAP: u64 = 8 << 20;
+
+/// One mapping of numa_maps: its resident pages per node, its page size,
+/// and whether it is the guest's own memory.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MappingPages {
+    pub nodes: BTreeMap<u32, u64>,
+    pub page_size: u64,
+    /// Anonymous, hugetlbfs or memfd: the guest's own. A mapped file
+    /// (qemu's binary, its libraries) is page cache shared with every
+    /// process that maps it; it stays where it was first read and says
+    /// nothing of where the guest's memory is.
+    pub guest_memory: bool,
+}
+
+/// The process's mappings by start address, from /proc/PID/numa_maps (by
+/// hand: the `procfs` crate does not read it).
+pub fn numa_mappings(procfs: &ProcFs, pid: u32) -> Result<HashMap<u64, MappingPages>, FileError> {
+    let text = read_text(&procfs.path(&format!("{pid}/numa_maps")), NUMA_MAPS_CAP)?;
+    Ok(text.lines().filter_map(parse_numa_line).collect())
+}
+
+/// "7f00 default anon=100 N0=60 N1=40 kernelpagesize_kB=4".
+fn parse_numa_line(line: &str) -> Option<(u64, MappingPages)> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let start = u64::from_str_radix(words.first()?, 16).ok()?;
+    let mut pages = MappingPages {
+        page_size: 4096,
+        guest_memory: match words.iter().find_map(|w| w.strip_prefix("file=")) {
+            None => true,
+            Some(file) => file.starts_with("/memfd:") || words.contains(&"huge"),
+        },
+        ..MappingPages::default()
+    };
+    for word in &words[1..] {
+        if let Some(kb) = word.strip_prefix("kernelpagesize_kB=") {
+            pages.page_size = kb.parse::<u64>().map_or(4096, |kb| kb * 1024);
+        } else if let Some((node, count)) = word.strip_prefix('N').and_then(|w| w.split_once('=')) {
+            if let (Ok(node), Ok(count)) = (node.parse(), count.parse()) {
+                pages.nodes.insert(node, count);
             }
         }
     }
-    pages
-}
-
-/// A numa_maps line of memory the guest owns rather than a shared file.
-fn is_guest_memory(line: &str) -> bool {
-    let words: Vec<&str> = line.split_whitespace().collect();
-    match words.iter().find_map(|w| w.strip_prefix("file=")) {
-        None => true,
-        Some(file) => file.starts_with("/memfd:") || words.contains(&"huge"),
-    }
+    Some((start, pages))
 }
 
 /// `/sys/devices/system/node/node*/numastat` under `sysfs_root`.
@@ -149,8 +165,21 @@ pub struct GuestSample {
     pub vcpu_threads: usize,
     /// Run-queue wait of all its vCPU threads, summed.
     pub run_delay_ns: u64,
-    /// Resident pages per NUMA node.
-    pub pages: BTreeMap<u32, u64>,
+    /// Its mappings by start address (numa_maps).
+    pub mappings: HashMap<u64, MappingPages>,
+}
+
+impl GuestSample {
+    /// The guest's own resident pages per NUMA node.
+    pub fn pages(&self) -> BTreeMap<u32, u64> {
+        let mut pages = BTreeMap::new();
+        for mapping in self.mappings.values().filter(|m| m.guest_memory) {
+            for (&node, &count) in &mapping.nodes {
+                *pages.entry(node).or_insert(0) += count;
+            }
+        }
+        pages
+    }
 }
 
 /// Reads one guest's sample, or None when its qemu process is not found.
@@ -164,7 +193,7 @@ pub fn sample(procfs: &ProcFs, uuid: &str, hint: Option<u32>) -> Option<GuestSam
             .iter()
             .filter_map(|&(_, tid)| procfs.run_delay_ns(pid, tid))
             .sum(),
-        pages: numa_pages(procfs, pid),
+        mappings: numa_mappings(procfs, pid).unwrap_or_default(),
     })
 }
 
@@ -275,6 +304,21 @@ mod tests {
     }
 
     #[test]
+    fn numa_maps_give_pages_per_node_and_page_size() {
+        let text = "\
+7f5699e00000 bind:0-1 anon=300 dirty=300 N0=100 N1=200 kernelpagesize_kB=4
+7f0000400000 default file=/dev/hugepages/x huge dirty=1 N1=1 kernelpagesize_kB=2048
+";
+        let pages: HashMap<u64, MappingPages> = text.lines().filter_map(parse_numa_line).collect();
+        assert_eq!(
+            memory_split(&pages[&0x7f5699e00000].nodes, &[1]),
+            (200, 100)
+        );
+        assert_eq!(pages[&0x7f5699e00000].page_size, 4096);
+        assert_eq!(pages[&0x7f0000400000].page_size, 2 << 20);
+    }
+
+    #[test]
     fn finds_the_guests_qemu_and_its_vcpu_threads() {
         let (_root, procfs) = fixture();
         assert_eq!(qemu_pid(&procfs, "u-1", None), Some(400));
@@ -290,8 +334,8 @@ mod tests {
         let sample = sample(&procfs, "u-1", None).unwrap();
         assert_eq!(sample.run_delay_ns, 400_000_000);
         // The mapped file (5 pages on node 0) is not the guest's memory.
-        assert_eq!(sample.pages, BTreeMap::from([(0, 60), (1, 45)]));
-        assert_eq!(memory_split(&sample.pages, &[0]), (60, 45));
+        assert_eq!(sample.pages(), BTreeMap::from([(0, 60), (1, 45)]));
+        assert_eq!(memory_split(&sample.pages(), &[0]), (60, 45));
     }
 
     #[test]
@@ -302,7 +346,7 @@ mod tests {
             pid: 1,
             vcpu_threads: 2,
             run_delay_ns: 1_000_000_000,
-            pages: BTreeMap::new(),
+            mappings: HashMap::new(),
         };
         assert_eq!(tracker.record("u", t0, &s), None, "no interval yet");
         s.run_delay_ns += 500_000_000;
