@@ -19,6 +19,8 @@ fn guests(count: usize, sizes: &[u32]) -> Vec<Guest> {
             uuid: format!("00000000-0000-0000-0000-{i:012}"),
             vcpus: sizes[i % sizes.len()],
             cells: vec![],
+            memory: vec![],
+            memory_nodes: None,
             role: Role::Managed {
                 policy: Policy::Auto,
                 current: vec![],

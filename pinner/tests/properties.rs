@@ -92,6 +92,8 @@ fn case() -> impl Strategy<Value = Case> {
                         uuid: format!("u{i:02}"),
                         vcpus,
                         cells: vec![],
+                        memory: vec![],
+                        memory_nodes: None,
                         role: if policy == Policy::None {
                             Role::OptedOut
                         } else {
@@ -109,6 +111,8 @@ fn case() -> impl Strategy<Value = Case> {
                         uuid: "nova".into(),
                         vcpus: taken.len() as u32,
                         cells: vec![],
+                        memory: vec![],
+                        memory_nodes: None,
                         role: Role::Foreign { taken },
                     });
                 }
@@ -241,7 +245,7 @@ proptest! {
         let used: usize = first.guests.iter().map(|g| g.vcpus.len()).sum();
         prop_assume!(used + extra as usize <= first.pool.len());
         let mut more = settled(&guests, &first);
-        more.push(Guest { name: "zz-new".into(), uuid: "new".into(), vcpus: extra, cells: vec![], role: Role::Managed { policy: Policy::Auto, current: vec![] } });
+        more.push(Guest { name: "zz-new".into(), uuid: "new".into(), vcpus: extra, cells: vec![], memory: vec![], memory_nodes: None, role: Role::Managed { policy: Policy::Auto, current: vec![] } });
         let second = plan(&c.topo, &c.host, &more);
         for before in &first.guests {
             let after = second.guests.iter().find(|g| g.uuid == before.uuid).unwrap();
@@ -276,6 +280,8 @@ proptest! {
             uuid: format!("s{i:02}"),
             vcpus: v.min(smallest),
             cells: vec![],
+            memory: vec![],
+            memory_nodes: None,
             role: Role::Managed { policy: Policy::Shared, current: vec![] },
         }).collect();
         let p = plan(&topo, &HostPolicy::with_reserved(CpuSet::new()), &guests);
@@ -294,7 +300,7 @@ proptest! {
     fn an_even_guest_on_an_empty_smt_host_takes_whole_cores(nodes in 1u32..=2, l3s in 1u32..=2, cores in 2u32..=6, half in 1u32..=3) {
         let topo = Topology::synthetic(nodes, l3s, cores, 2);
         let vcpus = (half * 2).min(cores * 2);
-        let guest = Guest { name: "g".into(), uuid: "g".into(), vcpus, cells: vec![], role: Role::Managed { policy: Policy::Auto, current: vec![] } };
+        let guest = Guest { name: "g".into(), uuid: "g".into(), vcpus, cells: vec![], memory: vec![], memory_nodes: None, role: Role::Managed { policy: Policy::Auto, current: vec![] } };
         let p = plan(&topo, &HostPolicy::with_reserved(CpuSet::new()), &[guest]);
         let mine = cpus_of(&p.guests[0]);
         for cpu in mine.iter() {
@@ -323,8 +329,8 @@ proptest! {
             }
         }
         let policy = if policy_shared { Policy::Shared } else { Policy::Auto };
-        let celled = Guest { name: "c".into(), uuid: "c".into(), vcpus, cells: members.clone(), role: Role::Managed { policy, current: vec![] } };
-        let small = Guest { name: "s".into(), uuid: "s".into(), vcpus: other, cells: vec![], role: Role::Managed { policy: Policy::Auto, current: vec![] } };
+        let celled = Guest { name: "c".into(), uuid: "c".into(), vcpus, cells: members.clone(), memory: vec![], memory_nodes: None, role: Role::Managed { policy, current: vec![] } };
+        let small = Guest { name: "s".into(), uuid: "s".into(), vcpus: other, cells: vec![], memory: vec![], memory_nodes: None, role: Role::Managed { policy: Policy::Auto, current: vec![] } };
         let p = plan(&topo, &HostPolicy::with_reserved(CpuSet::new()), &[celled, small]);
         let c = p.guests.iter().find(|g| g.name == "c").unwrap();
         let node_of = |cpu: u32| topo.cpus.iter().find(|x| x.id == cpu).unwrap().numa_node.unwrap();

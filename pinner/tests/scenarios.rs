@@ -40,6 +40,8 @@ fn guests(sizes: &[u32]) -> Vec<Guest> {
             uuid: format!("uuid-{i:03}"),
             vcpus,
             cells: vec![],
+            memory: vec![],
+            memory_nodes: None,
             role: Role::Managed {
                 policy: Policy::Auto,
                 current: vec![],

@@ -389,6 +389,7 @@ mod tests {
             emulator: CpuSet::new(),
             numa_nodes: Vec::new(),
             memory_nodes: None,
+            memory: Vec::new(),
             reason: String::new(),
         }
     }

@@ -2,6 +2,7 @@
 //! the pins libvirt holds for them, and pinner's own metadata.
 
 use crate::engine::cpuset::{CpuListError, CpuSet};
+use crate::engine::memory::{self, MemoryPart, PageKind, SizeError};
 use pinner_shared::paths::METADATA_URI;
 use std::collections::BTreeMap;
 
@@ -105,7 +106,23 @@ pub struct DomainSpec {
     /// The `<cell id>` of each of `cells` (an id is skipped where a cell
     /// was dropped; qemu names a cell's memory by its id).
     pub cell_ids: Vec<u32>,
+    /// `<memory>`, in KiB: the most the guest can hold (a balloon may give
+    /// some back for a while; it can always take it again).
+    pub memory_kib: u64,
+    /// `<cell memory>` of every cell by id, those without an online vCPU too.
+    pub cell_memory_kib: BTreeMap<u32, u64>,
+    /// `<memoryBacking><hugepages>`: None when the guest uses normal pages.
+    pub hugepages: Option<HugepageBacking>,
     pub metadata: Option<PinnerMetadata>,
+}
+
+/// `<memoryBacking><hugepages>`: the page size of each guest cell.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HugepageBacking {
+    /// A `<page>` without `nodeset` (KiB); None: the host's default size.
+    pub default_kib: Option<u64>,
+    /// `<page size nodeset>`: the size for the guest cells in the set.
+    pub per_cell: Vec<(CpuSet, u64)>,
 }
 
 /// Why a domain's XML is not taken.
@@ -139,6 +156,11 @@ pub enum Problem {
     NoId {
         element: &'static str,
         id: &'static str,
+    },
+    #[error("{what}: {error}")]
+    Size {
+        what: &'static str,
+        error: SizeError,
     },
 }
 
@@ -280,9 +302,9 @@ impl<'a, 'input> Reader<'a, 'input> {
         ))
     }
 
-    /// `<cpu><numa><cell id cpus>`, ordered by cell id, each cut to the
-    /// `online` vCPUs: (id, vCPUs).
-    fn cells(&self, online: u32) -> Result<Vec<(u32, CpuSet)>, DomainError> {
+    /// `<cpu><numa><cell id cpus memory>`, ordered by cell id, each cut to
+    /// the `online` vCPUs: (id, vCPUs, memory in KiB).
+    fn cells(&self, online: u32) -> Result<Vec<(u32, CpuSet, u64)>, DomainError> {
         let Some(numa) = self
             .child("cpu")
             .and_then(|c| c.children().find(|n| n.has_tag_name("numa")))
@@ -296,11 +318,55 @@ impl<'a, 'input> Reader<'a, 'input> {
                 .cpu_list(cell.attribute("cpus"), "<cpu><numa><cell cpus>")?
                 .unwrap_or_default();
             let online: CpuSet = cpus.iter().filter(|&v| v < online).collect();
-            cells.push((id.unwrap_or(cells.len() as u32), online));
+            let memory = match cell.attribute("memory") {
+                Some(size) => self.size(size, cell.attribute("unit"), "<cell memory>")?,
+                None => 0,
+            };
+            cells.push((id.unwrap_or(cells.len() as u32), online, memory));
         }
-        cells.sort_by_key(|(id, _)| *id);
-        cells.retain(|(_, cpus)| !cpus.is_empty());
+        cells.sort_by_key(|(id, _, _)| *id);
         Ok(cells)
+    }
+
+    fn size(
+        &self,
+        value: &str,
+        unit: Option<&str>,
+        what: &'static str,
+    ) -> Result<u64, DomainError> {
+        memory::to_kib(value, unit).map_err(|error| self.invalid(Problem::Size { what, error }))
+    }
+
+    /// `<memory unit>`, in KiB (0 when absent).
+    fn memory_size(&self) -> Result<u64, DomainError> {
+        match self.child("memory") {
+            Some(m) => self.size(m.text().unwrap_or(""), m.attribute("unit"), "<memory>"),
+            None => Ok(0),
+        }
+    }
+
+    /// `<memoryBacking><hugepages>` and its `<page size unit nodeset>`s.
+    fn hugepages(&self) -> Result<Option<HugepageBacking>, DomainError> {
+        let Some(huge) = self
+            .child("memoryBacking")
+            .and_then(|b| b.children().find(|n| n.has_tag_name("hugepages")))
+        else {
+            return Ok(None);
+        };
+        let mut backing = HugepageBacking::default();
+        for page in huge.children().filter(|n| n.has_tag_name("page")) {
+            let what = "<hugepages><page size>";
+            let size = self.size(
+                page.attribute("size").unwrap_or(""),
+                page.attribute("unit"),
+                what,
+            )?;
+            match self.cpu_list(page.attribute("nodeset"), "<hugepages><page nodeset>")? {
+                Some(cells) => backing.per_cell.push((cells, size)),
+                None => backing.default_kib = Some(size),
+            }
+        }
+        Ok(Some(backing))
     }
 
     /// pinner's `<pinner:state>` in `<metadata>`.
@@ -336,6 +402,7 @@ impl DomainSpec {
         let reader = Reader { root, name: &name };
         let (vcpus, vcpu_default, auto_placement) = reader.vcpus()?;
         let (memory_nodes, memory_mode) = reader.memory()?;
+        let cells = reader.cells(vcpus)?;
         let mut spec = DomainSpec {
             uuid: reader.text("uuid").unwrap_or_default(),
             vcpus,
@@ -348,9 +415,16 @@ impl DomainSpec {
                 .child("numatune")
                 .is_some_and(|n| n.children().any(|c| c.has_tag_name("memnode"))),
             metadata: reader.metadata(),
+            memory_kib: reader.memory_size()?,
+            hugepages: reader.hugepages()?,
+            cell_memory_kib: cells.iter().map(|(id, _, kib)| (*id, *kib)).collect(),
             ..DomainSpec::default()
         };
-        (spec.cell_ids, spec.cells) = reader.cells(vcpus)?.into_iter().unzip();
+        (spec.cell_ids, spec.cells) = cells
+            .into_iter()
+            .filter(|(_, cpus, _)| !cpus.is_empty())
+            .map(|(id, cpus, _)| (id, cpus))
+            .unzip();
         reader.cputune(&mut spec)?;
         spec.name = name;
         Ok(spec)
@@ -366,6 +440,53 @@ impl DomainSpec {
     pub fn is_foreign(&self) -> bool {
         self.metadata.is_none()
             && (!self.vcpu_pins.is_empty() || self.vcpu_default.is_some() || self.auto_placement)
+    }
+
+    /// The pages guest cell `cell` (None: the guest as a whole) is made
+    /// of; `host_default` is the host's default huge page size.
+    pub fn page_kind(&self, cell: Option<u32>, host_default: Option<u64>) -> PageKind {
+        let Some(huge) = &self.hugepages else {
+            return PageKind::Normal;
+        };
+        let named = cell.and_then(|c| {
+            huge.per_cell
+                .iter()
+                .find(|(cells, _)| cells.contains(c))
+                .map(|(_, size)| *size)
+        });
+        PageKind::Huge(named.or(huge.default_kib).or(host_default).unwrap_or(2048))
+    }
+
+    /// The guest's memory as placement takes it: its NUMA cells' memory,
+    /// one entry per cell of `cells` (a cell without an online vCPU goes
+    /// with the last), else the whole guest as one entry.
+    pub fn memory_by_cell(&self, host_default: Option<u64>) -> Vec<Vec<MemoryPart>> {
+        let part = |cell: Option<u32>, kib: u64| MemoryPart {
+            kib,
+            kind: self.page_kind(cell, host_default),
+        };
+        if self.cells.is_empty() {
+            return vec![vec![part(None, self.memory_kib)]];
+        }
+        let mut out: Vec<Vec<MemoryPart>> = self
+            .cell_ids
+            .iter()
+            .map(|id| {
+                vec![part(
+                    Some(*id),
+                    self.cell_memory_kib.get(id).copied().unwrap_or(0),
+                )]
+            })
+            .collect();
+        let last = out.last_mut().expect("cells");
+        for (&id, &kib) in self
+            .cell_memory_kib
+            .iter()
+            .filter(|(id, _)| !self.cell_ids.contains(id))
+        {
+            last.push(part(Some(id), kib));
+        }
+        out
     }
 
     /// Every CPU this domain's vCPUs are pinned to.
@@ -442,6 +563,63 @@ mod tests {
         assert!(err.contains("big") && err.contains("<cell cpus>"), "{err}");
         let none = "<domain><name>n</name><vcpu>2</vcpu></domain>";
         assert!(DomainSpec::parse(none).unwrap().cells.is_empty());
+    }
+
+    #[test]
+    fn reads_memory_its_hugepages_and_each_cells_share() {
+        let xml = "<domain><name>nfv</name><memory unit='GiB'>6</memory>\
+                   <currentMemory unit='GiB'>2</currentMemory><vcpu>4</vcpu>\
+                   <memoryBacking><hugepages><page size='1' unit='G' nodeset='1'/></hugepages></memoryBacking>\
+                   <cpu><numa><cell id='0' cpus='0-1' memory='2' unit='GiB'/>\
+                   <cell id='1' cpus='2-3' memory='4194304'/></numa></cpu></domain>";
+        let d = DomainSpec::parse(xml).unwrap();
+        assert_eq!(d.memory_kib, 6 << 20, "<memory>, not the balloon's current");
+        assert_eq!(d.cell_memory_kib[&0], 2 << 20);
+        assert_eq!(d.cell_memory_kib[&1], 4 << 20, "KiB when no unit is named");
+        let by_cell = d.memory_by_cell(Some(2048));
+        assert_eq!(
+            by_cell,
+            vec![
+                vec![MemoryPart {
+                    kib: 2 << 20,
+                    kind: PageKind::Huge(2048)
+                }],
+                vec![MemoryPart {
+                    kib: 4 << 20,
+                    kind: PageKind::Huge(1 << 20)
+                }],
+            ],
+            "cell 1 names 1G pages; cell 0 takes the host's default size"
+        );
+        // Cell 0's vCPUs offline: its memory goes with the last cell.
+        let offline = xml
+            .replace("<vcpu>4</vcpu>", "<vcpu current='2'>4</vcpu>")
+            .replace("cpus='0-1'", "cpus='2-3'")
+            .replace("cpus='2-3' memory='4194304'", "cpus='0-1' memory='4194304'");
+        let d = DomainSpec::parse(&offline).unwrap();
+        assert_eq!(d.cell_ids, [1]);
+        let parts: u64 = d.memory_by_cell(None).concat().iter().map(|p| p.kib).sum();
+        assert_eq!(parts, 6 << 20);
+        let plain = DomainSpec::parse(
+            "<domain><name>p</name><memory>65536</memory><vcpu>1</vcpu></domain>",
+        )
+        .unwrap();
+        assert_eq!(
+            plain.memory_by_cell(None),
+            vec![vec![MemoryPart {
+                kib: 65536,
+                kind: PageKind::Normal
+            }]]
+        );
+        let bad = DomainSpec::parse(
+            "<domain><name>b</name><memory unit='parsec'>1</memory><vcpu>1</vcpu></domain>",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            bad.contains("\"b\"") && bad.contains("<memory>: unit \"parsec\""),
+            "{bad}"
+        );
     }
 
     #[test]

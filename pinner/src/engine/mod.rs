@@ -10,6 +10,7 @@ pub mod coalesce;
 pub mod cpuset;
 pub mod domain;
 pub mod hypervisor;
+pub mod memory;
 pub mod placement;
 pub mod reconcile;
 pub mod topology;

@@ -123,8 +123,9 @@ pub struct DomainActions {
     pub actions: Vec<Action>,
 }
 
-/// What placement sees of each running domain.
-pub fn guests_of(specs: &[DomainSpec]) -> Vec<Guest> {
+/// What placement sees of each running domain (`default_hugepage_kib`:
+/// the host's default huge page size, for guests that name none).
+pub fn guests_of(specs: &[DomainSpec], default_hugepage_kib: Option<u64>) -> Vec<Guest> {
     specs
         .iter()
         .map(|spec| {
@@ -146,6 +147,8 @@ pub fn guests_of(specs: &[DomainSpec]) -> Vec<Guest> {
                 uuid: spec.uuid.clone(),
                 vcpus: spec.vcpus,
                 cells: spec.cells.clone(),
+                memory: spec.memory_by_cell(default_hugepage_kib),
+                memory_nodes: spec.memory_nodes.clone(),
                 role,
             }
         })
@@ -153,7 +156,8 @@ pub fn guests_of(specs: &[DomainSpec]) -> Vec<Guest> {
 }
 
 pub fn plan_for(topology: &Topology, host: &HostPolicy, specs: &[DomainSpec]) -> Plan {
-    let mut plan = placement::plan(topology, host, &guests_of(specs));
+    let guests = guests_of(specs, topology.default_hugepage_kib);
+    let mut plan = placement::plan(topology, host, &guests);
     for spec in specs {
         if let Some(word) = spec
             .metadata

@@ -31,15 +31,51 @@ pub struct Cpu {
     pub kind: Option<CpuKind>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NumaNode {
     pub id: u32,
     /// Online CPUs of this node (empty for memory-only nodes).
-    #[serde(serialize_with = "as_list")]
     pub cpus: CpuSet,
+    /// MemTotal: every page the node has, hugepage pools included.
     pub memory_mib: Option<u64>,
+    /// The node's hugetlb pools, by page size.
+    pub hugepages: Vec<HugePages>,
     /// Distance to every node, in the order of `Topology::nodes`.
     pub distances: Vec<u32>,
+}
+
+impl NumaNode {
+    /// MemTotal less the hugepage pools: what normal pages can use.
+    pub fn normal_memory_mib(&self) -> Option<u64> {
+        let huge_kib: u64 = self.hugepages.iter().map(|p| p.size_kib * p.total).sum();
+        self.memory_mib
+            .map(|mib| mib.saturating_sub(huge_kib.div_ceil(1024)))
+    }
+}
+
+/// The JSON of a node: its fields, and its normal memory beside MemTotal.
+impl Serialize for NumaNode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut node = s.serialize_struct("NumaNode", 6)?;
+        node.serialize_field("id", &self.id)?;
+        node.serialize_field("cpus", &self.cpus.to_vec())?;
+        node.serialize_field("memory_mib", &self.memory_mib)?;
+        node.serialize_field("normal_memory_mib", &self.normal_memory_mib())?;
+        node.serialize_field("hugepages", &self.hugepages)?;
+        node.serialize_field("distances", &self.distances)?;
+        node.end()
+    }
+}
+
+/// One hugetlb pool of a node (`…/nodeN/hugepages/hugepages-<size>kB`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct HugePages {
+    pub size_kib: u64,
+    /// `nr_hugepages`: pages in the pool.
+    pub total: u64,
+    /// `free_hugepages`: not in use now.
+    pub free: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -55,6 +91,9 @@ pub struct Topology {
     pub isolated: CpuSet,
     #[serde(serialize_with = "as_list")]
     pub nohz_full: CpuSet,
+    /// The host's default huge page size (`Hugepagesize` in /proc/meminfo):
+    /// what a guest asking for huge pages without a size gets.
+    pub default_hugepage_kib: Option<u64>,
     /// Highest possible CPU id + 1: the width of libvirt's cpumaps.
     #[serde(skip)]
     pub cpumap_width: u32,
@@ -77,6 +116,7 @@ impl Topology {
                 id: i as u32,
                 cpus: chunk.iter().copied().collect(),
                 memory_mib: None,
+                hugepages: Vec::new(),
                 distances: Vec::new(),
             })
             .collect();
@@ -104,6 +144,7 @@ impl Topology {
             numa_nodes,
             isolated: CpuSet::new(),
             nohz_full: CpuSet::new(),
+            default_hugepage_kib: Some(2048),
             cpumap_width: online.iter().max().map_or(1, |m| m + 1),
         }
     }
@@ -142,6 +183,7 @@ impl Topology {
                     .map(|c| c.id)
                     .collect(),
                 memory_mib: Some(65536),
+                hugepages: Vec::new(),
                 distances: (0..nodes)
                     .map(|m| {
                         if m == n {
@@ -163,6 +205,7 @@ impl Topology {
             numa_nodes,
             isolated: CpuSet::new(),
             nohz_full: CpuSet::new(),
+            default_hugepage_kib: Some(2048),
         }
     }
 

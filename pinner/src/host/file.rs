@@ -37,6 +37,12 @@ impl FileError {
 /// most `cap` bytes. The open never blocks: O_NONBLOCK makes opening a FIFO
 /// return at once, and its type is then refused before any read.
 pub fn read_text(path: &Path, cap: u64) -> Result<String, FileError> {
+    String::from_utf8(read_bytes(path, cap)?).map_err(|_| FileError::NotText)
+}
+
+/// As [`read_text`], the bytes as they are (sysfs files may hold NUL
+/// padding or other junk their readers skip).
+pub fn read_bytes(path: &Path, cap: u64) -> Result<Vec<u8>, FileError> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOCTTY)
@@ -59,7 +65,7 @@ pub fn read_text(path: &Path, cap: u64) -> Result<String, FileError> {
 
 /// Reads at most `cap` bytes; a file that grew past the cap since fstat is
 /// refused rather than cut.
-fn read_capped(file: File, cap: u64) -> Result<String, FileError> {
+fn read_capped(file: File, cap: u64) -> Result<Vec<u8>, FileError> {
     let mut bytes = Vec::new();
     file.take(cap + 1).read_to_end(&mut bytes)?;
     if bytes.len() as u64 > cap {
@@ -68,7 +74,7 @@ fn read_capped(file: File, cap: u64) -> Result<String, FileError> {
             cap,
         });
     }
-    String::from_utf8(bytes).map_err(|_| FileError::NotText)
+    Ok(bytes)
 }
 
 fn describe(kind: &std::fs::FileType) -> &'static str {

@@ -6,9 +6,14 @@
 //! readers take what parses.
 
 use crate::engine::cpuset::CpuSet;
-use crate::engine::topology::{Cpu, CpuKind, NumaNode, Topology};
+use crate::engine::topology::{Cpu, CpuKind, HugePages, NumaNode, Topology};
+use crate::host::file;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+
+/// The largest sysfs file read: a distance row of 1,024 nodes is 4 KiB; a
+/// snapshot's file far larger (or a FIFO, a device) is not sysfs's.
+const SYSFS_FILE_CAP: u64 = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SysfsError {
@@ -21,9 +26,11 @@ pub enum SysfsError {
     NoOnlineCpus(PathBuf),
 }
 
-/// Reads a file as trimmed text, NUL padding removed; None when absent.
+/// Reads a file as trimmed text, NUL padding removed; None when absent,
+/// not a regular file, or larger than any sysfs file (snapshots come from
+/// other machines: a FIFO there must not hang the reader).
 fn read_text(path: &Path) -> Option<String> {
-    let bytes = std::fs::read(path).ok()?;
+    let bytes = file::read_bytes(path, SYSFS_FILE_CAP).ok()?;
     let text = String::from_utf8_lossy(&bytes);
     Some(
         text.trim_matches(|c: char| c.is_whitespace() || c == '\0')
@@ -136,8 +143,80 @@ pub fn read_topology(sysfs_root: &Path) -> Result<Topology, SysfsError> {
         numa_nodes,
         isolated: read_cpus(&cpu_dir.join("isolated")).unwrap_or_default(),
         nohz_full: read_cpus(&cpu_dir.join("nohz_full")).unwrap_or_default(),
+        default_hugepage_kib: default_hugepage_kib(sysfs_root),
         cpumap_width,
     })
+}
+
+/// Reads each node's memory again (MemTotal and hugepage pools): they
+/// change while the host runs (`nr_hugepages` written, memory hot-plugged).
+pub fn refresh_memory(sysfs_root: &Path, topology: &mut Topology) {
+    let node_dir = sysfs_root.join("sys/devices/system/node");
+    for node in topology.numa_nodes.iter_mut() {
+        let dir = node_dir.join(format!("node{}", node.id));
+        if dir.is_dir() {
+            node.memory_mib = read_mem_total(&dir);
+            node.hugepages = read_hugepages(&dir);
+        }
+    }
+}
+
+/// The host's default huge page size: `Hugepagesize` in /proc/meminfo
+/// under the root, else the smallest size the kernel offers.
+fn default_hugepage_kib(root: &Path) -> Option<u64> {
+    let from_meminfo = read_text(&root.join("proc/meminfo")).and_then(|t| {
+        let line = t.lines().find(|l| l.starts_with("Hugepagesize:"))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    });
+    from_meminfo.or_else(|| {
+        hugepage_sizes(&root.join("sys/kernel/mm/hugepages"))
+            .into_iter()
+            .map(|(size, _)| size)
+            .min()
+    })
+}
+
+/// The `hugepages-<size>kB` directories under `dir`: (size in KiB, path).
+fn hugepage_sizes(dir: &Path) -> Vec<(u64, PathBuf)> {
+    let mut sizes: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| {
+                    let name = e.file_name();
+                    let size = name
+                        .to_str()?
+                        .strip_prefix("hugepages-")?
+                        .strip_suffix("kB")?
+                        .parse()
+                        .ok()?;
+                    Some((size, e.path()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    sizes.sort();
+    sizes
+}
+
+/// A node's hugetlb pools (`<node>/hugepages/hugepages-<size>kB`).
+fn read_hugepages(node_dir: &Path) -> Vec<HugePages> {
+    hugepage_sizes(&node_dir.join("hugepages"))
+        .into_iter()
+        .map(|(size_kib, dir)| HugePages {
+            size_kib,
+            total: read_number(&dir.join("nr_hugepages")).unwrap_or(0),
+            free: read_number(&dir.join("free_hugepages")).unwrap_or(0),
+        })
+        .collect()
+}
+
+/// A node's MemTotal, in MiB.
+fn read_mem_total(node_dir: &Path) -> Option<u64> {
+    let text = read_text(&node_dir.join("meminfo"))?;
+    let line = text.lines().find(|l| l.contains("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().rev().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
 }
 
 /// The online CPUs: the `online` list, else (older kernels) each
@@ -279,11 +358,8 @@ fn read_nodes(root: &Path, online: &CpuSet) -> Vec<NumaNode> {
             cpus: read_cpus(&path.join("cpulist"))
                 .unwrap_or_default()
                 .intersection(online),
-            memory_mib: read_text(&path.join("meminfo")).and_then(|t| {
-                let line = t.lines().find(|l| l.contains("MemTotal:"))?;
-                let kib: u64 = line.split_whitespace().rev().nth(1)?.parse().ok()?;
-                Some(kib / 1024)
-            }),
+            memory_mib: read_mem_total(&path),
+            hugepages: read_hugepages(&path),
             distances: read_text(&path.join("distance"))
                 .map(|t| {
                     t.split_whitespace()
@@ -300,6 +376,7 @@ fn read_nodes(root: &Path, online: &CpuSet) -> Vec<NumaNode> {
             id: 0,
             cpus: online.clone(),
             memory_mib: None,
+            hugepages: Vec::new(),
             distances: Vec::new(),
         });
     }
@@ -438,6 +515,62 @@ mod tests {
             "memory-only node kept, without CPUs"
         );
         assert_eq!(topo.nodes_of(&CpuSet::parse("2,5").unwrap()), vec![0, 1]);
+    }
+
+    #[test]
+    fn reads_each_nodes_hugepage_pools_and_the_default_size() {
+        let root = two_socket();
+        let pool = root.join("sys/devices/system/node/node0/hugepages/hugepages-2048kB");
+        std::fs::create_dir_all(&pool).unwrap();
+        std::fs::write(pool.join("nr_hugepages"), "512\n").unwrap();
+        std::fs::write(pool.join("free_hugepages"), "500\n").unwrap();
+        let gig = root.join("sys/devices/system/node/node0/hugepages/hugepages-1048576kB");
+        std::fs::create_dir_all(&gig).unwrap();
+        std::fs::write(gig.join("nr_hugepages"), "0\n").unwrap();
+        std::fs::create_dir_all(root.join("proc")).unwrap();
+        std::fs::write(
+            root.join("proc/meminfo"),
+            "MemTotal: 1 kB\nHugepagesize:       2048 kB\n",
+        )
+        .unwrap();
+        let mut topo = read_topology(&root).unwrap();
+        let node0 = &topo.numa_nodes[0];
+        assert_eq!(
+            node0.hugepages,
+            vec![
+                HugePages {
+                    size_kib: 2048,
+                    total: 512,
+                    free: 500
+                },
+                HugePages {
+                    size_kib: 1 << 20,
+                    total: 0,
+                    free: 0
+                },
+            ]
+        );
+        assert_eq!(node0.normal_memory_mib(), Some(16384 - 1024));
+        assert_eq!(topo.default_hugepage_kib, Some(2048));
+        let v = serde_json::to_value(&topo).unwrap();
+        assert_eq!(v["numa_nodes"][0]["normal_memory_mib"], 15360);
+        assert_eq!(v["numa_nodes"][0]["hugepages"][0]["free"], 500);
+        // The pool grows while the host runs: a refresh sees it.
+        std::fs::write(pool.join("nr_hugepages"), "1024\n").unwrap();
+        refresh_memory(&root, &mut topo);
+        assert_eq!(topo.numa_nodes[0].hugepages[0].total, 1024);
+    }
+
+    #[test]
+    fn a_fifo_in_a_snapshot_is_passed_over_not_waited_on() {
+        let root = two_socket();
+        let online = root.join("sys/devices/system/cpu/online");
+        std::fs::remove_file(&online).unwrap();
+        nix::unistd::mkfifo(&online, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        // No writer ever opens it: a blocking read would hang here. The
+        // per-CPU files say who is online instead.
+        let topo = read_topology(&root).unwrap();
+        assert_eq!(topo.online.to_string(), "0-2,4-7");
     }
 
     #[test]

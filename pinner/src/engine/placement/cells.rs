@@ -3,8 +3,10 @@
 //! cell's vCPUs go within one host node, distinct cells on distinct nodes
 //! while they fit, and the set of nodes the closest by the distance matrix.
 
-use super::dedicated::{choose_nodes, pick_in_region};
+use super::dedicated::{pick_from, pick_in_region};
 use super::layout::{join_nodes, node_label, Layout};
+use super::memory::Fit;
+use super::region::choose_nodes;
 use super::{CellPlan, Current};
 use crate::engine::cpuset::CpuSet;
 
@@ -12,13 +14,15 @@ use crate::engine::cpuset::CpuSet;
 /// own free node.
 type Choice = (Option<u32>, Option<String>);
 
-/// A dedicated placement of a guest's `cells` (vCPU sets, in cell order):
-/// one CPU per vCPU in `slots` and a plan per cell; None (its kept pins
-/// handed back to `free`) when the guest does not fit. `slots` holds the pins kept so
-/// far; they are handed back and preferred, so a valid placement stays.
+/// A dedicated placement of a guest's `cells` (vCPU sets, in cell order;
+/// `fits`: whether nodes hold each cell's memory): one CPU per vCPU in
+/// `slots` and a plan per cell; None (its kept pins handed back to `free`)
+/// when the guest does not fit. `slots` holds the pins kept so far; they
+/// are handed back and preferred, so a valid placement stays.
 pub(super) fn place_cells(
     layout: &Layout,
     cells: &[CpuSet],
+    fits: &[Fit],
     current: Current,
     slots: &mut [Option<u32>],
     free: &mut CpuSet,
@@ -42,21 +46,24 @@ pub(super) fn place_cells(
         })
         .collect();
     // 2. A node per cell.
-    let choices = choose_cell_nodes(layout, &pool, cells, &homes);
+    let choices = choose_cell_nodes(layout, &pool, cells, fits, &homes);
     // 3. Each cell's CPUs inside its node, whole cores first.
     let mut plans = Vec::with_capacity(cells.len());
     for (i, (cell, (node, why))) in cells.iter().zip(choices).enumerate() {
         let need = cell.len();
         let node_free = layout.node_masks.get(&node).map(|m| m.intersection(&pool));
-        let (region, why) = match node_free.filter(|f| node.is_some() && f.len() >= need) {
-            Some(region) => (region, why),
+        let own = homes[i].intersection(&mine);
+        let (cpus, why) = match node_free.filter(|f| node.is_some() && f.len() >= need) {
+            Some(region) => (
+                pick_in_region(layout, &region, &pool, &own, &homes[i], need).0,
+                why,
+            ),
             None => {
-                let (region, spans) = choose_nodes(layout, &pool, &homes[i], need);
-                (region, Some(spans))
+                let region = choose_nodes(layout, &pool, &homes[i], need, &fits[i]);
+                let cpus = pick_from(layout, &region, &pool, &own, &homes[i], need).0;
+                (cpus, Some(region.reason))
             }
         };
-        let own = homes[i].intersection(&mine);
-        let (cpus, _) = pick_in_region(layout, &region, &pool, &own, &homes[i], need);
         for (vcpu, cpu) in cell.iter().zip(cpus.iter()) {
             slots[vcpu as usize] = Some(cpu);
         }
@@ -75,17 +82,20 @@ pub(super) fn place_cells(
 }
 
 /// Steps of the node choice:
-///  1. every cell on its home node, when those are distinct and have room;
+///  1. every cell on its home node, when those are distinct and have room
+///     (CPUs and memory);
 ///  2. else, from each node in turn as the anchor of the largest cell, the
-///     cells by size each on the unused node closest to those chosen (its
-///     home first among equals, then the tightest fit); the anchor whose
-///     nodes leave the fewest cells without one and lie closest wins;
+///     cells by size each on the unused node closest to those chosen that
+///     holds its memory (its home first among equals, then the tightest
+///     fit); the anchor whose nodes leave the fewest cells without one and
+///     lie closest wins;
 ///  3. a cell left without a node of its own shares the roomiest chosen
 ///     one, or (None) spans nodes.
 fn choose_cell_nodes(
     layout: &Layout,
     pool: &CpuSet,
     cells: &[CpuSet],
+    fits: &[Fit],
     homes: &[CpuSet],
 ) -> Vec<Choice> {
     let room: Vec<(Option<u32>, usize)> = layout
@@ -99,7 +109,7 @@ fn choose_cell_nodes(
         home_nodes[i].is_some_and(|n| {
             room.iter()
                 .any(|(node, free)| *node == Some(n) && *free >= cells[i].len())
-        })
+        }) && fits[i].holds(&[home_nodes[i]])
     };
     let mut distinct: Vec<Option<u32>> = home_nodes.clone();
     distinct.sort();
@@ -115,11 +125,11 @@ fn choose_cell_nodes(
     let best = room
         .iter()
         .filter(|(_, free)| *free >= cells[order[0]].len())
-        .map(|(anchor, _)| assign_from(layout, &room, cells, &home_nodes, &order, *anchor))
+        .map(|(anchor, _)| assign_from(layout, &room, cells, fits, &home_nodes, &order, *anchor))
         .min_by_key(|(nodes, score)| (*score, nodes.clone()))
         .map(|(nodes, _)| nodes)
         .unwrap_or_else(|| vec![None; cells.len()]);
-    share_or_span(layout, &room, cells, best)
+    share_or_span(layout, &room, cells, fits, best)
 }
 
 /// Step 2 from one anchor: the nodes per cell, and the score (cells left
@@ -129,6 +139,7 @@ fn assign_from(
     layout: &Layout,
     room: &[(Option<u32>, usize)],
     cells: &[CpuSet],
+    fits: &[Fit],
     home_nodes: &[Option<u32>],
     order: &[usize],
     anchor: Option<u32>,
@@ -140,6 +151,7 @@ fn assign_from(
         let pick = room
             .iter()
             .filter(|(node, free)| *free >= need && !chosen.contains(node))
+            .filter(|(node, _)| fits[i].holds(&[*node]))
             .filter(|(node, _)| step > 0 || *node == anchor)
             .min_by_key(|(node, free)| {
                 let distance: u32 = chosen.iter().map(|c| layout.distance(*c, *node)).sum();
@@ -169,6 +181,7 @@ fn share_or_span(
     layout: &Layout,
     room: &[(Option<u32>, usize)],
     cells: &[CpuSet],
+    fits: &[Fit],
     nodes: Vec<Option<u32>>,
 ) -> Vec<Choice> {
     let first = nodes.iter().flatten().next().copied();
@@ -198,7 +211,7 @@ fn share_or_span(
         }
         let shared = left
             .iter_mut()
-            .filter(|(_, free)| *free >= need)
+            .filter(|(node, free)| *free >= need && fits[i].holds(&[*node]))
             .max_by_key(|(node, free)| (*free, std::cmp::Reverse(*node)));
         match shared {
             Some((node, free)) => {

@@ -1,8 +1,10 @@
 //! Dedicated placement: one pCPU per vCPU, kept pins first, then the best
-//! nodes, L3 domains and whole cores for the rest.
+//! nodes (by CPUs and memory), L3 domains and whole cores for the rest.
 
 use super::cells::{describe, place_cells};
-use super::layout::{join_nodes, kind_rank, node_label, L3Key, Layout};
+use super::layout::{join_nodes, kind_rank, L3Key, Layout};
+use super::memory::{Fit, Memory, Target};
+use super::region::{choose_nodes, Region};
 use super::{
     guest_plan, Current, EmulatorPolicy, Guest, GuestPlan, HostPolicy, Locality, Placement,
 };
@@ -11,15 +13,17 @@ use crate::engine::topology::CpuKind;
 use std::collections::{BTreeSet, HashMap};
 
 /// Places guests one pCPU per vCPU from `free`; returns a plan for each,
-/// None for those that could not be placed (not enough free CPUs of one kind).
+/// None for those that could not be placed (not enough free CPUs of one
+/// kind). Each guest's memory is taken on its nodes as it is placed.
 pub(super) fn place_dedicated(
     layout: &Layout,
     host: &HostPolicy,
     reserved: &CpuSet,
     guests: &[(&Guest, Current)],
     free: &mut CpuSet,
+    memory: &mut Memory,
 ) -> Vec<Option<GuestPlan>> {
-    let mut kept = keep_free_pins(layout, guests, free);
+    let mut kept = keep_free_pins(layout, guests, free, memory);
     // Then fill the rest, larger guests first (they are the hardest to fit).
     let mut order: Vec<usize> = (0..guests.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(guests[i].0.vcpus));
@@ -28,57 +32,111 @@ pub(super) fn place_dedicated(
     let mut kept_reasons: HashMap<Vec<Option<u32>>, String> = HashMap::new();
     for i in order {
         let (g, current) = guests[i];
-        let slots = &mut kept[i];
-        let (placed, cells) = match g.cell_groups(layout) {
-            Some(groups) => match place_cells(layout, &groups, current, slots, free) {
-                Some(plans) => {
-                    let own: CpuSet = slots.iter().flatten().copied().collect();
-                    let reason = format!("dedicated: {}", describe(&plans));
-                    (Some((own, Some(reason))), plans)
-                }
-                None => (None, Vec::new()),
-            },
-            None => (fill_slots(layout, current, slots, free), Vec::new()),
-        };
-        let Some((own, reason)) = placed else {
+        memory.release(g);
+        let Some(placed) = place_one(layout, g, current, &mut kept[i], free, memory) else {
             continue;
         };
-        let vcpus: Vec<CpuSet> = slots
-            .iter()
-            .map(|s| s.map(|c| std::iter::once(c).collect()).unwrap_or_default())
-            .collect();
-        let nodes = layout.nodes_opt(&own);
-        let reason = reason.unwrap_or_else(|| {
+        let nodes = layout.nodes_opt(&placed.cpus);
+        let mut reason = placed.reason.unwrap_or_else(|| {
             kept_reasons
                 .entry(nodes.clone())
                 .or_insert_with(|| format!("dedicated: kept pins on node {}", join_nodes(&nodes)))
                 .clone()
         });
+        if let Some(why) = memory.displaced(g) {
+            reason = format!("{reason}; {why}");
+        }
         let emulator = match host.emulator {
             EmulatorPolicy::Housekeeping if !reserved.is_empty() => reserved.clone(),
-            _ => own,
+            _ => placed.cpus,
         };
-        let locality = Locality::of(&nodes);
-        let mut plan = guest_plan(g, Placement::Dedicated, vcpus, emulator, locality, reason);
-        plan.cells = cells;
+        let vcpus: Vec<CpuSet> = kept[i]
+            .iter()
+            .map(|s| s.map(|c| std::iter::once(c).collect()).unwrap_or_default())
+            .collect();
+        let mut plan = guest_plan(
+            g,
+            Placement::Dedicated,
+            vcpus,
+            emulator,
+            placed.locality,
+            reason,
+        );
+        plan.cells = placed.cells;
         plans[i] = Some(plan);
     }
     plans
 }
 
+/// One guest placed one-to-one: its CPUs, why (None: it kept every pin),
+/// its cells, and where its memory is bound.
+struct Placed {
+    cpus: CpuSet,
+    reason: Option<String>,
+    cells: Vec<super::CellPlan>,
+    locality: Locality,
+}
+
+/// Fills `g`'s `slots` from `free` (by cells when it has them) and settles
+/// its memory; None when it does not fit.
+fn place_one(
+    layout: &Layout,
+    g: &Guest,
+    current: Current,
+    slots: &mut [Option<u32>],
+    free: &mut CpuSet,
+    memory: &mut Memory,
+) -> Option<Placed> {
+    if let Some(groups) = g.cell_groups(layout) {
+        let parts = g.cell_memory(groups.len());
+        let fits: Vec<Fit> = parts.iter().map(|p| memory.fit_parts(p)).collect();
+        let cells = place_cells(layout, &groups, &fits, current, slots, free)?;
+        let cpus: CpuSet = slots.iter().flatten().copied().collect();
+        let per_cell: Vec<(CpuSet, Vec<_>)> = groups
+            .iter()
+            .zip(parts)
+            .map(|(cell, parts)| {
+                (
+                    cell.iter().filter_map(|v| slots[v as usize]).collect(),
+                    parts,
+                )
+            })
+            .collect();
+        let locality = memory.settle_cells(layout, g, &per_cell);
+        let reason = format!("dedicated: {}", describe(&cells));
+        return Some(Placed {
+            cpus,
+            reason: Some(reason),
+            cells,
+            locality,
+        });
+    }
+    let (cpus, reason, target) = fill_slots(layout, current, slots, free, &memory.fit(g))?;
+    let locality = memory.settle(layout, g, &cpus, &target);
+    Some(Placed {
+        cpus,
+        reason,
+        cells: Vec::new(),
+        locality,
+    })
+}
+
 /// Per guest, per vCPU: the single-CPU pin it keeps, taken out of `free`.
 /// A pin is kept while its CPU is free and of the kind the guest's first
-/// kept pin has, so a replan moves nothing it need not.
+/// kept pin has, so a replan moves nothing it need not; a guest whose
+/// memory no longer fits where it runs keeps none.
 pub(super) fn keep_free_pins(
     layout: &Layout,
     guests: &[(&Guest, Current)],
     free: &mut CpuSet,
+    memory: &Memory,
 ) -> Vec<Vec<Option<u32>>> {
     let mut kept = Vec::with_capacity(guests.len());
     for (g, current) in guests {
         let mut slots = vec![None; g.vcpus as usize];
         let mut kind = None;
-        for (vcpu, slot) in slots.iter_mut().enumerate() {
+        let keeps = memory.displaced(g).is_none();
+        for (vcpu, slot) in slots.iter_mut().enumerate().filter(|_| keeps) {
             let Some(Some(pin)) = current.get(vcpu) else {
                 continue;
             };
@@ -97,19 +155,27 @@ pub(super) fn keep_free_pins(
     kept
 }
 
-/// Fills a guest's empty `slots` from `free`. Returns its CPUs and the
-/// reason for fresh picks (None: it kept every pin), or None when it does
-/// not fit, its kept pins then handed back to `free`.
-pub(super) fn fill_slots(
+/// A fresh pick: the CPUs, why, and where the memory goes.
+pub(super) struct Pick {
+    cpus: CpuSet,
+    reason: String,
+    target: Target,
+}
+
+/// Fills a guest's empty `slots` from `free`. Returns its CPUs, the reason
+/// for fresh picks (None: it kept every pin) and where its memory goes, or
+/// None when it does not fit, its kept pins then handed back to `free`.
+fn fill_slots(
     layout: &Layout,
     current: Current,
     slots: &mut [Option<u32>],
     free: &mut CpuSet,
-) -> Option<(CpuSet, Option<String>)> {
+    fit: &Fit,
+) -> Option<(CpuSet, Option<String>, Target)> {
     let mut mine: CpuSet = slots.iter().flatten().copied().collect();
     let missing = slots.iter().filter(|s| s.is_none()).count();
     if missing == 0 {
-        return Some((mine, None));
+        return Some((mine, None, Target::cpus()));
     }
     // Where the guest runs now (kept pins, or the range it shared) is home:
     // its memory is there. Pins on CPUs it can no longer have (reserved,
@@ -118,28 +184,28 @@ pub(super) fn fill_slots(
     let home = current.iter().flatten().fold(mine.clone(), |acc, pin| {
         acc.union(&pin.intersection(&usable))
     });
-    let mut picked = pick_dedicated(layout, free, &mine, &home, missing);
-    if let Some(regrouped) = regroup(layout, &usable, &mine, &home, slots.len(), &picked) {
+    let mut picked = pick_dedicated(layout, free, &mine, &home, missing, fit);
+    if let Some(regrouped) = regroup(layout, &usable, &mine, &home, slots.len(), &picked, fit) {
         // The whole guest moves: its memory follows it to one node.
         slots.fill(None);
         *free = usable;
         mine = CpuSet::new();
         picked = Some(regrouped);
     }
-    let Some((chosen, reason)) = picked else {
+    let Some(pick) = picked else {
         for cpu in mine.iter() {
             free.insert(cpu);
         }
         return None;
     };
-    let mut fresh = chosen.iter();
+    let mut fresh = pick.cpus.iter();
     for slot in slots.iter_mut().filter(|s| s.is_none()) {
         *slot = fresh.next();
     }
-    for cpu in chosen.iter() {
+    for cpu in pick.cpus.iter() {
         free.remove(cpu);
     }
-    Some((mine.union(&chosen), Some(reason)))
+    Some((mine.union(&pick.cpus), Some(pick.reason), pick.target))
 }
 
 /// A fresh pick of all `vcpus` from `usable` when it spans fewer nodes than
@@ -151,37 +217,41 @@ fn regroup(
     mine: &CpuSet,
     home: &CpuSet,
     vcpus: usize,
-    picked: &Option<(CpuSet, String)>,
-) -> Option<(CpuSet, String)> {
+    picked: &Option<Pick>,
+    fit: &Fit,
+) -> Option<Pick> {
     if mine.is_empty() {
         return None;
     }
     let kept_nodes = picked
         .as_ref()
-        .map(|(chosen, _)| layout.nodes_opt(&chosen.union(mine)));
-    let (cpus, reason) = pick_dedicated(layout, usable, &CpuSet::new(), home, vcpus)?;
+        .map(|p| layout.nodes_opt(&p.cpus.union(mine)));
+    let mut fresh = pick_dedicated(layout, usable, &CpuSet::new(), home, vcpus, fit)?;
     match kept_nodes {
-        Some(nodes) if layout.nodes_opt(&cpus).len() >= nodes.len() => None,
-        Some(nodes) => Some((
-            cpus,
-            format!(
-                "{reason}; moved whole (its kept pins would span nodes {})",
+        Some(nodes) if layout.nodes_opt(&fresh.cpus).len() >= nodes.len() => None,
+        Some(nodes) => {
+            fresh.reason = format!(
+                "{}; moved whole (its kept pins would span nodes {})",
+                fresh.reason,
                 join_nodes(&nodes)
-            ),
-        )),
-        None => Some((cpus, reason)),
+            );
+            Some(fresh)
+        }
+        None => Some(fresh),
     }
 }
 
 /// `need` free CPUs for a guest that already holds `mine`: one core kind,
-/// the best nodes, then L3 and SMT locality inside them.
-pub(super) fn pick_dedicated(
+/// the best nodes (where its memory fits too), then L3 and SMT locality
+/// inside them.
+fn pick_dedicated(
     layout: &Layout,
     free: &CpuSet,
     mine: &CpuSet,
     home: &CpuSet,
     need: usize,
-) -> Option<(CpuSet, String)> {
+    fit: &Fit,
+) -> Option<Pick> {
     let kinds = match mine.first() {
         Some(cpu) => vec![layout.kind_of(cpu)],
         None => layout.kinds_in(free),
@@ -194,76 +264,45 @@ pub(super) fn pick_dedicated(
         if candidates.len() < need {
             continue;
         }
-        let (region, where_) = choose_nodes(layout, &candidates, home, need);
-        let (cpus, l3_note) = pick_in_region(layout, &region, free, mine, home, need);
+        let region = choose_nodes(layout, &candidates, home, need, fit);
+        let (cpus, l3_note) = pick_from(layout, &region, free, mine, home, need);
         let kind_note = match kind {
             Some(CpuKind::Performance) => ", performance cores",
             Some(CpuKind::Efficiency) => ", efficiency cores",
             None => "",
         };
-        return Some((cpus, format!("dedicated: {where_}{l3_note}{kind_note}")));
+        return Some(Pick {
+            cpus,
+            reason: format!("dedicated: {}{l3_note}{kind_note}", region.reason),
+            target: region.target,
+        });
     }
     None
 }
 
-/// The nodes to take `need` CPUs from: where the guest already is (`home`:
-/// its pins or the range it shared) if that has room, else the node that fits it most tightly, else the fewest nodes,
-/// closest by the distance matrix. Returns their candidate CPUs and a reason.
-pub(super) fn choose_nodes(
+/// `need` CPUs from a region: as [`pick_in_region`], or node by node by
+/// its quotas (a span made for memory spreads the vCPUs as the memory).
+pub(super) fn pick_from(
     layout: &Layout,
-    candidates: &CpuSet,
+    region: &Region,
+    free: &CpuSet,
+    mine: &CpuSet,
     home: &CpuSet,
     need: usize,
 ) -> (CpuSet, String) {
-    let by_node = layout.by_node(candidates);
-    let home_nodes = layout.nodes_opt(home);
-    let room = home_nodes
-        .iter()
-        .filter_map(|n| by_node.get(n))
-        .fold(CpuSet::new(), |acc, s| acc.union(s));
-    if !home.is_empty() && room.len() >= need {
-        return (room, format!("stays on node {}", join_nodes(&home_nodes)));
+    if region.quotas.is_empty() {
+        return pick_in_region(layout, &region.cpus, free, mine, home, need);
     }
-    if let Some((node, cpus)) = by_node
-        .iter()
-        .filter(|(_, cpus)| cpus.len() >= need)
-        .min_by_key(|(node, cpus)| (cpus.len(), **node))
-    {
-        return (cpus.clone(), format!("fits node {}", node_label(*node)));
+    let mut picked = CpuSet::new();
+    for (node, quota) in &region.quotas {
+        let part = layout
+            .node_masks
+            .get(node)
+            .map(|m| m.intersection(&region.cpus))
+            .unwrap_or_default();
+        picked = picked.union(&pick_in_region(layout, &part, free, mine, home, *quota).0);
     }
-    // Start from the node with most room, add the closest until it fits.
-    let mut selected: Vec<Option<u32>> = Vec::new();
-    let mut total = 0;
-    while total < need {
-        let next = by_node
-            .iter()
-            .filter(|(n, _)| !selected.contains(n))
-            .min_by_key(|(n, cpus)| {
-                let distance: u32 = selected.iter().map(|s| layout.distance(*s, **n)).sum();
-                (distance, std::cmp::Reverse(cpus.len()), **n)
-            });
-        let Some((node, cpus)) = next else { break };
-        selected.push(*node);
-        total += cpus.len();
-    }
-    let farthest = selected
-        .iter()
-        .flat_map(|a| selected.iter().map(move |b| (*a, *b)))
-        .map(|(a, b)| layout.distance(a, b))
-        .max()
-        .unwrap_or(10);
-    let region = selected
-        .iter()
-        .filter_map(|n| by_node.get(n))
-        .fold(CpuSet::new(), |acc, s| acc.union(s));
-    selected.sort();
-    (
-        region,
-        format!(
-            "no node has {need} free CPUs; spans nodes {} (distance {farthest})",
-            join_nodes(&selected)
-        ),
-    )
+    (picked, String::new())
 }
 
 /// `need` CPUs from `region`: the L3 domain of the guest's pins if it has

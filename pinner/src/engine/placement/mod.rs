@@ -12,15 +12,21 @@
 
 use crate::engine::cpuset::CpuSet;
 use crate::engine::domain::Policy;
+use crate::engine::memory::{
+    by_kind, human, Claim, MemoryPart, MemoryReserve, PageKind, PoolFigures,
+};
 use crate::engine::topology::Topology;
 
 mod cells;
 mod dedicated;
 pub mod layout;
+mod memory;
+mod region;
 mod shared;
 
 use dedicated::place_dedicated;
 use layout::Layout;
+use memory::Memory;
 use shared::place_shared;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +50,11 @@ pub struct Guest {
     pub vcpus: u32,
     /// The guest's own NUMA cells: the vCPUs of each (empty: none).
     pub cells: Vec<CpuSet>,
+    /// Its memory: one entry per cell of `cells`, else one for the whole
+    /// guest (empty: not known, so placed as if it took none).
+    pub memory: Vec<Vec<MemoryPart>>,
+    /// The nodes its memory is bound to now (None: not bound).
+    pub memory_nodes: Option<CpuSet>,
     pub role: Role,
 }
 
@@ -67,6 +78,8 @@ pub struct HostPolicy {
     /// nova's `cpu_shared_set`: the only CPUs shared guests may float on.
     pub shared_set: Option<CpuSet>,
     pub emulator: EmulatorPolicy,
+    /// Memory the host keeps for itself on each node.
+    pub memory_reserve: MemoryReserve,
 }
 
 impl HostPolicy {
@@ -77,6 +90,7 @@ impl HostPolicy {
             dedicated_set: None,
             shared_set: None,
             emulator: EmulatorPolicy::Housekeeping,
+            memory_reserve: MemoryReserve::default(),
         }
     }
 }
@@ -140,9 +154,12 @@ pub struct GuestPlan {
     pub emulator: CpuSet,
     /// Nodes of the guest's vCPUs.
     pub numa_nodes: Vec<u32>,
-    /// Memory binding (strict) to these nodes; None when some of the
-    /// guest's CPUs belong to no node, so memory is left alone.
+    /// Memory binding to these nodes; None when it is left alone: some of
+    /// the guest's CPUs belong to no node, or its memory fits no set of
+    /// nodes (a guest bound before is then bound to every node).
     pub memory_nodes: Option<Vec<u32>>,
+    /// What its memory takes on each node: (node, kind, KiB).
+    pub memory: Claim,
     /// Where each of the guest's NUMA cells went (empty: it has none, or
     /// the host has one node).
     pub cells: Vec<CellPlan>,
@@ -161,6 +178,21 @@ pub struct CellPlan {
 }
 
 impl Guest {
+    /// Its memory summed by kind.
+    pub fn memory_parts(&self) -> Vec<MemoryPart> {
+        by_kind(&self.memory.concat())
+    }
+
+    /// Each cell's memory, for `groups` (its cells, as placement keeps
+    /// them): the cells' own entries when they line up, else nothing.
+    fn cell_memory(&self, groups: usize) -> Vec<Vec<MemoryPart>> {
+        if self.memory.len() == groups {
+            self.memory.clone()
+        } else {
+            vec![Vec::new(); groups]
+        }
+    }
+
     /// The vCPU groups to keep node-aligned: the cells, when there are two
     /// or more and the host has two or more nodes; vCPUs no cell names go
     /// with the last cell.
@@ -187,6 +219,9 @@ pub struct Plan {
     pub warnings: Vec<Warning>,
     /// vCPUs whose existing pin the plan changes.
     pub pins_moved: u32,
+    /// Every node's memory of each kind: what guests may take and what
+    /// the plan (and the guests it leaves alone) commits there.
+    pub memory: Vec<PoolFigures>,
 }
 
 /// Why no CPU is left for guests.
@@ -218,6 +253,15 @@ pub enum Warning {
     },
     #[error("{guest}: unknown pinner policy {word:?}, treated as auto")]
     UnknownPolicy { guest: String, word: String },
+    #[error("{guest}: memory not bound: {} fits no set of nodes", human(*kib))]
+    MemoryUnbound { guest: String, kib: u64 },
+    #[error("node {node}: {} of guest memory ({}) committed on {} of room; guests pinner leaves alone hold it", human(*committed_kib), kind.label(), human(*capacity_kib))]
+    MemoryOvercommitted {
+        node: u32,
+        kind: PageKind,
+        committed_kib: u64,
+        capacity_kib: u64,
+    },
 }
 
 type Current<'g> = &'g [Option<CpuSet>];
@@ -230,6 +274,7 @@ struct Planning<'g> {
     managed: Vec<Managed<'g>>,
     placed: Vec<Option<GuestPlan>>,
     warnings: Vec<Warning>,
+    memory: Memory,
 }
 
 impl<'g> Planning<'g> {
@@ -244,11 +289,13 @@ impl<'g> Planning<'g> {
 
 /// The plan for `guests` on `topo`:
 ///  1. the pool: online − reserved − isolated − CPUs pinned by others;
-///  2. the managed guests, by name;
+///  2. the managed guests, by name, and memory: the guests left alone
+///     take theirs where it is, then each managed guest where it runs now
+///     (see [`memory`]);
 ///  3. one-to-one for guests that ask for it, and for auto guests while all
 ///     of them fit the (dedicated) pool;
 ///  4. range binding for every other guest on what is left;
-///  5. the mode, and how many existing pins moved.
+///  5. the mode, how many existing pins moved, and each node's memory.
 pub fn plan(topo: &Topology, host: &HostPolicy, guests: &[Guest]) -> Plan {
     let layout = Layout::new(topo);
     let reserved = host.reserved.intersection(&topo.online);
@@ -276,21 +323,34 @@ pub fn plan(topo: &Topology, host: &HostPolicy, guests: &[Guest]) -> Plan {
             guests: Vec::new(),
             warnings: vec![Warning::NoCpus(Box::new(why))],
             pins_moved: 0,
+            memory: Memory::new(topo, &host.memory_reserve).ledger.figures(),
         };
     }
     let mut planning = Planning {
         managed: managed_guests(guests),
         placed: Vec::new(),
         warnings: Vec::new(),
+        memory: Memory::new(topo, &host.memory_reserve),
     };
     planning.placed = vec![None; planning.managed.len()];
+    planning.memory.take_unmanaged(&layout, guests);
+    let all: Vec<usize> = (0..planning.managed.len()).collect();
+    planning
+        .memory
+        .take_homes(&layout, &planning.inputs(&all), &pool);
     let used = plan_dedicated(&layout, host, &reserved, &pool, &mut planning);
     plan_shared(&layout, host, &pool, &used, &mut planning);
     let pins_moved = moved_pins(&planning);
+    memory_warnings(&mut planning);
     // Already in name order: `managed` is. Every managed guest has a plan
     // by now; the capacity saves regrowing (and copying) the list.
     let mut plans: Vec<GuestPlan> = Vec::with_capacity(planning.placed.len());
-    plans.extend(planning.placed.into_iter().flatten());
+    for (plan, (g, _, _)) in planning.placed.into_iter().zip(&planning.managed) {
+        if let Some(mut plan) = plan {
+            plan.memory = planning.memory.claim_of(g);
+            plans.push(plan);
+        }
+    }
     Plan {
         mode: Mode::of(&plans),
         pool,
@@ -298,6 +358,30 @@ pub fn plan(topo: &Topology, host: &HostPolicy, guests: &[Guest]) -> Plan {
         guests: plans,
         warnings: planning.warnings,
         pins_moved,
+        memory: planning.memory.ledger.figures(),
+    }
+}
+
+/// Step 5's warnings: guests whose memory fits no set of nodes, and pools
+/// committed beyond their room (only guests pinner leaves alone can do that).
+fn memory_warnings(planning: &mut Planning) {
+    for (guest, kib) in std::mem::take(&mut planning.memory.unbound) {
+        planning
+            .warnings
+            .push(Warning::MemoryUnbound { guest, kib });
+    }
+    for pool in planning.memory.ledger.figures() {
+        match pool.capacity_kib {
+            Some(capacity) if pool.committed_kib > capacity => {
+                planning.warnings.push(Warning::MemoryOvercommitted {
+                    node: pool.node,
+                    kind: pool.kind,
+                    committed_kib: pool.committed_kib,
+                    capacity_kib: capacity,
+                })
+            }
+            _ => {}
+        }
     }
 }
 
@@ -347,7 +431,8 @@ fn plan_dedicated(
         .collect();
     let input = planning.inputs(&wanting);
     let mut free = dedicated_pool.clone();
-    let plans = place_dedicated(layout, host, reserved, &input, &mut free);
+    let memory = &mut planning.memory;
+    let plans = place_dedicated(layout, host, reserved, &input, &mut free, memory);
     for (&i, plan) in wanting.iter().zip(plans) {
         match plan {
             Some(plan) => planning.placed[i] = Some(plan),
@@ -385,9 +470,10 @@ fn plan_shared(
         planning.warnings.push(Warning::NoSharedRoom);
         shared_pool = pool.clone();
     }
+    let memory = &mut planning.memory;
     for (&i, plan) in shared_index
         .iter()
-        .zip(place_shared(layout, &shared_pool, &shared))
+        .zip(place_shared(layout, &shared_pool, &shared, memory))
     {
         planning.placed[i] = Some(plan);
     }
@@ -430,9 +516,9 @@ pub(super) struct Locality {
 }
 
 impl Locality {
-    /// From the guest's nodes (`Layout::nodes_opt`): memory is bound
-    /// (strict) to them unless some of its CPUs belong to no node, in which
-    /// case it is left alone.
+    /// From the guest's nodes (`Layout::nodes_opt`): memory is bound to
+    /// them unless some of its CPUs belong to no node, in which case it is
+    /// left alone.
     fn of(nodes: &[Option<u32>]) -> Locality {
         let numa_nodes: Vec<u32> = nodes.iter().flatten().copied().collect();
         let bound = !nodes.contains(&None) && !numa_nodes.is_empty();
@@ -459,6 +545,7 @@ pub(super) fn guest_plan(
         emulator,
         numa_nodes: locality.numa_nodes,
         memory_nodes: locality.memory_nodes,
+        memory: Claim::new(),
         cells: Vec::new(),
         reason,
     }
@@ -484,6 +571,8 @@ mod tests {
             uuid: format!("uuid-{name}"),
             vcpus,
             cells: vec![],
+            memory: vec![],
+            memory_nodes: None,
             role: Role::Managed { policy, current },
         }
     }
@@ -687,6 +776,8 @@ mod tests {
             uuid: "n".into(),
             vcpus: 2,
             cells: vec![],
+            memory: vec![],
+            memory_nodes: None,
             role: Role::Foreign { taken: set("4-5") },
         };
         let opted = Guest {
@@ -694,6 +785,8 @@ mod tests {
             uuid: "m".into(),
             vcpus: 2,
             cells: vec![],
+            memory: vec![],
+            memory_nodes: None,
             role: Role::OptedOut,
         };
         let mut topo = Topology::uniform(&set("0-7"), 2);
@@ -944,6 +1037,8 @@ mod tests {
             uuid: "n".into(),
             vcpus: 2,
             cells: vec![],
+            memory: vec![],
+            memory_nodes: None,
             role: Role::Foreign { taken: set("2-3") },
         };
         let topo = Topology::uniform(&set("0-3"), 1);
@@ -977,5 +1072,291 @@ mod tests {
         let a = by_name(&plan, "a");
         assert_eq!(a.memory_nodes, None);
         assert_eq!(all_cpus(a).len(), 2);
+    }
+}
+
+#[cfg(test)]
+mod memory_tests {
+    use super::*;
+    use crate::engine::topology::HugePages;
+    use std::collections::BTreeMap;
+
+    const GIB: u64 = 1 << 20;
+
+    fn set(text: &str) -> CpuSet {
+        CpuSet::parse(text).unwrap()
+    }
+
+    /// `nodes` nodes of `cpus` CPUs (one core each) and `gib` GiB each.
+    fn host(nodes: u32, cpus: u32, gib: u64) -> Topology {
+        let mut topo = Topology::synthetic(nodes, 1, cpus, 1);
+        for node in topo.numa_nodes.iter_mut() {
+            node.memory_mib = Some(gib * 1024);
+        }
+        topo
+    }
+
+    fn sized(name: &str, vcpus: u32, gib: u64, kind: PageKind) -> Guest {
+        Guest {
+            name: name.into(),
+            uuid: format!("uuid-{name}"),
+            vcpus,
+            cells: vec![],
+            memory: vec![vec![MemoryPart {
+                kib: gib * GIB,
+                kind,
+            }]],
+            memory_nodes: None,
+            role: Role::Managed {
+                policy: Policy::Auto,
+                current: vec![],
+            },
+        }
+    }
+
+    fn normal(name: &str, vcpus: u32, gib: u64) -> Guest {
+        sized(name, vcpus, gib, PageKind::Normal)
+    }
+
+    fn nobody_reserved() -> HostPolicy {
+        HostPolicy::with_reserved(CpuSet::new())
+    }
+
+    fn by_name<'a>(plan: &'a Plan, name: &str) -> &'a GuestPlan {
+        plan.guests.iter().find(|g| g.name == name).unwrap()
+    }
+
+    /// Every pool's commitment within its capacity.
+    fn assert_within_capacity(plan: &Plan) {
+        for pool in &plan.memory {
+            if let Some(capacity) = pool.capacity_kib {
+                assert!(
+                    pool.committed_kib <= capacity,
+                    "node {} {:?}: {} KiB committed on {capacity}",
+                    pool.node,
+                    pool.kind,
+                    pool.committed_kib
+                );
+            }
+        }
+    }
+
+    /// A guest's planned pins as its current ones.
+    fn settled(plan: &Plan, g: &Guest) -> Guest {
+        let p = by_name(plan, &g.name);
+        Guest {
+            memory_nodes: p.memory_nodes.as_ref().map(|n| n.iter().copied().collect()),
+            role: Role::Managed {
+                policy: Policy::Auto,
+                current: p.vcpus.iter().cloned().map(Some).collect(),
+            },
+            ..g.clone()
+        }
+    }
+
+    #[test]
+    fn small_guests_fill_a_node_only_as_far_as_its_memory() {
+        // The case: nine 1-vCPU guests of 7 GiB on 16 GiB nodes;
+        // by CPUs alone eight went to node 0.
+        let topo = host(8, 8, 16);
+        let guests: Vec<Guest> = (0..9).map(|i| normal(&format!("g{i}"), 1, 7)).collect();
+        let plan = plan(&topo, &nobody_reserved(), &guests);
+        assert_within_capacity(&plan);
+        let mut per_node = BTreeMap::new();
+        for g in &plan.guests {
+            assert_eq!(g.numa_nodes.len(), 1, "{}: {}", g.name, g.reason);
+            assert_eq!(g.memory_nodes.as_ref(), Some(&g.numa_nodes));
+            assert_eq!(g.memory, vec![(g.numa_nodes[0], PageKind::Normal, 7 * GIB)]);
+            *per_node.entry(g.numa_nodes[0]).or_insert(0) += 1;
+        }
+        assert!(per_node.values().all(|&n| n <= 2), "{per_node:?}");
+        let first = by_name(&plan, "g0");
+        assert!(
+            first.reason.contains("(memory 9 of 16 GiB left)"),
+            "{}",
+            first.reason
+        );
+    }
+
+    #[test]
+    fn a_guest_no_node_holds_spans_the_fewest_closest_nodes_that_do() {
+        // Two 4-vCPU guests of 24 GiB on 16 GiB nodes: by CPUs alone both
+        // went to node 0, 48 GiB bound to 16.
+        let topo = host(4, 8, 16);
+        let plan = plan(
+            &topo,
+            &nobody_reserved(),
+            &[normal("a", 4, 24), normal("b", 4, 24)],
+        );
+        assert_within_capacity(&plan);
+        for name in ["a", "b"] {
+            let g = by_name(&plan, name);
+            assert_eq!(g.numa_nodes.len(), 2, "{}", g.reason);
+            assert_eq!(g.memory_nodes.as_ref(), Some(&g.numa_nodes));
+            assert!(
+                topo.distance(g.numa_nodes[0], g.numa_nodes[1]) == 16,
+                "the close pair: {:?}",
+                g.numa_nodes
+            );
+            assert!(
+                g.reason.contains("24 GiB fits no single node"),
+                "{}",
+                g.reason
+            );
+            // The vCPUs are spread as the memory is: 16 GiB and 8 GiB,
+            // three vCPUs and one.
+            let mut spread: Vec<(u64, usize)> = g
+                .memory
+                .iter()
+                .map(|&(node, _, kib)| {
+                    let here = g.vcpus.iter().filter(|c| topo.nodes_of(c) == vec![node]);
+                    (kib / GIB, here.count())
+                })
+                .collect();
+            spread.sort();
+            assert_eq!(spread, vec![(8, 1), (16, 3)], "{name}: {:?}", g.vcpus);
+        }
+    }
+
+    #[test]
+    fn memory_that_fits_no_set_of_nodes_stays_unbound_with_a_warning() {
+        let topo = host(2, 4, 16);
+        let huge = normal("huge", 2, 600);
+        let p = plan(&topo, &nobody_reserved(), std::slice::from_ref(&huge));
+        let g = by_name(&p, "huge");
+        assert_eq!(g.memory_nodes, None);
+        assert_eq!(g.vcpus.iter().filter(|c| c.len() == 1).count(), 2);
+        assert!(
+            g.reason
+                .contains("memory not bound: 600 GiB fits no set of nodes"),
+            "{}",
+            g.reason
+        );
+        assert!(p.warnings.contains(&Warning::MemoryUnbound {
+            guest: "huge".into(),
+            kib: 600 * GIB
+        }));
+        assert!(g.memory.is_empty(), "nothing committed for it");
+        // One bound before (by someone) is bound to every node instead.
+        let bound = Guest {
+            memory_nodes: Some(set("0")),
+            ..huge
+        };
+        let p = plan(&topo, &nobody_reserved(), &[bound]);
+        assert_eq!(by_name(&p, "huge").memory_nodes, Some(vec![0, 1]));
+    }
+
+    #[test]
+    fn hugepage_guests_go_where_their_pages_are() {
+        let mut topo = host(2, 4, 16);
+        topo.numa_nodes[1].hugepages = vec![HugePages {
+            size_kib: 2048,
+            total: 2048,
+            free: 2048,
+        }];
+        // Node 1 has fewer free CPUs: by CPUs alone the tightest fit.
+        let taken = Guest {
+            role: Role::Foreign { taken: set("0") },
+            ..normal("nova", 1, 1)
+        };
+        let huge = sized("nfv", 2, 2, PageKind::Huge(2048));
+        let p = plan(&topo, &nobody_reserved(), &[taken.clone(), huge.clone()]);
+        let g = by_name(&p, "nfv");
+        assert_eq!(g.numa_nodes, vec![1], "{}", g.reason);
+        assert_eq!(g.memory, vec![(1, PageKind::Huge(2048), 2 * GIB)]);
+        assert!(
+            g.reason.contains("2M pages: 1024 of 2048 left"),
+            "{}",
+            g.reason
+        );
+        // More than the pool holds: unbound, never bound beyond it.
+        let big = sized("big", 2, 5, PageKind::Huge(2048));
+        let p = plan(&topo, &nobody_reserved(), &[taken, big]);
+        assert_eq!(by_name(&p, "big").memory_nodes, None);
+        assert_within_capacity(&p);
+    }
+
+    #[test]
+    fn running_guests_keep_their_node_and_newcomers_go_around_them() {
+        // Node 0 is CPU 0-3, node 1 CPUs 4-7; 16 GiB each.
+        let topo = host(2, 4, 16);
+        let a = normal("a", 2, 10);
+        let first = plan(&topo, &nobody_reserved(), std::slice::from_ref(&a));
+        let a = settled(&first, &a);
+        let home = by_name(&first, "a").numa_nodes.clone();
+        // By CPUs b fits a's node most tightly; its 8 GiB do not.
+        let p = plan(&topo, &nobody_reserved(), &[a, normal("b", 2, 8)]);
+        assert_eq!(by_name(&p, "a").numa_nodes, home);
+        assert_eq!(p.pins_moved, 0);
+        assert_ne!(by_name(&p, "b").numa_nodes, home);
+        assert_within_capacity(&p);
+    }
+
+    #[test]
+    fn a_guest_whose_node_no_longer_holds_it_moves_with_a_reason() {
+        let topo = host(2, 4, 16);
+        let guests = [normal("a", 1, 7), normal("b", 1, 6)];
+        let first = plan(&topo, &nobody_reserved(), &guests);
+        let node = by_name(&first, "a").numa_nodes.clone();
+        assert_eq!(by_name(&first, "b").numa_nodes, node, "packed by CPUs");
+        let running: Vec<Guest> = guests.iter().map(|g| settled(&first, g)).collect();
+        // A reload raises the reserve: the node now holds 8 GiB.
+        let mut host = nobody_reserved();
+        host.memory_reserve.normal_kib_per_node = 8 * GIB;
+        let p = plan(&topo, &host, &running);
+        assert_within_capacity(&p);
+        assert_eq!(by_name(&p, "a").numa_nodes, node, "the larger stays");
+        let b = by_name(&p, "b");
+        assert_ne!(b.numa_nodes, node);
+        assert!(
+            b.reason.contains("moved: its 6 GiB no longer fits node"),
+            "{}",
+            b.reason
+        );
+    }
+
+    #[test]
+    fn shared_guests_are_bound_only_where_their_memory_fits() {
+        let topo = host(2, 2, 16);
+        let guests: Vec<Guest> = (0..6).map(|i| normal(&format!("s{i}"), 2, 5)).collect();
+        let p = plan(&topo, &nobody_reserved(), &guests);
+        assert_eq!(p.mode, Mode::Shared);
+        assert_within_capacity(&p);
+        for g in &p.guests {
+            assert_eq!(
+                g.memory_nodes.as_ref().map(Vec::len),
+                Some(1),
+                "{}",
+                g.reason
+            );
+        }
+    }
+
+    #[test]
+    fn each_cell_goes_to_a_node_that_holds_its_memory() {
+        let topo = host(3, 4, 16);
+        // Node 0's memory is taken by a guest pinner leaves alone.
+        let other = Guest {
+            memory_nodes: Some(set("0")),
+            role: Role::OptedOut,
+            ..normal("other", 1, 14)
+        };
+        let cells = Guest {
+            cells: vec![set("0-1"), set("2-3")],
+            memory: vec![
+                vec![MemoryPart {
+                    kib: 6 * GIB,
+                    kind: PageKind::Normal,
+                }];
+                2
+            ],
+            ..normal("cells", 4, 12)
+        };
+        let p = plan(&topo, &nobody_reserved(), &[other, cells]);
+        let g = by_name(&p, "cells");
+        let nodes: Vec<u32> = g.cells.iter().flat_map(|c| c.nodes.clone()).collect();
+        assert_eq!(nodes, vec![1, 2], "{}", g.reason);
+        assert_eq!(g.memory_nodes, Some(vec![1, 2]));
+        assert_within_capacity(&p);
     }
 }

@@ -2,10 +2,12 @@
 //! or a span of nodes), balancing vCPUs per pCPU.
 
 use super::cells::describe;
-use super::dedicated::choose_nodes;
 use super::layout::{join_nodes, node_label, Layout};
+use super::memory::{Fit, Memory, Target};
+use super::region::{choose_nodes, Region};
 use super::{guest_plan, CellPlan, Current, Guest, GuestPlan, Locality, Placement};
 use crate::engine::cpuset::CpuSet;
+use crate::engine::memory::human;
 use std::collections::{BTreeMap, HashMap};
 
 /// The ranges shared guests can be bound to, with the load on each (the
@@ -20,6 +22,8 @@ pub(super) struct Ranges {
     /// For each range: every range it overlaps, and by how many CPUs.
     pub(super) overlaps: Vec<Vec<(usize, usize)>>,
     pub(super) index: HashMap<CpuSet, usize>,
+    /// The nodes of each range (memory bound to a range goes there).
+    pub(super) nodes: Vec<Vec<Option<u32>>>,
 }
 
 impl Ranges {
@@ -31,11 +35,12 @@ impl Ranges {
             load: Vec::new(),
             overlaps: Vec::new(),
             index: HashMap::new(),
+            nodes: Vec::new(),
         }
     }
 
     /// Adds a range (or finds the equal one) and returns its index.
-    pub(super) fn add(&mut self, set: CpuSet, level: u8) -> usize {
+    pub(super) fn add(&mut self, layout: &Layout, set: CpuSet, level: u8) -> usize {
         if let Some(&i) = self.index.get(&set) {
             return i;
         }
@@ -58,6 +63,7 @@ impl Ranges {
             .map(|&(j, shared)| self.load[j] / self.size[j] as f64 * shared as f64)
             .sum();
         self.index.insert(set.clone(), i);
+        self.nodes.push(layout.nodes_opt(&set));
         self.size.push(set.len());
         self.sets.push(set);
         self.level.push(level);
@@ -85,35 +91,41 @@ impl Ranges {
         let mut ranges = Ranges::new();
         for cpus in by_kind.values() {
             for l3 in layout.by_l3(cpus).into_values() {
-                ranges.add(l3, 0);
+                ranges.add(layout, l3, 0);
             }
         }
         for cpus in by_kind.values() {
             for node in layout.by_node(cpus).into_values() {
-                ranges.add(node, 1);
+                ranges.add(layout, node, 1);
             }
         }
         ranges
     }
 
     /// Where a guest of `need` vCPUs may go, into `out`: the L3 ranges it
-    /// fits, else the nodes it fits (both among the first `fixed`), else a
-    /// span made for it.
+    /// fits whose node holds its memory, else such nodes (both among the
+    /// first `fixed`), else a span made for it. Returns where its memory
+    /// goes.
     pub(super) fn candidates(
         &mut self,
-        span: impl FnOnce() -> CpuSet,
+        layout: &Layout,
+        span: impl FnOnce() -> Region,
         fixed: usize,
-        need: usize,
+        (need, fit): (usize, &Fit),
         out: &mut Vec<usize>,
-    ) {
+    ) -> Target {
         out.clear();
         for level in [0, 1] {
-            out.extend((0..fixed).filter(|&r| self.level[r] == level && self.size[r] >= need));
+            out.extend((0..fixed).filter(|&r| {
+                self.level[r] == level && self.size[r] >= need && fit.holds(&self.nodes[r])
+            }));
             if !out.is_empty() {
-                return;
+                return Target::cpus();
             }
         }
-        out.push(self.add(span(), 2));
+        let region = span();
+        out.push(self.add(layout, region.cpus, 2));
+        region.target
     }
 
     /// The least loaded candidate after adding `vcpus`, unless the range
@@ -140,8 +152,8 @@ impl Ranges {
         }
     }
 
-    /// Range `r`'s reason and locality.
-    pub(super) fn describe(&self, layout: &Layout, r: usize) -> (String, Locality) {
+    /// Range `r`'s reason.
+    pub(super) fn describe(&self, layout: &Layout, r: usize) -> String {
         let set = &self.sets[r];
         let nodes = layout.nodes_opt(set);
         let where_ = match (self.level[r], layout.l3_key(set.first().unwrap_or(0))) {
@@ -151,44 +163,32 @@ impl Ranges {
             _ if nodes.len() == 1 => format!("node {}", node_label(nodes[0])),
             _ => format!("nodes {}", join_nodes(&nodes)),
         };
-        let reason = format!(
+        format!(
             "shared: {where_} ({:.2} vCPUs per pCPU)",
             self.load[r] / self.size[r] as f64
-        );
-        (reason, Locality::of(&nodes))
+        )
     }
 }
 
 /// Binds each shared guest to one range: an L3 domain of a node if the guest
 /// fits one, else a node, else the fewest closest nodes, else the whole
-/// shared pool; always the least loaded candidate (vCPUs per pCPU), unless
-/// the guest's current range is within one vCPU per pCPU of it.
+/// shared pool (each where its memory fits too); always the least loaded
+/// candidate (vCPUs per pCPU), unless the guest's current range is within
+/// one vCPU per pCPU of it.
 pub(super) fn place_shared(
     layout: &Layout,
     shared_pool: &CpuSet,
     guests: &[(&Guest, Current)],
+    memory: &mut Memory,
 ) -> Vec<GuestPlan> {
     let by_kind = layout.by_kind(shared_pool);
     let mut ranges = Ranges::of_pool(layout, &by_kind);
     let fixed = ranges.sets.len();
-    // Larger than any node: the fewest closest nodes of the largest kind,
-    // else the whole pool.
-    let span = |need: usize| {
-        let largest = by_kind
-            .values()
-            .max_by_key(|s| s.len())
-            .cloned()
-            .unwrap_or_default();
-        if largest.len() >= need {
-            choose_nodes(layout, &largest, &CpuSet::new(), need).0
-        } else {
-            shared_pool.clone()
-        }
-    };
     let mut order: Vec<usize> = (0..guests.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(guests[i].0.vcpus));
     let mut chosen: Vec<usize> = vec![0; guests.len()];
-    let mut cell_ranges: Vec<Option<Vec<(CpuSet, usize)>>> = vec![None; guests.len()];
+    let mut cells: Vec<Option<Vec<(CpuSet, usize)>>> = vec![None; guests.len()];
+    let mut placed: Vec<Option<(Locality, String)>> = vec![None; guests.len()];
     // Each node's share of the pool, per kind: the ranges cells bind to
     // (an L3 range when the node has one L3).
     let node_ranges: Vec<usize> = by_kind
@@ -200,30 +200,48 @@ pub(super) fn place_shared(
     let mut candidates: Vec<usize> = Vec::with_capacity(fixed + 1);
     for i in order {
         let (g, current) = guests[i];
+        memory.release(g);
         if let Some(groups) = g.cell_groups(layout) {
-            cell_ranges[i] = Some(bind_cells(&mut ranges, &node_ranges, &groups, current));
+            let bound = bind_cells(
+                layout,
+                &mut ranges,
+                &node_ranges,
+                &groups,
+                current,
+                (g, memory),
+            );
+            placed[i] = Some((bound.1, String::new()));
+            cells[i] = Some(bound.0);
             continue;
         }
         let need = g.vcpus as usize;
-        ranges.candidates(|| span(need), fixed, need, &mut candidates);
+        let fit = memory.fit(g);
+        let span = || span_region(layout, &by_kind, shared_pool, need, &fit);
+        let target = ranges.candidates(layout, span, fixed, (need, &fit), &mut candidates);
+        let note = memory_note(&target, fit.kib());
         let range = ranges.choose(&candidates, current, g.vcpus);
         ranges.assign(range, g.vcpus);
         chosen[i] = range;
+        placed[i] = Some((memory.settle(layout, g, &ranges.sets[range], &target), note));
     }
-    // Guests of one range share its reason and locality: work them out once.
-    let mut described: Vec<Option<(String, Locality)>> = vec![None; ranges.sets.len()];
+    // Guests of one range share its reason: work it out once.
+    let mut described: Vec<Option<String>> = vec![None; ranges.sets.len()];
     guests
         .iter()
         .zip(chosen)
-        .zip(cell_ranges)
-        .map(|(((g, _), r), cells)| {
+        .zip(cells.into_iter().zip(placed))
+        .map(|(((g, _), r), (cells, placed))| {
+            let (locality, note) = placed.expect("every guest placed");
+            let displaced = memory
+                .displaced(g)
+                .map(|why| format!("; {why}"))
+                .unwrap_or_default();
             if let Some(cells) = cells {
-                return cell_plan(layout, &ranges, g, &cells);
+                return cell_plan(layout, &ranges, g, &cells, locality, &displaced);
             }
             let set = &ranges.sets[r];
-            let (reason, locality) = described[r]
-                .get_or_insert_with(|| ranges.describe(layout, r))
-                .clone();
+            let reason = described[r].get_or_insert_with(|| ranges.describe(layout, r));
+            let reason = format!("{reason}{note}{displaced}");
             guest_plan(
                 g,
                 Placement::Shared,
@@ -236,24 +254,77 @@ pub(super) fn place_shared(
         .collect()
 }
 
+/// Larger than any node's share (or no node holds its memory): the fewest
+/// closest nodes of the largest kind, else the whole pool.
+fn span_region(
+    layout: &Layout,
+    by_kind: &BTreeMap<u8, CpuSet>,
+    shared_pool: &CpuSet,
+    need: usize,
+    fit: &Fit,
+) -> Region {
+    let largest = by_kind
+        .values()
+        .max_by_key(|s| s.len())
+        .cloned()
+        .unwrap_or_default();
+    if largest.len() >= need {
+        return choose_nodes(layout, &largest, &CpuSet::new(), need, fit);
+    }
+    let target = if fit.holds(&layout.nodes_opt(shared_pool)) {
+        Target::cpus()
+    } else {
+        Target::Unfit
+    };
+    Region {
+        cpus: shared_pool.clone(),
+        reason: String::new(),
+        quotas: Vec::new(),
+        target,
+    }
+}
+
+/// What a guest's reason adds about its memory beyond its range's own.
+fn memory_note(target: &Target, kib: u64) -> String {
+    match target {
+        Target::Nodes(_) => format!("; {} fits no single node", human(kib)),
+        Target::Unfit => format!("; memory not bound: {} fits no set of nodes", human(kib)),
+        Target::Cpus { .. } => String::new(),
+    }
+}
+
 /// Binds each cell (`groups`, vCPU sets) of one guest to a node range of its
-/// own while there are nodes left, the least loaded (or the one the cell is
-/// on, within one vCPU per pCPU of it); returns each cell's vCPUs and range.
+/// own whose node holds the cell's memory while there are such nodes left,
+/// the least loaded (or the one the cell is on, within one vCPU per pCPU
+/// of it); returns each cell's vCPUs and range, and where the guest's
+/// memory is bound.
 fn bind_cells(
+    layout: &Layout,
     ranges: &mut Ranges,
     nodes: &[usize],
     groups: &[CpuSet],
     current: Current,
-) -> Vec<(CpuSet, usize)> {
+    (g, memory): (&Guest, &mut Memory),
+) -> (Vec<(CpuSet, usize)>, Locality) {
+    let parts = g.cell_memory(groups.len());
     let mut used: Vec<usize> = Vec::with_capacity(groups.len());
     let mut out = Vec::with_capacity(groups.len());
-    for cell in groups {
-        let free: Vec<usize> = nodes
+    for (cell, parts) in groups.iter().zip(&parts) {
+        let fit = memory.fit_parts(parts);
+        let unused: Vec<usize> = nodes
             .iter()
             .copied()
             .filter(|r| !used.contains(r))
             .collect();
-        let candidates = if free.is_empty() { nodes } else { &free };
+        let holding: Vec<usize> = unused
+            .iter()
+            .copied()
+            .filter(|r| fit.holds(&ranges.nodes[*r]))
+            .collect();
+        let candidates = [&holding[..], &unused[..], nodes]
+            .into_iter()
+            .find(|c| !c.is_empty())
+            .unwrap_or(nodes);
         let pins: Vec<Option<CpuSet>> = cell
             .iter()
             .map(|v| current.get(v as usize).cloned().flatten())
@@ -264,11 +335,24 @@ fn bind_cells(
         used.push(range);
         out.push((cell.clone(), range));
     }
-    out
+    let per_cell: Vec<(CpuSet, _)> = out
+        .iter()
+        .zip(parts)
+        .map(|((_, r), parts)| (ranges.sets[*r].clone(), parts))
+        .collect();
+    let locality = memory.settle_cells(layout, g, &per_cell);
+    (out, locality)
 }
 
 /// The plan of a guest whose cells are each bound to a node range.
-fn cell_plan(layout: &Layout, ranges: &Ranges, g: &Guest, cells: &[(CpuSet, usize)]) -> GuestPlan {
+fn cell_plan(
+    layout: &Layout,
+    ranges: &Ranges,
+    g: &Guest,
+    cells: &[(CpuSet, usize)],
+    locality: Locality,
+    displaced: &str,
+) -> GuestPlan {
     let mut vcpus = vec![CpuSet::new(); g.vcpus as usize];
     let mut all = CpuSet::new();
     let mut plans = Vec::with_capacity(cells.len());
@@ -288,8 +372,7 @@ fn cell_plan(layout: &Layout, ranges: &Ranges, g: &Guest, cells: &[(CpuSet, usiz
             reason,
         });
     }
-    let locality = Locality::of(&layout.nodes_opt(&all));
-    let reason = format!("shared: {}", describe(&plans));
+    let reason = format!("shared: {}{displaced}", describe(&plans));
     let mut plan = guest_plan(g, Placement::Shared, vcpus, all, locality, reason);
     plan.cells = plans;
     plan

@@ -1,0 +1,480 @@
+//! Guest memory as placement accounts it: sizes in libvirt's units, the
+//! kind of page a guest's memory is made of (normal, or huge pages of one
+//! size), and a [`Ledger`] of each NUMA node's capacity of each kind
+//! against what guests placed there take. Pure: capacities come in from
+//! the topology and the config.
+
+use crate::engine::topology::Topology;
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+/// The largest guest memory taken (4 PiB, in KiB): far beyond any host,
+/// small enough that sums over thousands of guests never overflow.
+pub const MAX_MEMORY_KIB: u64 = 1 << 42;
+
+/// What a guest's memory (or one of its NUMA cells' memory) is made of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PageKind {
+    /// The kernel's normal pages (transparent huge pages included).
+    Normal,
+    /// Huge pages of this size, in KiB, from the node's hugetlb pool.
+    Huge(u64),
+}
+
+impl PageKind {
+    /// "normal", "2M pages", "1G pages".
+    pub fn label(self) -> String {
+        match self {
+            PageKind::Normal => "normal".into(),
+            PageKind::Huge(kib) => format!("{} pages", page_size_label(kib)),
+        }
+    }
+
+    /// The metric label: "normal", "hugepages-2048kB" (sysfs's name).
+    pub fn metric_label(self) -> String {
+        match self {
+            PageKind::Normal => "normal".into(),
+            PageKind::Huge(kib) => format!("hugepages-{kib}kB"),
+        }
+    }
+}
+
+/// "2M", "1G", "64K".
+pub fn page_size_label(kib: u64) -> String {
+    match kib {
+        k if k >= 1 << 20 && k.is_multiple_of(1 << 20) => format!("{}G", k >> 20),
+        k if k >= 1 << 10 && k.is_multiple_of(1 << 10) => format!("{}M", k >> 10),
+        k => format!("{k}K"),
+    }
+}
+
+/// An amount of memory of one kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct MemoryPart {
+    pub kib: u64,
+    pub kind: PageKind,
+}
+
+/// `parts` summed by kind, in kind order (normal first).
+pub fn by_kind(parts: &[MemoryPart]) -> Vec<MemoryPart> {
+    let mut sums: BTreeMap<PageKind, u64> = BTreeMap::new();
+    for p in parts.iter().filter(|p| p.kib > 0) {
+        *sums.entry(p.kind).or_default() += p.kib;
+    }
+    sums.into_iter()
+        .map(|(kind, kib)| MemoryPart { kib, kind })
+        .collect()
+}
+
+/// A size for people: "512 MiB", "1.5 GiB", "24 GiB".
+pub fn human(kib: u64) -> String {
+    const GIB: u64 = 1 << 20;
+    if kib >= GIB {
+        let tenths = (kib * 10 + GIB / 2) / GIB;
+        if tenths.is_multiple_of(10) {
+            format!("{} GiB", tenths / 10)
+        } else {
+            format!("{}.{} GiB", tenths / 10, tenths % 10)
+        }
+    } else {
+        format!("{} MiB", kib.div_ceil(1024))
+    }
+}
+
+/// Why a libvirt size is not taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    #[error("{0:?} is not a size")]
+    NotANumber(String),
+    #[error("unit {0:?} is not one libvirt knows")]
+    Unit(String),
+    #[error("{0} is more than the 4 PiB pinner handles")]
+    TooLarge(String),
+}
+
+/// A size in one of libvirt's units (`unit` attribute; KiB when absent),
+/// in KiB rounded up.
+pub fn to_kib(value: &str, unit: Option<&str>) -> Result<u64, SizeError> {
+    let number: u64 = value
+        .trim()
+        .parse()
+        .map_err(|_| SizeError::NotANumber(value.trim().to_string()))?;
+    let unit = unit.unwrap_or("KiB");
+    let bytes_per: u128 = match unit.to_ascii_lowercase().as_str() {
+        "b" | "bytes" => 1,
+        "k" | "kib" => 1 << 10,
+        "kb" => 1_000,
+        "m" | "mib" => 1 << 20,
+        "mb" => 1_000_000,
+        "g" | "gib" => 1 << 30,
+        "gb" => 1_000_000_000,
+        "t" | "tib" => 1 << 40,
+        "tb" => 1_000_000_000_000,
+        "p" | "pib" => 1 << 50,
+        "pb" => 1_000_000_000_000_000,
+        _ => return Err(SizeError::Unit(unit.to_string())),
+    };
+    let kib = (u128::from(number) * bytes_per).div_ceil(1024);
+    if kib > u128::from(MAX_MEMORY_KIB) {
+        return Err(SizeError::TooLarge(format!("{number} {unit}")));
+    }
+    Ok(kib as u64)
+}
+
+/// What the host keeps for itself on each node, from the config (and
+/// nova.conf): normal memory in KiB, and huge pages by node and size.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MemoryReserve {
+    pub normal_kib_per_node: u64,
+    /// (node, page size in KiB) → pages.
+    pub huge_pages: BTreeMap<(u32, u64), u64>,
+}
+
+/// One pool of a node: its capacity (None: unknown, so unlimited) and what
+/// the guests placed on it take, in KiB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Pool {
+    capacity: Option<u64>,
+    used: u64,
+}
+
+impl Pool {
+    fn room(&self) -> Option<u64> {
+        self.capacity.map(|c| c.saturating_sub(self.used))
+    }
+}
+
+/// What one guest took where: (node, kind, KiB), to hand back if it moves.
+pub type Claim = Vec<(u32, PageKind, u64)>;
+
+/// Every node's capacity of each kind against what guests take.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ledger {
+    pools: BTreeMap<(u32, PageKind), Pool>,
+    /// Nodes with memory (or of unknown size), in id order.
+    nodes: Vec<u32>,
+}
+
+/// One node's figures of one kind, for plans, status and metrics.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PoolFigures {
+    pub node: u32,
+    pub kind: PageKind,
+    /// What guests may take there (None: not known; not limited).
+    pub capacity_kib: Option<u64>,
+    /// What the guests placed (and those pinner leaves alone) take.
+    pub committed_kib: u64,
+}
+
+impl Ledger {
+    /// Every node's normal memory (MemTotal − hugepage pools − reserve)
+    /// and hugepage pools (pages − reserved pages) as capacities. A node
+    /// whose size sysfs does not give has no limit.
+    pub fn new(topo: &Topology, reserve: &MemoryReserve) -> Ledger {
+        let mut pools = BTreeMap::new();
+        let mut nodes = Vec::new();
+        for node in &topo.numa_nodes {
+            let huge_kib: u64 = node.hugepages.iter().map(|p| p.size_kib * p.total).sum();
+            let normal = node.memory_mib.map(|mib| {
+                (mib * 1024)
+                    .saturating_sub(huge_kib)
+                    .saturating_sub(reserve.normal_kib_per_node)
+            });
+            if normal != Some(0) || huge_kib > 0 || node.memory_mib.is_none() {
+                nodes.push(node.id);
+            }
+            pools.insert(
+                (node.id, PageKind::Normal),
+                Pool {
+                    capacity: normal,
+                    used: 0,
+                },
+            );
+            for p in &node.hugepages {
+                let kept = reserve
+                    .huge_pages
+                    .get(&(node.id, p.size_kib))
+                    .copied()
+                    .unwrap_or(0);
+                let capacity = p.total.saturating_sub(kept) * p.size_kib;
+                pools.insert(
+                    (node.id, PageKind::Huge(p.size_kib)),
+                    Pool {
+                        capacity: Some(capacity),
+                        used: 0,
+                    },
+                );
+            }
+        }
+        Ledger { pools, nodes }
+    }
+
+    /// The nodes that hold memory, in id order.
+    pub fn nodes(&self) -> &[u32] {
+        &self.nodes
+    }
+
+    /// Room left of `kind` on `node` (None: unlimited). A node without a
+    /// pool of that kind has none.
+    pub fn room(&self, node: u32, kind: PageKind) -> Option<u64> {
+        match self.pools.get(&(node, kind)) {
+            Some(pool) => pool.room(),
+            None if kind == PageKind::Normal => None,
+            None => Some(0),
+        }
+    }
+
+    /// Whether `nodes` together hold `parts` beside what is placed.
+    pub fn holds(&self, nodes: &[u32], parts: &[MemoryPart]) -> bool {
+        by_kind(parts).iter().all(|part| {
+            let mut room = 0u64;
+            for &node in nodes {
+                match self.room(node, part.kind) {
+                    None => return true,
+                    Some(r) => room += r,
+                }
+            }
+            room >= part.kib
+        })
+    }
+
+    /// Takes `parts` on `nodes`, each node's share by its weight (its
+    /// vCPUs there), a share a node has no room for spilling to the others;
+    /// what no node has room for stays on the first (over capacity: the
+    /// memory is there whether pinner likes it or not).
+    pub fn take(&mut self, nodes: &[(u32, u64)], parts: &[MemoryPart]) -> Claim {
+        let mut claim = Claim::new();
+        if nodes.is_empty() {
+            return claim;
+        }
+        let total: u64 = nodes.iter().map(|(_, w)| *w).sum::<u64>().max(1);
+        for part in by_kind(parts) {
+            let unit = match part.kind {
+                PageKind::Huge(kib) => kib.max(1),
+                PageKind::Normal => 1,
+            };
+            let mut left = part.kib;
+            let mut shares: Vec<u64> = nodes
+                .iter()
+                .map(|(_, w)| (part.kib * w / total).div_ceil(unit) * unit)
+                .collect();
+            // Within each node's room first, then whatever room is left.
+            for pass in 0..2 {
+                for (i, &(node, _)) in nodes.iter().enumerate() {
+                    let want = if pass == 0 { shares[i] } else { left };
+                    let room = self.room(node, part.kind).unwrap_or(u64::MAX);
+                    let got = want.min(left).min(room);
+                    if got > 0 {
+                        self.add(&mut claim, node, part.kind, got);
+                        left -= got;
+                        shares[i] -= got.min(shares[i]);
+                    }
+                }
+            }
+            if left > 0 {
+                self.add(&mut claim, nodes[0].0, part.kind, left);
+            }
+        }
+        claim
+    }
+
+    fn add(&mut self, claim: &mut Claim, node: u32, kind: PageKind, kib: u64) {
+        let pool = self.pools.entry((node, kind)).or_insert(Pool {
+            capacity: match kind {
+                PageKind::Normal => None,
+                PageKind::Huge(_) => Some(0),
+            },
+            used: 0,
+        });
+        pool.used += kib;
+        match claim.iter_mut().find(|(n, k, _)| *n == node && *k == kind) {
+            Some(entry) => entry.2 += kib,
+            None => claim.push((node, kind, kib)),
+        }
+    }
+
+    /// Hands back what `claim` took.
+    pub fn give_back(&mut self, claim: &Claim) {
+        for &(node, kind, kib) in claim {
+            if let Some(pool) = self.pools.get_mut(&(node, kind)) {
+                pool.used = pool.used.saturating_sub(kib);
+            }
+        }
+    }
+
+    /// Capacity and commitment of every pool, by node then kind.
+    pub fn figures(&self) -> Vec<PoolFigures> {
+        self.pools
+            .iter()
+            .map(|(&(node, kind), pool)| PoolFigures {
+                node,
+                kind,
+                capacity_kib: pool.capacity,
+                committed_kib: pool.used,
+            })
+            .collect()
+    }
+
+    /// "memory 12 of 15.5 GiB left", "2M pages: 448 of 512 left": the room
+    /// left on `node` for the kinds of `parts` (empty: nothing to say).
+    pub fn left_note(&self, node: u32, parts: &[MemoryPart]) -> String {
+        by_kind(parts)
+            .iter()
+            .filter_map(|part| {
+                let pool = self.pools.get(&(node, part.kind))?;
+                let capacity = pool.capacity?;
+                let left = pool.room().unwrap_or(0);
+                Some(match part.kind {
+                    PageKind::Normal => format!(
+                        "memory {} of {} left",
+                        human(left).trim_end_matches(" GiB"),
+                        human(capacity)
+                    ),
+                    PageKind::Huge(size) => format!(
+                        "{} pages: {} of {} left",
+                        page_size_label(size),
+                        left / size,
+                        capacity / size
+                    ),
+                })
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::cpuset::CpuSet;
+    use crate::engine::topology::HugePages;
+
+    const GIB: u64 = 1 << 20;
+
+    /// 2 nodes of 16 GiB (MemTotal), node 1 with 512 2M pages.
+    fn topo() -> Topology {
+        let mut topo = Topology::uniform(&CpuSet::parse("0-7").unwrap(), 2);
+        for node in topo.numa_nodes.iter_mut() {
+            node.memory_mib = Some(16 * 1024);
+        }
+        topo.numa_nodes[1].hugepages = vec![HugePages {
+            size_kib: 2048,
+            total: 512,
+            free: 512,
+        }];
+        topo
+    }
+
+    fn normal(gib: u64) -> MemoryPart {
+        MemoryPart {
+            kib: gib * GIB,
+            kind: PageKind::Normal,
+        }
+    }
+
+    #[test]
+    fn sizes_in_libvirt_units() {
+        assert_eq!(to_kib("1024", None), Ok(1024));
+        assert_eq!(to_kib("2", Some("GiB")), Ok(2 * GIB));
+        assert_eq!(to_kib("2", Some("G")), Ok(2 * GIB));
+        assert_eq!(to_kib("1", Some("GB")), Ok(976_563));
+        assert_eq!(to_kib("1", Some("bytes")), Ok(1), "rounded up");
+        assert_eq!(to_kib("512", Some("M")), Ok(512 * 1024));
+        assert!(matches!(to_kib("x", None), Err(SizeError::NotANumber(_))));
+        assert!(matches!(
+            to_kib("1", Some("parsec")),
+            Err(SizeError::Unit(_))
+        ));
+        assert!(matches!(
+            to_kib("99999999", Some("PiB")),
+            Err(SizeError::TooLarge(_))
+        ));
+        assert_eq!(human(512 * 1024), "512 MiB");
+        assert_eq!(human(3 * GIB / 2), "1.5 GiB");
+        assert_eq!(human(24 * GIB), "24 GiB");
+        assert_eq!(page_size_label(2048), "2M");
+        assert_eq!(page_size_label(1 << 20), "1G");
+    }
+
+    #[test]
+    fn capacity_is_memtotal_less_hugepage_pools_and_the_reserve() {
+        let reserve = MemoryReserve {
+            normal_kib_per_node: GIB,
+            huge_pages: BTreeMap::from([((1, 2048), 12)]),
+        };
+        let ledger = Ledger::new(&topo(), &reserve);
+        assert_eq!(ledger.room(0, PageKind::Normal), Some(15 * GIB));
+        assert_eq!(ledger.room(1, PageKind::Normal), Some(14 * GIB));
+        assert_eq!(ledger.room(1, PageKind::Huge(2048)), Some(500 * 2048));
+        assert_eq!(ledger.room(0, PageKind::Huge(2048)), Some(0), "no pool");
+        assert_eq!(ledger.room(0, PageKind::Huge(1 << 20)), Some(0));
+    }
+
+    #[test]
+    fn a_set_holds_what_its_nodes_hold_together() {
+        let mut ledger = Ledger::new(&topo(), &MemoryReserve::default());
+        assert!(ledger.holds(&[0], &[normal(16)]));
+        assert!(!ledger.holds(&[0], &[normal(17)]));
+        assert!(ledger.holds(&[0, 1], &[normal(20)]));
+        let claim = ledger.take(&[(0, 1), (1, 1)], &[normal(20)]);
+        assert_eq!(
+            claim,
+            vec![
+                (0, PageKind::Normal, 10 * GIB),
+                (1, PageKind::Normal, 10 * GIB)
+            ]
+        );
+        assert!(!ledger.holds(&[0], &[normal(7)]));
+        ledger.give_back(&claim);
+        assert!(ledger.holds(&[0], &[normal(16)]));
+    }
+
+    #[test]
+    fn a_share_a_node_cannot_hold_spills_to_the_others() {
+        let mut ledger = Ledger::new(&topo(), &MemoryReserve::default());
+        ledger.take(&[(0, 1)], &[normal(12)]);
+        // Half each would put 9.5 GiB on node 0, which has 4 left (node 1
+        // has 15 beside its hugepage pool).
+        let claim = ledger.take(&[(0, 1), (1, 1)], &[normal(19)]);
+        assert_eq!(
+            claim,
+            vec![
+                (0, PageKind::Normal, 4 * GIB),
+                (1, PageKind::Normal, 15 * GIB)
+            ]
+        );
+        // What fits nowhere is still recorded, on the first node.
+        let over = ledger.take(&[(0, 1)], &[normal(1)]);
+        assert_eq!(over, vec![(0, PageKind::Normal, GIB)]);
+        let node0 = &ledger.figures()[0];
+        assert_eq!(node0.committed_kib, 17 * GIB);
+        assert_eq!(node0.capacity_kib, Some(16 * GIB));
+    }
+
+    #[test]
+    fn huge_pages_come_only_from_their_pool_in_whole_pages() {
+        let mut ledger = Ledger::new(&topo(), &MemoryReserve::default());
+        let huge = MemoryPart {
+            kib: 3 * 2048,
+            kind: PageKind::Huge(2048),
+        };
+        assert!(!ledger.holds(&[0], &[huge]));
+        assert!(ledger.holds(&[1], &[huge]));
+        let claim = ledger.take(&[(0, 1), (1, 1)], &[huge]);
+        assert_eq!(claim, vec![(1, PageKind::Huge(2048), 3 * 2048)]);
+        assert_eq!(ledger.left_note(1, &[huge]), "2M pages: 509 of 512 left");
+        assert_eq!(
+            ledger.left_note(0, &[normal(4)]),
+            "memory 16 of 16 GiB left"
+        );
+    }
+
+    #[test]
+    fn unknown_sizes_limit_nothing() {
+        let topo = Topology::uniform(&CpuSet::parse("0-3").unwrap(), 2);
+        let ledger = Ledger::new(&topo, &MemoryReserve::default());
+        assert!(ledger.holds(&[0], &[normal(1 << 20)]));
+        assert_eq!(ledger.nodes(), &[0, 1]);
+    }
+}
