@@ -74,7 +74,10 @@ fn plan_prints_the_design_json_for_a_domains_directory() {
     assert_eq!(a["vcpus"][2], serde_json::json!({"vcpu": 2, "cpus": [3]}));
     assert_eq!(a["emulator"], serde_json::json!([0]));
     assert_eq!(a["numa_nodes"], serde_json::json!([0]));
-    assert_eq!(a["memory_mode"], "strict");
+    assert_eq!(
+        a["memory_mode"], "restrictive",
+        "the mode the daemon binds in"
+    );
     assert_eq!(a["reason"], "dedicated: fits node 0");
     assert_eq!(v["left_alone"][0]["name"], "nova");
     assert_eq!(v["pins_moved"], 0);

@@ -6,6 +6,7 @@ mod common;
 
 use pinner::engine::cpuset::CpuSet;
 use pinner::engine::domain::Policy;
+use pinner::engine::memory::{MemoryPart, MemoryReserve, PageKind};
 use pinner::engine::placement::{plan, Guest, GuestPlan, HostPolicy, Mode, Placement, Plan, Role};
 use pinner::engine::topology::{Cpu, Topology};
 use std::collections::{BTreeMap, BTreeSet};
@@ -23,8 +24,13 @@ fn machine(name: &str) -> Option<Topology> {
                 && p.to_string_lossy().ends_with(".tar.bz2")
         })
         .unwrap_or_else(|| panic!("no snapshot {name}"));
-    let scratch =
-        std::env::temp_dir().join(format!("pinner-scenario-{name}-{}", std::process::id()));
+    // Tests run in parallel and may read the same machine: each its own copy.
+    static COPIES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let copy = COPIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let scratch = std::env::temp_dir().join(format!(
+        "pinner-scenario-{name}-{}-{copy}",
+        std::process::id()
+    ));
     let root = common::extract(&archive, &scratch);
     let topo = pinner::host::sysfs::read_topology(&root).unwrap();
     let _ = std::fs::remove_dir_all(&scratch);
@@ -484,4 +490,153 @@ fn four_cells_on_a_16_cpu_8_node_host_take_the_closest_four_nodes() {
     };
     let again = plan(&topo, &HostPolicy::with_reserved(CpuSet::new()), &[settled]);
     assert_eq!(again.pins_moved, 0, "{}", again.guests[0].reason);
+}
+
+// ---------------------------------------------------------------- memory
+
+const GIB: u64 = 1 << 20;
+
+/// Guests of (vCPUs, GiB, page kind), named vm000….
+fn with_memory(specs: &[(u32, u64, PageKind)]) -> Vec<Guest> {
+    let sizes: Vec<u32> = specs.iter().map(|s| s.0).collect();
+    guests(&sizes)
+        .into_iter()
+        .zip(specs)
+        .map(|(g, &(_, gib, kind))| Guest {
+            memory: vec![vec![MemoryPart {
+                kib: gib * GIB,
+                kind,
+            }]],
+            ..g
+        })
+        .collect()
+}
+
+/// The host's default reserve (512 MiB a node), as the daemon runs.
+fn default_host(reserved: &str) -> HostPolicy {
+    let mut host = HostPolicy::with_reserved(CpuSet::parse(reserved).unwrap());
+    host.memory_reserve = MemoryReserve {
+        normal_kib_per_node: 512 * 1024,
+        huge_pages: Default::default(),
+    };
+    host
+}
+
+/// No pool of any node holds more than its room.
+fn assert_within_capacity(p: &Plan) {
+    for pool in &p.memory {
+        if let Some(room) = pool.capacity_kib {
+            assert!(
+                pool.committed_kib <= room,
+                "node {} {:?}: {} KiB on {room}",
+                pool.node,
+                pool.kind,
+                pool.committed_kib
+            );
+        }
+    }
+}
+
+#[test]
+fn amd_8_nodes_memory_bounds_what_cpus_alone_overfilled() {
+    let Some(topo) = machine("64amd64-4s2n4ca2co") else {
+        return;
+    };
+    // The cases: two 4-vCPU guests of 48 GiB and nine 1-vCPU
+    // guests of 7 GiB on eight 16 GiB nodes (node 5: 8 GiB). By CPUs
+    // alone both large ones and eight small ones went to node 0.
+    let large = plan(
+        &topo,
+        &default_host(""),
+        &with_memory(&[(4, 48, PageKind::Normal); 2]),
+    );
+    let small = plan(
+        &topo,
+        &default_host(""),
+        &with_memory(&[(1, 7, PageKind::Normal); 9]),
+    );
+    for p in [&large, &small] {
+        assert_within_capacity(p);
+        assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+    }
+    for g in large.guests.iter().chain(&small.guests) {
+        let bound: Vec<u32> = g.memory.iter().map(|(node, _, _)| *node).collect();
+        if g.vcpus.len() == 4 {
+            assert!(g.numa_nodes.len() >= 2, "{}: {}", g.name, g.reason);
+            assert!(
+                g.reason.contains("48 GiB fits no single node"),
+                "{}",
+                g.reason
+            );
+            assert!(
+                bound.len() >= 4,
+                "48 GiB needs four 15.5 GiB nodes: {bound:?}"
+            );
+        } else {
+            assert_eq!(g.numa_nodes.len(), 1, "{}: {}", g.name, g.reason);
+            assert_eq!(bound, g.numa_nodes, "{}", g.name);
+            assert!(g.reason.contains("left)"), "{}", g.reason);
+        }
+        let nodes: Vec<u32> = g.memory_nodes.clone().unwrap();
+        assert!(
+            bound.iter().all(|n| nodes.contains(n)),
+            "{}: bound to {nodes:?}",
+            g.name
+        );
+    }
+}
+
+#[test]
+fn intel_hugepage_guests_follow_their_pools() {
+    let Some(mut topo) = machine("32intel64-2p8co2t+8ve") else {
+        return;
+    };
+    // The snapshot's pools: 2048 2M pages (4 GiB) on each node. Here node
+    // 0's pool is given back, so its pages are on node 1 only.
+    topo.numa_nodes[0].hugepages[0].total = 0;
+    let two_meg = PageKind::Huge(2048);
+    let specs = [(2, 2, two_meg), (2, 1, two_meg), (2, 4, PageKind::Normal)];
+    let p = plan(&topo, &default_host("0,16"), &with_memory(&specs));
+    assert_within_capacity(&p);
+    for name in ["vm000", "vm001"] {
+        let g = p.guests.iter().find(|g| g.name == name).unwrap();
+        assert_eq!(g.numa_nodes, vec![1], "{name}: {}", g.reason);
+        assert!(g
+            .memory
+            .iter()
+            .all(|(n, kind, _)| *n == 1 && *kind == two_meg));
+    }
+    // A third guest's pages fit the pool no more: unbound, said so.
+    let specs = [(2, 2, two_meg), (2, 2, two_meg), (1, 1, two_meg)];
+    let p = plan(&topo, &default_host("0,16"), &with_memory(&specs));
+    assert_within_capacity(&p);
+    let last = p.guests.iter().find(|g| g.name == "vm002").unwrap();
+    assert_eq!(last.memory_nodes, None, "{}", last.reason);
+    assert!(p
+        .warnings
+        .iter()
+        .any(|w| w.to_string() == "vm002: memory not bound: 1 GiB fits no set of nodes"));
+}
+
+#[test]
+fn intel_a_pool_taking_most_of_a_node_leaves_normal_guests_the_other() {
+    let Some(mut topo) = machine("32intel64-2p8co2t+8ve") else {
+        return;
+    };
+    // 21,000 2M pages (41 GiB) on node 0: its normal memory is ~4.6 GiB.
+    topo.numa_nodes[0].hugepages[0].total = 21_000;
+    topo.numa_nodes[1].hugepages[0].total = 0;
+    let specs = vec![(2, 8, PageKind::Normal); 4];
+    let p = plan(&topo, &default_host(""), &with_memory(&specs));
+    assert_within_capacity(&p);
+    for g in &p.guests {
+        assert_eq!(g.numa_nodes, vec![1], "{}: {}", g.name, g.reason);
+    }
+    // A hugepage guest still goes to node 0, where its pages are.
+    let p = plan(
+        &topo,
+        &default_host(""),
+        &with_memory(&[(2, 16, PageKind::Huge(2048))]),
+    );
+    assert_eq!(p.guests[0].numa_nodes, vec![0], "{}", p.guests[0].reason);
 }

@@ -106,7 +106,8 @@ pub enum Request {
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub enum Response {
-    Status(StatusReport),
+    /// Boxed: a status is large beside the other answers.
+    Status(Box<StatusReport>),
     Reconciled(ReconcileReport),
     Error(String),
     /// A hook event was queued: the hook counts an event as delivered only
@@ -132,6 +133,27 @@ pub struct StatusReport {
     /// Host processes pinner keeps on the reserved CPUs (None: isolation
     /// off).
     pub isolated_processes: Option<u64>,
+    /// Each node's guest memory of each kind against what guests may take.
+    #[serde(default)]
+    pub memory: Vec<NodeMemoryStatus>,
+}
+
+/// One node's memory of one kind (`pinner status --json` and `pinner plan
+/// --json` alike): what guests may take there, and what the guests placed
+/// there (and those pinner leaves alone) commit.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+pub struct NodeMemoryStatus {
+    pub node: u32,
+    /// "normal", or a hugetlb pool as sysfs names it ("hugepages-2048kB").
+    pub kind: String,
+    /// The pool's page size in KiB (None: normal pages).
+    pub page_size_kib: Option<u64>,
+    /// MemTotal less the hugepage pools and the host's reserve, or the
+    /// pool less its reserved pages, in KiB (None: the node's size is not
+    /// known, and nothing limits it).
+    pub capacity_kib: Option<u64>,
+    /// What guests take there, in KiB.
+    pub committed_kib: u64,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
@@ -175,6 +197,12 @@ pub struct DomainStatus {
     pub planned_memory_nodes: Vec<u32>,
     /// Why the memory binding is left as it is, if it is.
     pub memory_note: String,
+    /// The guest's memory (`<memory>`), in KiB.
+    #[serde(default)]
+    pub memory_kib: u64,
+    /// The huge page size its memory is made of, in KiB (None: normal pages).
+    #[serde(default)]
+    pub hugepage_kib: Option<u64>,
     /// From the hook's `started` event to the guest's last pin applied, in
     /// milliseconds (None: not started while this daemon ran).
     pub pin_latency_ms: Option<f64>,

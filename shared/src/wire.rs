@@ -131,11 +131,11 @@ mod tests {
             let back: Request = read_message(&mut &frame[..]).unwrap();
             assert_eq!(back, msg);
         }
-        let resp = Response::Status(StatusReport {
+        let resp = Response::Status(Box::new(StatusReport {
             mode: "shared".into(),
             pool: vec![2, 3],
             ..Default::default()
-        });
+        }));
         let back: Response = read_message(&mut &encode(&resp).unwrap()[..]).unwrap();
         assert_eq!(back, resp);
     }

@@ -189,7 +189,7 @@ fn status_map(socket: &Path, format: MapFormat) -> Result<ExitCode, CliError> {
 
 fn status_report(socket: &Path) -> Result<StatusReport, CliError> {
     match client::request(socket, &Request::Status, ANSWER_TIMEOUT)? {
-        Response::Status(report) => Ok(report),
+        Response::Status(report) => Ok(*report),
         Response::Error(message) => Err(CliError::Refused(message)),
         Response::Reconciled(_) | Response::Accepted => Err(CliError::UnexpectedAnswer),
     }

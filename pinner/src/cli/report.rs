@@ -3,9 +3,13 @@
 
 use crate::engine::cpuset::CpuSet;
 use crate::engine::domain::DomainSpec;
+use crate::engine::memory::{human, page_size_label};
 use crate::engine::placement::Plan;
+use crate::engine::reconcile::node_memory;
 use crate::engine::topology::{Cpu, CpuKind, Topology};
-use pinner_shared::protocol::{CellStatus, DomainStatus, ReconcileReport, StatusReport};
+use pinner_shared::protocol::{
+    CellStatus, DomainStatus, NodeMemoryStatus, ReconcileReport, StatusReport,
+};
 use std::fmt::Write;
 
 fn cpus(list: &[u32]) -> String {
@@ -52,6 +56,7 @@ pub fn status_text(report: &StatusReport) -> String {
             );
         }
     }
+    out.push_str(&memory_text(&report.memory));
     if let Some(count) = report.isolated_processes {
         let _ = writeln!(out, "host processes on the reserved CPUs: {count}");
     }
@@ -127,7 +132,11 @@ fn guest_status(out: &mut String, d: &DomainStatus, name_width: usize) {
     let now = format!("  emulator -> {}", cpus(&d.emulator));
     planned(out, now, differs(&d.emulator, &d.planned_emulator, cpus));
     if !d.memory_nodes.is_empty() || !d.planned_memory_nodes.is_empty() {
-        let now = format!("  memory   -> {}", nodes(&d.memory_nodes));
+        let now = format!(
+            "  memory   -> {}{}",
+            nodes(&d.memory_nodes),
+            guest_memory_size(d.memory_kib, d.hugepage_kib)
+        );
         planned(
             out,
             now,
@@ -142,6 +151,66 @@ fn guest_status(out: &mut String, d: &DomainStatus, name_width: usize) {
     }
     for cell in &d.cells {
         let _ = writeln!(out, "  {}", cell_line(cell));
+    }
+}
+
+/// " (4 GiB)", " (4 GiB in 2M pages)"; empty when the size is not known.
+fn guest_memory_size(kib: u64, hugepage_kib: Option<u64>) -> String {
+    match (kib, hugepage_kib) {
+        (0, _) => String::new(),
+        (kib, None) => format!(" ({})", human(kib)),
+        (kib, Some(page)) => format!(" ({} in {} pages)", human(kib), page_size_label(page)),
+    }
+}
+
+/// The nodes' guest memory against their room, one line per node:
+/// "node 1: 12 of 15.5 GiB, 2M pages 256 of 1024".
+pub fn memory_text(pools: &[NodeMemoryStatus]) -> String {
+    if pools
+        .iter()
+        .all(|p| p.committed_kib == 0 && p.capacity_kib.is_none())
+    {
+        return String::new();
+    }
+    let mut out = String::from("\nguest memory per node (committed of room):\n");
+    let mut by_node: std::collections::BTreeMap<u32, Vec<String>> = Default::default();
+    // A pool of no pages that nothing uses (sysfs lists every size) says nothing.
+    for pool in pools
+        .iter()
+        .filter(|p| p.committed_kib > 0 || p.capacity_kib != Some(0))
+    {
+        let figure = match (pool.page_size_kib, pool.capacity_kib) {
+            (None, Some(room)) => format!(
+                "{} of {}",
+                human_short(pool.committed_kib, room),
+                human(room)
+            ),
+            (None, None) => format!(
+                "{} (the node's size is not known)",
+                human(pool.committed_kib)
+            ),
+            (Some(page), room) => format!(
+                "{} pages {} of {}",
+                page_size_label(page),
+                pool.committed_kib / page,
+                room.unwrap_or(0) / page
+            ),
+        };
+        by_node.entry(pool.node).or_default().push(figure);
+    }
+    for (node, figures) in by_node {
+        let _ = writeln!(out, "  node {node}: {}", figures.join(", "));
+    }
+    out
+}
+
+/// `kib` as [`human`] does, without the unit when it is `of`'s ("12" of
+/// "16 GiB").
+fn human_short(kib: u64, of: u64) -> String {
+    let (part, whole) = (human(kib), human(of));
+    match (part.strip_suffix(" GiB"), whole.ends_with(" GiB")) {
+        (Some(number), true) => number.to_string(),
+        _ => part,
     }
 }
 
@@ -216,12 +285,27 @@ fn left_alone<'a>(plan: &Plan, specs: &'a [DomainSpec]) -> Vec<(&'a str, &'stati
         .collect()
 }
 
+/// The memory mode the daemon binds a guest's memory in: the one it has,
+/// else `restrictive` (the one mode libvirt lets follow the vCPUs live).
+fn memory_mode<'a>(specs: &'a [DomainSpec], uuid: &str) -> &'a str {
+    specs
+        .iter()
+        .find(|s| s.uuid == uuid)
+        .and_then(|s| s.memory_mode.as_deref())
+        .unwrap_or("restrictive")
+}
+
 /// `pinner plan --json`, in the format DESIGN.md documents.
 pub fn plan_json(plan: &Plan, specs: &[DomainSpec]) -> serde_json::Value {
     let domains: Vec<serde_json::Value> = plan
         .guests
         .iter()
         .map(|g| {
+            let memory: Vec<serde_json::Value> = g
+                .memory
+                .iter()
+                .map(|(node, kind, kib)| serde_json::json!({"node": node, "kind": kind.metric_label(), "kib": kib}))
+                .collect();
             serde_json::json!({
                 "name": g.name,
                 "uuid": g.uuid,
@@ -231,7 +315,8 @@ pub fn plan_json(plan: &Plan, specs: &[DomainSpec]) -> serde_json::Value {
                     .collect::<Vec<_>>(),
                 "emulator": g.emulator.to_vec(),
                 "numa_nodes": g.numa_nodes,
-                "memory_mode": g.memory_nodes.as_ref().map(|_| "strict"),
+                "memory_mode": g.memory_nodes.as_ref().map(|_| memory_mode(specs, &g.uuid)),
+                "memory": memory,
                 "cells": g.cells.iter()
                     .map(|c| serde_json::json!({"cell": c.cell, "nodes": c.nodes, "reason": c.reason}))
                     .collect::<Vec<_>>(),
@@ -250,6 +335,7 @@ pub fn plan_json(plan: &Plan, specs: &[DomainSpec]) -> serde_json::Value {
         "domains": domains,
         "left_alone": alone,
         "pins_moved": plan.pins_moved,
+        "memory": node_memory(plan),
         "warnings": plan.warnings.iter().map(ToString::to_string).collect::<Vec<_>>(),
     })
 }
@@ -274,12 +360,20 @@ pub fn plan_text(plan: &Plan, specs: &[DomainSpec]) -> String {
         }
         let _ = writeln!(out, "  emulator -> {}", g.emulator);
         if let Some(memory) = &g.memory_nodes {
-            let _ = writeln!(out, "  memory   -> {} (strict)", nodes(memory));
+            let size: u64 = g.memory.iter().map(|(_, _, kib)| kib).sum();
+            let size = if size > 0 {
+                format!("{}, ", human(size))
+            } else {
+                String::new()
+            };
+            let mode = memory_mode(specs, &g.uuid);
+            let _ = writeln!(out, "  memory   -> {} ({size}{mode})", nodes(memory));
         }
     }
     for (name, why) in left_alone(plan, specs) {
         let _ = writeln!(out, "\n{name}  left alone: {why}");
     }
+    out.push_str(&memory_text(&node_memory(plan)));
     for w in &plan.warnings {
         let _ = writeln!(out, "warning: {w}");
     }
@@ -461,12 +555,36 @@ pub fn topology_tree(topo: &Topology) -> String {
     let mut out = topology_summary(topo, &online);
     topology_levels(&mut out, topo, &online);
     for node in topo.numa_nodes.iter().filter(|n| n.cpus.is_empty()) {
-        let memory = node
-            .memory_mib
-            .map_or_else(String::new, |m| format!(" ({m} MiB)"));
+        let memory = node_memory_text(node);
         let _ = writeln!(out, "memory-only numa node {}{memory}", node.id);
     }
     out
+}
+
+/// ", 16384 MiB (15360 normal; 2M pages: 512, 500 free)": MemTotal, then
+/// what normal pages have beside the hugepage pools, and each pool.
+fn node_memory_text(node: &crate::engine::topology::NumaNode) -> String {
+    let Some(total) = node.memory_mib else {
+        return String::new();
+    };
+    let pools: Vec<String> = node
+        .hugepages
+        .iter()
+        .filter(|p| p.total > 0)
+        .map(|p| {
+            format!(
+                "{} pages: {}, {} free",
+                page_size_label(p.size_kib),
+                p.total,
+                p.free
+            )
+        })
+        .collect();
+    if pools.is_empty() {
+        return format!(", {total} MiB");
+    }
+    let normal = node.normal_memory_mib().unwrap_or(total);
+    format!(", {total} MiB ({normal} normal; {})", pools.join("; "))
 }
 
 /// The counts line, and isolated CPUs where there are any.
@@ -531,9 +649,7 @@ fn topology_levels(out: &mut String, topo: &Topology, online: &[&Cpu]) {
         }
         if cpu.numa_node != last.1 {
             let node = topo.numa_nodes.iter().find(|n| Some(n.id) == cpu.numa_node);
-            let memory = node
-                .and_then(|n| n.memory_mib)
-                .map_or_else(String::new, |m| format!(", {m} MiB"));
+            let memory = node.map_or_else(String::new, node_memory_text);
             let distances = node
                 .filter(|n| !n.distances.is_empty())
                 .map_or_else(String::new, |n| format!(", distances {:?}", n.distances));

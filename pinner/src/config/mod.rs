@@ -2,6 +2,7 @@
 //! and the key where one is at fault.
 
 use crate::engine::cpuset::CpuSet;
+use crate::engine::memory::MemoryReserve;
 use crate::engine::placement::{EmulatorPolicy, HostPolicy};
 use crate::engine::topology::Topology;
 use crate::host::{file, nova};
@@ -30,6 +31,10 @@ pub struct Config {
     /// Move each guest NUMA cell's resident memory to its cell's node
     /// (move_pages(2)); off: cells' memory lands where it is first touched.
     pub move_cell_memory: bool,
+    /// Normal memory the host keeps for itself on each NUMA node, in MiB.
+    pub reserved_memory_mib: u64,
+    /// Huge pages kept from guests (nova's syntax, one entry per pool).
+    pub reserved_huge_pages: Vec<nova::HugePageReserve>,
     /// An OpenStack compute node's nova.conf to take CPU settings from.
     pub nova_conf: Option<PathBuf>,
     pub isolation: IsolationConfig,
@@ -41,7 +46,13 @@ pub struct Config {
     /// Lines of keys in the file, for errors found later (None: not set).
     reserved_cpus_line: Option<usize>,
     ratio_line: Option<usize>,
+    reserved_memory_line: Option<usize>,
+    reserved_huge_pages_line: Option<usize>,
 }
+
+/// `reserved_memory_mib` when the file does not set it: what the host's
+/// own daemons, and qemu beside each guest's RAM, take on a node.
+pub const DEFAULT_RESERVED_MEMORY_MIB: u64 = 512;
 
 impl Default for Config {
     fn default() -> Self {
@@ -55,6 +66,8 @@ impl Default for Config {
             libvirt_uri: "qemu:///system".into(),
             emulator_threads: EmulatorPolicy::Housekeeping,
             move_cell_memory: true,
+            reserved_memory_mib: DEFAULT_RESERVED_MEMORY_MIB,
+            reserved_huge_pages: Vec::new(),
             nova_conf: None,
             isolation: IsolationConfig::default(),
             metrics_file: None,
@@ -62,6 +75,8 @@ impl Default for Config {
             source: None,
             reserved_cpus_line: None,
             ratio_line: None,
+            reserved_memory_line: None,
+            reserved_huge_pages_line: None,
         }
     }
 }
@@ -194,6 +209,8 @@ struct RawConfig {
     log_level: Option<Spanned<String>>,
     emulator_threads: Option<Spanned<String>>,
     move_cell_memory: Option<bool>,
+    reserved_memory_mib: Option<Spanned<i64>>,
+    reserved_huge_pages: Option<Vec<Spanned<String>>>,
     libvirt: Option<RawLibvirt>,
     openstack: Option<RawOpenstack>,
     isolation: Option<RawIsolation>,
@@ -278,22 +295,7 @@ impl Config {
             source: Some(path.to_path_buf()),
             ..Config::default()
         };
-        if let Some(v) = raw.reserved_cpus {
-            config.reserved_cpus = CpuSet::parse(v.get_ref())
-                .map_err(|e| err_at(Some(v.span().start), format!("reserved_cpus: {e}")))?;
-            config.reserved_cpus_line = Some(line_col(text, v.span().start).0);
-        }
-        if let Some(v) = raw.cpu_allocation_ratio {
-            let ratio = *v.get_ref();
-            if !(ratio.is_finite() && ratio > 0.0) {
-                return Err(err_at(
-                    Some(v.span().start),
-                    format!("cpu_allocation_ratio must be a number above 0, not {ratio}"),
-                ));
-            }
-            config.cpu_allocation_ratio = ratio;
-            config.ratio_line = Some(line_col(text, v.span().start).0);
-        }
+        config.cpu_keys(raw.reserved_cpus, raw.cpu_allocation_ratio, text, &err_at)?;
         if let Some(v) = raw.socket {
             config.socket = absolute_path(&v, "socket", &err_at)?;
         }
@@ -324,6 +326,12 @@ impl Config {
         if let Some(v) = raw.move_cell_memory {
             config.move_cell_memory = v;
         }
+        config.memory_keys(
+            raw.reserved_memory_mib,
+            raw.reserved_huge_pages,
+            text,
+            &err_at,
+        )?;
         config.tables(
             raw.openstack,
             raw.libvirt,
@@ -332,6 +340,68 @@ impl Config {
             &err_at,
         )?;
         Ok(config)
+    }
+
+    /// `reserved_cpus` and `cpu_allocation_ratio`, with their lines.
+    fn cpu_keys(
+        &mut self,
+        reserved: Option<Spanned<String>>,
+        ratio: Option<Spanned<f64>>,
+        text: &str,
+        err_at: &dyn Fn(Option<usize>, String) -> ConfigError,
+    ) -> Result<(), ConfigError> {
+        if let Some(v) = reserved {
+            self.reserved_cpus = CpuSet::parse(v.get_ref())
+                .map_err(|e| err_at(Some(v.span().start), format!("reserved_cpus: {e}")))?;
+            self.reserved_cpus_line = Some(line_col(text, v.span().start).0);
+        }
+        if let Some(v) = ratio {
+            let ratio = *v.get_ref();
+            if !(ratio.is_finite() && ratio > 0.0) {
+                return Err(err_at(
+                    Some(v.span().start),
+                    format!("cpu_allocation_ratio must be a number above 0, not {ratio}"),
+                ));
+            }
+            self.cpu_allocation_ratio = ratio;
+            self.ratio_line = Some(line_col(text, v.span().start).0);
+        }
+        Ok(())
+    }
+
+    /// `reserved_memory_mib` and `reserved_huge_pages`.
+    fn memory_keys(
+        &mut self,
+        mib: Option<Spanned<i64>>,
+        huge: Option<Vec<Spanned<String>>>,
+        text: &str,
+        err_at: &dyn Fn(Option<usize>, String) -> ConfigError,
+    ) -> Result<(), ConfigError> {
+        if let Some(v) = mib {
+            // 1 PiB: any node; a larger value is a typo, not a host.
+            self.reserved_memory_mib = u64::try_from(*v.get_ref())
+                .ok()
+                .filter(|m| *m <= 1 << 30)
+                .ok_or_else(|| {
+                err_at(
+                    Some(v.span().start),
+                    format!(
+                        "reserved_memory_mib must be MiB from 0, not {}",
+                        v.get_ref()
+                    ),
+                )
+            })?;
+            self.reserved_memory_line = Some(line_col(text, v.span().start).0);
+        }
+        for entry in huge.into_iter().flatten() {
+            let at = Some(entry.span().start);
+            let reserve = nova::parse_huge_page_reserve(entry.get_ref())
+                .map_err(|e| err_at(at, format!("reserved_huge_pages: {e}")))?;
+            self.reserved_huge_pages.push(reserve);
+            self.reserved_huge_pages_line
+                .get_or_insert(line_col(text, entry.span().start).0);
+        }
+        Ok(())
     }
 
     /// `[openstack]`, `[libvirt]`, `[isolation]` and `[metrics]`.
@@ -400,6 +470,10 @@ impl Config {
         let mut host = HostPolicy {
             cpu_allocation_ratio: self.cpu_allocation_ratio,
             emulator: self.emulator_threads,
+            memory_reserve: MemoryReserve {
+                normal_kib_per_node: self.reserved_memory_mib * 1024,
+                huge_pages: huge_page_map(&self.reserved_huge_pages),
+            },
             ..HostPolicy::with_reserved(self.reserved_cpus.clone())
         };
         if let Some(path) = &self.nova_conf {
@@ -498,15 +572,75 @@ impl Config {
             }
             host.reserved = reserved;
         }
+        self.merge_nova_memory(&nova, topology, &at, host)
+    }
+
+    /// nova.conf's memory reserves: `reserved_host_memory_mb` spread evenly
+    /// over the nodes with memory, and `reserved_huge_pages` as they are.
+    /// The same keys here with other values are refused.
+    fn merge_nova_memory(
+        &self,
+        nova: &nova::NovaConf,
+        topology: &Topology,
+        at: &dyn Fn(usize) -> String,
+        host: &mut HostPolicy,
+    ) -> Result<(), ConfigError> {
+        if let Some(mb) = &nova.reserved_host_memory_mb {
+            let nodes = topology
+                .numa_nodes
+                .iter()
+                .filter(|n| n.memory_mib != Some(0))
+                .count()
+                .max(1) as u64;
+            let per_node = mb.value.div_ceil(nodes);
+            if self.reserved_memory_line.is_some() && self.reserved_memory_mib != per_node {
+                return Err(self.error_in_file(
+                    self.reserved_memory_line,
+                    format!(
+                        "reserved_memory_mib {} contradicts {}: reserved_host_memory_mb {} ({per_node} MiB on each of {nodes} nodes); remove it here, nova.conf decides",
+                        self.reserved_memory_mib,
+                        at(mb.line),
+                        mb.value
+                    ),
+                ));
+            }
+            host.memory_reserve.normal_kib_per_node = per_node * 1024;
+        }
+        if let Some(first) = nova.reserved_huge_pages.first() {
+            let pages: Vec<_> = nova.reserved_huge_pages.iter().map(|r| r.value).collect();
+            if self.reserved_huge_pages_line.is_some()
+                && huge_page_map(&pages) != huge_page_map(&self.reserved_huge_pages)
+            {
+                return Err(self.error_in_file(
+                    self.reserved_huge_pages_line,
+                    format!(
+                        "reserved_huge_pages contradicts {}; remove it here, nova.conf decides",
+                        at(first.line)
+                    ),
+                ));
+            }
+            host.memory_reserve.huge_pages = huge_page_map(&pages);
+        }
         Ok(())
     }
+}
+
+/// Huge page reserves by (node, page size): pages kept from guests.
+fn huge_page_map(
+    reserves: &[nova::HugePageReserve],
+) -> std::collections::BTreeMap<(u32, u64), u64> {
+    let mut map = std::collections::BTreeMap::new();
+    for r in reserves {
+        *map.entry((r.node, r.size_kib)).or_default() += r.count;
+    }
+    map
 }
 
 /// The CPUs nova.conf reserves for the host, and how it says so: the CPUs
 /// outside its dedicated and shared sets (which `host` then takes), else
 /// its lowest `reserved_host_cpus`.
 fn nova_reserved(
-    nova: &nova::NovaCpu,
+    nova: &nova::NovaConf,
     topology: &Topology,
     host: &mut HostPolicy,
     at: &dyn Fn(usize) -> String,
@@ -1016,5 +1150,64 @@ mod tests {
                 .ends_with("nova.conf:2: CPUs 8-9 are not online on this host"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn memory_reserves_per_node_and_hugepages() {
+        let topo = Topology::uniform(&CpuSet::parse("0-3").unwrap(), 2);
+        let host = parse("").unwrap().resolve(&topo).unwrap();
+        assert_eq!(
+            host.memory_reserve.normal_kib_per_node,
+            512 * 1024,
+            "the default"
+        );
+        let config = parse(
+            "reserved_memory_mib = 2048\nreserved_huge_pages = [\"node:1,size:1G,count:2\"]\n",
+        )
+        .unwrap();
+        let host = config.resolve(&topo).unwrap();
+        assert_eq!(host.memory_reserve.normal_kib_per_node, 2048 * 1024);
+        assert_eq!(
+            host.memory_reserve.huge_pages,
+            std::collections::BTreeMap::from([((1, 1 << 20), 2)])
+        );
+        let e = parse("\nreserved_memory_mib = -1\n").unwrap_err();
+        assert_eq!(
+            (e.line, e.message.as_str()),
+            (Some(2), "reserved_memory_mib must be MiB from 0, not -1")
+        );
+        let e = parse("reserved_huge_pages = [\"node:x,size:2048,count:1\"]").unwrap_err();
+        assert!(e.message.contains("node \"x\" is not a number"), "{e}");
+    }
+
+    #[test]
+    fn nova_conf_decides_memory_reserves_too() {
+        let nova = "[DEFAULT]\nreserved_host_memory_mb = 4096\nreserved_huge_pages = node:0,size:2048,count:64\n";
+        let host = with_nova("memory", "", nova).unwrap();
+        // One node here: all of it on node 0.
+        assert_eq!(host.memory_reserve.normal_kib_per_node, 4096 * 1024);
+        assert_eq!(host.memory_reserve.huge_pages[&(0, 2048)], 64);
+        let e = with_nova("memory-contradiction", "reserved_memory_mib = 100", nova).unwrap_err();
+        assert!(
+            e.message.contains("reserved_memory_mib 100 contradicts")
+                && e.message.contains("nova.conf:2"),
+            "{e}"
+        );
+        let e = with_nova(
+            "pages-contradiction",
+            "reserved_huge_pages = []\nreserved_huge_pages = [\"node:0,size:2048,count:1\"]",
+            nova,
+        );
+        assert!(e.is_err(), "a duplicate key is refused by TOML itself");
+        let e = with_nova(
+            "pages",
+            "reserved_huge_pages = [\"node:0,size:2048,count:1\"]",
+            nova,
+        )
+        .unwrap_err();
+        assert!(e.message.contains("reserved_huge_pages contradicts"), "{e}");
+        // nova's default when nova.conf is silent.
+        let host = with_nova("default-memory", "", "[DEFAULT]\n").unwrap();
+        assert_eq!(host.memory_reserve.normal_kib_per_node, 512 * 1024);
     }
 }

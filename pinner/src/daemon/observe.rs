@@ -239,20 +239,25 @@ impl Daemon {
                 if matches!(e, HvError::Disconnected(_)) {
                     self.session.drop_connection();
                 }
-                return Response::Status(StatusReport {
+                return Response::Status(Box::new(StatusReport {
                     mode: "unknown".into(),
                     reserved,
                     libvirt_connected: false,
                     warnings: vec![e.to_string()],
                     counters,
                     ..StatusReport::default()
-                });
+                }));
             }
         };
         let plan = self.plan(&specs);
         let mut warnings: Vec<String> = plan.warnings.iter().map(ToString::to_string).collect();
         warnings.extend(unreadable.iter().map(ToString::to_string));
-        let mut domains = reconcile::domain_status(&specs, &plan, &self.memory.refused);
+        let mut domains = reconcile::domain_status(
+            &specs,
+            &plan,
+            &self.memory.refused,
+            self.topology.default_hugepage_kib,
+        );
         for domain in &mut domains {
             domain.pin_latency_ms = self.observer.latency.by_domain.get(&domain.uuid).copied();
             let sample = self.measure(domain);
@@ -263,7 +268,7 @@ impl Daemon {
                 domain.cells = self.cell_status(spec, gp, sample.as_ref());
             }
         }
-        Response::Status(StatusReport {
+        Response::Status(Box::new(StatusReport {
             mode: plan.mode.as_str().into(),
             pool: plan.pool.to_vec(),
             reserved,
@@ -274,7 +279,8 @@ impl Daemon {
             pin_latency: self.observer.latency.summary(),
             numa: guest_stats::host_numastat(&self.paths.sysfs_root),
             isolated_processes: self.isolated_processes(),
-        })
+            memory: reconcile::node_memory(&plan),
+        }))
     }
 }
 

@@ -106,6 +106,8 @@ impl Daemon {
         };
         let (specs, unreadable) = libvirt.running_domains()?;
         self.memory.retain_running(&specs);
+        // Hugepage pools and hot-plugged memory change while the host runs.
+        crate::host::sysfs::refresh_memory(&self.paths.sysfs_root, &mut self.topology);
         let plan = self.plan(&specs);
         let work = reconcile::diff(&specs, &plan, &self.memory.refused);
         let logger = self.logger.clone();

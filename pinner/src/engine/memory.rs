@@ -344,6 +344,104 @@ impl Ledger {
     }
 }
 
+/// Places demands (each: the nodes it may use, and KiB) on nodes within
+/// their `room`, in order, each whole or not at all: a demand that finds
+/// no room moves earlier ones within their own nodes to make some (an
+/// augmenting path, as in a max-flow). Returns each demand's KiB by node,
+/// None for one that does not fit.
+pub fn assign(
+    room: &BTreeMap<u32, u64>,
+    demands: &[(Vec<u32>, u64)],
+) -> Vec<Option<Vec<(u32, u64)>>> {
+    let mut flow: Vec<BTreeMap<u32, u64>> = vec![BTreeMap::new(); demands.len()];
+    let mut used: BTreeMap<u32, u64> = BTreeMap::new();
+    let mut placed = vec![false; demands.len()];
+    for d in 0..demands.len() {
+        let saved = (flow.clone(), used.clone());
+        let mut left = demands[d].1;
+        while left > 0 {
+            let Some(path) = augmenting_path(room, demands, &flow, &used, d) else {
+                break;
+            };
+            left -= push(&path, left, room, &mut flow, &mut used);
+        }
+        if left == 0 {
+            placed[d] = true;
+        } else {
+            (flow, used) = saved;
+        }
+    }
+    flow.into_iter()
+        .zip(placed)
+        .map(|(f, ok)| ok.then(|| f.into_iter().filter(|(_, kib)| *kib > 0).collect()))
+        .collect()
+}
+
+/// A path from demand `from` to a node with room: demand, node, demand
+/// (one with flow on that node, which moves it), node, …, node.
+fn augmenting_path(
+    room: &BTreeMap<u32, u64>,
+    demands: &[(Vec<u32>, u64)],
+    flow: &[BTreeMap<u32, u64>],
+    used: &BTreeMap<u32, u64>,
+    from: usize,
+) -> Option<Vec<(usize, u32)>> {
+    // Breadth-first over nodes; each node remembers (demand, previous node).
+    let mut came: BTreeMap<u32, (usize, Option<u32>)> = BTreeMap::new();
+    let mut queue: std::collections::VecDeque<(usize, Option<u32>)> = [(from, None)].into();
+    while let Some((d, prev)) = queue.pop_front() {
+        for &node in &demands[d].0 {
+            if came.contains_key(&node) || !room.contains_key(&node) {
+                continue;
+            }
+            came.insert(node, (d, prev));
+            let free = room[&node].saturating_sub(used.get(&node).copied().unwrap_or(0));
+            if free > 0 {
+                let mut path = Vec::new();
+                let mut at = Some(node);
+                while let Some(n) = at {
+                    let (d, prev) = came[&n];
+                    path.push((d, n));
+                    at = prev;
+                }
+                path.reverse();
+                return Some(path);
+            }
+            for (other, f) in flow.iter().enumerate() {
+                if other != from && f.get(&node).is_some_and(|kib| *kib > 0) {
+                    queue.push_back((other, Some(node)));
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Sends up to `want` along `path`: each demand on it takes more on its
+/// node, each but the first giving as much back on the node before.
+fn push(
+    path: &[(usize, u32)],
+    want: u64,
+    room: &BTreeMap<u32, u64>,
+    flow: &mut [BTreeMap<u32, u64>],
+    used: &mut BTreeMap<u32, u64>,
+) -> u64 {
+    let (_, last) = path[path.len() - 1];
+    let mut amount = want.min(room[&last].saturating_sub(used.get(&last).copied().unwrap_or(0)));
+    for pair in path.windows(2) {
+        let (d, node_before) = (pair[1].0, pair[0].1);
+        amount = amount.min(flow[d].get(&node_before).copied().unwrap_or(0));
+    }
+    for (i, &(d, node)) in path.iter().enumerate() {
+        *flow[d].entry(node).or_default() += amount;
+        if i > 0 {
+            *flow[d].entry(path[i - 1].1).or_default() -= amount;
+        }
+    }
+    *used.entry(last).or_default() += amount;
+    amount
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -468,6 +566,30 @@ mod tests {
             ledger.left_note(0, &[normal(4)]),
             "memory 16 of 16 GiB left"
         );
+    }
+
+    #[test]
+    fn assignment_moves_earlier_demands_to_make_room() {
+        // Node 3 has most room, so a greedy fill would put the first
+        // demand there and leave the second (nodes 0, 1, 3) short.
+        let room = BTreeMap::from([(0, 2), (1, 3), (2, 7), (3, 13)]);
+        let demands = vec![(vec![2, 3], 14), (vec![0, 1, 3], 5), (vec![0], 9)];
+        let placed = assign(&room, &demands);
+        let first = placed[0].clone().unwrap();
+        let second = placed[1].clone().unwrap();
+        assert_eq!(first.iter().map(|(_, k)| k).sum::<u64>(), 14);
+        assert_eq!(second.iter().map(|(_, k)| k).sum::<u64>(), 5);
+        assert_eq!(placed[2], None, "9 on a node of 2: it does not fit");
+        let mut on = BTreeMap::new();
+        for (node, kib) in first.iter().chain(&second) {
+            *on.entry(*node).or_insert(0) += kib;
+        }
+        for (node, kib) in on {
+            assert!(kib <= room[&node], "node {node}: {kib}");
+        }
+        // A demand that cannot fit leaves the others as they were.
+        let placed = assign(&room, &[(vec![0], 2), (vec![0, 1], 4)]);
+        assert_eq!(placed, vec![Some(vec![(0, 2)]), None]);
     }
 
     #[test]

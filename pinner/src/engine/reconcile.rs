@@ -5,10 +5,11 @@
 use crate::engine::cpuset::CpuSet;
 use crate::engine::domain::{DomainSpec, PinnerMetadata, Policy};
 use crate::engine::hypervisor::{HvError, Hypervisor};
+use crate::engine::memory::PageKind;
 use crate::engine::placement::{self, Guest, GuestPlan, HostPolicy, Plan, Role, Warning};
 use crate::engine::topology::Topology;
 use pinner_shared::log::Level;
-use pinner_shared::protocol::{DomainStatus, VcpuStatus};
+use pinner_shared::protocol::{DomainStatus, NodeMemoryStatus, VcpuStatus};
 use std::collections::{BTreeMap, HashMap};
 
 /// One change to make on a domain.
@@ -258,6 +259,23 @@ pub fn diff(specs: &[DomainSpec], plan: &Plan, refused: &MemoryRefusals) -> Vec<
         .collect()
 }
 
+/// Each node's memory of each kind, as status and `plan --json` show it.
+pub fn node_memory(plan: &Plan) -> Vec<NodeMemoryStatus> {
+    plan.memory
+        .iter()
+        .map(|pool| NodeMemoryStatus {
+            node: pool.node,
+            kind: pool.kind.metric_label(),
+            page_size_kib: match pool.kind {
+                PageKind::Huge(kib) => Some(kib),
+                PageKind::Normal => None,
+            },
+            capacity_kib: pool.capacity_kib,
+            committed_kib: pool.committed_kib,
+        })
+        .collect()
+}
+
 fn planned_memory(gp: &crate::engine::placement::GuestPlan) -> Option<CpuSet> {
     gp.memory_nodes
         .as_ref()
@@ -382,11 +400,13 @@ fn policy_and_reason(spec: &DomainSpec, gp: Option<&GuestPlan>) -> (String, Stri
     }
 }
 
-/// Per-domain status: what libvirt holds next to what the plan says.
+/// Per-domain status: what libvirt holds next to what the plan says
+/// (`default_hugepage_kib`: the host's, for guests that name no size).
 pub fn domain_status(
     specs: &[DomainSpec],
     plan: &Plan,
     refused: &MemoryRefusals,
+    default_hugepage_kib: Option<u64>,
 ) -> Vec<DomainStatus> {
     let planned: HashMap<&str, &crate::engine::placement::GuestPlan> =
         plan.guests.iter().map(|g| (g.uuid.as_str(), g)).collect();
@@ -438,6 +458,11 @@ pub fn domain_status(
                 } else {
                     String::new()
                 },
+                memory_kib: spec.memory_kib,
+                hugepage_kib: match spec.page_kind(None, default_hugepage_kib) {
+                    PageKind::Huge(kib) => Some(kib),
+                    PageKind::Normal => None,
+                },
                 ..DomainStatus::default()
             }
         })
@@ -487,7 +512,7 @@ mod tests {
             "0",
             "memory on the vCPUs' node"
         );
-        let status = domain_status(std::slice::from_ref(a), &plan, &MemoryRefusals::new());
+        let status = domain_status(std::slice::from_ref(a), &plan, &MemoryRefusals::new(), None);
         assert!(status[0].in_sync);
 
         let calls = hv.calls;
@@ -520,7 +545,7 @@ mod tests {
             "CPU 1 is nova's"
         );
         let specs: Vec<_> = hv.domains.values().cloned().collect();
-        let status = domain_status(&specs, &plan, &MemoryRefusals::new());
+        let status = domain_status(&specs, &plan, &MemoryRefusals::new(), None);
         let policies: Vec<_> = status
             .iter()
             .map(|s| (s.name.as_str(), s.policy.as_str()))
@@ -611,7 +636,7 @@ mod memory_tests {
                 .any(|a| matches!(a, Action::SetMemoryNodes { .. })),
             "an interleave mode set by the operator cannot change live"
         );
-        let status = domain_status(&specs, &plan, &MemoryRefusals::new());
+        let status = domain_status(&specs, &plan, &MemoryRefusals::new(), None);
         assert!(
             status[0].memory_note.contains("interleave"),
             "{}",
@@ -635,7 +660,7 @@ mod memory_tests {
             .actions
             .iter()
             .any(|a| matches!(a, Action::SetMemoryNodes { .. })));
-        let status = domain_status(&specs, &plan, &refused);
+        let status = domain_status(&specs, &plan, &refused, None);
         assert!(status[0].memory_note.contains("refused"));
     }
 
@@ -660,7 +685,7 @@ mod memory_tests {
         refused.insert("u-m".into(), "requires restrictive numa mode".into());
         (
             action,
-            domain_status(&specs, &plan, &refused)[0]
+            domain_status(&specs, &plan, &refused, None)[0]
                 .memory_note
                 .clone(),
         )

@@ -1,7 +1,8 @@
-//! The CPU settings of an OpenStack compute node's nova.conf, so pinner and
-//! nova never disagree: `[DEFAULT] cpu_allocation_ratio`,
-//! `initial_cpu_allocation_ratio`, `reserved_host_cpus`, and
-//! `[compute] cpu_dedicated_set`, `cpu_shared_set`.
+//! The CPU and memory settings of an OpenStack compute node's nova.conf, so
+//! pinner and nova never disagree: `[DEFAULT] cpu_allocation_ratio`,
+//! `initial_cpu_allocation_ratio`, `reserved_host_cpus`,
+//! `reserved_host_memory_mb`, `reserved_huge_pages`, and `[compute]
+//! cpu_dedicated_set`, `cpu_shared_set`.
 
 use crate::engine::cpuset::{CpuListError, CpuSet};
 use crate::host::file::{self, FileError};
@@ -26,6 +27,12 @@ pub enum NovaError {
         key: &'static str,
         error: CpuListError,
     },
+    #[error("{key}: {message}")]
+    Memory {
+        line: usize,
+        key: &'static str,
+        message: String,
+    },
     #[error("cpu_shared_set and cpu_dedicated_set (line {dedicated_line}) overlap on CPUs {both}")]
     Overlap {
         line: usize,
@@ -42,6 +49,7 @@ impl NovaError {
             NovaError::NotANumber { line, .. }
             | NovaError::NotACount { line, .. }
             | NovaError::CpuList { line, .. }
+            | NovaError::Memory { line, .. }
             | NovaError::Overlap { line, .. } => Some(*line),
         }
     }
@@ -55,28 +63,80 @@ pub struct Located<T> {
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]
-pub struct NovaCpu {
+pub struct NovaConf {
     pub cpu_allocation_ratio: Option<Located<f64>>,
     pub reserved_host_cpus: Option<Located<u32>>,
     pub cpu_dedicated_set: Option<Located<CpuSet>>,
     pub cpu_shared_set: Option<Located<CpuSet>>,
+    /// Memory for the host as a whole, in MiB (nova's default when unset).
+    pub reserved_host_memory_mb: Option<Located<u64>>,
+    /// Huge pages kept from guests: one per `reserved_huge_pages` line.
+    pub reserved_huge_pages: Vec<Located<HugePageReserve>>,
+}
+
+/// `node:0,size:2048,count:64`: pages of a size kept on a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HugePageReserve {
+    pub node: u32,
+    pub size_kib: u64,
+    pub count: u64,
 }
 
 /// nova's default when neither ratio is set (`initial_cpu_allocation_ratio`).
 const NOVA_INITIAL_RATIO: f64 = 4.0;
 
+/// nova's `reserved_host_memory_mb` when nova.conf does not set it.
+const NOVA_RESERVED_HOST_MEMORY_MB: u64 = 512;
+
+/// Parses nova's `node:N,size:S,count:C` (S in KiB, or with a unit: "2MB",
+/// "1GB", "1G"; page sizes are binary).
+pub fn parse_huge_page_reserve(text: &str) -> Result<HugePageReserve, String> {
+    let mut fields = std::collections::BTreeMap::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (key, value) = part
+            .split_once(':')
+            .ok_or_else(|| format!("{part:?} is not key:value (node:0,size:2048,count:64)"))?;
+        fields.insert(key.trim().to_ascii_lowercase(), value.trim());
+    }
+    let field = |key: &str| {
+        fields
+            .get(key)
+            .copied()
+            .ok_or_else(|| format!("{text:?} has no {key} (node:0,size:2048,count:64)"))
+    };
+    let number = |key: &str, value: &str| {
+        value
+            .parse::<u64>()
+            .map_err(|_| format!("{key} {value:?} is not a number"))
+    };
+    let node = number("node", field("node")?)?;
+    let size = field("size")?;
+    let digits = size.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let scale = match size[digits.len()..].to_ascii_lowercase().as_str() {
+        "" | "k" | "kb" | "kib" => 1,
+        "m" | "mb" | "mib" => 1 << 10,
+        "g" | "gb" | "gib" => 1 << 20,
+        unit => return Err(format!("size {size:?}: unit {unit:?} is not KB, MB or GB")),
+    };
+    Ok(HugePageReserve {
+        node: u32::try_from(node).map_err(|_| format!("node {node} is not a node"))?,
+        size_kib: number("size", digits)?.saturating_mul(scale),
+        count: number("count", field("count")?)?,
+    })
+}
+
 /// The largest nova.conf read (a real one, comments and all, is ~200 KiB).
 const NOVA_CONF_SIZE_CAP: u64 = 4 * 1024 * 1024;
 
 /// Reads `path`; errors carry the line (None: the file as a whole).
-pub fn read(path: &Path) -> Result<NovaCpu, NovaError> {
+pub fn read(path: &Path) -> Result<NovaConf, NovaError> {
     parse(&file::read_text(path, NOVA_CONF_SIZE_CAP)?)
 }
 
 /// Parses oslo.config's INI dialect: `[section]`, `key = value`, `#`/`;`
 /// comments. Only the keys above are looked at.
-pub fn parse(text: &str) -> Result<NovaCpu, NovaError> {
-    let mut out = NovaCpu::default();
+pub fn parse(text: &str) -> Result<NovaConf, NovaError> {
+    let mut out = NovaConf::default();
     let mut ratio = None;
     let mut initial_ratio = None;
     for (section, key, value, line) in entries(text) {
@@ -110,6 +170,9 @@ pub fn parse(text: &str) -> Result<NovaCpu, NovaError> {
                 })?;
                 out.reserved_host_cpus = Some(Located { value: count, line });
             }
+            ("default", "reserved_host_memory_mb" | "reserved_huge_pages") => {
+                memory_key(&mut out, key, value, line)?
+            }
             ("compute", "cpu_dedicated_set") if !value.is_empty() => {
                 out.cpu_dedicated_set = Some(Located {
                     value: cpus("cpu_dedicated_set")?,
@@ -134,6 +197,10 @@ pub fn parse(text: &str) -> Result<NovaCpu, NovaError> {
                 value: NOVA_INITIAL_RATIO,
                 line: 0,
             }));
+    out.reserved_host_memory_mb.get_or_insert(Located {
+        value: NOVA_RESERVED_HOST_MEMORY_MB,
+        line: 0,
+    });
     if let (Some(d), Some(s)) = (&out.cpu_dedicated_set, &out.cpu_shared_set) {
         let both = d.value.intersection(&s.value);
         if !both.is_empty() {
@@ -145,6 +212,30 @@ pub fn parse(text: &str) -> Result<NovaCpu, NovaError> {
         }
     }
     Ok(out)
+}
+
+/// `[DEFAULT] reserved_host_memory_mb` and `reserved_huge_pages` (one
+/// pool per line, as oslo.config's MultiOpt has it).
+fn memory_key(out: &mut NovaConf, key: &str, value: &str, line: usize) -> Result<(), NovaError> {
+    if key == "reserved_host_memory_mb" {
+        let mb = value.parse().map_err(|_| NovaError::Memory {
+            line,
+            key: "reserved_host_memory_mb",
+            message: format!("\"{value}\" is not a number of MiB"),
+        })?;
+        out.reserved_host_memory_mb = Some(Located { value: mb, line });
+    } else if !value.is_empty() {
+        let reserve = parse_huge_page_reserve(value).map_err(|message| NovaError::Memory {
+            line,
+            key: "reserved_huge_pages",
+            message,
+        })?;
+        out.reserved_huge_pages.push(Located {
+            value: reserve,
+            line,
+        });
+    }
+    Ok(())
 }
 
 /// `(section, key, value, line)` of each `key = value` line, the section
@@ -215,6 +306,57 @@ cpu_shared_set = 2-3, 8
             (shared.value.to_string(), shared.line),
             ("2-3,8".to_string(), 8)
         );
+    }
+
+    #[test]
+    fn reads_the_memory_reserves() {
+        let nova = parse(
+            "[DEFAULT]\nreserved_host_memory_mb = 4096\n\
+             reserved_huge_pages = node:0,size:2048,count:64\n\
+             reserved_huge_pages = node:1,size:1GB,count:4\n",
+        )
+        .unwrap();
+        assert_eq!(nova.reserved_host_memory_mb.unwrap().value, 4096);
+        let pages: Vec<_> = nova
+            .reserved_huge_pages
+            .iter()
+            .map(|r| (r.value, r.line))
+            .collect();
+        assert_eq!(
+            pages,
+            vec![
+                (
+                    HugePageReserve {
+                        node: 0,
+                        size_kib: 2048,
+                        count: 64
+                    },
+                    3
+                ),
+                (
+                    HugePageReserve {
+                        node: 1,
+                        size_kib: 1 << 20,
+                        count: 4
+                    },
+                    4
+                ),
+            ]
+        );
+        assert_eq!(
+            parse("").unwrap().reserved_host_memory_mb,
+            Some(Located {
+                value: 512,
+                line: 0
+            }),
+            "nova's default"
+        );
+        let e = parse("[DEFAULT]\nreserved_huge_pages = node:0,size:2TB,count:1\n").unwrap_err();
+        assert_eq!(e.line(), Some(2));
+        assert!(e.to_string().contains("unit \"tb\""), "{e}");
+        assert!(parse_huge_page_reserve("node:0,count:1")
+            .unwrap_err()
+            .contains("no size"));
     }
 
     #[test]

@@ -61,7 +61,7 @@ pub(super) fn place_cells(
             None => {
                 let region = choose_nodes(layout, &pool, &homes[i], need, &fits[i]);
                 let cpus = pick_from(layout, &region, &pool, &own, &homes[i], need).0;
-                (cpus, Some(region.reason))
+                (cpus, Some(region.reason + &region.note))
             }
         };
         for (vcpu, cpu) in cell.iter().zip(cpus.iter()) {

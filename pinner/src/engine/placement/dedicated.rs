@@ -32,7 +32,6 @@ pub(super) fn place_dedicated(
     let mut kept_reasons: HashMap<Vec<Option<u32>>, String> = HashMap::new();
     for i in order {
         let (g, current) = guests[i];
-        memory.release(g);
         let Some(placed) = place_one(layout, g, current, &mut kept[i], free, memory) else {
             continue;
         };
@@ -88,6 +87,8 @@ fn place_one(
     memory: &mut Memory,
 ) -> Option<Placed> {
     if let Some(groups) = g.cell_groups(layout) {
+        // Cells take their memory cell by cell, each where it goes.
+        memory.release(g);
         let parts = g.cell_memory(groups.len());
         let fits: Vec<Fit> = parts.iter().map(|p| memory.fit_parts(p)).collect();
         let cells = place_cells(layout, &groups, &fits, current, slots, free)?;
@@ -111,7 +112,12 @@ fn place_one(
             locality,
         });
     }
-    let (cpus, reason, target) = fill_slots(layout, current, slots, free, &memory.fit(g))?;
+    let (cpus, reason, mut target) = fill_slots(layout, current, slots, free, &memory.fit(g))?;
+    if reason.is_none() {
+        // It keeps every pin: its memory stays bound where it is.
+        let bound = g.memory_nodes.iter().flat_map(CpuSet::iter).collect();
+        target = Target::Cpus { extra: bound };
+    }
     let locality = memory.settle(layout, g, &cpus, &target);
     Some(Placed {
         cpus,
@@ -273,7 +279,10 @@ fn pick_dedicated(
         };
         return Some(Pick {
             cpus,
-            reason: format!("dedicated: {}{l3_note}{kind_note}", region.reason),
+            reason: format!(
+                "dedicated: {}{l3_note}{kind_note}{}",
+                region.reason, region.note
+            ),
             target: region.target,
         });
     }

@@ -1,21 +1,27 @@
 //! Memory during one plan: every node's capacity of each kind against the
-//! guests placed there ([`Ledger`]), what each guest took ([`Claim`]), and
+//! guests placed there ([`Ledger`]), what each guest holds ([`Claim`]), and
 //! which guests no longer fit where they run. The node choosers ask a
 //! [`Fit`] whether a set of nodes holds a guest's memory.
 //!
 //! Order, so that running guests keep their memory where it is:
 //!  1. guests pinner leaves alone take theirs where it is bound, else where
 //!     their CPUs are, else spread over every node;
-//!  2. each managed guest takes its memory where it runs now, largest
-//!     first; one that no longer fits there (hugepages took the node, a
-//!     reload raised the reserve) is displaced and placed afresh;
-//!  3. each guest placed hands back what it held and takes anew where it
-//!     goes (the same nodes, for a guest that stays).
+//!  2. each managed guest takes its memory where it runs now: bound guests
+//!     first, those on one node (their memory has nowhere else to be), then
+//!     those on several, spread over their nodes as the room allows (an
+//!     assignment that moves earlier ones within their nodes, so none is
+//!     turned away that could fit); a bound guest that no longer fits where
+//!     it runs (hugepages took the node, a reload raised the reserve) is
+//!     displaced and placed afresh;
+//!  3. each guest placed keeps what it holds when its memory stays within
+//!     its nodes, else hands it back and takes anew where it goes.
 
 use super::layout::{join_nodes, Layout};
 use super::{Current, Guest, Locality, Role};
 use crate::engine::cpuset::CpuSet;
-use crate::engine::memory::{by_kind, human, Claim, Ledger, MemoryPart, MemoryReserve};
+use crate::engine::memory::{
+    assign, by_kind, human, Claim, Ledger, MemoryPart, MemoryReserve, PageKind,
+};
 use crate::engine::topology::Topology;
 use std::collections::{BTreeMap, HashMap};
 
@@ -31,6 +37,27 @@ pub(super) struct Memory {
     /// Guests whose memory fits no set of nodes: (name, KiB).
     pub(super) unbound: Vec<(String, u64)>,
 }
+
+/// Where a guest's memory goes once its CPUs are chosen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Target {
+    /// It follows the vCPUs: their nodes, and `extra` nodes (a span's, or
+    /// where it is bound now), the roomiest taking it first.
+    Cpus { extra: Vec<u32> },
+    /// Shares chosen for memory: a span made because no node holds it.
+    Nodes(Weights),
+    /// No set of nodes holds it: it is left unbound.
+    Unfit,
+}
+
+impl Target {
+    pub(super) fn cpus() -> Target {
+        Target::Cpus { extra: Vec::new() }
+    }
+}
+
+/// A guest on the way to its home: its memory, where it runs, the nodes.
+type Home<'g> = (u64, &'g Guest, Vec<u32>);
 
 impl Memory {
     pub(super) fn new(topo: &Topology, reserve: &MemoryReserve) -> Memory {
@@ -57,40 +84,125 @@ impl Memory {
     }
 
     /// Step 2: each managed guest's memory where it runs now (its pins on
-    /// `pool` CPUs), the largest first; the others are displaced.
+    /// `pool` CPUs, and the nodes its memory is bound to); see the module.
     pub(super) fn take_homes(
         &mut self,
         layout: &Layout,
         managed: &[(&Guest, Current)],
         pool: &CpuSet,
     ) {
-        let mut order: Vec<(u64, &Guest, Weights)> = managed
+        let mut order: Vec<Home> = managed
             .iter()
-            .map(|(g, current)| {
-                let home = current
-                    .iter()
-                    .flatten()
-                    .fold(CpuSet::new(), |acc, pin| acc.union(&pin.intersection(pool)));
-                (need_kib(g), *g, by_node(layout, &home))
-            })
+            .map(|(g, current)| (need_kib(g), *g, home_nodes(layout, g, current, pool)))
             .filter(|(kib, _, home)| *kib > 0 && !home.is_empty())
             .collect();
-        order.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.name.cmp(&b.1.name)));
-        for (kib, g, home) in order {
-            let nodes: Vec<u32> = home.iter().map(|(n, _)| *n).collect();
-            let parts = g.memory_parts();
-            if self.ledger.holds(&nodes, &parts) {
-                let claim = self.ledger.take(&home, &parts);
-                self.claims.insert(g.uuid.clone(), claim);
+        order.sort_by(|a, b| {
+            let key = |(kib, g, home): &Home| {
+                (
+                    g.memory_nodes.is_none(),
+                    home.len() > 1,
+                    std::cmp::Reverse(*kib),
+                )
+            };
+            key(a).cmp(&key(b)).then_with(|| a.1.name.cmp(&b.1.name))
+        });
+        let mut homeless = Vec::new();
+        // Bound guests first (libvirt holds them where they are), then
+        // the unbound: in each, those on one node, then those on several.
+        let (bound, unbound): (Vec<Home>, Vec<Home>) = order
+            .into_iter()
+            .partition(|(_, g, _)| g.memory_nodes.is_some());
+        for group in [bound, unbound] {
+            let (single, several): (Vec<Home>, Vec<Home>) =
+                group.into_iter().partition(|(_, _, home)| home.len() == 1);
+            for (kib, g, home) in single {
+                let parts = g.memory_parts();
+                if self.ledger.holds(&home, &parts) {
+                    let claim = self.ledger.take(&[(home[0], 1)], &parts);
+                    self.claims.insert(g.uuid.clone(), claim);
+                } else {
+                    homeless.push((kib, g, home));
+                }
+            }
+            homeless.extend(self.take_spread(several));
+        }
+        self.displace(homeless);
+    }
+
+    /// Guests on several nodes: each kind of their memory assigned over
+    /// their nodes within the room (see [`assign`]); returns those that do
+    /// not fit.
+    fn take_spread<'g>(&mut self, several: Vec<Home<'g>>) -> Vec<Home<'g>> {
+        let kinds: Vec<PageKind> = {
+            let mut kinds: Vec<PageKind> = several
+                .iter()
+                .flat_map(|(_, g, _)| g.memory_parts().into_iter().map(|p| p.kind))
+                .collect();
+            kinds.sort();
+            kinds.dedup();
+            kinds
+        };
+        let mut shares: Vec<Vec<(PageKind, Weights)>> = vec![Vec::new(); several.len()];
+        let mut fits = vec![true; several.len()];
+        for kind in kinds {
+            let room: BTreeMap<u32, u64> = self
+                .ledger
+                .nodes()
+                .iter()
+                .map(|&n| (n, self.ledger.room(n, kind).unwrap_or(u64::MAX / 4)))
+                .collect();
+            let demands: Vec<(Vec<u32>, u64)> = several
+                .iter()
+                .map(|(_, g, home)| {
+                    let kib = g
+                        .memory_parts()
+                        .iter()
+                        .filter(|p| p.kind == kind)
+                        .map(|p| p.kib)
+                        .sum();
+                    (home.clone(), kib)
+                })
+                .collect();
+            for (i, placed) in assign(&room, &demands).into_iter().enumerate() {
+                match placed {
+                    Some(on) if demands[i].1 > 0 => shares[i].push((kind, on)),
+                    Some(_) => {}
+                    None => fits[i] = false,
+                }
+            }
+        }
+        let mut homeless = Vec::new();
+        for ((home, shares), fits) in several.into_iter().zip(shares).zip(fits) {
+            if !fits {
+                homeless.push(home);
                 continue;
             }
+            let mut claim = Claim::new();
+            for (kind, on) in shares {
+                let part = MemoryPart {
+                    kib: on.iter().map(|(_, kib)| kib).sum(),
+                    kind,
+                };
+                claim.extend(self.ledger.take(&on, &[part]));
+            }
+            self.claims.insert(home.1.uuid.clone(), claim);
+        }
+        homeless
+    }
+
+    /// Once every guest that fits where it runs is in: a bound guest whose
+    /// binding no longer holds it moves, unless its memory fits nowhere
+    /// (moving would gain nothing); an unbound one stays.
+    fn displace(&mut self, homeless: Vec<Home>) {
+        for (kib, g, nodes) in homeless {
+            let parts = g.memory_parts();
+            if g.memory_nodes.is_none() || !self.ledger.holds(self.ledger.nodes(), &parts) {
+                continue;
+            }
+            let kind = by_kind(&parts).first().map(|p| p.kind);
             let left: u64 = nodes
                 .iter()
-                .filter_map(|&n| {
-                    by_kind(&parts)
-                        .first()
-                        .and_then(|p| self.ledger.room(n, p.kind))
-                })
+                .filter_map(|&n| self.ledger.room(n, kind?))
                 .sum();
             let on = join_nodes(&nodes.iter().map(|n| Some(*n)).collect::<Vec<_>>());
             let why = format!(
@@ -107,18 +219,20 @@ impl Memory {
         self.displaced.get(&g.uuid).map(String::as_str)
     }
 
-    /// Hands back what `g` holds, before it is placed again.
+    /// Hands back what `g` holds.
     pub(super) fn release(&mut self, g: &Guest) {
         if let Some(claim) = self.claims.remove(&g.uuid) {
             self.ledger.give_back(&claim);
         }
     }
 
-    /// What placement asks of `g`'s memory (its memory as a whole).
+    /// What placement asks of `g`'s memory as a whole (what it holds now
+    /// counts as room: it is its own).
     pub(super) fn fit<'a>(&'a self, g: &Guest) -> Fit<'a> {
         Fit {
             ledger: Some(&self.ledger),
             parts: g.memory_parts(),
+            own: self.claims.get(&g.uuid),
         }
     }
 
@@ -127,47 +241,13 @@ impl Memory {
         Fit {
             ledger: Some(&self.ledger),
             parts: by_kind(parts),
+            own: None,
         }
     }
 
-    /// Takes `parts` of `g` on `weights`; adds to what `g` holds.
-    pub(super) fn take(&mut self, g: &Guest, weights: &[(u32, u64)], parts: &[MemoryPart]) {
-        let claim = self.ledger.take(weights, parts);
-        self.claims.entry(g.uuid.clone()).or_default().extend(claim);
-    }
-
-    /// `g`'s memory fits no set of nodes: it stays unbound, and is said so.
-    pub(super) fn leave_unbound(&mut self, g: &Guest) {
-        self.unbound.push((g.name.clone(), need_kib(g)));
-    }
-
-    /// What `g` holds where (empty: nothing, or unbound).
-    pub(super) fn claim_of(&self, g: &Guest) -> Claim {
-        self.claims.get(&g.uuid).cloned().unwrap_or_default()
-    }
-}
-
-/// Where a guest's memory goes once its CPUs are chosen.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum Target {
-    /// It follows the vCPUs: each of their nodes takes a share by its vCPUs
-    /// there; `extra` nodes (added for memory alone) take what they cannot.
-    Cpus { extra: Vec<u32> },
-    /// Shares chosen for memory: a span made because no node holds it.
-    Nodes(Weights),
-    /// No set of nodes holds it: it is left unbound.
-    Unfit,
-}
-
-impl Target {
-    pub(super) fn cpus() -> Target {
-        Target::Cpus { extra: Vec::new() }
-    }
-}
-
-impl Memory {
-    /// Settles `g`'s memory once its CPUs are `cpus` (its claim handed back
-    /// before it was placed): where it goes, and where it is bound.
+    /// Settles `g`'s memory once its CPUs are `cpus`: where it goes, and
+    /// where it is bound. What it holds stays when that is within the
+    /// nodes it is bound to now.
     pub(super) fn settle(
         &mut self,
         layout: &Layout,
@@ -176,11 +256,14 @@ impl Memory {
         target: &Target,
     ) -> Locality {
         let mut locality = Locality::of(&layout.nodes_opt(cpus));
-        if locality.memory_nodes.is_none() || g.memory_parts().is_empty() {
+        let parts = g.memory_parts();
+        if locality.memory_nodes.is_none() || parts.is_empty() {
+            self.release(g);
             return locality;
         }
         let mut weights = match target {
             Target::Unfit => {
+                self.release(g);
                 self.unbind(g, &mut locality);
                 return locality;
             }
@@ -195,11 +278,22 @@ impl Memory {
                 .collect();
             weights.extend(more.into_iter().map(|n| (n, 0)));
         }
-        self.take(g, &weights, &g.memory_parts());
         let mut nodes = locality.numa_nodes.clone();
         nodes.extend(weights.iter().map(|(n, _)| *n));
         nodes.sort_unstable();
         nodes.dedup();
+        if !self.keeps(g, &nodes) {
+            self.release(g);
+            let ids: Vec<u32> = weights.iter().map(|(n, _)| *n).collect();
+            if !self.ledger.holds(&ids, &parts) {
+                self.unbind(g, &mut locality);
+                return locality;
+            }
+            if let Target::Cpus { .. } = target {
+                weights = self.roomiest_first(&weights, &parts);
+            }
+            self.take(g, &weights, &parts);
+        }
         locality.memory_nodes = Some(nodes);
         locality
     }
@@ -215,6 +309,7 @@ impl Memory {
     ) -> Locality {
         let all = cells.iter().fold(CpuSet::new(), |acc, (c, _)| acc.union(c));
         let mut locality = Locality::of(&layout.nodes_opt(&all));
+        self.release(g);
         if locality.memory_nodes.is_none() {
             return locality;
         }
@@ -231,14 +326,53 @@ impl Memory {
         locality
     }
 
+    /// Whether what `g` holds (all of its memory) lies within `nodes`.
+    fn keeps(&self, g: &Guest, nodes: &[u32]) -> bool {
+        self.claims
+            .get(&g.uuid)
+            .is_some_and(|c| !c.is_empty() && c.iter().all(|(n, _, _)| nodes.contains(n)))
+    }
+
+    /// Several nodes as weights that fill the roomiest first: within a
+    /// binding of several nodes the kernel puts pages where there is room,
+    /// and counting them so leaves the most for the guests that follow.
+    fn roomiest_first(&self, weights: &Weights, parts: &[MemoryPart]) -> Weights {
+        if weights.len() < 2 {
+            return weights.clone();
+        }
+        let kind = by_kind(parts).first().map(|p| p.kind);
+        let room = |n: u32| {
+            kind.and_then(|k| self.ledger.room(n, k))
+                .unwrap_or(u64::MAX)
+        };
+        let mut nodes: Vec<u32> = weights.iter().map(|(n, _)| *n).collect();
+        nodes.sort_by_key(|&n| (std::cmp::Reverse(room(n)), n));
+        nodes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| (n, u64::from(i == 0)))
+            .collect()
+    }
+
+    /// Takes `parts` of `g` on `weights`; adds to what `g` holds.
+    fn take(&mut self, g: &Guest, weights: &[(u32, u64)], parts: &[MemoryPart]) {
+        let claim = self.ledger.take(weights, parts);
+        self.claims.entry(g.uuid.clone()).or_default().extend(claim);
+    }
+
     /// `g` stays unbound: said so, and a binding it has now is widened to
     /// every node (a binding beyond its nodes' room is an OOM kill waiting).
     fn unbind(&mut self, g: &Guest, locality: &mut Locality) {
-        self.leave_unbound(g);
+        self.unbound.push((g.name.clone(), need_kib(g)));
         locality.memory_nodes = g
             .memory_nodes
             .as_ref()
             .map(|_| self.ledger.nodes().to_vec());
+    }
+
+    /// What `g` holds where (empty: nothing, or unbound).
+    pub(super) fn claim_of(&self, g: &Guest) -> Claim {
+        self.claims.get(&g.uuid).cloned().unwrap_or_default()
     }
 }
 
@@ -249,6 +383,8 @@ pub(super) struct Fit<'a> {
     ledger: Option<&'a Ledger>,
     /// Summed by kind.
     parts: Vec<MemoryPart>,
+    /// What the guest holds already: room for itself.
+    own: Option<&'a Claim>,
 }
 
 impl Fit<'static> {
@@ -256,6 +392,7 @@ impl Fit<'static> {
         Fit {
             ledger: None,
             parts: Vec::new(),
+            own: None,
         }
     }
 }
@@ -266,29 +403,46 @@ impl Fit<'_> {
         self.ledger.is_some() && !self.parts.is_empty()
     }
 
+    /// Room of `kind` on `node` for it (None: unlimited).
+    fn room_of(&self, node: u32, kind: PageKind) -> Option<u64> {
+        let own: u64 = self
+            .own
+            .into_iter()
+            .flatten()
+            .filter(|(n, k, _)| *n == node && *k == kind)
+            .map(|(_, _, kib)| kib)
+            .sum();
+        self.ledger?.room(node, kind).map(|room| room + own)
+    }
+
     /// Whether `nodes` hold it (CPUs without a node: memory cannot be bound
     /// there anyway, so it holds).
     pub(super) fn holds(&self, nodes: &[Option<u32>]) -> bool {
-        let Some(ledger) = self.ledger.filter(|_| !self.parts.is_empty()) else {
-            return true;
-        };
-        if nodes.contains(&None) {
+        if !self.matters() || nodes.contains(&None) {
             return true;
         }
-        let ids: Vec<u32> = nodes.iter().flatten().copied().collect();
-        ledger.holds(&ids, &self.parts)
+        self.parts.iter().all(|part| {
+            let mut room = 0u64;
+            for node in nodes.iter().flatten() {
+                match self.room_of(*node, part.kind) {
+                    None => return true,
+                    Some(r) => room += r,
+                }
+            }
+            room >= part.kib
+        })
     }
 
     /// Room on `node` for it (the scarcest of its kinds; unlimited: MAX).
     pub(super) fn room(&self, node: Option<u32>) -> u64 {
-        match (self.ledger, node) {
-            (Some(ledger), Some(node)) => self
+        match node.filter(|_| self.matters()) {
+            Some(node) => self
                 .parts
                 .iter()
-                .map(|p| ledger.room(node, p.kind).unwrap_or(u64::MAX))
+                .map(|p| self.room_of(node, p.kind).unwrap_or(u64::MAX))
                 .min()
                 .unwrap_or(u64::MAX),
-            _ => u64::MAX,
+            None => u64::MAX,
         }
     }
 
@@ -304,16 +458,16 @@ impl Fit<'_> {
         self.parts.iter().map(|p| p.kib).sum()
     }
 
-    /// ", memory 12 of 16 GiB left": the room `node` keeps once this is
+    /// " (memory 12 of 16 GiB left)": the room `node` keeps once this is
     /// placed there (empty when memory does not matter or has no limit).
     pub(super) fn note_after(&self, node: Option<u32>) -> String {
-        let (Some(ledger), Some(node)) = (self.ledger, node) else {
+        let (Some(ledger), Some(node)) = (self.ledger.filter(|_| self.matters()), node) else {
             return String::new();
         };
-        if self.parts.is_empty() {
-            return String::new();
-        }
         let mut after = ledger.clone();
+        if let Some(own) = self.own {
+            after.give_back(own);
+        }
         after.take(&[(node, 1)], &self.parts);
         match after.left_note(node, &self.parts) {
             note if note.is_empty() => note,
@@ -336,6 +490,23 @@ pub(super) fn by_node(layout: &Layout, cpus: &CpuSet) -> Weights {
         }
     }
     counts.into_iter().collect()
+}
+
+/// The nodes `g` runs on now: those of its pins on `pool` CPUs, and those
+/// its memory is bound to beside them (a span made for memory). Empty for
+/// a guest not placed yet.
+fn home_nodes(layout: &Layout, g: &Guest, current: Current, pool: &CpuSet) -> Vec<u32> {
+    let home = current
+        .iter()
+        .flatten()
+        .fold(CpuSet::new(), |acc, pin| acc.union(&pin.intersection(pool)));
+    let mut nodes: Vec<u32> = by_node(layout, &home).into_iter().map(|(n, _)| n).collect();
+    if !nodes.is_empty() {
+        nodes.extend(g.memory_nodes.iter().flat_map(CpuSet::iter));
+        nodes.sort_unstable();
+        nodes.dedup();
+    }
+    nodes
 }
 
 /// Every node of `nodes` weighted alike.

@@ -15,6 +15,9 @@ use std::collections::BTreeMap;
 pub(super) struct Region {
     pub(super) cpus: CpuSet,
     pub(super) reason: String,
+    /// What the reason adds about memory, after any L3 or core kind note:
+    /// " (memory 12 of 16 GiB left)", "; memory not bound: …".
+    pub(super) note: String,
     /// vCPUs per node, for a span chosen for memory (vCPUs spread as the
     /// memory is); empty: anywhere in `cpus`.
     pub(super) quotas: Vec<(Option<u32>, usize)>,
@@ -26,6 +29,7 @@ impl Region {
         Region {
             cpus,
             reason,
+            note: String::new(),
             quotas: Vec::new(),
             target: Target::cpus(),
         }
@@ -55,8 +59,9 @@ pub(super) fn choose_nodes(
         .filter(|(node, cpus)| cpus.len() >= need && fit.holds(&[**node]))
         .min_by_key(|(node, cpus)| (cpus.len(), **node))
     {
-        let reason = format!("fits node {}{}", node_label(*node), fit.note_after(*node));
-        return Region::on(cpus.clone(), reason);
+        let mut region = Region::on(cpus.clone(), format!("fits node {}", node_label(*node)));
+        region.note = fit.note_after(*node);
+        return region;
     }
     if let Some(region) = span(layout, &by_node, need, fit) {
         return region;
@@ -71,7 +76,7 @@ pub(super) fn choose_nodes(
     }
     // No set of nodes holds its memory: its CPUs as if memory did not count.
     let mut region = choose_nodes(layout, candidates, home, need, &Fit::any());
-    region.reason += &format!(
+    region.note = format!(
         "; memory not bound: {} fits no set of nodes",
         human(fit.kib())
     );
@@ -136,19 +141,18 @@ fn span(
                 "spans nodes {across}: {} fits no single node (distance {farthest})",
                 human(fit.kib())
             ),
-            quotas: quotas(need, &weights, room),
+            note: String::new(),
+            quotas: quotas(need, &selected, &weights, room),
             target: Target::Nodes(weights),
         });
     }
-    let extra = sorted
-        .iter()
-        .flatten()
-        .filter(|n| !by_node.contains_key(&Some(**n)))
-        .copied()
-        .collect();
+    // Memory goes with the vCPUs, and what their nodes cannot hold to the
+    // nodes taken for it (the vCPUs need not land on every node taken).
+    let extra = sorted.iter().flatten().copied().collect();
     Some(Region {
         cpus,
         reason: format!("no node has {need} free CPUs; spans nodes {across} (distance {farthest})"),
+        note: String::new(),
         quotas: Vec::new(),
         target: Target::Cpus { extra },
     })
@@ -209,24 +213,32 @@ fn memory_shares(selected: &[Option<u32>], fit: &Fit) -> Weights {
     out
 }
 
-/// `need` vCPUs over the nodes of `weights` in proportion to their share,
-/// within each node's free CPUs (`room`).
+/// `need` vCPUs over the `selected` nodes in proportion to their share of
+/// the memory (`weights`), within each node's free CPUs (`room`); nodes
+/// taken for CPUs alone get what the others cannot take.
 fn quotas(
     need: usize,
+    selected: &[Option<u32>],
     weights: &Weights,
     room: impl Fn(Option<u32>) -> usize,
 ) -> Vec<(Option<u32>, usize)> {
     let total: u64 = weights.iter().map(|(_, w)| *w).sum::<u64>().max(1);
-    let mut out: Vec<(Option<u32>, usize)> = weights
+    let weight = |node: Option<u32>| {
+        weights
+            .iter()
+            .find(|(n, _)| Some(*n) == node)
+            .map_or(0, |(_, w)| *w)
+    };
+    let mut out: Vec<(Option<u32>, usize)> = selected
         .iter()
-        .map(|&(node, w)| {
-            let share = (need as u64 * w / total) as usize;
-            (Some(node), share.min(room(Some(node))))
+        .map(|&node| {
+            let share = (need as u64 * weight(node) / total) as usize;
+            (node, share.min(room(node)))
         })
         .collect();
     // What rounding left over goes round the nodes, most memory first.
     let mut order: Vec<usize> = (0..out.len()).collect();
-    order.sort_by_key(|&i| Reverse(weights[i].1));
+    order.sort_by_key(|&i| Reverse(weight(out[i].0)));
     let mut given: usize = out.iter().map(|(_, q)| q).sum();
     let (mut turn, mut stalled) = (0, 0);
     while given < need && stalled < order.len() {
@@ -250,13 +262,28 @@ mod tests {
 
     #[test]
     fn quotas_follow_the_memory_within_each_nodes_room() {
+        let nodes = [Some(0), Some(1)];
         let weights = vec![(0, 8), (1, 24)];
         let room = |_: Option<u32>| 16;
-        assert_eq!(quotas(4, &weights, room), vec![(Some(0), 1), (Some(1), 3)]);
+        assert_eq!(
+            quotas(4, &nodes, &weights, room),
+            vec![(Some(0), 1), (Some(1), 3)]
+        );
         // Node 1 has one CPU free: the rest go to node 0.
         let tight = |n: Option<u32>| if n == Some(1) { 1 } else { 16 };
-        assert_eq!(quotas(4, &weights, tight), vec![(Some(0), 3), (Some(1), 1)]);
+        assert_eq!(
+            quotas(4, &nodes, &weights, tight),
+            vec![(Some(0), 3), (Some(1), 1)]
+        );
         // One vCPU over two nodes: it goes where most of the memory is.
-        assert_eq!(quotas(1, &weights, room), vec![(Some(1), 1)]);
+        assert_eq!(quotas(1, &nodes, &weights, room), vec![(Some(1), 1)]);
+        // Node 2 was taken for its CPUs alone: it gets what node 0 cannot.
+        let three = [Some(0), Some(2)];
+        let memory_on_0 = vec![(0, 5)];
+        let short = |n: Option<u32>| if n == Some(0) { 3 } else { 8 };
+        assert_eq!(
+            quotas(4, &three, &memory_on_0, short),
+            vec![(Some(0), 3), (Some(2), 1)]
+        );
     }
 }

@@ -196,13 +196,19 @@ pub(super) fn place_shared(
         .flat_map(|cpus| layout.by_node(cpus).into_values())
         .filter_map(|set| ranges.index.get(&set).copied())
         .collect();
+    let pool = Pool {
+        layout,
+        by_kind: &by_kind,
+        cpus: shared_pool,
+        fixed,
+    };
     // One buffer for every guest's candidates.
     let mut candidates: Vec<usize> = Vec::with_capacity(fixed + 1);
     for i in order {
         let (g, current) = guests[i];
-        memory.release(g);
         if let Some(groups) = g.cell_groups(layout) {
-            let bound = bind_cells(
+            memory.release(g);
+            let (bound, locality) = bind_cells(
                 layout,
                 &mut ranges,
                 &node_ranges,
@@ -210,16 +216,12 @@ pub(super) fn place_shared(
                 current,
                 (g, memory),
             );
-            placed[i] = Some((bound.1, String::new()));
-            cells[i] = Some(bound.0);
+            (placed[i], cells[i]) = (Some((locality, String::new())), Some(bound));
             continue;
         }
-        let need = g.vcpus as usize;
         let fit = memory.fit(g);
-        let span = || span_region(layout, &by_kind, shared_pool, need, &fit);
-        let target = ranges.candidates(layout, span, fixed, (need, &fit), &mut candidates);
+        let (range, target) = pool.range_for(&mut ranges, (g, current), &fit, &mut candidates);
         let note = memory_note(&target, fit.kib());
-        let range = ranges.choose(&candidates, current, g.vcpus);
         ranges.assign(range, g.vcpus);
         chosen[i] = range;
         placed[i] = Some((memory.settle(layout, g, &ranges.sets[range], &target), note));
@@ -254,34 +256,82 @@ pub(super) fn place_shared(
         .collect()
 }
 
-/// Larger than any node's share (or no node holds its memory): the fewest
-/// closest nodes of the largest kind, else the whole pool.
-fn span_region(
-    layout: &Layout,
-    by_kind: &BTreeMap<u8, CpuSet>,
-    shared_pool: &CpuSet,
-    need: usize,
-    fit: &Fit,
-) -> Region {
-    let largest = by_kind
-        .values()
-        .max_by_key(|s| s.len())
-        .cloned()
-        .unwrap_or_default();
-    if largest.len() >= need {
-        return choose_nodes(layout, &largest, &CpuSet::new(), need, fit);
+/// The shared pool as one guest's range is chosen from it.
+struct Pool<'a> {
+    layout: &'a Layout<'a>,
+    by_kind: &'a BTreeMap<u8, CpuSet>,
+    cpus: &'a CpuSet,
+    /// The pool's own ranges (L3 domains and nodes) come first in `Ranges`.
+    fixed: usize,
+}
+
+impl Pool<'_> {
+    /// A guest's range (see [`place_shared`]) and where its memory goes.
+    /// The range it is on now stays a candidate while it holds it, also
+    /// when it is a span (its memory is there; nothing moves to look tidy).
+    fn range_for(
+        &self,
+        ranges: &mut Ranges,
+        (g, current): (&Guest, Current),
+        fit: &Fit,
+        candidates: &mut Vec<usize>,
+    ) -> (usize, Target) {
+        let need = g.vcpus as usize;
+        let span = || self.span(need, fit);
+        let target = ranges.candidates(self.layout, span, self.fixed, (need, fit), candidates);
+        let here =
+            here_range(current, g.vcpus, self.cpus).map(|set| ranges.add(self.layout, set, 2));
+        // Where it is, its memory may also be on nodes bound for memory alone.
+        let holds_here = |h: usize| {
+            let mut nodes = ranges.nodes[h].clone();
+            nodes.extend(g.memory_nodes.iter().flat_map(CpuSet::iter).map(Some));
+            fit.holds(&nodes)
+        };
+        if let Some(h) = here.filter(|h| !candidates.contains(h) && holds_here(*h)) {
+            candidates.push(h);
+        }
+        let range = ranges.choose(candidates, current, g.vcpus);
+        if Some(range) == here {
+            // It stays: its memory stays bound where it is.
+            let bound = g.memory_nodes.iter().flat_map(CpuSet::iter).collect();
+            return (range, Target::Cpus { extra: bound });
+        }
+        (range, target)
     }
-    let target = if fit.holds(&layout.nodes_opt(shared_pool)) {
-        Target::cpus()
-    } else {
-        Target::Unfit
-    };
-    Region {
-        cpus: shared_pool.clone(),
-        reason: String::new(),
-        quotas: Vec::new(),
-        target,
+
+    /// Larger than any node's share (or no node holds its memory): the
+    /// fewest closest nodes of the largest kind, else the whole pool.
+    fn span(&self, need: usize, fit: &Fit) -> Region {
+        let largest = self
+            .by_kind
+            .values()
+            .max_by_key(|s| s.len())
+            .cloned()
+            .unwrap_or_default();
+        if largest.len() >= need {
+            return choose_nodes(self.layout, &largest, &CpuSet::new(), need, fit);
+        }
+        let target = if fit.holds(&self.layout.nodes_opt(self.cpus)) {
+            Target::cpus()
+        } else {
+            Target::Unfit
+        };
+        Region {
+            cpus: self.cpus.clone(),
+            reason: String::new(),
+            note: String::new(),
+            quotas: Vec::new(),
+            target,
+        }
     }
+}
+
+/// The range all of a guest's vCPUs are bound to now, when it lies within
+/// the shared `pool`.
+fn here_range(current: Current, vcpus: u32, pool: &CpuSet) -> Option<CpuSet> {
+    let first = current.first()?.as_ref()?;
+    let same = current.len() == vcpus as usize && current.iter().all(|c| c.as_ref() == Some(first));
+    (same && first.is_subset(pool) && first.len() >= vcpus as usize).then(|| first.clone())
 }
 
 /// What a guest's reason adds about its memory beyond its range's own.
