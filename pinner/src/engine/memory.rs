@@ -6,6 +6,7 @@
 
 use crate::engine::topology::Topology;
 use serde::Serialize;
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 /// The largest guest memory taken (4 PiB, in KiB): far beyond any host,
@@ -56,15 +57,24 @@ pub struct MemoryPart {
     pub kind: PageKind,
 }
 
-/// `parts` summed by kind, in kind order (normal first).
-pub fn by_kind(parts: &[MemoryPart]) -> Vec<MemoryPart> {
+/// `parts` summed by kind, in kind order (normal first); borrowed as they
+/// are when there is nothing to sum (one part: most guests, placed in a
+/// loop over a thousand).
+pub fn by_kind(parts: &[MemoryPart]) -> Cow<'_, [MemoryPart]> {
+    if let [one] = parts {
+        if one.kib > 0 {
+            return Cow::Borrowed(parts);
+        }
+    }
     let mut sums: BTreeMap<PageKind, u64> = BTreeMap::new();
     for p in parts.iter().filter(|p| p.kib > 0) {
         *sums.entry(p.kind).or_default() += p.kib;
     }
-    sums.into_iter()
-        .map(|(kind, kib)| MemoryPart { kib, kind })
-        .collect()
+    Cow::Owned(
+        sums.into_iter()
+            .map(|(kind, kib)| MemoryPart { kib, kind })
+            .collect(),
+    )
 }
 
 /// A size for people: "512 MiB", "1.5 GiB", "24 GiB".
@@ -151,7 +161,11 @@ pub type Claim = Vec<(u32, PageKind, u64)>;
 /// Every node's capacity of each kind against what guests take.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ledger {
-    pools: BTreeMap<(u32, PageKind), Pool>,
+    /// Normal memory by node id (None: no such node). A vector, not a map:
+    /// placement asks for room thousands of times a plan.
+    normal: Vec<Option<Pool>>,
+    /// Hugepage pools: (node, page size in KiB, pool), by node and size.
+    huge: Vec<(u32, u64, Pool)>,
     /// Nodes with memory (or of unknown size), in id order.
     nodes: Vec<u32>,
 }
@@ -172,8 +186,11 @@ impl Ledger {
     /// and hugepage pools (pages − reserved pages) as capacities. A node
     /// whose size sysfs does not give has no limit.
     pub fn new(topo: &Topology, reserve: &MemoryReserve) -> Ledger {
-        let mut pools = BTreeMap::new();
-        let mut nodes = Vec::new();
+        let mut ledger = Ledger {
+            normal: Vec::new(),
+            huge: Vec::new(),
+            nodes: Vec::new(),
+        };
         for node in &topo.numa_nodes {
             let huge_kib: u64 = node.hugepages.iter().map(|p| p.size_kib * p.total).sum();
             let normal = node.memory_mib.map(|mib| {
@@ -182,15 +199,12 @@ impl Ledger {
                     .saturating_sub(reserve.normal_kib_per_node)
             });
             if normal != Some(0) || huge_kib > 0 || node.memory_mib.is_none() {
-                nodes.push(node.id);
+                ledger.nodes.push(node.id);
             }
-            pools.insert(
-                (node.id, PageKind::Normal),
-                Pool {
-                    capacity: normal,
-                    used: 0,
-                },
-            );
+            *ledger.pool_mut(node.id, PageKind::Normal) = Pool {
+                capacity: normal,
+                used: 0,
+            };
             for p in &node.hugepages {
                 let kept = reserve
                     .huge_pages
@@ -198,16 +212,59 @@ impl Ledger {
                     .copied()
                     .unwrap_or(0);
                 let capacity = p.total.saturating_sub(kept) * p.size_kib;
-                pools.insert(
-                    (node.id, PageKind::Huge(p.size_kib)),
-                    Pool {
-                        capacity: Some(capacity),
-                        used: 0,
-                    },
-                );
+                ledger
+                    .pool_mut(node.id, PageKind::Huge(p.size_kib))
+                    .capacity = Some(capacity);
             }
         }
-        Ledger { pools, nodes }
+        ledger
+    }
+
+    fn pool(&self, node: u32, kind: PageKind) -> Option<&Pool> {
+        match kind {
+            PageKind::Normal => self.normal.get(node as usize)?.as_ref(),
+            PageKind::Huge(size) => self
+                .huge
+                .iter()
+                .find(|(n, s, _)| *n == node && *s == size)
+                .map(|(_, _, pool)| pool),
+        }
+    }
+
+    /// `node`'s pool of `kind`, made when it has none yet (normal memory of
+    /// a node sysfs did not size: unlimited; a pool of pages: empty).
+    fn pool_mut(&mut self, node: u32, kind: PageKind) -> &mut Pool {
+        match kind {
+            PageKind::Normal => {
+                let i = node as usize;
+                if self.normal.len() <= i {
+                    self.normal.resize(i + 1, None);
+                }
+                self.normal[i].get_or_insert(Pool {
+                    capacity: None,
+                    used: 0,
+                })
+            }
+            PageKind::Huge(size) => {
+                let at = self
+                    .huge
+                    .iter()
+                    .position(|(n, s, _)| (*n, *s) >= (node, size));
+                let at = match at {
+                    Some(i) if (self.huge[i].0, self.huge[i].1) == (node, size) => i,
+                    at => {
+                        let i = at.unwrap_or(self.huge.len());
+                        let empty = Pool {
+                            capacity: Some(0),
+                            used: 0,
+                        };
+                        self.huge.insert(i, (node, size, empty));
+                        i
+                    }
+                };
+                &mut self.huge[at].2
+            }
+        }
     }
 
     /// The nodes that hold memory, in id order.
@@ -218,7 +275,7 @@ impl Ledger {
     /// Room left of `kind` on `node` (None: unlimited). A node without a
     /// pool of that kind has none.
     pub fn room(&self, node: u32, kind: PageKind) -> Option<u64> {
-        match self.pools.get(&(node, kind)) {
+        match self.pool(node, kind) {
             Some(pool) => pool.room(),
             None if kind == PageKind::Normal => None,
             None => Some(0),
@@ -249,16 +306,20 @@ impl Ledger {
             return claim;
         }
         let total: u64 = nodes.iter().map(|(_, w)| *w).sum::<u64>().max(1);
-        for part in by_kind(parts) {
+        for &part in by_kind(parts).iter() {
             let unit = match part.kind {
                 PageKind::Huge(kib) => kib.max(1),
                 PageKind::Normal => 1,
             };
             let mut left = part.kib;
-            let mut shares: Vec<u64> = nodes
-                .iter()
-                .map(|(_, w)| (part.kib * w / total).div_ceil(unit) * unit)
-                .collect();
+            let mut shares: Vec<u64> = match nodes {
+                // One node: no share to work out.
+                [_] => vec![part.kib],
+                _ => nodes
+                    .iter()
+                    .map(|(_, w)| (part.kib * w / total).div_ceil(unit) * unit)
+                    .collect(),
+            };
             // Within each node's room first, then whatever room is left.
             for pass in 0..2 {
                 for (i, &(node, _)) in nodes.iter().enumerate() {
@@ -280,14 +341,7 @@ impl Ledger {
     }
 
     fn add(&mut self, claim: &mut Claim, node: u32, kind: PageKind, kib: u64) {
-        let pool = self.pools.entry((node, kind)).or_insert(Pool {
-            capacity: match kind {
-                PageKind::Normal => None,
-                PageKind::Huge(_) => Some(0),
-            },
-            used: 0,
-        });
-        pool.used += kib;
+        self.pool_mut(node, kind).used += kib;
         match claim.iter_mut().find(|(n, k, _)| *n == node && *k == kind) {
             Some(entry) => entry.2 += kib,
             None => claim.push((node, kind, kib)),
@@ -297,23 +351,33 @@ impl Ledger {
     /// Hands back what `claim` took.
     pub fn give_back(&mut self, claim: &Claim) {
         for &(node, kind, kib) in claim {
-            if let Some(pool) = self.pools.get_mut(&(node, kind)) {
-                pool.used = pool.used.saturating_sub(kib);
-            }
+            let pool = self.pool_mut(node, kind);
+            pool.used = pool.used.saturating_sub(kib);
         }
     }
 
     /// Capacity and commitment of every pool, by node then kind.
     pub fn figures(&self) -> Vec<PoolFigures> {
-        self.pools
+        let normal = self
+            .normal
             .iter()
-            .map(|(&(node, kind), pool)| PoolFigures {
+            .enumerate()
+            .filter_map(|(node, pool)| Some((node as u32, PageKind::Normal, (*pool)?)));
+        let huge = self
+            .huge
+            .iter()
+            .map(|&(node, size, pool)| (node, PageKind::Huge(size), pool));
+        let mut figures: Vec<PoolFigures> = normal
+            .chain(huge)
+            .map(|(node, kind, pool)| PoolFigures {
                 node,
                 kind,
                 capacity_kib: pool.capacity,
                 committed_kib: pool.used,
             })
-            .collect()
+            .collect();
+        figures.sort_by_key(|f| (f.node, f.kind));
+        figures
     }
 
     /// "memory 12 of 15.5 GiB left", "2M pages: 448 of 512 left": the room
@@ -322,7 +386,7 @@ impl Ledger {
         by_kind(parts)
             .iter()
             .filter_map(|part| {
-                let pool = self.pools.get(&(node, part.kind))?;
+                let pool = self.pool(node, part.kind)?;
                 let capacity = pool.capacity?;
                 let left = pool.room().unwrap_or(0);
                 Some(match part.kind {

@@ -118,7 +118,7 @@ fn place_one(
         let bound = g.memory_nodes.iter().flat_map(CpuSet::iter).collect();
         target = Target::Cpus { extra: bound };
     }
-    let locality = memory.settle(layout, g, &cpus, &target);
+    let locality = memory.settle(g, &layout.nodes_opt(&cpus), &target);
     Some(Placed {
         cpus,
         reason,

@@ -23,6 +23,7 @@ use crate::engine::memory::{
     assign, by_kind, human, Claim, Ledger, MemoryPart, MemoryReserve, PageKind,
 };
 use crate::engine::topology::Topology;
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 
 /// Nodes and their weights (the share of a guest's memory each takes).
@@ -30,10 +31,14 @@ pub(super) type Weights = Vec<(u32, u64)>;
 
 pub(super) struct Memory {
     pub(super) ledger: Ledger,
-    /// What each guest holds, by UUID.
-    claims: HashMap<String, Claim>,
-    /// Guests whose memory no longer fits where they run, with why.
-    displaced: HashMap<String, String>,
+    /// Where the plan's guests lie in memory: a guest's slot below is its
+    /// index in that slice (every `&Guest` placement sees is one of them),
+    /// cheaper than looking up its UUID for each of a thousand guests.
+    base: usize,
+    /// What each guest holds (empty: nothing), by slot.
+    claims: Vec<Claim>,
+    /// Why guests whose memory no longer fits where they run must move.
+    displaced: Vec<Option<String>>,
     /// Guests whose memory fits no set of nodes: (name, KiB).
     pub(super) unbound: Vec<(String, u64)>,
 }
@@ -60,13 +65,22 @@ impl Target {
 type Home<'g> = (u64, &'g Guest, Vec<u32>);
 
 impl Memory {
-    pub(super) fn new(topo: &Topology, reserve: &MemoryReserve) -> Memory {
+    /// The ledger of `topo` less `reserve`, for placing `guests`.
+    pub(super) fn new(topo: &Topology, reserve: &MemoryReserve, guests: &[Guest]) -> Memory {
         Memory {
             ledger: Ledger::new(topo, reserve),
-            claims: HashMap::new(),
-            displaced: HashMap::new(),
+            base: guests.as_ptr() as usize,
+            claims: vec![Claim::new(); guests.len()],
+            displaced: vec![None; guests.len()],
             unbound: Vec::new(),
         }
+    }
+
+    /// `g`'s index in the plan's guests.
+    fn slot(&self, g: &Guest) -> usize {
+        let slot = (g as *const Guest as usize - self.base) / std::mem::size_of::<Guest>();
+        assert!(slot < self.claims.len(), "a guest from outside the plan");
+        slot
     }
 
     /// Step 1: the memory of guests pinner leaves alone, where it is.
@@ -79,7 +93,8 @@ impl Memory {
                 (Role::OptedOut, None) => even(self.ledger.nodes().iter().copied()),
             };
             let claim = self.ledger.take(&weights, &g.memory_parts());
-            self.claims.insert(g.uuid.clone(), claim);
+            let slot = self.slot(g);
+            self.claims[slot] = claim;
         }
     }
 
@@ -91,20 +106,23 @@ impl Memory {
         managed: &[(&Guest, Current)],
         pool: &CpuSet,
     ) {
+        // Shared guests come a hundred to a range: its nodes are worked out once.
+        let mut nodes_of: HashMap<&CpuSet, Vec<u32>> = HashMap::new();
         let mut order: Vec<Home> = managed
             .iter()
-            .map(|(g, current)| (need_kib(g), *g, home_nodes(layout, g, current, pool)))
+            .map(|(g, current)| {
+                let home = home_nodes(layout, g, current, pool, &mut nodes_of);
+                (need_kib(g), *g, home)
+            })
             .filter(|(kib, _, home)| *kib > 0 && !home.is_empty())
             .collect();
-        order.sort_by(|a, b| {
-            let key = |(kib, g, home): &Home| {
-                (
-                    g.memory_nodes.is_none(),
-                    home.len() > 1,
-                    std::cmp::Reverse(*kib),
-                )
-            };
-            key(a).cmp(&key(b)).then_with(|| a.1.name.cmp(&b.1.name))
+        // Stable: guests come in name order, and stay so among equals.
+        order.sort_by_key(|(kib, g, home)| {
+            (
+                g.memory_nodes.is_none(),
+                home.len() > 1,
+                std::cmp::Reverse(*kib),
+            )
         });
         let mut homeless = Vec::new();
         // Bound guests first (libvirt holds them where they are), then
@@ -119,7 +137,8 @@ impl Memory {
                 let parts = g.memory_parts();
                 if self.ledger.holds(&home, &parts) {
                     let claim = self.ledger.take(&[(home[0], 1)], &parts);
-                    self.claims.insert(g.uuid.clone(), claim);
+                    let slot = self.slot(g);
+                    self.claims[slot] = claim;
                 } else {
                     homeless.push((kib, g, home));
                 }
@@ -136,7 +155,7 @@ impl Memory {
         let kinds: Vec<PageKind> = {
             let mut kinds: Vec<PageKind> = several
                 .iter()
-                .flat_map(|(_, g, _)| g.memory_parts().into_iter().map(|p| p.kind))
+                .flat_map(|(_, g, _)| g.memory_parts().iter().map(|p| p.kind).collect::<Vec<_>>())
                 .collect();
             kinds.sort();
             kinds.dedup();
@@ -185,7 +204,8 @@ impl Memory {
                 };
                 claim.extend(self.ledger.take(&on, &[part]));
             }
-            self.claims.insert(home.1.uuid.clone(), claim);
+            let slot = self.slot(home.1);
+            self.claims[slot] = claim;
         }
         homeless
     }
@@ -210,34 +230,35 @@ impl Memory {
                 human(kib),
                 human(left)
             );
-            self.displaced.insert(g.uuid.clone(), why);
+            let slot = self.slot(g);
+            self.displaced[slot] = Some(why);
         }
     }
 
     /// Why `g` must leave where it runs, if it must.
     pub(super) fn displaced(&self, g: &Guest) -> Option<&str> {
-        self.displaced.get(&g.uuid).map(String::as_str)
+        self.displaced[self.slot(g)].as_deref()
     }
 
     /// Hands back what `g` holds.
     pub(super) fn release(&mut self, g: &Guest) {
-        if let Some(claim) = self.claims.remove(&g.uuid) {
-            self.ledger.give_back(&claim);
-        }
+        let slot = self.slot(g);
+        let claim = std::mem::take(&mut self.claims[slot]);
+        self.ledger.give_back(&claim);
     }
 
     /// What placement asks of `g`'s memory as a whole (what it holds now
     /// counts as room: it is its own).
-    pub(super) fn fit<'a>(&'a self, g: &Guest) -> Fit<'a> {
+    pub(super) fn fit<'a>(&'a self, g: &'a Guest) -> Fit<'a> {
         Fit {
             ledger: Some(&self.ledger),
             parts: g.memory_parts(),
-            own: self.claims.get(&g.uuid),
+            own: Some(&self.claims[self.slot(g)]),
         }
     }
 
     /// What placement asks of `parts` (one NUMA cell's memory).
-    pub(super) fn fit_parts<'a>(&'a self, parts: &[MemoryPart]) -> Fit<'a> {
+    pub(super) fn fit_parts<'a>(&'a self, parts: &'a [MemoryPart]) -> Fit<'a> {
         Fit {
             ledger: Some(&self.ledger),
             parts: by_kind(parts),
@@ -245,56 +266,48 @@ impl Memory {
         }
     }
 
-    /// Settles `g`'s memory once its CPUs are `cpus`: where it goes, and
-    /// where it is bound. What it holds stays when that is within the
-    /// nodes it is bound to now.
-    pub(super) fn settle(
-        &mut self,
-        layout: &Layout,
-        g: &Guest,
-        cpus: &CpuSet,
-        target: &Target,
-    ) -> Locality {
-        let mut locality = Locality::of(&layout.nodes_opt(cpus));
+    /// Settles `g`'s memory once its CPUs are chosen (on `nodes`, as
+    /// `Layout::nodes_opt` gives them): where it goes, and where it is
+    /// bound. What it holds stays when that is within the nodes it is
+    /// bound to now.
+    pub(super) fn settle(&mut self, g: &Guest, nodes: &[Option<u32>], target: &Target) -> Locality {
+        let mut locality = Locality::of(nodes);
         let parts = g.memory_parts();
         if locality.memory_nodes.is_none() || parts.is_empty() {
             self.release(g);
             return locality;
         }
-        let mut weights = match target {
+        let targets: &[u32] = match target {
             Target::Unfit => {
                 self.release(g);
                 self.unbind(g, &mut locality);
                 return locality;
             }
-            Target::Nodes(weights) => weights.clone(),
-            Target::Cpus { .. } => by_node(layout, cpus),
+            Target::Nodes(_) => &[],
+            Target::Cpus { extra } => extra,
         };
-        if let Target::Cpus { extra } = target {
-            let more: Vec<u32> = extra
-                .iter()
-                .filter(|n| !weights.iter().any(|(w, _)| w == *n))
-                .copied()
-                .collect();
-            weights.extend(more.into_iter().map(|n| (n, 0)));
+        let mut bound = locality.numa_nodes.clone();
+        if let Target::Nodes(weights) = target {
+            bound.extend(weights.iter().map(|(n, _)| *n));
         }
-        let mut nodes = locality.numa_nodes.clone();
-        nodes.extend(weights.iter().map(|(n, _)| *n));
-        nodes.sort_unstable();
-        nodes.dedup();
-        if !self.keeps(g, &nodes) {
+        bound.extend(targets);
+        bound.sort_unstable();
+        bound.dedup();
+        if !self.keeps(g, &bound) {
             self.release(g);
+            let weights = match target {
+                Target::Nodes(weights) => weights.clone(),
+                // Roomiest first: only the nodes count.
+                _ => self.roomiest_first(&bound.iter().map(|n| (*n, 0)).collect(), &parts),
+            };
             let ids: Vec<u32> = weights.iter().map(|(n, _)| *n).collect();
             if !self.ledger.holds(&ids, &parts) {
                 self.unbind(g, &mut locality);
                 return locality;
             }
-            if let Target::Cpus { .. } = target {
-                weights = self.roomiest_first(&weights, &parts);
-            }
             self.take(g, &weights, &parts);
         }
-        locality.memory_nodes = Some(nodes);
+        locality.memory_nodes = Some(bound);
         locality
     }
 
@@ -328,9 +341,8 @@ impl Memory {
 
     /// Whether what `g` holds (all of its memory) lies within `nodes`.
     fn keeps(&self, g: &Guest, nodes: &[u32]) -> bool {
-        self.claims
-            .get(&g.uuid)
-            .is_some_and(|c| !c.is_empty() && c.iter().all(|(n, _, _)| nodes.contains(n)))
+        let claim = &self.claims[self.slot(g)];
+        !claim.is_empty() && claim.iter().all(|(n, _, _)| nodes.contains(n))
     }
 
     /// Several nodes as weights that fill the roomiest first: within a
@@ -357,7 +369,8 @@ impl Memory {
     /// Takes `parts` of `g` on `weights`; adds to what `g` holds.
     fn take(&mut self, g: &Guest, weights: &[(u32, u64)], parts: &[MemoryPart]) {
         let claim = self.ledger.take(weights, parts);
-        self.claims.entry(g.uuid.clone()).or_default().extend(claim);
+        let slot = self.slot(g);
+        self.claims[slot].extend(claim);
     }
 
     /// `g` stays unbound: said so, and a binding it has now is widened to
@@ -372,7 +385,7 @@ impl Memory {
 
     /// What `g` holds where (empty: nothing, or unbound).
     pub(super) fn claim_of(&self, g: &Guest) -> Claim {
-        self.claims.get(&g.uuid).cloned().unwrap_or_default()
+        self.claims[self.slot(g)].clone()
     }
 }
 
@@ -382,7 +395,7 @@ impl Memory {
 pub(super) struct Fit<'a> {
     ledger: Option<&'a Ledger>,
     /// Summed by kind.
-    parts: Vec<MemoryPart>,
+    parts: Cow<'a, [MemoryPart]>,
     /// What the guest holds already: room for itself.
     own: Option<&'a Claim>,
 }
@@ -391,7 +404,7 @@ impl Fit<'static> {
     pub(super) fn any() -> Fit<'static> {
         Fit {
             ledger: None,
-            parts: Vec::new(),
+            parts: Cow::Borrowed(&[]),
             own: None,
         }
     }
@@ -420,6 +433,13 @@ impl Fit<'_> {
     pub(super) fn holds(&self, nodes: &[Option<u32>]) -> bool {
         if !self.matters() || nodes.contains(&None) {
             return true;
+        }
+        if let ([part], [Some(node)]) = (&*self.parts, nodes) {
+            // The usual question (one kind, one node), asked for every
+            // range a shared guest may take: no loop.
+            return self
+                .room_of(*node, part.kind)
+                .is_none_or(|room| room >= part.kib);
         }
         self.parts.iter().all(|part| {
             let mut room = 0u64;
@@ -483,29 +503,52 @@ pub(super) fn need_kib(g: &Guest) -> u64 {
 
 /// `cpus` counted by node: the weights of memory that follows them.
 pub(super) fn by_node(layout: &Layout, cpus: &CpuSet) -> Weights {
-    let mut counts: BTreeMap<u32, u64> = BTreeMap::new();
-    for cpu in cpus.iter() {
-        if let Some(node) = layout.node_of(cpu) {
-            *counts.entry(node).or_default() += 1;
-        }
-    }
-    counts.into_iter().collect()
+    // Word-wise against each node's mask: a shared range is many CPUs.
+    layout
+        .node_masks
+        .iter()
+        .filter_map(|(node, mask)| Some(((*node)?, mask.overlap(cpus) as u64)))
+        .filter(|(_, count)| *count > 0)
+        .collect()
 }
 
 /// The nodes `g` runs on now: those of its pins on `pool` CPUs, and those
 /// its memory is bound to beside them (a span made for memory). Empty for
-/// a guest not placed yet.
-fn home_nodes(layout: &Layout, g: &Guest, current: Current, pool: &CpuSet) -> Vec<u32> {
-    let home = current
-        .iter()
-        .flatten()
-        .fold(CpuSet::new(), |acc, pin| acc.union(&pin.intersection(pool)));
-    let mut nodes: Vec<u32> = by_node(layout, &home).into_iter().map(|(n, _)| n).collect();
+/// a guest not placed yet. `nodes_of` keeps each pin's nodes.
+fn home_nodes<'c>(
+    layout: &Layout,
+    g: &Guest,
+    current: &'c [Option<CpuSet>],
+    pool: &CpuSet,
+    nodes_of: &mut HashMap<&'c CpuSet, Vec<u32>>,
+) -> Vec<u32> {
+    let mut nodes: Vec<u32> = Vec::new();
+    let mut last: Option<&CpuSet> = None;
+    for pin in current.iter().flatten() {
+        // A shared guest's vCPUs share one range: take it once.
+        if last == Some(pin) {
+            continue;
+        }
+        last = Some(pin);
+        if let (1, Some(cpu)) = (pin.len(), pin.first()) {
+            // A dedicated pin: one CPU, one node.
+            nodes.extend(layout.node_of(cpu).filter(|_| pool.contains(cpu)));
+            continue;
+        }
+        let of_pin = nodes_of.entry(pin).or_insert_with(|| {
+            let usable = pin.intersection(pool);
+            by_node(layout, &usable)
+                .into_iter()
+                .map(|(n, _)| n)
+                .collect()
+        });
+        nodes.extend(of_pin.iter().copied());
+    }
     if !nodes.is_empty() {
         nodes.extend(g.memory_nodes.iter().flat_map(CpuSet::iter));
-        nodes.sort_unstable();
-        nodes.dedup();
     }
+    nodes.sort_unstable();
+    nodes.dedup();
     nodes
 }
 

@@ -178,9 +178,12 @@ pub struct CellPlan {
 }
 
 impl Guest {
-    /// Its memory summed by kind.
-    pub fn memory_parts(&self) -> Vec<MemoryPart> {
-        by_kind(&self.memory.concat())
+    /// Its memory summed by kind (borrowed for the usual guest: one entry).
+    pub fn memory_parts(&self) -> std::borrow::Cow<'_, [MemoryPart]> {
+        match self.memory.as_slice() {
+            [one] => by_kind(one),
+            _ => std::borrow::Cow::Owned(by_kind(&self.memory.concat()).into_owned()),
+        }
     }
 
     /// Each cell's memory, for `groups` (its cells, as placement keeps
@@ -323,14 +326,16 @@ pub fn plan(topo: &Topology, host: &HostPolicy, guests: &[Guest]) -> Plan {
             guests: Vec::new(),
             warnings: vec![Warning::NoCpus(Box::new(why))],
             pins_moved: 0,
-            memory: Memory::new(topo, &host.memory_reserve).ledger.figures(),
+            memory: Memory::new(topo, &host.memory_reserve, guests)
+                .ledger
+                .figures(),
         };
     }
     let mut planning = Planning {
         managed: managed_guests(guests),
         placed: Vec::new(),
         warnings: Vec::new(),
-        memory: Memory::new(topo, &host.memory_reserve),
+        memory: Memory::new(topo, &host.memory_reserve, guests),
     };
     planning.placed = vec![None; planning.managed.len()];
     planning.memory.take_unmanaged(&layout, guests);

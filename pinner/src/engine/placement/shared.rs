@@ -224,7 +224,7 @@ pub(super) fn place_shared(
         let note = memory_note(&target, fit.kib());
         ranges.assign(range, g.vcpus);
         chosen[i] = range;
-        placed[i] = Some((memory.settle(layout, g, &ranges.sets[range], &target), note));
+        placed[i] = Some((memory.settle(g, &ranges.nodes[range], &target), note));
     }
     // Guests of one range share its reason: work it out once.
     let mut described: Vec<Option<String>> = vec![None; ranges.sets.len()];
@@ -283,9 +283,11 @@ impl Pool<'_> {
             here_range(current, g.vcpus, self.cpus).map(|set| ranges.add(self.layout, set, 2));
         // Where it is, its memory may also be on nodes bound for memory alone.
         let holds_here = |h: usize| {
-            let mut nodes = ranges.nodes[h].clone();
-            nodes.extend(g.memory_nodes.iter().flat_map(CpuSet::iter).map(Some));
-            fit.holds(&nodes)
+            fit.holds(&ranges.nodes[h]) || {
+                let mut nodes = ranges.nodes[h].clone();
+                nodes.extend(g.memory_nodes.iter().flat_map(CpuSet::iter).map(Some));
+                fit.holds(&nodes)
+            }
         };
         if let Some(h) = here.filter(|h| !candidates.contains(h) && holds_here(*h)) {
             candidates.push(h);
