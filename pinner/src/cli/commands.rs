@@ -352,14 +352,16 @@ fn doctor(
             uri: uri.to_string(),
         });
     }
-    // Without a configuration that fits this host, the pool checks are skipped.
-    let pool = config
-        .resolve(&topo)
-        .ok()
-        .map(|host| reconcile::plan_for(&topo, &host, &[]).pool);
+    // Without a configuration that fits this host, the pool checks are
+    // skipped and the nodes' memory counted without a host reserve.
+    let resolved = config.resolve(&topo).ok();
+    let pool = resolved
+        .as_ref()
+        .map(|host| reconcile::plan_for(&topo, host, &[]).pool);
+    let reserve = resolved.map(|host| host.memory_reserve).unwrap_or_default();
     let sample = Duration::from_secs_f64(sample_secs.clamp(0.0, 60.0));
     let host = sample_steal(root, &mut guests, |root| {
-        doctor::Host::read(root, topo, pool, sample)
+        doctor::Host::read(root, topo, (pool, reserve), sample)
     });
     let findings = doctor::audit(&host, &guests, only);
     if json {

@@ -173,13 +173,27 @@ pub fn memory_text(pools: &[NodeMemoryStatus]) -> String {
         return String::new();
     }
     let mut out = String::from("\nguest memory per node (committed of room):\n");
-    let mut by_node: std::collections::BTreeMap<u32, Vec<String>> = Default::default();
-    // A pool of no pages that nothing uses (sysfs lists every size) says nothing.
-    for pool in pools
+    let mut by_node: std::collections::BTreeMap<u32, Vec<NodeMemoryStatus>> = Default::default();
+    for pool in pools {
+        by_node.entry(pool.node).or_default().push(pool.clone());
+    }
+    let by_node = by_node
+        .into_iter()
+        .map(|(node, pools)| (node, pool_figures(&pools)));
+    for (node, figures) in by_node {
+        let _ = writeln!(out, "  node {node}: {}", figures.join(", "));
+    }
+    out
+}
+
+/// One node's pools in words: "12 of 15.5 GiB", "2M pages 256 of 1024"
+/// (a pool of no pages that nothing uses says nothing: sysfs lists every
+/// size the CPU has).
+pub fn pool_figures(pools: &[NodeMemoryStatus]) -> Vec<String> {
+    pools
         .iter()
         .filter(|p| p.committed_kib > 0 || p.capacity_kib != Some(0))
-    {
-        let figure = match (pool.page_size_kib, pool.capacity_kib) {
+        .map(|pool| match (pool.page_size_kib, pool.capacity_kib) {
             (None, Some(room)) => format!(
                 "{} of {}",
                 human_short(pool.committed_kib, room),
@@ -195,13 +209,8 @@ pub fn memory_text(pools: &[NodeMemoryStatus]) -> String {
                 pool.committed_kib / page,
                 room.unwrap_or(0) / page
             ),
-        };
-        by_node.entry(pool.node).or_default().push(figure);
-    }
-    for (node, figures) in by_node {
-        let _ = writeln!(out, "  node {node}: {}", figures.join(", "));
-    }
-    out
+        })
+        .collect()
 }
 
 /// `kib` as [`human`] does, without the unit when it is `of`'s ("12" of

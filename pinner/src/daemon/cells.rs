@@ -163,7 +163,8 @@ pub fn cell_targets(spec: &DomainSpec, gp: &GuestPlan) -> Vec<(u32, u32)> {
     let Some(bound) = spec.memory_nodes.as_ref() else {
         return Vec::new();
     };
-    if gp.cells.len() < 2 || spec.cell_memory_bound || !whole_binding {
+    // Memory no set of nodes holds is not pushed onto the cells' nodes.
+    if gp.cells.len() < 2 || spec.cell_memory_bound || !whole_binding || gp.memory_unbound {
         return Vec::new();
     }
     gp.cells
@@ -390,6 +391,7 @@ mod tests {
             numa_nodes: Vec::new(),
             memory_nodes: None,
             memory: Vec::new(),
+            memory_unbound: false,
             reason: String::new(),
         }
     }
@@ -517,6 +519,14 @@ mod tests {
         let mut by_owner = bound("0-1", Some("strict"));
         by_owner.cell_memory_bound = true;
         assert!(cell_targets(&by_owner, &gp).is_empty());
+        let unbound = GuestPlan {
+            memory_unbound: true,
+            ..gp.clone()
+        };
+        assert!(
+            cell_targets(&bound("0-1", None), &unbound).is_empty(),
+            "memory that fits no set of nodes stays where it is"
+        );
         let unbound = DomainSpec::default();
         assert!(cell_targets(&unbound, &gp).is_empty());
         assert!(cell_targets(&bound("0-1", None), &guest(&[&[0]])).is_empty());

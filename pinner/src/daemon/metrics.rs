@@ -252,6 +252,7 @@ fn host_families(out: &mut Out, report: &StatusReport) {
             );
         }
     }
+    memory_families(out, report);
     if let Some(count) = report.isolated_processes {
         out.family(
             "pinner_isolated_processes",
@@ -259,6 +260,40 @@ fn host_families(out: &mut Out, report: &StatusReport) {
             "Host processes kept on the reserved CPUs.",
         );
         out.sample("pinner_isolated_processes", &[], count as f64);
+    }
+}
+
+/// Each node's guest memory of each kind against its room.
+fn memory_families(out: &mut Out, report: &StatusReport) {
+    out.family(
+        "pinner_node_memory_capacity_bytes",
+        "gauge",
+        "What guests may take on a node, by kind (normal, hugepages-<size>kB): MemTotal less the hugepage pools and the host's reserve, or a pool less its reserved pages.",
+    );
+    for pool in &report.memory {
+        if let Some(capacity) = pool.capacity_kib {
+            let node = pool.node.to_string();
+            let labels = [("node", node.as_str()), ("kind", pool.kind.as_str())];
+            out.sample(
+                "pinner_node_memory_capacity_bytes",
+                &labels,
+                (capacity * 1024) as f64,
+            );
+        }
+    }
+    out.family(
+        "pinner_node_memory_committed_bytes",
+        "gauge",
+        "Guest memory placed on a node, by kind (guests pinner leaves alone included).",
+    );
+    for pool in &report.memory {
+        let node = pool.node.to_string();
+        let labels = [("node", node.as_str()), ("kind", pool.kind.as_str())];
+        out.sample(
+            "pinner_node_memory_committed_bytes",
+            &labels,
+            (pool.committed_kib * 1024) as f64,
+        );
     }
 }
 
@@ -296,7 +331,7 @@ pub enum MetricsFileError {
 mod tests {
     use super::*;
     use pinner_shared::protocol::{
-        Counters, DomainStatus, LatencySummary, NodeNumaStatus, VcpuStatus,
+        Counters, DomainStatus, LatencySummary, NodeMemoryStatus, NodeNumaStatus, VcpuStatus,
     };
 
     fn report() -> StatusReport {
@@ -337,6 +372,13 @@ mod tests {
                 ..NodeNumaStatus::default()
             }],
             isolated_processes: Some(42),
+            memory: vec![NodeMemoryStatus {
+                node: 1,
+                kind: "hugepages-2048kB".into(),
+                page_size_kib: Some(2048),
+                capacity_kib: Some(1 << 20),
+                committed_kib: 4096,
+            }],
             ..StatusReport::default()
         }
     }
@@ -358,6 +400,8 @@ mod tests {
             "pinner_guest_memory_pages{domain=\"web \\\"1\\\"\\nx\\\\y\",locality=\"remote\"} 100",
             "pinner_numa_miss_pages_total{node=\"0\"} 7",
             "pinner_isolated_processes 42",
+            "pinner_node_memory_capacity_bytes{node=\"1\",kind=\"hugepages-2048kB\"} 1073741824",
+            "pinner_node_memory_committed_bytes{node=\"1\",kind=\"hugepages-2048kB\"} 4194304",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line}:\n{text}");
         }

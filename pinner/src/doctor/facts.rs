@@ -5,6 +5,7 @@
 use super::DoctorError;
 use crate::engine::cpuset::CpuSet;
 use crate::engine::domain::DomainSpec;
+use crate::engine::memory::MemoryReserve;
 use crate::engine::topology::Topology;
 use crate::host::procs::ProcFs;
 use crate::isolation::irqs::irqbalance_ban;
@@ -15,7 +16,6 @@ use std::path::Path;
 #[derive(Debug, Clone, Default)]
 pub struct Guest {
     pub spec: DomainSpec,
-    pub memory_kib: u64,
     /// `<cpu mode=…>` (None: no `<cpu>` element).
     pub cpu_mode: Option<String>,
     /// `<cpu><topology sockets cores threads>`.
@@ -94,23 +94,8 @@ impl Guest {
         let doc =
             roxmltree::Document::parse(xml).map_err(crate::engine::domain::DomainError::from)?;
         let root = doc.root_element();
-        let memory_kib = child(root, "memory")
-            .and_then(|m| {
-                let value: u64 = m.text()?.trim().parse().ok()?;
-                let factor = match m.attribute("unit").unwrap_or("KiB") {
-                    "b" | "bytes" => return Some(value / 1024),
-                    "KiB" | "k" => 1,
-                    "MiB" | "M" => 1024,
-                    "GiB" | "G" => 1024 * 1024,
-                    "TiB" | "T" => 1024 * 1024 * 1024,
-                    _ => 1,
-                };
-                Some(value * factor)
-            })
-            .unwrap_or(0);
         let cpu = child(root, "cpu");
         let mut guest = Guest {
-            memory_kib,
             cpu_mode: cpu.map(|c| c.attribute("mode").unwrap_or("custom").to_string()),
             topology: cpu.and_then(|c| child(c, "topology")).map(|t| {
                 (
@@ -212,6 +197,9 @@ pub struct Host {
     pub topology: Topology,
     /// pinner's pool of guest CPUs (None: no usable configuration).
     pub pool: Option<CpuSet>,
+    /// What the host keeps for itself on each node (the configuration's,
+    /// or none when it does not resolve).
+    pub memory_reserve: MemoryReserve,
     /// The selected value of transparent_hugepage/enabled.
     pub thp: Option<String>,
     pub ksm_run: Option<u32>,
@@ -304,7 +292,7 @@ impl Host {
     pub fn read(
         root: &Path,
         topology: Topology,
-        pool: Option<CpuSet>,
+        (pool, memory_reserve): (Option<CpuSet>, MemoryReserve),
         sample: std::time::Duration,
     ) -> Host {
         let read = |rest: &str| std::fs::read_to_string(root.join(rest)).ok();
@@ -355,6 +343,7 @@ impl Host {
         Host {
             topology,
             pool,
+            memory_reserve,
             thp,
             ksm_run: read_u32("sys/kernel/mm/ksm/run"),
             ksm_merge_across_nodes: read_u32("sys/kernel/mm/ksm/merge_across_nodes"),

@@ -77,7 +77,7 @@ fn numa_cells(c: &GuestFacts, out: &mut Vec<Finding>) {
         .map(|n| (n.cpus.len() as u32, n.memory_mib.unwrap_or(u64::MAX)))
         .max();
     if let Some((node_cpus, node_mib)) = biggest_node {
-        let too_big = vcpus > node_cpus || g.memory_kib / 1024 > node_mib;
+        let too_big = vcpus > node_cpus || g.spec.memory_kib / 1024 > node_mib;
         if topo.numa_nodes.len() > 1 && too_big && g.numa_cells == 0 {
             out.push(finding(
                 ids::NO_NUMA_CELLS,
@@ -86,7 +86,7 @@ fn numa_cells(c: &GuestFacts, out: &mut Vec<Finding>) {
                 "guest larger than a host NUMA node has no NUMA cells",
                 format!(
                     "{vcpus} vCPUs, {} MiB; the largest host node has {node_cpus} CPUs{}",
-                    g.memory_kib / 1024,
+                    g.spec.memory_kib / 1024,
                     if node_mib == u64::MAX { String::new() } else { format!(", {node_mib} MiB") }
                 ),
                 "<cpu …><numa><cell id='0' cpus='0-(N/2-1)' memory='M/2' unit='KiB'/><cell id='1' cpus='N/2-(N-1)' memory='M/2' unit='KiB'/></numa></cpu>, matching the host nodes it is pinned to",

@@ -8,6 +8,7 @@
 pub mod facts;
 pub mod guest;
 pub mod host;
+pub mod memory;
 
 pub use facts::{Disk, Guest, Host, Nic};
 
@@ -39,6 +40,8 @@ pub mod ids {
     pub const IDLE_ISOLATED: &str = "PIN035";
     pub const STEAL: &str = "PIN036";
     pub const SOFTIRQ_SATURATED: &str = "PIN037";
+    pub const MEMORY_BEYOND_NODES: &str = "PIN040";
+    pub const UNUSED_HUGEPAGES: &str = "PIN041";
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +100,7 @@ pub fn audit(host: &Host, guests: &[Guest], only: Option<&str>) -> Vec<Finding> 
     for check in host::CHECKS {
         check(host, &dedicated, &mut out);
     }
+    memory::check(host, guests, only, &mut out);
     for guest in guests
         .iter()
         .filter(|g| only.is_none_or(|n| g.spec.name == n))
@@ -195,6 +199,7 @@ mod tests {
         Host {
             topology: Topology::synthetic(2, 1, 4, 1),
             pool: Some(CpuSet::parse("1-7").unwrap()),
+            memory_reserve: Default::default(),
             thp: Some("madvise".into()),
             ksm_run: Some(0),
             ksm_merge_across_nodes: Some(1),
@@ -238,7 +243,8 @@ mod tests {
                 &[("sockets='1' cores='2'", "sockets='2' cores='1'")],
             ),
             (
-                "PIN003",
+                // 100 GiB bound to a 64 GiB node: beyond its memory too.
+                "PIN003+PIN040",
                 &[(
                     "<memory unit='MiB'>1024</memory>",
                     "<memory unit='GiB'>100</memory>",
@@ -297,11 +303,102 @@ mod tests {
                 xml = xml.replace(from, to);
             }
             let findings = audit(&good_host(), &[guest(&xml)], None);
-            assert_eq!(ids(&findings), vec![*id], "{id}: {findings:#?}");
-            let f = &findings[0];
-            assert_eq!(f.domain.as_deref(), Some("good"));
-            assert!(!f.evidence.is_empty() && !f.fix.is_empty(), "{f:?}");
+            let mut found = ids(&findings);
+            found.sort();
+            assert_eq!(
+                found,
+                id.split('+').collect::<Vec<_>>(),
+                "{id}: {findings:#?}"
+            );
+            for f in &findings {
+                assert_eq!(f.domain.as_deref(), Some("good"));
+                assert!(!f.evidence.is_empty() && !f.fix.is_empty(), "{f:?}");
+            }
         }
+    }
+
+    #[test]
+    fn bindings_beyond_the_nodes_memory_are_errors_whoever_set_them() {
+        // Two guests of 40 GiB bound to node 0 (64 GiB): the second, by
+        // name, no longer fits; bound to both nodes each would.
+        let big = |name: &str, nodes: &str| {
+            GOOD.replace(
+                "<name>good</name><uuid>u-good</uuid>",
+                &format!("<name>{name}</name><uuid>u-{name}</uuid>"),
+            )
+            .replace(
+                "<memory unit='MiB'>1024</memory>",
+                "<memory unit='GiB'>40</memory>",
+            )
+            .replace("nodeset='0'", &format!("nodeset='{nodes}'"))
+        };
+        let findings = audit(
+            &good_host(),
+            &[guest(&big("a", "0")), guest(&big("b", "0"))],
+            None,
+        );
+        let beyond: Vec<_> = findings.iter().filter(|f| f.id == "PIN040").collect();
+        assert_eq!(beyond.len(), 1, "{findings:#?}");
+        assert_eq!(beyond[0].domain.as_deref(), Some("b"));
+        assert!(
+            beyond[0]
+                .evidence
+                .contains("40 GiB bound to node 0 (mode strict)"),
+            "{}",
+            beyond[0].evidence
+        );
+        let findings = audit(
+            &good_host(),
+            &[guest(&big("a", "0-1")), guest(&big("b", "0-1"))],
+            None,
+        );
+        assert!(findings.iter().all(|f| f.id != "PIN040"), "{findings:#?}");
+        // Asked about one guest only: the other still takes its memory.
+        let findings = audit(
+            &good_host(),
+            &[guest(&big("a", "0")), guest(&big("b", "0"))],
+            Some("a"),
+        );
+        assert!(findings.iter().all(|f| f.id != "PIN040"), "{findings:#?}");
+    }
+
+    #[test]
+    fn hugepage_pools_no_guest_can_use_well_are_reported() {
+        use crate::engine::topology::HugePages;
+        let mut host = good_host();
+        host.topology.numa_nodes[1].hugepages = vec![HugePages {
+            size_kib: 2048,
+            total: 512,
+            free: 512,
+        }];
+        let findings = audit(&host, &[guest(GOOD)], None);
+        assert_eq!(ids(&findings), vec!["PIN041"], "{findings:#?}");
+        assert_eq!(findings[0].severity, Severity::Info);
+        assert!(
+            findings[0]
+                .evidence
+                .contains("node 1: 512 free 2M pages (1 GiB)"),
+            "{}",
+            findings[0].evidence
+        );
+        // A guest backed by 2M pages uses them: quiet.
+        let backed = GOOD
+            .replace(
+                "</numatune>",
+                "</numatune><memoryBacking><hugepages/></memoryBacking>",
+            )
+            .replace("nodeset='0'", "nodeset='1'")
+            .replace(
+                "cpuset='1'/><vcpupin vcpu='1' cpuset='2'",
+                "cpuset='5'/><vcpupin vcpu='1' cpuset='6'",
+            );
+        let quiet = audit(&host, &[guest(&backed)], None);
+        assert!(quiet.iter().all(|f| f.id != "PIN041"), "{quiet:#?}");
+        // A pool on a node none of whose CPUs guests may have.
+        host.pool = Some(CpuSet::parse("1-3").unwrap());
+        let findings = audit(&host, &[guest(GOOD)], None);
+        assert_eq!(ids(&findings), vec!["PIN041"], "{findings:#?}");
+        assert_eq!(findings[0].severity, Severity::Warning);
     }
 
     #[test]

@@ -408,6 +408,73 @@ impl Ledger {
     }
 }
 
+/// Takes memory that is bound to nodes already (each: its nodes, its
+/// memory) where the room allows: that on one node first (it has nowhere
+/// else to be), then that on several, each kind assigned over its nodes so
+/// that none is turned away that could fit (see [`assign`]). Returns each
+/// one's claim, None for those the room does not hold.
+pub fn place_bound(ledger: &mut Ledger, homes: &[(&[u32], &[MemoryPart])]) -> Vec<Option<Claim>> {
+    let mut claims: Vec<Option<Claim>> = vec![None; homes.len()];
+    for (i, (nodes, parts)) in homes.iter().enumerate() {
+        if let [node] = nodes {
+            if ledger.holds(nodes, parts) {
+                claims[i] = Some(ledger.take(&[(*node, 1)], parts));
+            }
+        }
+    }
+    let several: Vec<usize> = (0..homes.len()).filter(|&i| homes[i].0.len() > 1).collect();
+    let mut kinds: Vec<PageKind> = several
+        .iter()
+        .flat_map(|&i| {
+            by_kind(homes[i].1)
+                .iter()
+                .map(|p| p.kind)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    kinds.sort();
+    kinds.dedup();
+    let mut shares: Vec<Option<Vec<(PageKind, Vec<(u32, u64)>)>>> =
+        vec![Some(Vec::new()); several.len()];
+    for kind in kinds {
+        let room: BTreeMap<u32, u64> = ledger
+            .nodes()
+            .iter()
+            .map(|&n| (n, ledger.room(n, kind).unwrap_or(u64::MAX / 4)))
+            .collect();
+        let demands: Vec<(Vec<u32>, u64)> = several
+            .iter()
+            .map(|&i| {
+                let kib = homes[i]
+                    .1
+                    .iter()
+                    .filter(|p| p.kind == kind)
+                    .map(|p| p.kib)
+                    .sum();
+                (homes[i].0.to_vec(), kib)
+            })
+            .collect();
+        for (j, placed) in assign(&room, &demands).into_iter().enumerate() {
+            match (placed, &mut shares[j]) {
+                (Some(on), Some(taken)) if demands[j].1 > 0 => taken.push((kind, on)),
+                (Some(_), _) => {}
+                (None, taken) => *taken = None,
+            }
+        }
+    }
+    for (&i, taken) in several.iter().zip(shares) {
+        claims[i] = taken.map(|taken| {
+            let mut claim = Claim::new();
+            for (kind, on) in taken {
+                let kib = on.iter().map(|(_, kib)| kib).sum();
+                claim.extend(ledger.take(&on, &[MemoryPart { kib, kind }]));
+            }
+            claim
+        });
+    }
+    claims
+}
+
 /// Places demands (each: the nodes it may use, and KiB) on nodes within
 /// their `room`, in order, each whole or not at all: a demand that finds
 /// no room moves earlier ones within their own nodes to make some (an

@@ -453,10 +453,13 @@ pub fn domain_status(
                 reason,
                 memory_nodes,
                 planned_memory_nodes,
-                memory_note: if gp.is_some() {
-                    hold.unwrap_or_default()
-                } else {
-                    String::new()
+                memory_note: match gp {
+                    Some(g) if g.memory_unbound => format!(
+                        "fits no set of nodes: left unbound ({} of it)",
+                        crate::engine::memory::human(spec.memory_kib)
+                    ),
+                    Some(_) => hold.unwrap_or_default(),
+                    None => String::new(),
                 },
                 memory_kib: spec.memory_kib,
                 hugepage_kib: match spec.page_kind(None, default_hugepage_kib) {

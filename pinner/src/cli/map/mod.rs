@@ -6,7 +6,7 @@
 use crate::engine::cpuset::CpuSet;
 use crate::engine::placement::Plan;
 use crate::engine::topology::Topology;
-use pinner_shared::protocol::StatusReport;
+use pinner_shared::protocol::{NodeMemoryStatus, StatusReport};
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
@@ -32,12 +32,13 @@ pub fn render_as(
     }
 }
 
-/// What is placed where: each guest's CPUs (its vCPUs', in order) and the
-/// host's reserved CPUs.
+/// What is placed where: each guest's CPUs (its vCPUs', in order), the
+/// host's reserved CPUs, and the guests' memory on each node.
 #[derive(Debug, Clone, Default)]
 pub struct Occupancy {
     pub guests: Vec<(String, CpuSet)>,
     pub reserved: CpuSet,
+    pub memory: Vec<NodeMemoryStatus>,
 }
 
 impl Occupancy {
@@ -50,6 +51,7 @@ impl Occupancy {
         Occupancy {
             guests: guests.collect(),
             reserved: plan.reserved.clone(),
+            memory: crate::engine::reconcile::node_memory(plan),
         }
     }
 
@@ -66,6 +68,7 @@ impl Occupancy {
         Occupancy {
             guests: guests.collect(),
             reserved: report.reserved.iter().copied().collect(),
+            memory: report.memory.clone(),
         }
     }
 }
@@ -127,12 +130,12 @@ enum Line {
 }
 
 /// The tree flattened into lines, long L3 rows wrapped.
-fn lines(topology: &Topology) -> Vec<Line> {
+fn lines(topology: &Topology, memory: &[NodeMemoryStatus]) -> Vec<Line> {
     let mut lines = Vec::new();
     for (package, nodes) in tree(topology) {
         lines.push(Line::Heading(0, format!("package {}", label(package))));
         for (node, l3s) in nodes {
-            lines.push(Line::Heading(1, node_heading(topology, node)));
+            lines.push(Line::Heading(1, node_heading(topology, node, memory)));
             for (l3, cores) in l3s {
                 for (i, row) in cores.chunks(CORES_PER_ROW).enumerate() {
                     let name = if i == 0 {
@@ -152,7 +155,7 @@ fn lines(topology: &Topology) -> Vec<Line> {
 pub fn render(topology: &Topology, occupancy: &Occupancy, colour: bool) -> String {
     let marks = marks(topology, occupancy);
     let mut out = String::new();
-    for line in lines(topology) {
+    for line in lines(topology, &occupancy.memory) {
         match line {
             Line::Heading(depth, text) => {
                 let _ = writeln!(out, "{:indent$}{text}", "", indent = 2 * depth as usize);
@@ -202,14 +205,25 @@ fn label(id: Option<u32>) -> String {
     id.map_or_else(|| "-".into(), |i| i.to_string())
 }
 
-fn node_heading(topology: &Topology, node: Option<u32>) -> String {
-    let memory = node
+/// "node 1 (65280 MiB)", and what guests hold there once they hold any:
+/// "node 1 (65280 MiB; guests 12 of 63.3 GiB, 2M pages 64 of 512)".
+fn node_heading(topology: &Topology, node: Option<u32>, memory: &[NodeMemoryStatus]) -> String {
+    let total = node
         .and_then(|n| topology.numa_nodes.iter().find(|m| m.id == n))
         .and_then(|m| m.memory_mib);
-    match (node, memory) {
-        (Some(n), Some(mib)) => format!("node {n} ({mib} MiB)"),
-        (node, _) => format!("node {}", label(node)),
+    let (Some(n), Some(mib)) = (node, total) else {
+        return format!("node {}", label(node));
+    };
+    let pools: Vec<&NodeMemoryStatus> = memory.iter().filter(|p| p.node == n).collect();
+    if pools
+        .iter()
+        .all(|p| p.committed_kib == 0 && p.page_size_kib.is_none_or(|_| p.capacity_kib == Some(0)))
+    {
+        return format!("node {n} ({mib} MiB)");
     }
+    let owned: Vec<NodeMemoryStatus> = pools.into_iter().cloned().collect();
+    let figures = crate::cli::report::pool_figures(&owned);
+    format!("node {n} ({mib} MiB; guests {})", figures.join(", "))
 }
 
 /// `[0a 4a]`: a core's threads, each with its mark.
@@ -282,6 +296,7 @@ mod tests {
         let occupancy = Occupancy {
             guests: vec![("web".into(), set("1"))],
             reserved: set("0"),
+            memory: Vec::new(),
         };
         let expected = "\
 package 0
@@ -299,6 +314,7 @@ legend: # reserved  ~ isolcpus  . free  x offline  * shared by several guests
         let occupancy = Occupancy {
             guests: vec![("a".into(), set("0-1")), ("b".into(), set("1-2"))],
             reserved: CpuSet::new(),
+            memory: Vec::new(),
         };
         let expected = "\
 package 0
@@ -319,6 +335,7 @@ legend: # reserved  ~ isolcpus  . free  x offline  * shared by several guests
         let occupancy = Occupancy {
             guests: vec![("web".into(), set("1"))],
             reserved: set("0"),
+            memory: Vec::new(),
         };
         let text = render(&topology, &occupancy, true);
         assert!(text.contains("\x1b[32m1a\x1b[0m"), "{text:?}");

@@ -33,7 +33,7 @@ const CORES_X: u32 = 2 * INDENT + 64;
 
 pub fn render_svg(topology: &Topology, occupancy: &Occupancy) -> String {
     let marks = marks(topology, occupancy);
-    let lines = lines(topology);
+    let lines = lines(topology, &occupancy.memory);
     let widest = lines
         .iter()
         .map(|line| match line {
@@ -153,6 +153,7 @@ mod tests {
         let occupancy = Occupancy {
             guests: vec![("<evil & \"name\">".into(), CpuSet::parse("0-1").unwrap())],
             reserved: CpuSet::parse("7").unwrap(),
+            memory: Vec::new(),
         };
         let svg = render_svg(&topology, &occupancy);
         assert!(svg.starts_with("<svg xmlns=\"http://www.w3.org/2000/svg\""));

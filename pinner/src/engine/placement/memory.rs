@@ -20,11 +20,11 @@ use super::layout::{join_nodes, Layout};
 use super::{Current, Guest, Locality, Role};
 use crate::engine::cpuset::CpuSet;
 use crate::engine::memory::{
-    assign, by_kind, human, Claim, Ledger, MemoryPart, MemoryReserve, PageKind,
+    by_kind, human, place_bound, Claim, Ledger, MemoryPart, MemoryReserve, PageKind,
 };
 use crate::engine::topology::Topology;
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 /// Nodes and their weights (the share of a guest's memory each takes).
 pub(super) type Weights = Vec<(u32, u64)>;
@@ -126,88 +126,29 @@ impl Memory {
         });
         let mut homeless = Vec::new();
         // Bound guests first (libvirt holds them where they are), then
-        // the unbound: in each, those on one node, then those on several.
+        // the unbound.
         let (bound, unbound): (Vec<Home>, Vec<Home>) = order
             .into_iter()
             .partition(|(_, g, _)| g.memory_nodes.is_some());
         for group in [bound, unbound] {
-            let (single, several): (Vec<Home>, Vec<Home>) =
-                group.into_iter().partition(|(_, _, home)| home.len() == 1);
-            for (kib, g, home) in single {
-                let parts = g.memory_parts();
-                if self.ledger.holds(&home, &parts) {
-                    let claim = self.ledger.take(&[(home[0], 1)], &parts);
-                    let slot = self.slot(g);
-                    self.claims[slot] = claim;
-                } else {
-                    homeless.push((kib, g, home));
+            let parts: Vec<_> = group.iter().map(|(_, g, _)| g.memory_parts()).collect();
+            let homes: Vec<(&[u32], &[MemoryPart])> = group
+                .iter()
+                .zip(&parts)
+                .map(|((_, _, home), parts)| (home.as_slice(), &**parts))
+                .collect();
+            let claims = place_bound(&mut self.ledger, &homes);
+            for (home, claim) in group.iter().zip(claims) {
+                match claim {
+                    Some(claim) => {
+                        let slot = self.slot(home.1);
+                        self.claims[slot] = claim;
+                    }
+                    None => homeless.push(home.clone()),
                 }
             }
-            homeless.extend(self.take_spread(several));
         }
         self.displace(homeless);
-    }
-
-    /// Guests on several nodes: each kind of their memory assigned over
-    /// their nodes within the room (see [`assign`]); returns those that do
-    /// not fit.
-    fn take_spread<'g>(&mut self, several: Vec<Home<'g>>) -> Vec<Home<'g>> {
-        let kinds: Vec<PageKind> = {
-            let mut kinds: Vec<PageKind> = several
-                .iter()
-                .flat_map(|(_, g, _)| g.memory_parts().iter().map(|p| p.kind).collect::<Vec<_>>())
-                .collect();
-            kinds.sort();
-            kinds.dedup();
-            kinds
-        };
-        let mut shares: Vec<Vec<(PageKind, Weights)>> = vec![Vec::new(); several.len()];
-        let mut fits = vec![true; several.len()];
-        for kind in kinds {
-            let room: BTreeMap<u32, u64> = self
-                .ledger
-                .nodes()
-                .iter()
-                .map(|&n| (n, self.ledger.room(n, kind).unwrap_or(u64::MAX / 4)))
-                .collect();
-            let demands: Vec<(Vec<u32>, u64)> = several
-                .iter()
-                .map(|(_, g, home)| {
-                    let kib = g
-                        .memory_parts()
-                        .iter()
-                        .filter(|p| p.kind == kind)
-                        .map(|p| p.kib)
-                        .sum();
-                    (home.clone(), kib)
-                })
-                .collect();
-            for (i, placed) in assign(&room, &demands).into_iter().enumerate() {
-                match placed {
-                    Some(on) if demands[i].1 > 0 => shares[i].push((kind, on)),
-                    Some(_) => {}
-                    None => fits[i] = false,
-                }
-            }
-        }
-        let mut homeless = Vec::new();
-        for ((home, shares), fits) in several.into_iter().zip(shares).zip(fits) {
-            if !fits {
-                homeless.push(home);
-                continue;
-            }
-            let mut claim = Claim::new();
-            for (kind, on) in shares {
-                let part = MemoryPart {
-                    kib: on.iter().map(|(_, kib)| kib).sum(),
-                    kind,
-                };
-                claim.extend(self.ledger.take(&on, &[part]));
-            }
-            let slot = self.slot(home.1);
-            self.claims[slot] = claim;
-        }
-        homeless
     }
 
     /// Once every guest that fits where it runs is in: a bound guest whose
@@ -377,6 +318,7 @@ impl Memory {
     /// every node (a binding beyond its nodes' room is an OOM kill waiting).
     fn unbind(&mut self, g: &Guest, locality: &mut Locality) {
         self.unbound.push((g.name.clone(), need_kib(g)));
+        locality.unbound = true;
         locality.memory_nodes = g
             .memory_nodes
             .as_ref()

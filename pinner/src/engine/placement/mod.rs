@@ -160,6 +160,9 @@ pub struct GuestPlan {
     pub memory_nodes: Option<Vec<u32>>,
     /// What its memory takes on each node: (node, kind, KiB).
     pub memory: Claim,
+    /// Its memory fits no set of nodes: it is left unbound (or widened to
+    /// every node), and nothing moves it.
+    pub memory_unbound: bool,
     /// Where each of the guest's NUMA cells went (empty: it has none, or
     /// the host has one node).
     pub cells: Vec<CellPlan>,
@@ -353,6 +356,10 @@ pub fn plan(topo: &Topology, host: &HostPolicy, guests: &[Guest]) -> Plan {
     for (plan, (g, _, _)) in planning.placed.into_iter().zip(&planning.managed) {
         if let Some(mut plan) = plan {
             plan.memory = planning.memory.claim_of(g);
+            if plan.memory_unbound {
+                let kib = g.memory_parts().iter().map(|p| p.kib).sum();
+                plan.reason += &format!("; memory not bound: {} fits no set of nodes", human(kib));
+            }
             plans.push(plan);
         }
     }
@@ -518,6 +525,8 @@ fn moved_pins(planning: &Planning) -> u32 {
 pub(super) struct Locality {
     numa_nodes: Vec<u32>,
     memory_nodes: Option<Vec<u32>>,
+    /// No set of nodes holds the guest's memory.
+    unbound: bool,
 }
 
 impl Locality {
@@ -530,6 +539,7 @@ impl Locality {
         Locality {
             memory_nodes: bound.then(|| numa_nodes.clone()),
             numa_nodes,
+            unbound: false,
         }
     }
 }
@@ -551,6 +561,7 @@ pub(super) fn guest_plan(
         numa_nodes: locality.numa_nodes,
         memory_nodes: locality.memory_nodes,
         memory: Claim::new(),
+        memory_unbound: locality.unbound,
         cells: Vec::new(),
         reason,
     }
@@ -1242,6 +1253,7 @@ mod memory_tests {
             kib: 600 * GIB
         }));
         assert!(g.memory.is_empty(), "nothing committed for it");
+        assert!(g.memory_unbound);
         // One bound before (by someone) is bound to every node instead.
         let bound = Guest {
             memory_nodes: Some(set("0")),

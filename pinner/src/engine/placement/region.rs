@@ -76,10 +76,7 @@ pub(super) fn choose_nodes(
     }
     // No set of nodes holds its memory: its CPUs as if memory did not count.
     let mut region = choose_nodes(layout, candidates, home, need, &Fit::any());
-    region.note = format!(
-        "; memory not bound: {} fits no set of nodes",
-        human(fit.kib())
-    );
+    // (The plan's reason says so: see `plan`.)
     region.target = Target::Unfit;
     region
 }

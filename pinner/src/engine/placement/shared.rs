@@ -293,7 +293,7 @@ impl Pool<'_> {
             candidates.push(h);
         }
         let range = ranges.choose(candidates, current, g.vcpus);
-        if Some(range) == here {
+        if Some(range) == here && holds_here(range) {
             // It stays: its memory stays bound where it is.
             let bound = g.memory_nodes.iter().flat_map(CpuSet::iter).collect();
             return (range, Target::Cpus { extra: bound });
@@ -340,8 +340,7 @@ fn here_range(current: Current, vcpus: u32, pool: &CpuSet) -> Option<CpuSet> {
 fn memory_note(target: &Target, kib: u64) -> String {
     match target {
         Target::Nodes(_) => format!("; {} fits no single node", human(kib)),
-        Target::Unfit => format!("; memory not bound: {} fits no set of nodes", human(kib)),
-        Target::Cpus { .. } => String::new(),
+        Target::Unfit | Target::Cpus { .. } => String::new(),
     }
 }
 
