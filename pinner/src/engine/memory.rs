@@ -423,35 +423,37 @@ pub fn place_bound(ledger: &mut Ledger, homes: &[(&[u32], &[MemoryPart])]) -> Ve
         }
     }
     let several: Vec<usize> = (0..homes.len()).filter(|&i| homes[i].0.len() > 1).collect();
-    let mut kinds: Vec<PageKind> = several
+    let spread: Vec<(&[u32], &[MemoryPart])> = several.iter().map(|&i| homes[i]).collect();
+    for (&i, claim) in several.iter().zip(place_spread(ledger, &spread)) {
+        claims[i] = claim;
+    }
+    claims
+}
+
+/// What one bound memory takes of each kind: (kind, KiB by node).
+type KindShares = Vec<(PageKind, Vec<(u32, u64)>)>;
+
+/// [`place_bound`] for memory bound to several nodes: each kind assigned
+/// over the room at once.
+fn place_spread(ledger: &mut Ledger, homes: &[(&[u32], &[MemoryPart])]) -> Vec<Option<Claim>> {
+    let mut kinds: Vec<PageKind> = homes
         .iter()
-        .flat_map(|&i| {
-            by_kind(homes[i].1)
-                .iter()
-                .map(|p| p.kind)
-                .collect::<Vec<_>>()
-        })
+        .flat_map(|(_, parts)| by_kind(parts).iter().map(|p| p.kind).collect::<Vec<_>>())
         .collect();
     kinds.sort();
     kinds.dedup();
-    let mut shares: Vec<Option<Vec<(PageKind, Vec<(u32, u64)>)>>> =
-        vec![Some(Vec::new()); several.len()];
+    let mut shares: Vec<Option<KindShares>> = vec![Some(Vec::new()); homes.len()];
     for kind in kinds {
         let room: BTreeMap<u32, u64> = ledger
             .nodes()
             .iter()
             .map(|&n| (n, ledger.room(n, kind).unwrap_or(u64::MAX / 4)))
             .collect();
-        let demands: Vec<(Vec<u32>, u64)> = several
+        let demands: Vec<(Vec<u32>, u64)> = homes
             .iter()
-            .map(|&i| {
-                let kib = homes[i]
-                    .1
-                    .iter()
-                    .filter(|p| p.kind == kind)
-                    .map(|p| p.kib)
-                    .sum();
-                (homes[i].0.to_vec(), kib)
+            .map(|(nodes, parts)| {
+                let kib = parts.iter().filter(|p| p.kind == kind).map(|p| p.kib).sum();
+                (nodes.to_vec(), kib)
             })
             .collect();
         for (j, placed) in assign(&room, &demands).into_iter().enumerate() {
@@ -462,17 +464,17 @@ pub fn place_bound(ledger: &mut Ledger, homes: &[(&[u32], &[MemoryPart])]) -> Ve
             }
         }
     }
-    for (&i, taken) in several.iter().zip(shares) {
-        claims[i] = taken.map(|taken| {
+    shares
+        .into_iter()
+        .map(|taken| {
             let mut claim = Claim::new();
-            for (kind, on) in taken {
+            for (kind, on) in taken? {
                 let kib = on.iter().map(|(_, kib)| kib).sum();
                 claim.extend(ledger.take(&on, &[MemoryPart { kib, kind }]));
             }
-            claim
-        });
-    }
-    claims
+            Some(claim)
+        })
+        .collect()
 }
 
 /// Places demands (each: the nodes it may use, and KiB) on nodes within
