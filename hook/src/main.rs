@@ -33,7 +33,8 @@ libvirt runs this as its qemu hook (/etc/libvirt/hooks/qemu.d/50-pinner).
 It forwards the event to the pinner daemon and never blocks libvirt.";
 
 /// Appends one byte to the drop counter beside `socket`, if its directory
-/// exists (the daemon or the package made it); never follows a link.
+/// exists (the daemon or the package made it); never follows a link, never
+/// waits on a FIFO planted there.
 fn count_drop(socket: &Path) {
     use std::os::unix::fs::OpenOptionsExt;
     let Some(dir) = socket.parent().filter(|d| d.is_dir()) else {
@@ -43,7 +44,7 @@ fn count_drop(socket: &Path) {
         .append(true)
         .create(true)
         .mode(0o644)
-        .custom_flags(libc::O_NOFOLLOW)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(dir.join(HOOK_DROPS_FILE))
         .and_then(|mut f| f.write_all(b"."));
 }

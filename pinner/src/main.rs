@@ -9,7 +9,11 @@ fn main() -> ExitCode {
     match commands::run(Cli::parse()) {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("pinner: {error}");
+            // Errors quote names and messages from elsewhere: one line, shown.
+            eprintln!(
+                "pinner: {}",
+                pinner_shared::text::printable(&error.to_string())
+            );
             ExitCode::FAILURE
         }
     }

@@ -6,4 +6,5 @@
 pub mod log;
 pub mod paths;
 pub mod protocol;
+pub mod text;
 pub mod wire;

@@ -144,8 +144,11 @@ fn syslog_line(identifier: &str, level: Level, message: &str, fields: &[(&str, &
     )
 }
 
+/// One line whatever the message holds: its control characters escaped
+/// (a process name with a newline must not forge a second line), field
+/// values quoted.
 fn plain_line(level: Level, message: &str, fields: &[(&str, &str)]) -> String {
-    let mut line = format!("{}: {message}", level.word());
+    let mut line = format!("{}: {}", level.word(), crate::text::printable(message));
     for (name, value) in fields {
         line.push_str(&format!(" {name}={value:?}"));
     }
@@ -173,5 +176,7 @@ mod tests {
         assert!(
             syslog_line("pinner-hook", Level::Warning, "x", &[]).starts_with("<28>pinner-hook[")
         );
+        let forged = plain_line(Level::Info, "confined x\nerror: FAKE[12]", &[]);
+        assert_eq!(forged, "info: confined x\\nerror: FAKE[12]");
     }
 }

@@ -486,9 +486,23 @@ impl Sandbox {
         devices: &str,
     ) -> String {
         let name = self.name(short);
+        self.define_domain(&name, short, vcpus, extra, devices);
+        name
+    }
+
+    /// Defines a TCG guest named `xml_name` (XML text, so `&#13;` is a
+    /// carriage return), its XML kept as `<file>.xml`.
+    pub fn define_domain(
+        &self,
+        xml_name: &str,
+        file: &str,
+        vcpus: u32,
+        extra: &str,
+        devices: &str,
+    ) {
         let xml = format!(
             "<domain type='qemu'>
-  <name>{name}</name>
+  <name>{xml_name}</name>
   <memory unit='MiB'>64</memory>
   <vcpu>{vcpus}</vcpu>
   {extra}
@@ -501,10 +515,9 @@ impl Sandbox {
   </devices>
 </domain>"
         );
-        let path = self.dir.join(format!("{short}.xml"));
+        let path = self.dir.join(format!("{file}.xml"));
         fs::write(&path, xml).unwrap();
         self.virsh_ok(&["define", path.to_str().unwrap()]);
-        name
     }
 
     /// A one-sector disk image for guest `short` (qemu locks its images).
@@ -691,10 +704,11 @@ impl Sandbox {
         }
     }
 
-    /// Every domain of this sandbox's libvirtd: all of them the tests', also
-    /// those migrated in from another sandbox (named by its prefix).
+    /// The UUID of every domain of this sandbox's libvirtd: all of them the
+    /// tests', also those migrated in from another sandbox. By UUID, as a
+    /// name may start or end with blanks.
     fn guests(&self) -> Vec<String> {
-        String::from_utf8_lossy(&self.virsh(&["list", "--all", "--name"]).stdout)
+        String::from_utf8_lossy(&self.virsh(&["list", "--all", "--uuid"]).stdout)
             .lines()
             .map(str::trim)
             .filter(|n| !n.is_empty())

@@ -1,7 +1,7 @@
 //! The real `pinner-hook` binary against the hook contract: what libvirt
 //! sees (exit status, stdout) and what the daemon receives.
 
-use pinner_e2e::{bin_dir, missing_requirement, with_private_run, PrivateRun};
+use pinner_e2e::{bin_dir, missing_requirement, wait_for, with_private_run, PrivateRun};
 use std::io::{Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
@@ -107,6 +107,39 @@ fn daemon_absent_exits_zero_and_logs_the_drop() {
     // Each drop is counted, one byte each, beside the socket.
     let drops = run.socket().with_file_name("hook-dropped");
     assert_eq!(std::fs::metadata(&drops).unwrap().len(), 2);
+
+    // A link planted as the counter is not followed: its target stays as
+    // it was. A FIFO there is not waited on.
+    let victim = run.path().join("victim");
+    std::fs::write(&victim, "precious").unwrap();
+    std::fs::remove_file(&drops).unwrap();
+    std::os::unix::fs::symlink(&victim, &drops).unwrap();
+    let out = run_hook(&run, &["web-1", "stopped", "end", "-"], XML.as_bytes());
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+    std::fs::remove_file(&drops).unwrap();
+    assert!(Command::new("mkfifo")
+        .arg(&drops)
+        .status()
+        .unwrap()
+        .success());
+    let mut child = with_private_run(run.path(), &hook())
+        .args(["web-1", "stopped", "end", "-"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let ended = wait_for(Duration::from_secs(5), || match child.try_wait() {
+        Ok(Some(status)) => Ok(status),
+        _ => Err("still running".to_string()),
+    });
+    let _ = child.kill();
+    assert!(
+        ended.is_ok_and(|s| s.success()),
+        "the hook waited on a FIFO counter"
+    );
+    std::fs::remove_file(&drops).unwrap();
 
     // A socket the hook may not open (a hook run unprivileged): same.
     std::fs::remove_file(run.socket()).unwrap();

@@ -131,6 +131,25 @@ fn qemu_pid(sb: &Sandbox, short: &str) -> u32 {
         .unwrap()
 }
 
+/// The cgroup group the dummies of `dummies` are confined in.
+fn group_of(dummies: &Dummies) -> String {
+    format!("pinner-e2e-{}", dummies.pgrp)
+}
+
+/// Starts the sandbox's daemon isolating `dummies` on the first online CPU,
+/// with `extra` lines in `[isolation]`.
+fn isolating_daemon(sb: &mut Sandbox, dummies: &mut Dummies, extra: &str) {
+    sb.extra_config = format!(
+        "[isolation]\nenabled = true\nrestore_on_exit = true\ngroup = \"{}\"\n\
+         pid_dirs = [\"{}\"]\n{extra}\n",
+        group_of(dummies),
+        dummies.dir.join("pids").display()
+    );
+    sb.daemon_env = vec![(SCOPE_ENV.into(), dummies.pgrp.to_string())];
+    sb.start_daemon(&online_cpus()[0].to_string());
+    dummies.config = sb.config_path();
+}
+
 #[test]
 fn host_daemons_confined_kept_and_put_back() {
     let Some(mut sb) = sandbox_or_skip("host_daemons_confined_kept_and_put_back") else {
@@ -139,7 +158,7 @@ fn host_daemons_confined_kept_and_put_back() {
     let online = online_cpus();
     let reserved = vec![online[0]];
     let mut dummies = Dummies::new(&sb.dir.join("isolation"));
-    let group = format!("pinner-e2e-{}", dummies.pgrp);
+    let group = group_of(&dummies);
     let plain = dummies.spawn("dummy-sshd", 0, true);
     let threaded = dummies.spawn("dummy-threads", 12, false);
     let excluded = dummies.spawn("ovs-vswitchd", 2, true);
@@ -152,14 +171,11 @@ fn host_daemons_confined_kept_and_put_back() {
 
     sb.define_guest("g", 1, "");
     sb.start_guest("g");
-    sb.extra_config = format!(
-        "[isolation]\nenabled = true\nrestore_on_exit = true\nmemory_limit = \"512M\"\n\
-         group = \"{group}\"\npid_dirs = [\"{}\"]\nsweep_interval_secs = 600\n",
-        dummies.dir.join("pids").display()
+    isolating_daemon(
+        &mut sb,
+        &mut dummies,
+        "memory_limit = \"512M\"\nsweep_interval_secs = 600",
     );
-    sb.daemon_env = vec![(SCOPE_ENV.into(), dummies.pgrp.to_string())];
-    sb.start_daemon(&online[0].to_string());
-    dummies.config = sb.config_path();
 
     // The daemon isolates at start: every thread of every dummy is on the
     // reserved CPU, in both the cpuset and the memory group.
@@ -311,4 +327,153 @@ fn isolation_refuses_a_config_without_reserved_cpus_and_changes_nothing() {
         "{stderr}"
     );
     assert!(!Path::new("/sys/fs/cgroup/cpuset/pinner-refused").exists());
+}
+
+/// Any user names their own processes: a name that clears the screen and
+/// one that forges a log line are shown escaped by `isolate --status`, by
+/// `isolate` and in the keeper's log.
+#[test]
+fn hostile_process_names_are_shown_escaped() {
+    let Some(mut sb) = sandbox_or_skip("hostile_process_names_are_shown_escaped") else {
+        return;
+    };
+    let mut dummies = Dummies::new(&sb.dir.join("isolation"));
+    isolating_daemon(&mut sb, &mut dummies, "sweep_interval_secs = 600");
+    // Caught from its pid file; the keeper's line stays one line.
+    let forger = dummies.spawn("x\nerror: FAKE", 0, true);
+    let log = sb.await_log(&format!("confined x\\nerror: FAKE[{forger}]"));
+    assert!(!log.lines().any(|l| l.starts_with("error: FAKE")), "{log}");
+    // No pid file: not confined until a sweep, and listed so.
+    let clearer = dummies.spawn("\u{1b}[2Jclear", 0, false);
+    let shown = format!("\\x1b[2Jclear[{clearer}]");
+    for args in [&["--status"][..], &[]] {
+        let out = dummies.pinner_isolate(args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(
+            text.contains(&shown),
+            "isolate {args:?} lacks {shown}:\n{text}"
+        );
+        assert!(!text.contains('\u{1b}'), "isolate {args:?}: raw escape");
+    }
+    confined_to(clearer, &online_cpus()[..1]).unwrap();
+}
+
+/// The isolation state truncated, then replaced by a link: each refused
+/// with one error that says what to do, sweeps quiet meanwhile, the link's
+/// target untouched; the way out the error names works.
+#[test]
+fn an_unusable_state_is_refused_once_with_the_way_out() {
+    let Some(mut sb) = sandbox_or_skip("an_unusable_state_is_refused_once_with_the_way_out") else {
+        return;
+    };
+    let online = online_cpus();
+    let mut dummies = Dummies::new(&sb.dir.join("isolation"));
+    isolating_daemon(&mut sb, &mut dummies, "sweep_interval_secs = 1");
+    let plain = dummies.spawn("dummy-sshd", 0, true);
+    wait_for(Duration::from_secs(5), || confined_to(plain, &online[..1])).unwrap();
+    let state = sb.socket().with_file_name("isolation.json");
+    let good = std::fs::read(&state).unwrap();
+    let refusals = |sb: &Sandbox| {
+        sb.daemon_log()
+            .lines()
+            .filter(|l| l.contains("not a usable isolation state"))
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+
+    std::fs::write(&state, &good[..good.len() / 2]).unwrap();
+    sb.await_log("not a usable isolation state");
+    std::thread::sleep(Duration::from_secs(3));
+    let said = refusals(&sb);
+    assert_eq!(said.len(), 1, "{said:?}");
+    assert!(
+        said[0].contains(&format!("mv {0} {0}.bad", state.display())),
+        "{}",
+        said[0]
+    );
+    assert!(said[0].contains("pinner isolate --undo"), "{}", said[0]);
+    assert_eq!(std::fs::read(&state).unwrap(), &good[..good.len() / 2]);
+    std::fs::write(&state, &good).unwrap();
+    sb.await_log("isolation sweeps work again");
+
+    let victim = sb.dir.join("victim");
+    std::fs::write(&victim, "precious\n").unwrap();
+    std::fs::remove_file(&state).unwrap();
+    std::os::unix::fs::symlink(&victim, &state).unwrap();
+    wait_for(Duration::from_secs(5), || match refusals(&sb).len() {
+        2 => Ok(()),
+        n => Err(format!("{n} refusals")),
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(refusals(&sb).len(), 2);
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+    assert!(std::fs::symlink_metadata(&state)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+
+    // As the error says: move it away, then undo.
+    std::fs::rename(&state, state.with_extension("json.bad")).unwrap();
+    let out = dummies.pinner_isolate(&["--undo"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(thread_cpus(plain).iter().all(|t| t == &online));
+    let group = group_of(&dummies);
+    assert!(!Path::new(&format!("/sys/fs/cgroup/cpuset/{group}")).exists());
+}
+
+/// The state directory full (a one-page tmpfs, filled, in a mount namespace
+/// of the command's own): `pinner isolate` moves the processes, cannot
+/// record it, and so puts them back, saying exactly that.
+#[test]
+fn a_round_that_cannot_be_recorded_is_taken_back() {
+    let online = online_cpus();
+    let mut dummies =
+        Dummies::new(&std::env::temp_dir().join(format!("pinner-iso-full-{}", std::process::id())));
+    let plain = dummies.spawn("dummy-sshd", 0, true);
+    let state_dir = dummies.dir.join("run");
+    std::fs::create_dir_all(&state_dir).unwrap();
+    std::fs::write(
+        &dummies.config,
+        format!(
+            "reserved_cpus = \"{}\"\nsocket = \"{}/pinner.sock\"\n[isolation]\nenabled = true\n\
+             group = \"{}\"\n",
+            online[0],
+            state_dir.display(),
+            group_of(&dummies)
+        ),
+    )
+    .unwrap();
+    let script = format!(
+        "mount -t tmpfs -o size=4k,nr_inodes=16 pinner-full {dir} && \
+         head -c 4096 /dev/zero >{dir}/filler 2>/dev/null; \
+         exec \"$0\" --config \"$1\" isolate",
+        dir = state_dir.display()
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .arg(bin_dir().join("pinner"))
+        .arg(&dummies.config)
+        .env(SCOPE_ENV, dummies.pgrp.to_string())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("not recorded, so taken back"), "{stderr}");
+    assert!(stderr.contains("No space left on device"), "{stderr}");
+    assert!(stderr.contains("put back"), "{stderr}");
+    assert!(thread_cpus(plain).iter().all(|t| t == &online));
+    assert!(cgroup_line(plain, "cpuset").ends_with(":cpuset:/"));
+    let group = group_of(&dummies);
+    assert!(!Path::new(&format!("/sys/fs/cgroup/cpuset/{group}")).exists());
+    let _ = std::fs::remove_dir_all(&dummies.dir);
 }

@@ -92,19 +92,30 @@ fn status_shows_steal_memory_locality_and_numa_counters() {
     assert!(screens >= 2, "{screens} screens in 2.5 s of --watch 1");
 }
 
-/// Parses metrics text with prometheus_client's OpenMetrics parser and its
-/// Prometheus text parser (node_exporter's textfile format); returns the
-/// number of families, or the parser's complaint.
-fn parse_metrics(text: &str) -> Result<String, String> {
-    let script = "import sys\n\
-from prometheus_client.openmetrics.parser import text_string_to_metric_families as om\n\
-from prometheus_client.parser import text_string_to_metric_families as prom\n\
-t = sys.stdin.read()\n\
-fams = list(om(t))\n\
-list(prom(t))\n\
-print(' '.join(sorted(f.name + ':' + f.type for f in fams)))\n";
+/// How metrics text is parsed: prometheus_client's OpenMetrics parser, or
+/// its Prometheus text parser (node_exporter's textfile format).
+#[derive(Clone, Copy, Debug)]
+enum Format {
+    OpenMetrics,
+    Prometheus,
+}
+
+/// Parses metrics text as `format`; returns "family:type" for every family
+/// (space-separated, sorted), or the parser's complaint. A family the
+/// parser could not type is an error.
+fn parse_metrics(text: &str, format: Format) -> Result<String, String> {
+    let parser = match format {
+        Format::OpenMetrics => "prometheus_client.openmetrics.parser",
+        Format::Prometheus => "prometheus_client.parser",
+    };
+    let script = format!(
+        "import sys\n\
+from {parser} import text_string_to_metric_families as parse\n\
+fams = list(parse(sys.stdin.read()))\n\
+print(' '.join(sorted(f.name + ':' + f.type for f in fams)))\n"
+    );
     let mut child = Command::new("/usr/bin/python3")
-        .args(["-c", script])
+        .args(["-c", &script])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -117,10 +128,13 @@ print(' '.join(sorted(f.name + ':' + f.type for f in fams)))\n";
         .write_all(text.as_bytes())
         .unwrap();
     let out = child.wait_with_output().unwrap();
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    let families = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    match out.status.success() {
+        false => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
+        true if families.contains(":untyped") || families.contains(":unknown") => {
+            Err(format!("{format:?}: families left untyped: {families}"))
+        }
+        true => Ok(families),
     }
 }
 
@@ -145,10 +159,20 @@ fn metrics_are_valid_openmetrics_and_the_file_stays_current() {
     sb.start_guest(odd);
     wait_for(Duration::from_secs(5), || sb.all_in_sync()).unwrap();
 
-    let out = sb.pinner(&["metrics"]);
-    assert!(out.status.success());
-    let text = String::from_utf8(out.stdout).unwrap();
-    let families = parse_metrics(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    // The same families, typed alike, by both parsers: OpenMetrics from
+    // `--openmetrics`, Prometheus text (the file's format) by default.
+    let metrics = |args: &[&str]| {
+        let out = sb.pinner(args);
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let openmetrics = metrics(&["metrics", "--openmetrics"]);
+    let families = parse_metrics(&openmetrics, Format::OpenMetrics)
+        .unwrap_or_else(|e| panic!("{e}\n{openmetrics}"));
+    let text = metrics(&["metrics"]);
+    let prometheus =
+        parse_metrics(&text, Format::Prometheus).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    assert_eq!(families, prometheus);
     for family in [
         "pinner_hook_events:counter",
         "pinner_hook_events_dropped:counter",
@@ -166,9 +190,10 @@ fn metrics_are_valid_openmetrics_and_the_file_stays_current() {
         sb.name(odd).replace('\\', "\\\\").replace('"', "\\\"")
     );
     let pool = online_cpus().last().copied().unwrap();
+    let uuid = sb.virsh_ok(&["domuuid", &sb.name(odd)]).trim().to_string();
     assert!(
         text.contains(&format!(
-            "pinner_guest_vcpu_pin_info{{{label},vcpu=\"0\",cpus=\"{pool}\"}} 1"
+            "pinner_guest_vcpu_pin_info{{{label},uuid=\"{uuid}\",vcpu=\"0\",cpus=\"{pool}\"}} 1"
         )),
         "{text}"
     );
@@ -186,7 +211,7 @@ fn metrics_are_valid_openmetrics_and_the_file_stays_current() {
             })
     })
     .unwrap();
-    parse_metrics(&written).unwrap_or_else(|e| panic!("{e}\n{written}"));
+    parse_metrics(&written, Format::Prometheus).unwrap_or_else(|e| panic!("{e}\n{written}"));
     sb.destroy_guest(odd);
     wait_for(Duration::from_secs(5), || {
         let t = std::fs::read_to_string(&file).unwrap_or_default();
@@ -197,6 +222,70 @@ fn metrics_are_valid_openmetrics_and_the_file_stays_current() {
         }
     })
     .unwrap();
+}
+
+/// The daemon (root) writes its metrics file where a monitoring user may
+/// have a say: a link planted at the file's name is replaced, its target
+/// never written; a directory someone else could write is refused, said
+/// once, and the file written again once the directory is safe.
+#[test]
+fn the_metrics_file_is_never_written_through_a_link_or_an_unsafe_directory() {
+    let _serial = serial();
+    let test = "the_metrics_file_is_never_written_through_a_link_or_an_unsafe_directory";
+    let Some(mut sb) = sandbox_or_skip(test) else {
+        return;
+    };
+    let dir = sb.dir.join("textfile");
+    std::fs::create_dir(&dir).unwrap();
+    let (file, victim) = (dir.join("pinner.prom"), sb.dir.join("victim"));
+    std::fs::write(&victim, "precious\n").unwrap();
+    std::os::unix::fs::symlink(&victim, &file).unwrap();
+    sb.extra_config = format!(
+        "[metrics]\nfile = \"{}\"\ninterval_secs = 1\n",
+        file.display()
+    );
+    sb.start_daemon(&reserve_all_but(1));
+    wait_for(Duration::from_secs(5), || {
+        match std::fs::symlink_metadata(&file) {
+            Ok(m) if m.file_type().is_file() => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .unwrap();
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+    assert!(std::fs::read_to_string(&file)
+        .unwrap()
+        .contains("pinner_hook_events_total"));
+    let names: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(names, ["pinner.prom"], "temporary files left beside it");
+
+    // The directory handed to another user: refused, said once.
+    let chown = |uid: u32| std::os::unix::fs::chown(&dir, Some(uid), None).unwrap();
+    chown(65534);
+    sb.await_log("metrics not written");
+    let before = std::fs::metadata(&file).unwrap().modified().unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().modified().unwrap(),
+        before
+    );
+    let log = sb.daemon_log();
+    let refusals: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("metrics not written"))
+        .collect();
+    assert_eq!(refusals.len(), 1, "{refusals:?}");
+    assert!(
+        refusals[0].contains(&dir.display().to_string()),
+        "{}",
+        refusals[0]
+    );
+    chown(0);
+    sb.await_log(&format!("metrics written to {} again", file.display()));
 }
 
 fn doctor(sb: &Sandbox, args: &[&str]) -> (Option<i32>, serde_json::Value, String) {

@@ -1,5 +1,7 @@
-//! The fleet side, for real: the shipped alert rules pass `promtool`;
-//! node_exporter's textfile collector reads the daemon's metrics file;
+//! The fleet side, for real: the shipped alert rules pass `promtool`, and
+//! so does the daemon's metrics file (`promtool check metrics`);
+//! node_exporter's textfile collector reads it, every family typed, two
+//! guests named apart by a trailing space as two sets of series;
 //! Prometheus scrapes it, has every series the rules and the Grafana
 //! dashboard use, and fires `PinnerGuestOutOfSync` (and `PinnerApplyErrors`)
 //! for a guest whose cgroup someone restricted so its pin cannot be applied.
@@ -132,6 +134,70 @@ fn names_used() -> BTreeSet<String> {
         .collect()
 }
 
+/// The metrics file passes `promtool check metrics` (format and lint), and
+/// node_exporter's textfile collector takes it without error, every pinner
+/// family typed and with pinner's own help text.
+fn exposition_is_typed_and_accepted(file: &Path, exporter_port: u16) {
+    let text = std::fs::read(file).unwrap();
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    promtool.stdin.take().unwrap().write_all(&text).unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, exported) = get(exporter_port, "/metrics").unwrap();
+    assert!(
+        exported.contains("node_textfile_scrape_error 0"),
+        "the textfile collector failed: {}",
+        exported
+            .lines()
+            .filter(|l| l.starts_with("node_textfile"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let declared = |prefix: &str| -> Vec<String> {
+        exported
+            .lines()
+            .filter_map(|l| l.strip_prefix(prefix))
+            .filter(|l| l.starts_with("pinner_"))
+            .map(String::from)
+            .collect()
+    };
+    let types = declared("# TYPE ");
+    let helps = declared("# HELP ");
+    assert!(
+        types.len() >= 20,
+        "{} pinner families exported",
+        types.len()
+    );
+    let untyped: Vec<&String> = types.iter().filter(|t| t.ends_with(" untyped")).collect();
+    assert!(
+        untyped.is_empty(),
+        "untyped through node_exporter: {untyped:?}"
+    );
+    let generic: Vec<&String> = helps
+        .iter()
+        .filter(|h| h.contains("Metric read from"))
+        .collect();
+    assert!(
+        generic.is_empty(),
+        "generic help through node_exporter: {generic:?}"
+    );
+    println!(
+        "node_exporter exports {} pinner families, all typed, with pinner's help text",
+        types.len()
+    );
+}
+
 #[test]
 fn prometheus_scrapes_the_metrics_and_fires_for_a_guest_out_of_sync() {
     let _serial = serial();
@@ -219,6 +285,10 @@ fn prometheus_scrapes_the_metrics_and_fires_for_a_guest_out_of_sync() {
     sb.define_guest("watched", 1, "");
     sb.start_guest("watched");
     let guest = sb.name("watched");
+    // Its twin by a trailing space: another guest to libvirt, so other
+    // series, never a duplicate node_exporter would reject.
+    sb.define_guest("watched ", 1, "");
+    sb.start_guest("watched ");
     let in_sync = format!("pinner_guest_in_sync{{domain=\"{guest}\"}}");
     let query = |q: &str| {
         api(
@@ -238,6 +308,8 @@ fn prometheus_scrapes_the_metrics_and_fires_for_a_guest_out_of_sync() {
         v => Err(format!("{in_sync} = {v}")),
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", sb.daemon_log()));
+
+    exposition_is_typed_and_accepted(&textfiles.join("pinner.prom"), exporter_port);
 
     // Every series the rules and the dashboard use is there.
     let names = wait_for(Duration::from_secs(30), || {
@@ -267,7 +339,10 @@ fn prometheus_scrapes_the_metrics_and_fires_for_a_guest_out_of_sync() {
     // guest stays out of sync and every retry is an apply error.
     let cgroup = sb.cgroup_dir("watched");
     let reserved = reserve_all_but(1);
-    std::fs::write(cgroup.join("vcpu0/cpuset.cpus"), &reserved).unwrap();
+    // Children first: a parent's cpuset may not shrink below theirs.
+    for child in ["vcpu0", "emulator"] {
+        std::fs::write(cgroup.join(child).join("cpuset.cpus"), &reserved).unwrap();
+    }
     std::fs::write(cgroup.join("cpuset.cpus"), &reserved).unwrap();
     sb.virsh_ok(&["vcpupin", &guest, "0", &reserved, "--live"]);
     let firing = wait_for(Duration::from_secs(60), || {

@@ -42,9 +42,13 @@ pub enum Command {
         #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2")]
         watch: Option<u64>,
     },
-    /// The daemon's status as OpenMetrics text (node_exporter's textfile
-    /// collector reads it).
-    Metrics,
+    /// The daemon's status as metrics: Prometheus text, as the daemon
+    /// writes its metrics file for node_exporter's textfile collector.
+    Metrics {
+        /// OpenMetrics text instead (counters declared by family name).
+        #[arg(long)]
+        openmetrics: bool,
+    },
     /// Audit the host and its running guests: each finding with severity,
     /// evidence and the exact fix. Exit 2 when something needs fixing.
     Doctor {
@@ -61,8 +65,9 @@ pub enum Command {
         /// of another host's files).
         #[arg(long, value_name = "DIR", default_value = "/")]
         root: PathBuf,
-        /// How long to sample steal, interrupts and softirqs (seconds).
-        #[arg(long, value_name = "SECONDS", default_value = "1")]
+        /// How long to sample steal, interrupts and softirqs (seconds, 0
+        /// to 60).
+        #[arg(long, value_name = "SECONDS", default_value = "1", value_parser = sample_seconds)]
         sample: f64,
     },
     /// Reconcile now and wait for the result.
@@ -109,4 +114,13 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `--sample`: a number of seconds from 0 to 60 (not NaN, not infinite).
+fn sample_seconds(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(s) if s.is_finite() && (0.0..=60.0).contains(&s) => Ok(s),
+        Ok(s) => Err(format!("{s} is not a number of seconds from 0 to 60")),
+        Err(_) => Err(format!("{text:?} is not a number of seconds")),
+    }
 }

@@ -22,6 +22,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+/// The largest domain XML read from a file (libvirt's own XML of a large
+/// guest is some hundred KiB).
+const DOMAIN_XML_CAP: u64 = 16 * 1024 * 1024;
+
 /// How long the CLI waits for the daemon's answer.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(150);
 
@@ -45,6 +49,11 @@ pub enum CliError {
     Read {
         path: PathBuf,
         source: std::io::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    File {
+        path: PathBuf,
+        source: crate::host::file::FileError,
     },
     #[error("libvirt at {uri}: {source}")]
     Libvirt { uri: String, source: HvError },
@@ -102,9 +111,24 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Status {
             map: Some(format), ..
         } => status_map(&socket_of(&cli)?, *format),
-        Command::Status { json, .. } => ask(&socket_of(&cli)?, Request::Status, *json, false),
-        Command::Metrics => ask(&socket_of(&cli)?, Request::Status, false, true),
-        Command::Reconcile { json } => ask(&socket_of(&cli)?, Request::Reconcile, *json, false),
+        Command::Status { json, .. } => ask(
+            &socket_of(&cli)?,
+            Request::Status,
+            Shown::json_or_text(*json),
+        ),
+        Command::Metrics { openmetrics } => {
+            let format = if *openmetrics {
+                daemon::metrics::Format::OpenMetrics
+            } else {
+                daemon::metrics::Format::Prometheus
+            };
+            ask(&socket_of(&cli)?, Request::Status, Shown::Metrics(format))
+        }
+        Command::Reconcile { json } => ask(
+            &socket_of(&cli)?,
+            Request::Reconcile,
+            Shown::json_or_text(*json),
+        ),
     }
 }
 
@@ -128,17 +152,37 @@ fn socket_of(cli: &Cli) -> Result<PathBuf, CliError> {
     })
 }
 
+/// How an answer of the daemon's is printed.
+#[derive(Clone, Copy)]
+enum Shown {
+    Text,
+    Json,
+    Metrics(daemon::metrics::Format),
+}
+
+impl Shown {
+    fn json_or_text(json: bool) -> Shown {
+        if json {
+            Shown::Json
+        } else {
+            Shown::Text
+        }
+    }
+}
+
 /// `pinner status`, `metrics` and `reconcile`: one request to the daemon.
-fn ask(socket: &Path, request: Request, json: bool, metrics: bool) -> Result<ExitCode, CliError> {
+fn ask(socket: &Path, request: Request, shown: Shown) -> Result<ExitCode, CliError> {
     let response = client::request(socket, &request, ANSWER_TIMEOUT)?;
-    let text = match &response {
-        Response::Error(message) => return Err(CliError::Refused(message.clone())),
-        Response::Status(report) if metrics => daemon::metrics::render(report),
-        Response::Status(report) if json => to_json(report)?,
-        Response::Reconciled(report) if json => to_json(report)?,
-        Response::Status(report) => report::status_text(report),
-        Response::Reconciled(report) => report::reconcile_text(report),
-        Response::Accepted => return Err(CliError::UnexpectedAnswer),
+    let text = match (&response, shown) {
+        (Response::Error(message), _) => return Err(CliError::Refused(message.clone())),
+        (Response::Status(report), Shown::Metrics(format)) => {
+            daemon::metrics::render(report, format)
+        }
+        (Response::Status(report), Shown::Json) => to_json(report)?,
+        (Response::Reconciled(report), Shown::Json) => to_json(report)?,
+        (Response::Status(report), _) => report::status_text(report),
+        (Response::Reconciled(report), _) => report::reconcile_text(report),
+        (Response::Accepted, _) => return Err(CliError::UnexpectedAnswer),
     };
     print!("{text}");
     // A reconcile that hit errors is a failure for scripts.
@@ -230,9 +274,7 @@ fn plan(
             let (specs, unreadable) = read_only(uri)?
                 .running_domains()
                 .map_err(|source| libvirt_error(uri, source))?;
-            for problem in unreadable {
-                eprintln!("pinner: skipped a domain: {problem}");
-            }
+            report_skipped(&unreadable);
             specs
         }
     };
@@ -246,6 +288,17 @@ fn plan(
     };
     print!("{text}");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Domains libvirt listed but could not describe, said on stderr (their
+/// names escaped: they are whatever the guest's owner chose).
+fn report_skipped<P: std::fmt::Display>(unreadable: &[P]) {
+    for problem in unreadable {
+        eprintln!(
+            "pinner: skipped a domain: {}",
+            pinner_shared::text::printable(&problem.to_string())
+        );
+    }
 }
 
 fn read_only(uri: &str) -> Result<Libvirt, CliError> {
@@ -276,7 +329,14 @@ fn read_domain_dir(dir: &Path) -> Result<Vec<DomainSpec>, CliError> {
     files
         .iter()
         .map(|f| {
-            let xml = std::fs::read_to_string(f).map_err(read_error(f))?;
+            // Dumps come from other machines: a FIFO or /dev/zero there is
+            // refused, not waited on or read forever.
+            let xml = crate::host::file::read_text(f, DOMAIN_XML_CAP).map_err(|source| {
+                CliError::File {
+                    path: f.clone(),
+                    source,
+                }
+            })?;
             DomainSpec::parse(&xml).map_err(|source| CliError::DomainFile {
                 path: f.clone(),
                 source,
@@ -339,13 +399,15 @@ fn doctor(
     let (xmls, unreadable) = read_only(uri)?
         .running_xml()
         .map_err(|source| libvirt_error(uri, source))?;
-    for problem in unreadable {
-        eprintln!("pinner: skipped a domain: {problem}");
+    report_skipped(&unreadable);
+    let mut guests = Vec::with_capacity(xmls.len());
+    for live in xmls {
+        let mut guest = doctor::Guest::from_xml(&live.xml)?;
+        if !live.name.is_empty() {
+            guest.spec.name = live.name;
+        }
+        guests.push(guest);
     }
-    let mut guests = xmls
-        .iter()
-        .map(|xml| doctor::Guest::from_xml(xml))
-        .collect::<Result<Vec<_>, _>>()?;
     if let Some(name) = only.filter(|n| !guests.iter().any(|g| g.spec.name == *n)) {
         return Err(CliError::NoSuchGuest {
             name: name.to_string(),

@@ -10,6 +10,7 @@ use crate::engine::topology::{Cpu, CpuKind, Topology};
 use pinner_shared::protocol::{
     CellStatus, DomainStatus, NodeMemoryStatus, ReconcileReport, StatusReport,
 };
+use pinner_shared::text::printable as shown;
 use std::fmt::Write;
 
 fn cpus(list: &[u32]) -> String {
@@ -34,7 +35,7 @@ pub fn status_text(report: &StatusReport) -> String {
     let name_width = report
         .domains
         .iter()
-        .map(|d| d.name.chars().count())
+        .map(|d| shown(&d.name).chars().count())
         .max()
         .unwrap_or(0)
         .max(6);
@@ -61,7 +62,7 @@ pub fn status_text(report: &StatusReport) -> String {
         let _ = writeln!(out, "host processes on the reserved CPUs: {count}");
     }
     for w in &report.warnings {
-        let _ = writeln!(out, "warning: {w}");
+        let _ = writeln!(out, "warning: {}", shown(&w.to_string()));
     }
     out
 }
@@ -111,7 +112,7 @@ fn guest_status(out: &mut String, d: &DomainStatus, name_width: usize) {
     let _ = writeln!(
         out,
         "\n{:<name_width$}  {:<9}  {}  {}",
-        d.name,
+        shown(&d.name),
         d.policy,
         if d.in_sync { "in sync" } else { "PENDING" },
         d.reason
@@ -363,7 +364,7 @@ pub fn plan_text(plan: &Plan, specs: &[DomainSpec]) -> String {
         }
     );
     for g in &plan.guests {
-        let _ = writeln!(out, "\n{}  {}", g.name, g.reason);
+        let _ = writeln!(out, "\n{}  {}", shown(&g.name), shown(&g.reason));
         for (vcpu, cpus) in g.vcpus.iter().enumerate() {
             let _ = writeln!(out, "  vcpu {vcpu:<3} -> {cpus}");
         }
@@ -380,11 +381,11 @@ pub fn plan_text(plan: &Plan, specs: &[DomainSpec]) -> String {
         }
     }
     for (name, why) in left_alone(plan, specs) {
-        let _ = writeln!(out, "\n{name}  left alone: {why}");
+        let _ = writeln!(out, "\n{}  left alone: {why}", shown(name));
     }
     out.push_str(&memory_text(&node_memory(plan)));
     for w in &plan.warnings {
-        let _ = writeln!(out, "warning: {w}");
+        let _ = writeln!(out, "warning: {}", shown(&w.to_string()));
     }
     let _ = writeln!(out, "\n{} existing pins would move", plan.pins_moved);
     out
@@ -396,10 +397,10 @@ pub fn reconcile_text(report: &ReconcileReport) -> String {
         report.domains, report.mode, report.pins_changed
     );
     for w in &report.warnings {
-        let _ = writeln!(out, "warning: {w}");
+        let _ = writeln!(out, "warning: {}", shown(&w.to_string()));
     }
     for e in &report.errors {
-        let _ = writeln!(out, "error: {e}");
+        let _ = writeln!(out, "error: {}", shown(e));
     }
     out
 }
@@ -408,7 +409,7 @@ pub fn reconcile_text(report: &ReconcileReport) -> String {
 fn process_list<'a>(processes: impl Iterator<Item = &'a crate::isolation::ProcessRef>) -> String {
     const SHOWN: usize = 8;
     let all: Vec<String> = processes
-        .map(|p| format!("{}[{}]", p.name, p.pid))
+        .map(|p| format!("{}[{}]", shown(&p.name), p.pid))
         .collect();
     let mut text = all
         .iter()
@@ -436,9 +437,7 @@ pub fn sweep_text(
         let _ = write!(out, ": {}", process_list(sweep.moved.iter()));
     }
     out.push('\n');
-    for f in &sweep.failed {
-        let _ = writeln!(out, "could not move {}[{}]: {}", f.name, f.pid, f.error);
-    }
+    out.push_str(&not_moved_text(&sweep.failed));
     out.push_str(&steered_text(&sweep.irqs, &settings.reserved));
     if !kept_by_daemon {
         out.push_str(
@@ -464,7 +463,7 @@ fn steered_text(irqs: &crate::isolation::irqs::Steered, reserved: &CpuSet) -> St
         );
     }
     for e in &irqs.failed {
-        let _ = writeln!(out, "could not steer: {e}");
+        let _ = writeln!(out, "could not steer: {}", shown(&e.to_string()));
     }
     out
 }
@@ -477,7 +476,7 @@ fn irq_list(irqs: &[u32]) -> String {
 pub fn undo_text(undo: &crate::isolation::Undo) -> String {
     let mut out = format!("{}\n", undo.summary());
     for e in &undo.irqs.failed {
-        let _ = writeln!(out, "could not restore: {e}");
+        let _ = writeln!(out, "could not restore: {}", shown(&e.to_string()));
     }
     out
 }
@@ -512,20 +511,41 @@ pub fn isolation_status_text(status: &crate::isolation::Status) -> String {
         );
     }
     for (p, why) in &status.excluded {
-        let _ = writeln!(out, "excluded: {}[{}]: {why}", p.name, p.pid);
+        let _ = writeln!(
+            out,
+            "excluded: {}[{}]: {}",
+            shown(&p.name),
+            p.pid,
+            shown(why)
+        );
     }
     for (p, path) in &status.other_groups {
         let _ = writeln!(
             out,
-            "left alone: {}[{}] is in cpuset group {path} of another tool",
-            p.name, p.pid
+            "left alone: {}[{}] is in cpuset group {} of another tool",
+            shown(&p.name),
+            p.pid,
+            shown(path)
         );
     }
-    for f in &status.failed {
-        let _ = writeln!(out, "could not move: {}[{}]: {}", f.name, f.pid, f.error);
-    }
+    out.push_str(&not_moved_text(&status.failed));
     out.push_str(&irq_status_text(&status.irqs));
     out
+}
+
+/// A line per process that could not be moved, with why.
+fn not_moved_text(failed: &[crate::isolation::Failure]) -> String {
+    failed
+        .iter()
+        .map(|f| {
+            format!(
+                "could not move {}[{}]: {}\n",
+                shown(&f.name),
+                f.pid,
+                shown(&f.error)
+            )
+        })
+        .collect()
 }
 
 fn irq_status_text(irqs: &crate::isolation::irqs::IrqStatus) -> String {

@@ -38,7 +38,7 @@ pub struct Config {
     /// An OpenStack compute node's nova.conf to take CPU settings from.
     pub nova_conf: Option<PathBuf>,
     pub isolation: IsolationConfig,
-    /// `[metrics]`: an OpenMetrics file the daemon keeps current.
+    /// `[metrics]`: a metrics file (Prometheus text) the daemon keeps current.
     pub metrics_file: Option<PathBuf>,
     pub metrics_interval: Duration,
     /// The file this came from (None: built-in defaults).
@@ -812,13 +812,7 @@ fn parse_isolation(
     }
     if let Some(v) = raw.group {
         let name = v.get_ref();
-        let valid = !name.is_empty()
-            && name.len() <= 64
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-            && !name.starts_with('.');
-        if !valid {
+        if !crate::isolation::valid_group_name(name) {
             return Err(err_at(
                 Some(v.span().start),
                 format!("isolation.group must be a plain directory name (letters, digits, - _ .), not \"{name}\""),

@@ -1,13 +1,20 @@
-//! The daemon's status as OpenMetrics text, for node_exporter's textfile
-//! collector (which reads it as Prometheus text: only counter, gauge and
-//! summary types are used, so both parsers take it).
+//! The daemon's status as metrics text, in the two formats that disagree
+//! on one thing: a counter's name. Prometheus text (what node_exporter's
+//! textfile collector and `promtool` read) declares a counter by its
+//! sample's name, `# TYPE x_total counter`; OpenMetrics declares the
+//! family, `# TYPE x counter`, whose sample is `x_total`. Each parser takes
+//! the other's counters for untyped series (or refuses them), so the
+//! metrics file and `pinner metrics` are Prometheus text, and `pinner
+//! metrics --openmetrics` gives OpenMetrics. Only counter, gauge and
+//! summary types are used.
 
 use crate::engine::cpuset::CpuSet;
+use crate::host::file::{self, WriteError};
 use pinner_shared::protocol::{
     Counters, DomainStatus, LatencySummary, NodeNumaStatus, StatusReport,
 };
 use std::fmt::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// A label value with `\`, `"` and newlines escaped: domain names are
 /// whatever the operator (or a tenant) chose.
@@ -18,11 +25,26 @@ fn label(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
-struct Out(String);
+/// Which of the two text formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Prometheus text 0.0.4: node_exporter's textfile collector, promtool.
+    Prometheus,
+    /// OpenMetrics 1.0 text.
+    OpenMetrics,
+}
+
+struct Out(String, Format);
 
 impl Out {
+    /// Declares a family; a counter's `name` is its family's (the sample
+    /// is `name_total`), declared as the format wants it.
     fn family(&mut self, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(self.0, "# TYPE {name} {kind}\n# HELP {name} {help}");
+        let declared = match (kind, self.1) {
+            ("counter", Format::Prometheus) => format!("{name}_total"),
+            _ => name.to_string(),
+        };
+        let _ = writeln!(self.0, "# HELP {declared} {help}\n# TYPE {declared} {kind}");
     }
 
     fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
@@ -54,7 +76,7 @@ impl Out {
         };
         for d in &report.domains {
             if let Some(v) = value(d) {
-                self.sample(&sample, &[("domain", &d.name)], v);
+                self.sample(&sample, &guest_labels(d), v);
             }
         }
     }
@@ -63,6 +85,12 @@ impl Out {
         self.family(name, "counter", help);
         self.sample(&format!("{name}_total"), &[], value as f64);
     }
+}
+
+/// A guest's labels: its name and its UUID (names need not be unique, and
+/// nova's instance id is the UUID).
+fn guest_labels(d: &DomainStatus) -> [(&str, &str); 2] {
+    [("domain", d.name.as_str()), ("uuid", d.uuid.as_str())]
 }
 
 /// The daemon's counters: family name, help, value.
@@ -128,13 +156,15 @@ const NUMA_COUNTERS: [NumaFamily; 3] = [
     ),
 ];
 
-pub fn render(report: &StatusReport) -> String {
-    let mut out = Out(String::new());
+pub fn render(report: &StatusReport, format: Format) -> String {
+    let mut out = Out(String::new(), format);
     daemon_families(&mut out, report);
     latency_family(&mut out, &report.pin_latency);
     guest_families(&mut out, report);
     host_families(&mut out, report);
-    out.0.push_str("# EOF\n");
+    if format == Format::OpenMetrics {
+        out.0.push_str("# EOF\n");
+    }
     out.0
 }
 
@@ -187,9 +217,10 @@ fn guest_families(out: &mut Out, report: &StatusReport) {
         "1 when every pin of the guest matches the plan.",
     );
     for d in &report.domains {
+        let [name, uuid] = guest_labels(d);
         out.sample(
             "pinner_guest_in_sync",
-            &[("domain", &d.name), ("policy", &d.policy)],
+            &[name, uuid, ("policy", &d.policy)],
             f64::from(u8::from(d.in_sync)),
         );
     }
@@ -202,11 +233,8 @@ fn guest_families(out: &mut Out, report: &StatusReport) {
         for v in &d.vcpus {
             let cpus: CpuSet = v.cpus.iter().copied().collect();
             let vcpu = v.vcpu.to_string();
-            let labels = [
-                ("domain", d.name.as_str()),
-                ("vcpu", &vcpu),
-                ("cpus", &cpus.to_string()),
-            ];
+            let [name, uuid] = guest_labels(d);
+            let labels = [name, uuid, ("vcpu", &vcpu), ("cpus", &cpus.to_string())];
             out.sample("pinner_guest_vcpu_pin_info", &labels, 1.0);
         }
     }
@@ -232,7 +260,8 @@ fn guest_families(out: &mut Out, report: &StatusReport) {
     for d in &report.domains {
         if let (Some(local), Some(remote)) = (d.memory_pages_local, d.memory_pages_remote) {
             for (locality, pages) in [("local", local), ("remote", remote)] {
-                let labels = [("domain", d.name.as_str()), ("locality", locality)];
+                let [name, uuid] = guest_labels(d);
+                let labels = [name, uuid, ("locality", locality)];
                 out.sample("pinner_guest_memory_pages", &labels, pages as f64);
             }
         }
@@ -297,34 +326,11 @@ fn memory_families(out: &mut Out, report: &StatusReport) {
     }
 }
 
-/// Replaces `path` with `text` atomically: a scraper never reads half a file.
-pub fn write_file(path: &Path, text: &str) -> Result<(), MetricsFileError> {
-    let tmp = path.with_extension("prom.tmp");
-    std::fs::write(&tmp, text).map_err(|source| MetricsFileError::Write {
-        path: tmp.clone(),
-        source,
-    })?;
-    std::fs::rename(&tmp, path).map_err(|source| {
-        let _ = std::fs::remove_file(&tmp);
-        MetricsFileError::Replace {
-            path: path.to_path_buf(),
-            source,
-        }
-    })
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum MetricsFileError {
-    #[error("cannot write {}: {source}", path.display())]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("cannot replace {}: {source}", path.display())]
-    Replace {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+/// Replaces `path` with `text`: whole (a scraper never reads half a file),
+/// and safely in a directory a monitoring user may share (see
+/// [`file::replace`]). World-readable: node_exporter runs as its own user.
+pub fn write_file(path: &Path, text: &str) -> Result<(), WriteError> {
+    file::replace(path, text.as_bytes(), 0o644)
 }
 
 #[cfg(test)]
@@ -352,6 +358,7 @@ mod tests {
             },
             domains: vec![DomainStatus {
                 name: "web \"1\"\nx\\y".into(),
+                uuid: "u-1".into(),
                 policy: "dedicated".into(),
                 in_sync: true,
                 vcpus: vec![VcpuStatus {
@@ -384,41 +391,84 @@ mod tests {
     }
 
     #[test]
-    fn renders_every_family_with_escaped_labels_and_eof() {
-        let text = render(&report());
+    fn renders_every_family_with_escaped_labels() {
+        let text = render(&report(), Format::Prometheus);
+        let guest = "domain=\"web \\\"1\\\"\\nx\\\\y\",uuid=\"u-1\"";
         for line in [
-            "pinner_hook_events_total 12",
-            "pinner_hook_events_dropped_total 0",
-            "pinner_reconcile_seconds_count 5",
-            "pinner_reconcile_seconds_sum 0.25",
-            "pinner_pin_latency_seconds{quantile=\"0.5\"} 0.015",
-            "pinner_pin_latency_seconds_count 3",
-            "pinner_guest_in_sync{domain=\"web \\\"1\\\"\\nx\\\\y\",policy=\"dedicated\"} 1",
-            "pinner_guest_vcpu_pin_info{domain=\"web \\\"1\\\"\\nx\\\\y\",vcpu=\"0\",cpus=\"2-3\"} 1",
-            "pinner_guest_steal_seconds_total{domain=\"web \\\"1\\\"\\nx\\\\y\"} 7.25",
-            "pinner_guest_steal_ratio{domain=\"web \\\"1\\\"\\nx\\\\y\"} 0.015",
-            "pinner_guest_memory_pages{domain=\"web \\\"1\\\"\\nx\\\\y\",locality=\"remote\"} 100",
-            "pinner_numa_miss_pages_total{node=\"0\"} 7",
-            "pinner_isolated_processes 42",
-            "pinner_node_memory_capacity_bytes{node=\"1\",kind=\"hugepages-2048kB\"} 1073741824",
-            "pinner_node_memory_committed_bytes{node=\"1\",kind=\"hugepages-2048kB\"} 4194304",
+            "pinner_hook_events_total 12".to_string(),
+            "pinner_hook_events_dropped_total 0".into(),
+            "pinner_reconcile_seconds_count 5".into(),
+            "pinner_reconcile_seconds_sum 0.25".into(),
+            "pinner_pin_latency_seconds{quantile=\"0.5\"} 0.015".into(),
+            "pinner_pin_latency_seconds_count 3".into(),
+            format!("pinner_guest_in_sync{{{guest},policy=\"dedicated\"}} 1"),
+            format!("pinner_guest_vcpu_pin_info{{{guest},vcpu=\"0\",cpus=\"2-3\"}} 1"),
+            format!("pinner_guest_steal_seconds_total{{{guest}}} 7.25"),
+            format!("pinner_guest_steal_ratio{{{guest}}} 0.015"),
+            format!("pinner_guest_memory_pages{{{guest},locality=\"remote\"}} 100"),
+            "pinner_numa_miss_pages_total{node=\"0\"} 7".into(),
+            "pinner_isolated_processes 42".into(),
+            "pinner_node_memory_capacity_bytes{node=\"1\",kind=\"hugepages-2048kB\"} 1073741824"
+                .into(),
+            "pinner_node_memory_committed_bytes{node=\"1\",kind=\"hugepages-2048kB\"} 4194304"
+                .into(),
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line}:\n{text}");
         }
-        assert!(text.ends_with("# EOF\n"));
-        // Every sample line belongs to a family declared before it.
-        let mut declared = Vec::new();
-        for line in text.lines() {
-            if let Some(rest) = line.strip_prefix("# TYPE ") {
-                declared.push(rest.split(' ').next().unwrap().to_string());
-            } else if !line.starts_with('#') {
-                let name = line.split(['{', ' ']).next().unwrap();
-                assert!(
-                    declared.iter().any(|f| name.starts_with(f.as_str())),
-                    "{name} undeclared"
-                );
+        assert!(
+            !text.contains("# EOF"),
+            "a Prometheus text file ends without one"
+        );
+    }
+
+    /// Each format declares every sample's family by the name its parsers
+    /// look for, with help text.
+    #[test]
+    fn each_format_declares_every_sample_as_its_parsers_expect() {
+        for format in [Format::Prometheus, Format::OpenMetrics] {
+            let text = render(&report(), format);
+            let mut declared: Vec<(String, String)> = Vec::new();
+            let mut helped = Vec::new();
+            for line in text.lines() {
+                if let Some(rest) = line.strip_prefix("# TYPE ") {
+                    let (name, kind) = rest.split_once(' ').unwrap();
+                    declared.push((name.to_string(), kind.to_string()));
+                } else if let Some(rest) = line.strip_prefix("# HELP ") {
+                    helped.push(rest.split(' ').next().unwrap().to_string());
+                } else if !line.starts_with('#') {
+                    let name = line.split(['{', ' ']).next().unwrap();
+                    let family =
+                        declared
+                            .iter()
+                            .rev()
+                            .find(|(f, kind)| match (kind.as_str(), format) {
+                                ("counter", Format::Prometheus) => name == f,
+                                ("counter", Format::OpenMetrics) => name == format!("{f}_total"),
+                                ("summary", _) => {
+                                    [f.clone(), format!("{f}_count"), format!("{f}_sum")]
+                                        .contains(&name.to_string())
+                                }
+                                _ => name == f,
+                            });
+                    assert!(
+                        family.is_some(),
+                        "{format:?}: {name} not declared as its family"
+                    );
+                }
             }
+            assert!(
+                declared.iter().all(|(f, _)| helped.contains(f)),
+                "{format:?}: a family without help"
+            );
+            assert_eq!(text.ends_with("# EOF\n"), format == Format::OpenMetrics);
         }
+        let om = render(&report(), Format::OpenMetrics);
+        assert!(om.contains("# TYPE pinner_hook_events counter\n"), "{om}");
+        let prom = render(&report(), Format::Prometheus);
+        assert!(
+            prom.contains("# TYPE pinner_hook_events_total counter\n"),
+            "{prom}"
+        );
     }
 
     #[test]
@@ -426,7 +476,7 @@ mod tests {
         let dir = crate::test_support::scratch_dir("metrics-file");
         let path = dir.join("pinner.prom");
         write_file(&path, "a 1\n# EOF\n").unwrap();
-        write_file(&path, &render(&report())).unwrap();
+        write_file(&path, &render(&report(), Format::Prometheus)).unwrap();
         assert!(std::fs::read_to_string(&path)
             .unwrap()
             .contains("pinner_reconcile_seconds_count 5"));
@@ -434,6 +484,6 @@ mod tests {
         let e = write_file(&dir.join("absent/pinner.prom"), "x")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("cannot write"), "{e}");
+        assert!(e.contains("absent"), "{e}");
     }
 }

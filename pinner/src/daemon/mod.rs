@@ -6,7 +6,7 @@
 //! main thread runs the control loop (`control`), which alone talks to
 //! libvirt (`session`), one pass at a time (`pass`), which ends by moving
 //! guest cells' memory to their nodes (`cells`); `observe` measures and
-//! reports, `metrics` renders OpenMetrics.
+//! reports, `metrics` renders Prometheus text (or OpenMetrics).
 
 pub mod cells;
 pub mod control;

@@ -193,7 +193,8 @@ impl Daemon {
         let Response::Status(report) = self.status() else {
             return;
         };
-        match super::metrics::write_file(&path, &super::metrics::render(&report)) {
+        let text = super::metrics::render(&report, super::metrics::Format::Prometheus);
+        match super::metrics::write_file(&path, &text) {
             Ok(()) => {
                 if std::mem::take(&mut self.observer.metrics_failing) {
                     self.logger
@@ -224,7 +225,8 @@ impl Daemon {
         counters.requests_refused = self.refused.load(Ordering::Relaxed);
         counters.libvirt_reconnects = self.session.reconnects;
         counters.hook_events_dropped =
-            std::fs::metadata(self.paths.state_dir.join(HOOK_DROPS_FILE)).map_or(0, |m| m.len());
+            std::fs::symlink_metadata(self.paths.state_dir.join(HOOK_DROPS_FILE))
+                .map_or(0, |m| m.len());
         let reserved = self.config.reserved_cpus.to_vec();
         let observed = match self.connection() {
             Some(libvirt) => libvirt.running_domains(),

@@ -7,6 +7,7 @@ use crate::engine::cpuset::CpuSet;
 use crate::engine::domain::DomainSpec;
 use crate::engine::memory::MemoryReserve;
 use crate::engine::topology::Topology;
+use crate::host::file::{read_bytes, read_text};
 use crate::host::procs::ProcFs;
 use crate::isolation::irqs::irqbalance_ban;
 use std::collections::BTreeMap;
@@ -233,9 +234,24 @@ pub struct Counters {
     pub nic_irqs: BTreeMap<u32, u64>,
 }
 
+/// The largest /proc table read (/proc/interrupts of a host of thousands
+/// of CPUs is some MiB); `--root` may hold anything another machine had.
+const PROC_TABLE_CAP: u64 = 64 * 1024 * 1024;
+
+/// The largest single-value file read (sysfs, /proc/sys).
+const SMALL_FILE_CAP: u64 = 64 * 1024;
+
+/// A /proc table as text; empty when it is missing, or is not a regular
+/// file of a sane size.
+fn proc_text(path: &Path) -> String {
+    read_bytes(path, PROC_TABLE_CAP)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
 pub fn read_counters(root: &Path) -> Counters {
     let mut counters = Counters::default();
-    let stat = std::fs::read_to_string(root.join("proc/stat")).unwrap_or_default();
+    let stat = proc_text(&root.join("proc/stat"));
     for line in stat.lines() {
         let mut cols = line.split_whitespace();
         let Some(cpu) = cols.next().and_then(|c| c.strip_prefix("cpu")) else {
@@ -250,7 +266,7 @@ pub fn read_counters(root: &Path) -> Counters {
         let total = values.iter().take(8).sum();
         counters.ticks.insert(cpu, (softirq, total));
     }
-    let interrupts = std::fs::read_to_string(root.join("proc/interrupts")).unwrap_or_default();
+    let interrupts = proc_text(&root.join("proc/interrupts"));
     let mut lines = interrupts.lines();
     let cpus: Vec<u32> = lines
         .next()
@@ -295,7 +311,7 @@ impl Host {
         (pool, memory_reserve): (Option<CpuSet>, MemoryReserve),
         sample: std::time::Duration,
     ) -> Host {
-        let read = |rest: &str| std::fs::read_to_string(root.join(rest)).ok();
+        let read = |rest: &str| read_text(&root.join(rest), SMALL_FILE_CAP).ok();
         let read_u32 = |rest: &str| read(rest).and_then(|t| t.trim().parse().ok());
         let thp = read("sys/kernel/mm/transparent_hugepage/enabled").and_then(|t| {
             let start = t.find('[')?;

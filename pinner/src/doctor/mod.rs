@@ -13,6 +13,7 @@ pub mod memory;
 pub use facts::{Disk, Guest, Host, Nic};
 
 use crate::engine::domain::DomainError;
+use pinner_shared::text::printable;
 use serde::Serialize;
 
 /// Every finding's stable id, as the README's table lists them.
@@ -139,10 +140,13 @@ pub fn render_text(findings: &[Finding]) -> String {
         let subject = f
             .domain
             .as_deref()
-            .map_or("host".to_string(), |d| format!("guest {d}"));
+            .map_or("host".to_string(), |d| format!("guest {}", printable(d)));
         out.push_str(&format!(
             "{} {severity} [{subject}] {}\n  evidence: {}\n  fix: {}\n\n",
-            f.id, f.title, f.evidence, f.fix
+            f.id,
+            f.title,
+            printable(&f.evidence),
+            printable(&f.fix)
         ));
     }
     let count = |s: Severity| findings.iter().filter(|f| f.severity == s).count();

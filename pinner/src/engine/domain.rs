@@ -398,7 +398,14 @@ impl DomainSpec {
         if !root.has_tag_name("domain") {
             return Err(DomainError::NotADomain(root.tag_name().name().to_string()));
         }
-        let name = text_of(root, "name").ok_or(DomainError::NoName)?;
+        // Exactly as written: libvirt keeps `twin`, ` twin` and `twin ` as
+        // three guests.
+        let name = root
+            .children()
+            .find(|n| n.has_tag_name("name"))
+            .and_then(|n| n.text())
+            .map(str::to_string)
+            .ok_or(DomainError::NoName)?;
         let reader = Reader { root, name: &name };
         let (vcpus, vcpu_default, auto_placement) = reader.vcpus()?;
         let (memory_nodes, memory_mode) = reader.memory()?;
@@ -619,6 +626,23 @@ mod tests {
         assert!(
             bad.contains("\"b\"") && bad.contains("<memory>: unit \"parsec\""),
             "{bad}"
+        );
+    }
+
+    #[test]
+    fn names_are_kept_exactly_as_written() {
+        let with = |name: &str| {
+            DomainSpec::parse(&format!(
+                "<domain><name>{name}</name><vcpu>1</vcpu></domain>"
+            ))
+            .unwrap()
+            .name
+        };
+        assert_eq!(with(" twin "), " twin ");
+        assert_eq!(
+            with("web&#13;  vcpu 1"),
+            "web\r  vcpu 1",
+            "a character reference is the character"
         );
     }
 

@@ -17,8 +17,6 @@ use crate::host::file::{self, FileError};
 use crate::host::procs::ProcFs;
 use std::collections::{BTreeMap, HashMap};
 
-/// /proc/PID/cmdline of a qemu with a long command line stays far below.
-const CMDLINE_CAP: u64 = 1 << 20;
 /// /proc/PID/maps: a few hundred lines for qemu.
 const MAPS_CAP: u64 = 8 << 20;
 /// The base page size pagemap counts in (x86-64, arm64 with 4 KiB pages).
@@ -76,7 +74,7 @@ struct Mapping {
 
 /// The cells' RAM of qemu process `pid`, from its cmdline and maps.
 pub fn cell_ram(procfs: &ProcFs, pid: u32) -> Result<Vec<CellRam>, GuestRamError> {
-    let cmdline = read(procfs, pid, "cmdline", CMDLINE_CAP)?;
+    let cmdline = read(procfs, pid, "cmdline", crate::host::procs::CMDLINE_CAP)?;
     let args: Vec<&str> = cmdline.split('\0').collect();
     let maps = read(procfs, pid, "maps", MAPS_CAP)?;
     Ok(locate(&backends(&args), &mappings(&maps)))

@@ -3,8 +3,8 @@
 //! a CPU (steal, as the guest sees it), where its memory is, and the host's
 //! NUMA hit/miss counters.
 
-use crate::host::file::{read_text, FileError};
-use crate::host::procs::ProcFs;
+use crate::host::file::{read_bytes, read_text, FileError};
+use crate::host::procs::{ProcFs, CMDLINE_CAP};
 use pinner_shared::protocol::NodeNumaStatus;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -42,7 +42,7 @@ fn in_machine_cgroup(procfs: &ProcFs, pid: u32) -> bool {
 }
 
 fn has_uuid(procfs: &ProcFs, pid: u32, uuid: &str) -> bool {
-    std::fs::read(procfs.path(&format!("{pid}/cmdline")))
+    read_bytes(&procfs.path(&format!("{pid}/cmdline")), CMDLINE_CAP)
         .map(|raw| {
             let mut args = raw.split(|b| *b == 0);
             while let Some(arg) = args.next() {
@@ -63,8 +63,7 @@ pub fn vcpu_threads(procfs: &ProcFs, pid: u32) -> Vec<(u32, u32)> {
         .threads(pid)
         .into_iter()
         .filter_map(|tid| {
-            let comm =
-                std::fs::read_to_string(procfs.path(&format!("{pid}/task/{tid}/comm"))).ok()?;
+            let comm = read_text(&procfs.path(&format!("{pid}/task/{tid}/comm")), 256).ok()?;
             let vcpu = comm.trim().strip_prefix("CPU ")?.split('/').next()?;
             Some((vcpu.parse().ok()?, tid))
         })
@@ -129,7 +128,7 @@ pub fn host_numastat(sysfs_root: &Path) -> Vec<NodeNumaStatus> {
                 .flatten()
                 .filter_map(|e| {
                     let node = e.file_name().to_str()?.strip_prefix("node")?.parse().ok()?;
-                    let text = std::fs::read_to_string(e.path().join("numastat")).ok()?;
+                    let text = read_text(&e.path().join("numastat"), 64 * 1024).ok()?;
                     let mut stat = NodeNumaStatus {
                         node,
                         ..NodeNumaStatus::default()

@@ -5,6 +5,10 @@
 use crate::engine::cpuset::CpuSet;
 use std::path::{Path, PathBuf};
 
+/// The most of a command line read (the kernel gives at most ARG_MAX, 2 MiB
+/// by default): a fixture's file may be anything.
+pub const CMDLINE_CAP: u64 = 4 * 1024 * 1024;
+
 /// PF_KTHREAD in /proc/PID/stat's flags: a kernel thread.
 const PF_KTHREAD: u64 = 0x0020_0000;
 
@@ -90,15 +94,16 @@ impl ProcFs {
                     .collect()
             })
             .unwrap_or_default();
-        let program = std::fs::read(self.root.join(format!("{pid}/cmdline")))
-            .ok()
-            .and_then(|raw| {
-                let argv0 = raw.split(|b| *b == 0).next()?;
-                let name = String::from_utf8_lossy(argv0);
-                let base = name.rsplit('/').next()?.to_string();
-                (!base.is_empty()).then_some(base)
-            })
-            .unwrap_or_else(|| stat.comm.clone());
+        let program =
+            crate::host::file::read_bytes(&self.root.join(format!("{pid}/cmdline")), CMDLINE_CAP)
+                .ok()
+                .and_then(|raw| {
+                    let argv0 = raw.split(|b| *b == 0).next()?;
+                    let name = String::from_utf8_lossy(argv0);
+                    let base = name.rsplit('/').next()?.to_string();
+                    (!base.is_empty()).then_some(base)
+                })
+                .unwrap_or_else(|| stat.comm.clone());
         Some(Process {
             pid,
             ppid: stat.ppid as u32,

@@ -95,6 +95,7 @@ fn spawn_keeper(settings: Arc<Mutex<Settings>>, state_dir: PathBuf, logger: Arc<
             }
         };
         let mut next_sweep = Instant::now();
+        let mut failing = None;
         loop {
             let settings = current();
             let wait = next_sweep.saturating_duration_since(Instant::now());
@@ -106,10 +107,10 @@ fn spawn_keeper(settings: Arc<Mutex<Settings>>, state_dir: PathBuf, logger: Arc<
                 }
             };
             for pid in started {
-                keep_logged(&system, &settings, Some(pid), &logger);
+                keep_logged(&system, &settings, Some(pid), (&logger, &mut failing));
             }
             if Instant::now() >= next_sweep {
-                keep_logged(&system, &settings, None, &logger);
+                keep_logged(&system, &settings, None, (&logger, &mut failing));
                 next_sweep = Instant::now() + settings.config.sweep_interval;
             }
         }
@@ -122,11 +123,33 @@ fn spawn_keeper(settings: Arc<Mutex<Settings>>, state_dir: PathBuf, logger: Arc<
     }
 }
 
-fn keep_logged(system: &System, settings: &Settings, only: Option<u32>, logger: &Logger) {
+/// One keep, logged; a failure is logged when it first appears (or
+/// changes) and its end once, not every sweep (`failing`: the last one).
+fn keep_logged(
+    system: &System,
+    settings: &Settings,
+    only: Option<u32>,
+    (logger, failing): (&Logger, &mut Option<String>),
+) {
     match super::keep(system, &settings.config, only) {
-        Ok(Some(sweep)) => log_sweep(logger, &sweep, &settings.reserved),
-        Ok(None) => {}
-        Err(e) => logger.warn(&format!("isolation sweep failed: {e}"), &[]),
+        Ok(sweep) => {
+            if failing.take().is_some() {
+                logger.info("isolation sweeps work again", &[]);
+            }
+            if let Some(sweep) = sweep {
+                log_sweep(logger, &sweep, &settings.reserved);
+            }
+        }
+        Err(e) => {
+            let message = e.to_string();
+            if failing.as_deref() != Some(message.as_str()) {
+                logger.error(
+                    &format!("isolation sweep failed (said once, until it changes): {message}"),
+                    &[],
+                );
+                *failing = Some(message);
+            }
+        }
     }
 }
 

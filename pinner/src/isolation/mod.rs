@@ -33,7 +33,7 @@ use crate::engine::cpuset::CpuSet;
 use crate::engine::topology::Topology;
 use crate::host::cgroupfs::{self, CgroupError, Group, Layout, Limits};
 use crate::host::procs::{ProcFs, Process};
-use irqs::{IrqHost, IrqStatus, Restored, Steered};
+use irqs::{IrqHost, IrqState, IrqStatus, Restored, Steered};
 use serde::{Deserialize, Serialize};
 use state::{Origin, State, StateError};
 use std::path::{Path, PathBuf};
@@ -60,6 +60,24 @@ pub enum IsolationError {
     /// processes out.
     #[error("{0} (processes keep entering it; state kept, run again)")]
     StillInUse(CgroupError),
+    /// The state could not be saved, so what this round did was taken
+    /// back: the host stays as the recorded state says.
+    #[error("not recorded, so taken back: {error}; {undone}{}", left_text(.left))]
+    NotRecorded {
+        error: StateError,
+        /// What was put back, in words ("3 processes confined and IRQs 9, 24 steered just now put back").
+        undone: String,
+        /// What could not be put back.
+        left: Vec<String>,
+    },
+}
+
+fn left_text(left: &[String]) -> String {
+    if left.is_empty() {
+        String::new()
+    } else {
+        format!("; could not put back: {}", left.join(", "))
+    }
 }
 
 /// What isolation touches: the process table, the cgroup layout, systemd
@@ -178,13 +196,24 @@ pub struct Sweep {
     pub irqs: Steered,
 }
 
+/// A group name pinner makes and removes: one plain directory name.
+pub fn valid_group_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !name.starts_with('.')
+}
+
 /// Starts (or updates) isolation and confines every host process now.
 pub fn isolate(sys: &mut System, settings: &Settings) -> Result<Sweep, IsolationError> {
     if settings.reserved.is_empty() {
         return Err(IsolationError::NoReservedCpus);
     }
     let _lock = sys.lock()?;
-    let mut state = sys.load_state()?.unwrap_or_else(|| State {
+    let before = sys.load_state()?;
+    let mut state = before.clone().unwrap_or_else(|| State {
         mechanism: String::new(),
         reserved: String::new(),
         group: settings.config.group.clone(),
@@ -227,8 +256,85 @@ pub fn isolate(sys: &mut System, settings: &Settings) -> Result<Sweep, Isolation
         }
     };
     sweep.irqs = steer_irqs(sys, &settings.config, &settings.reserved, &mut state);
-    sys.save_state(&state)?;
+    if let Err(mut e) = record(sys, before.as_ref(), &state, &sweep) {
+        let set_now = before.is_none_or(|b| b.mechanism != "systemd");
+        if let (true, true, Some(systemd)) =
+            (state.mechanism == "systemd", set_now, sys.systemd.as_mut())
+        {
+            let reset = reset_units(systemd.as_mut(), sys.layout.as_ref(), &state.units);
+            if let (Err(failed), IsolationError::NotRecorded { left, .. }) = (reset, &mut e) {
+                left.push(format!("systemd's AllowedCPUs ({failed})"));
+            }
+        }
+        return Err(e);
+    }
     Ok(sweep)
+}
+
+/// Saves `state`. When it cannot be saved, takes back what this round did
+/// beyond `before` (the state on disk): the processes it moved and the
+/// IRQs it steered first; and says what could not be taken back.
+fn record(
+    sys: &System,
+    before: Option<&State>,
+    state: &State,
+    sweep: &Sweep,
+) -> Result<(), IsolationError> {
+    let Err(error) = sys.save_state(state) else {
+        return Ok(());
+    };
+    let mut left = Vec::new();
+    let mut undone = 0;
+    let group = sys.layout.as_ref().filter(|_| state.mechanism != "systemd");
+    if let Some(layout) = group {
+        let group = Group::new(layout, &state.group, state.with_memory);
+        for p in &sweep.moved {
+            if restore(sys, &group, &state.origins, p.pid) {
+                undone += 1;
+            } else {
+                left.push(format!("{}[{}]", p.name, p.pid));
+            }
+        }
+        // No state before: the group is this round's too.
+        if before.is_none() {
+            if let Err(e) = group.remove() {
+                left.push(format!("the group {} ({e})", group.name));
+            }
+        }
+    }
+    let before_irqs = before.map(|b| b.irqs.clone()).unwrap_or_default();
+    let steered_now = IrqState {
+        origins: state
+            .irqs
+            .origins
+            .iter()
+            .filter(|o| !before_irqs.origins.iter().any(|b| b.irq == o.irq))
+            .cloned()
+            .collect(),
+        default_mask: before_irqs
+            .default_mask
+            .is_none()
+            .then(|| state.irqs.default_mask.clone())
+            .flatten(),
+        ..IrqState::default()
+    };
+    if let Some(host) = &sys.irqs {
+        left.extend(irqs::restore(&host.table, &steered_now).failed);
+    }
+    let irqs: Vec<u32> = steered_now.origins.iter().map(|o| o.irq).collect();
+    let processes = if undone == 1 { "process" } else { "processes" };
+    let undone = match irqs.as_slice() {
+        [] => format!("{undone} {processes} confined just now put back"),
+        irqs => format!(
+            "{undone} {processes} confined and IRQs {} steered just now put back",
+            irqs::irq_list(irqs, ", ")
+        ),
+    };
+    Err(IsolationError::NotRecorded {
+        error,
+        undone,
+        left,
+    })
 }
 
 /// Steers IRQs when the config says so; when it no longer does, puts back
@@ -286,7 +392,7 @@ pub fn keep(
     sweep.irqs = steered;
     // Written only when something changed: the sweep runs every few seconds.
     if state != before {
-        sys.save_state(&state)?;
+        record(sys, Some(&before), &state, &sweep)?;
     }
     Ok(Some(sweep))
 }
@@ -651,6 +757,17 @@ mod tests {
         }
     }
 
+    /// A host on the cgroup v1 fixture under `root`, its state in `root/run`.
+    fn v1_system(root: &Path) -> System {
+        System {
+            procs: fixture_proc(root),
+            layout: Some(fake_v1(root)),
+            systemd: None,
+            irqs: None,
+            state_dir: root.join("run"),
+        }
+    }
+
     fn fake_v1(root: &Path) -> Layout {
         for h in ["cpuset", "memory"] {
             std::fs::create_dir_all(root.join("cg").join(h)).unwrap();
@@ -732,15 +849,91 @@ mod tests {
     }
 
     #[test]
+    fn a_state_that_cannot_be_written_takes_the_round_back() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = scratch_dir("iso-unrecorded");
+        let mut sys = v1_system(&root);
+        // A directory anyone may write to: the state is not written there.
+        std::fs::create_dir_all(&sys.state_dir).unwrap();
+        std::fs::set_permissions(&sys.state_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = isolate(&mut sys, &settings(config()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("not recorded, so taken back: cannot write"),
+            "{err}"
+        );
+        assert!(
+            err.contains("1 process confined just now put back"),
+            "{err}"
+        );
+        // 105 keeps the group from going: said so.
+        assert!(
+            err.contains("could not put back: the group pinner-housekeeping"),
+            "{err}"
+        );
+        assert!(!sys.state_path().exists());
+        // 100 was moved (105 was in the group already), and went back to
+        // where it was: the hierarchy's root.
+        assert_eq!(
+            read(root.join("cg/cpuset/pinner-housekeeping/cgroup.procs")),
+            "100\n"
+        );
+        assert_eq!(read(root.join("cg/cpuset/cgroup.procs")), "100\n");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn a_state_file_is_trusted_only_as_roots_and_within_pinners_groups() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = scratch_dir("iso-trust");
+        let sys = v1_system(&root);
+        std::fs::create_dir_all(&sys.state_dir).unwrap();
+        let good = r#"{"mechanism":"cgroup-v1","reserved":"0-1","group":"pinner-housekeeping","with_memory":false,"units":[],"origins":[{"pid":100,"start_time":1,"groups":[["/cg/cpuset","/system.slice/ssh.service"]]}],"failures":[]}"#;
+        let write = |text: &str, mode: u32| {
+            std::fs::write(sys.state_path(), text).unwrap();
+            std::fs::set_permissions(sys.state_path(), std::fs::Permissions::from_mode(mode))
+                .unwrap();
+        };
+        write(good, 0o600);
+        assert!(sys.load_state().unwrap().is_some());
+        let refused = |text: &str, mode: u32| {
+            write(text, mode);
+            sys.load_state().unwrap_err().to_string()
+        };
+        let e = refused(good, 0o666);
+        assert!(
+            e.contains("not a usable isolation state") && e.contains("mode 0666"),
+            "{e}"
+        );
+        assert!(
+            e.contains("then `pinner isolate --undo`"),
+            "the error says what to do: {e}"
+        );
+        let e = refused(
+            &good.replace("/system.slice/ssh.service", "/../../../etc"),
+            0o600,
+        );
+        assert!(e.contains("leaves its hierarchy"), "{e}");
+        let e = refused(
+            &good.replace("\"pinner-housekeeping\"", "\"../../etc\""),
+            0o600,
+        );
+        assert!(e.contains("not a plain name"), "{e}");
+        let e = refused(
+            &good.replace("\"units\":[]", "\"units\":[\"sshd.service\"]"),
+            0o600,
+        );
+        assert!(e.contains("none pinner sets"), "{e}");
+        let e = refused(&good[..good.len() / 2], 0o600);
+        assert!(e.contains("EOF while parsing"), "a truncated file: {e}");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
     fn v1_isolate_keep_status_and_undo_put_processes_back() {
         let root = scratch_dir("iso-v1");
-        let mut sys = System {
-            procs: fixture_proc(&root),
-            layout: Some(fake_v1(&root)),
-            systemd: None,
-            irqs: None,
-            state_dir: root.join("run"),
-        };
+        let mut sys = v1_system(&root);
         let settings = settings(IsolationConfig {
             memory_limit: Some(1 << 30),
             ..config()
@@ -1059,13 +1252,7 @@ mod tests {
     #[test]
     fn isolation_without_reserved_cpus_is_refused() {
         let root = scratch_dir("iso-none");
-        let mut sys = System {
-            procs: fixture_proc(&root),
-            layout: Some(fake_v1(&root)),
-            systemd: None,
-            irqs: None,
-            state_dir: root.join("run"),
-        };
+        let mut sys = v1_system(&root);
         let none = Settings {
             reserved: CpuSet::new(),
             ..settings(config())

@@ -4,11 +4,16 @@
 //! interleave. The file's presence is what "isolation is active" means.
 
 use super::irqs::IrqState;
-use super::{Failure, System};
+use super::{Failure, System, SYSTEMD_UNITS};
+use crate::host::file::{self, FileError, WriteError};
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 use std::fs::File;
-use std::path::PathBuf;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Component, Path, PathBuf};
+
+/// The largest state file read: a host of 100,000 processes records ~10 MB.
+const STATE_SIZE_CAP: u64 = 64 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -24,21 +29,15 @@ pub enum StateError {
     },
     #[error("cannot lock {}: {source}", path.display())]
     Lock { path: PathBuf, source: nix::Error },
-    #[error("{}: unreadable isolation state: {source}", path.display())]
-    Unreadable {
-        path: PathBuf,
-        source: serde_json::Error,
-    },
+    #[error("{shown}: not a usable isolation state ({why}): move it away (`mv {shown} {shown}.bad`), then `pinner isolate --undo` puts processes still confined back in their hierarchy's root and removes pinner's groups, or `systemctl reload pinner` confines anew", shown = path.display())]
+    Unusable { path: PathBuf, why: String },
     #[error("cannot read {}: {source}", path.display())]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot write {}: {source}", path.display())]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("cannot write {}", .0)]
+    Write(#[from] WriteError),
     #[error("cannot remove {}: {source}", path.display())]
     Remove {
         path: PathBuf,
@@ -71,6 +70,42 @@ pub struct State {
     pub irqs: IrqState,
 }
 
+impl State {
+    /// What pinner acts on: its group's name (it removes that directory),
+    /// the units it resets, each process's groups (it writes pids there).
+    fn check(&self) -> Result<(), String> {
+        if !super::valid_group_name(&self.group) {
+            return Err(format!("group {:?} is not a plain name", self.group));
+        }
+        if let Some(unit) = self
+            .units
+            .iter()
+            .find(|u| !SYSTEMD_UNITS.contains(&u.as_str()))
+        {
+            return Err(format!("unit {unit:?} is none pinner sets"));
+        }
+        for origin in &self.origins {
+            if let Some((_, group)) = origin.groups.iter().find(|(_, g)| !inside_hierarchy(g)) {
+                return Err(format!(
+                    "process {}'s group {group:?} leaves its hierarchy",
+                    origin.pid
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A cgroup path as /proc/PID/cgroup gives it: absolute, no `..` or `.`.
+fn inside_hierarchy(group: &str) -> bool {
+    let path = Path::new(group);
+    group.starts_with('/')
+        && !group.contains('\0')
+        && path
+            .components()
+            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
+}
+
 impl System {
     pub fn state_path(&self) -> PathBuf {
         self.state_dir.join("isolation.json")
@@ -83,10 +118,12 @@ impl System {
             source,
         })?;
         let path = self.state_dir.join("isolation.lock");
+        // Never through a link planted in its place.
         let file = File::options()
             .create(true)
             .truncate(false)
             .write(true)
+            .custom_flags(nix::libc::O_NOFOLLOW)
             .open(&path)
             .map_err(|source| StateError::Open {
                 path: path.clone(),
@@ -96,24 +133,30 @@ impl System {
             .map_err(|(_, source)| StateError::Lock { path, source })
     }
 
+    /// The recorded state (None: isolation is not active). Trusted only as
+    /// root's own file that no one else may write, and every path in it
+    /// only inside pinner's own cgroup tree.
     pub fn load_state(&self) -> Result<Option<State>, StateError> {
         let path = self.state_path();
-        match std::fs::read_to_string(&path) {
-            Ok(text) => serde_json::from_str(&text)
-                .map(Some)
-                .map_err(|source| StateError::Unreadable { path, source }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(StateError::Read { path, source }),
-        }
+        let unusable = |why: String| StateError::Unusable {
+            path: path.clone(),
+            why,
+        };
+        let text = match file::read_trusted(&path, STATE_SIZE_CAP) {
+            Ok(text) => text,
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(FileError::Io(source)) => return Err(StateError::Read { path, source }),
+            Err(e) => return Err(unusable(e.to_string())),
+        };
+        let state: State = serde_json::from_str(&text).map_err(|e| unusable(e.to_string()))?;
+        state.check().map_err(unusable)?;
+        Ok(Some(state))
     }
 
     pub fn save_state(&self, state: &State) -> Result<(), StateError> {
-        let path = self.state_path();
-        let partial = path.with_extension("json.new");
         let text = serde_json::to_string_pretty(state).expect("state serializes");
-        std::fs::write(&partial, text)
-            .and_then(|()| std::fs::rename(&partial, &path))
-            .map_err(|source| StateError::Write { path, source })
+        file::replace(&self.state_path(), text.as_bytes(), 0o600)?;
+        Ok(())
     }
 
     /// Forgets the state: isolation is no longer active.

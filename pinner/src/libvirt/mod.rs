@@ -76,9 +76,9 @@ impl Libvirt {
         Ok(Libvirt::wrap(conn, uri, 0))
     }
 
-    /// The live XML of every running domain; those that cannot be read
+    /// Every running domain's name and live XML; those that cannot be read
     /// (other than having stopped meanwhile) in the second list.
-    pub fn running_xml(&self) -> Result<(Vec<String>, Vec<Unreadable>), HvError> {
+    pub fn running_xml(&self) -> Result<(Vec<LiveXml>, Vec<Unreadable>), HvError> {
         let domains = self
             .conn
             .list_all_domains(sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)
@@ -87,7 +87,10 @@ impl Libvirt {
         let mut unreadable = Vec::new();
         for dom in domains {
             match dom.xml_desc(0) {
-                Ok(xml) => xmls.push(xml),
+                Ok(xml) => xmls.push(LiveXml {
+                    name: dom.name().unwrap_or_default(),
+                    xml,
+                }),
                 Err(e) => match self.classify(e) {
                     HvError::Gone(_) => {}
                     HvError::Disconnected(m) => return Err(HvError::Disconnected(m)),
@@ -119,13 +122,24 @@ impl Libvirt {
     }
 }
 
+/// A running domain as libvirt describes it.
+pub struct LiveXml {
+    /// The name as libvirt holds it. Taken from libvirt itself, not the
+    /// XML: libvirt writes a carriage return in a name as it is, and an XML
+    /// reader gives it back as a newline (a name libvirt does not know,
+    /// and a forged line in a report). Empty when libvirt would not say.
+    pub name: String,
+    pub xml: String,
+}
+
 impl Hypervisor for Libvirt {
     fn running_domains(&mut self) -> Result<Running, HvError> {
         let (xmls, mut unreadable) = self.running_xml()?;
         let mut specs = Vec::with_capacity(xmls.len());
-        for xml in xmls {
+        for LiveXml { name, xml } in xmls {
             match DomainSpec::parse(&xml) {
-                Ok(spec) => specs.push(spec),
+                Ok(spec) if name.is_empty() => specs.push(spec),
+                Ok(spec) => specs.push(DomainSpec { name, ..spec }),
                 Err(e) => unreadable.push(e.into()),
             }
         }

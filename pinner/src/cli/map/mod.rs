@@ -275,8 +275,9 @@ fn legend(occupancy: &Occupancy) -> String {
     for (index, (name, cpus)) in occupancy.guests.iter().enumerate() {
         let _ = writeln!(
             out,
-            "  {} {name} (CPUs {cpus})",
-            Mark::Guest(index).symbol()
+            "  {} {} (CPUs {cpus})",
+            Mark::Guest(index).symbol(),
+            pinner_shared::text::printable(name)
         );
     }
     out

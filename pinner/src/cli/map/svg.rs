@@ -116,6 +116,9 @@ fn draw_legend(out: &mut String, y: u32, occupancy: &Occupancy) {
             top - 13,
             mark.fill().0
         );
+        // Escaped for a person first: XML 1.0 has no way to carry most
+        // control characters at all.
+        let name = pinner_shared::text::printable(name);
         let entry = format!("{} {name} (CPUs {cpus})", mark.symbol());
         text_at(out, 26, top, &entry);
     }
