@@ -1017,6 +1017,24 @@ mod tests {
     }
 
     #[test]
+    fn into_shared_dedicated_pins_are_not_kept_as_ranges() {
+        // One node 0-1: a and b pinned one-to-one, then c arrives and the
+        // host turns shared. Each must float on the node, not keep the one
+        // CPU it had (a dedicated pin is no range).
+        let one_to_one =
+            |name: &str, cpu: &str| managed(name, 1, Policy::Auto, vec![Some(set(cpu))]);
+        let plan = plan(
+            &Topology::uniform(&set("0-1"), 1),
+            &HostPolicy::with_reserved(CpuSet::new()),
+            &[one_to_one("a", "0"), one_to_one("b", "1"), guest("c", 1)],
+        );
+        assert_eq!(plan.mode, Mode::Shared);
+        for g in &plan.guests {
+            assert_eq!(g.vcpus, vec![set("0-1")], "{}: {}", g.name, g.reason);
+        }
+    }
+
+    #[test]
     fn back_from_shared_guests_stay_on_the_node_they_shared() {
         // Node 0: 0-3, node 1: 4-7. Both guests shared node 1's range; now
         // they fit one-to-one and must stay on node 1, where their memory is.

@@ -199,6 +199,7 @@ pub(super) fn place_shared(
     let pool = Pool {
         layout,
         by_kind: &by_kind,
+        kind_nodes: by_kind.values().map(|cpus| layout.by_node(cpus)).collect(),
         cpus: shared_pool,
         fixed,
     };
@@ -260,6 +261,8 @@ pub(super) fn place_shared(
 struct Pool<'a> {
     layout: &'a Layout<'a>,
     by_kind: &'a BTreeMap<u8, CpuSet>,
+    /// Each kind's share of every node: what a span is made of.
+    kind_nodes: Vec<BTreeMap<Option<u32>, CpuSet>>,
     cpus: &'a CpuSet,
     /// The pool's own ranges (L3 domains and nodes) come first in `Ranges`.
     fixed: usize,
@@ -279,8 +282,9 @@ impl Pool<'_> {
         let need = g.vcpus as usize;
         let span = || self.span(need, fit);
         let target = ranges.candidates(self.layout, span, self.fixed, (need, fit), candidates);
-        let here =
-            here_range(current, g.vcpus, self.cpus).map(|set| ranges.add(self.layout, set, 2));
+        let here = here_range(current, g.vcpus, self.cpus)
+            .filter(|set| self.is_placed_range(ranges, set))
+            .map(|set| ranges.add(self.layout, set, 2));
         // Where it is, its memory may also be on nodes bound for memory alone.
         let holds_here = |h: usize| {
             fit.holds(&ranges.nodes[h]) || {
@@ -299,6 +303,22 @@ impl Pool<'_> {
             return (range, Target::Cpus { extra: bound });
         }
         (range, target)
+    }
+
+    /// Whether `set` is a range placement makes: one of the pool's own (an
+    /// L3 domain, a node) or a span of one kind's share of whole nodes. A
+    /// dedicated guest's pin is neither, so it is not kept as a range when
+    /// the host turns shared.
+    fn is_placed_range(&self, ranges: &Ranges, set: &CpuSet) -> bool {
+        if ranges.index.get(set).is_some_and(|&r| r < self.fixed) {
+            return true;
+        }
+        let parts = self.layout.by_node(set);
+        self.kind_nodes.iter().any(|nodes| {
+            parts
+                .iter()
+                .all(|(node, part)| nodes.get(node) == Some(part))
+        })
     }
 
     /// Larger than any node's share (or no node holds its memory): the
