@@ -47,9 +47,9 @@ impl Hypervisor for Counted {
         self.count("xml", (running.0.len() + running.1.len()) as u64);
         Ok(running)
     }
-    fn set_metadata(&mut self, uuid: &str, element: &str) -> Result<(), HvError> {
+    fn set_metadata(&mut self, uuid: &str, element: &str, persistent: bool) -> Result<(), HvError> {
         self.count("metadata", 1);
-        self.libvirt.set_metadata(uuid, element)
+        self.libvirt.set_metadata(uuid, element, persistent)
     }
     fn pin_vcpu(&mut self, uuid: &str, vcpu: u32, cpus: &CpuSet) -> Result<(), HvError> {
         self.count("pin", 1);

@@ -80,6 +80,10 @@ fn plan_prints_the_design_json_for_a_domains_directory() {
     );
     assert_eq!(a["reason"], "dedicated: fits node 0");
     assert_eq!(v["left_alone"][0]["name"], "nova");
+    assert_eq!(
+        v["left_alone"][0]["reason"],
+        "pinned by someone else; left alone"
+    );
     assert_eq!(v["pins_moved"], 0);
 
     let text = String::from_utf8(plan(&dir, &[]).stdout).unwrap();
@@ -88,7 +92,7 @@ fn plan_prints_the_design_json_for_a_domains_directory() {
         "{text}"
     );
     assert!(
-        text.contains("nova  left alone: pinned by someone else"),
+        text.contains("nova  pinned by someone else; left alone"),
         "{text}"
     );
 

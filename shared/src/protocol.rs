@@ -102,6 +102,35 @@ pub enum Request {
     Status,
     /// Reconcile now and report what was done.
     Reconcile,
+    /// Take pinner's pins, binding and metadata off running guests.
+    Release(ReleaseRequest),
+}
+
+/// `pinner release`: which guests, and whether their persistent
+/// definitions are marked too.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct ReleaseRequest {
+    /// Exact libvirt names.
+    pub domains: Vec<String>,
+    /// Every running guest pinner placed.
+    pub all: bool,
+    /// Also mark the persistent definition `policy="none"`, so the guest
+    /// stays left alone after it restarts.
+    pub persistent: bool,
+}
+
+/// What `pinner release` did to one guest.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct Released {
+    pub name: String,
+    /// Empty when no running guest has the name.
+    pub uuid: String,
+    /// Each change made, for a person ("vCPU 0: 4 -> 0-7").
+    pub changes: Vec<String>,
+    /// What was left as it was, and why.
+    pub notes: Vec<String>,
+    /// The change libvirt refused, if one was (the rest were not tried).
+    pub error: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -109,6 +138,7 @@ pub enum Response {
     /// Boxed: a status is large beside the other answers.
     Status(Box<StatusReport>),
     Reconciled(ReconcileReport),
+    Released(Vec<Released>),
     Error(String),
     /// A hook event was queued: the hook counts an event as delivered only
     /// on this answer.
@@ -120,6 +150,9 @@ pub enum Response {
 pub struct StatusReport {
     /// `dedicated` (one-to-one) or `shared` (range binding).
     pub mode: String,
+    /// `enforce` (the plan is applied) or `observe` (only shown).
+    #[serde(default)]
+    pub enforcement: String,
     pub pool: Vec<u32>,
     pub reserved: Vec<u32>,
     pub libvirt_connected: bool,
@@ -221,6 +254,25 @@ pub struct DomainStatus {
     /// memory is (empty: no cells, or one host node).
     #[serde(default)]
     pub cells: Vec<CellStatus>,
+    /// What the daemon would change to make the plan true: all of it in
+    /// observe mode, what is still to do in enforce mode.
+    #[serde(default)]
+    pub pending: Vec<PendingChange>,
+}
+
+/// One change between what libvirt holds and the plan.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct PendingChange {
+    /// `pin_vcpu`, `pin_emulator`, `pin_iothread` or `memory`: the OP of
+    /// the journal line the change is logged with once made.
+    pub op: String,
+    /// The vCPU or IOThread (None: the emulator threads, the memory).
+    pub id: Option<u32>,
+    /// CPUs (nodes, for memory) now; empty: not pinned (bound) at all.
+    pub from: Vec<u32>,
+    pub to: Vec<u32>,
+    /// For a person: "would move vCPU 2 from 4-7 to 9".
+    pub text: String,
 }
 
 /// One guest NUMA cell: its host node and its RAM's pages.

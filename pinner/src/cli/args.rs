@@ -75,6 +75,29 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Take pinner's vCPU, emulator and IOThread pins, its memory binding
+    /// and its placement off running guests: they float on every CPU
+    /// again, and are marked policy none, so the daemon leaves them alone
+    /// until they stop. Through the daemon; directly when it is stopped.
+    Release {
+        /// Guests by their exact libvirt names.
+        #[arg(value_name = "DOMAIN", required_unless_present = "all")]
+        domains: Vec<String>,
+        /// Every running guest pinner placed.
+        #[arg(long)]
+        all: bool,
+        /// Also mark each guest's persistent definition policy none, so it
+        /// stays left alone after it restarts.
+        #[arg(long)]
+        persistent: bool,
+        /// With the daemon stopped: the libvirt to release guests on
+        /// (default: the configuration's URI).
+        #[arg(long, value_name = "URI")]
+        connect: Option<String>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// The placement the daemon would apply, with reasons; changes nothing.
     Plan {
         #[arg(long, value_name = "DIR", default_value = "/")]

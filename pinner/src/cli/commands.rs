@@ -11,13 +11,14 @@ use crate::doctor::{self, DoctorError};
 use crate::engine::domain::{DomainError, DomainSpec};
 use crate::engine::hypervisor::{HvError, Hypervisor};
 use crate::engine::reconcile;
+use crate::engine::release::{self, Everywhere};
 use crate::host::guest_stats::{self, StealTracker};
 use crate::host::procs::ProcFs;
 use crate::host::sysfs::{self, SysfsError};
 use crate::isolation::{self, IsolationError};
 use crate::libvirt::Libvirt;
 use pinner_shared::paths::DEFAULT_SOCKET;
-use pinner_shared::protocol::{Request, Response, StatusReport};
+use pinner_shared::protocol::{ReleaseRequest, Request, Response, StatusReport};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -124,6 +125,20 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
             };
             ask(&socket_of(&cli)?, Request::Status, Shown::Metrics(format))
         }
+        Command::Release {
+            domains,
+            all,
+            persistent,
+            connect,
+            json,
+        } => {
+            let request = ReleaseRequest {
+                domains: domains.clone(),
+                all: *all,
+                persistent: *persistent,
+            };
+            release(&cli, &request, connect.as_deref(), *json)
+        }
         Command::Reconcile { json } => ask(
             &socket_of(&cli)?,
             Request::Reconcile,
@@ -182,7 +197,7 @@ fn ask(socket: &Path, request: Request, shown: Shown) -> Result<ExitCode, CliErr
         (Response::Reconciled(report), Shown::Json) => to_json(report)?,
         (Response::Status(report), _) => report::status_text(report),
         (Response::Reconciled(report), _) => report::reconcile_text(report),
-        (Response::Accepted, _) => return Err(CliError::UnexpectedAnswer),
+        (Response::Accepted | Response::Released(_), _) => return Err(CliError::UnexpectedAnswer),
     };
     print!("{text}");
     // A reconcile that hit errors is a failure for scripts.
@@ -235,8 +250,45 @@ fn status_report(socket: &Path) -> Result<StatusReport, CliError> {
     match client::request(socket, &Request::Status, ANSWER_TIMEOUT)? {
         Response::Status(report) => Ok(*report),
         Response::Error(message) => Err(CliError::Refused(message)),
-        Response::Reconciled(_) | Response::Accepted => Err(CliError::UnexpectedAnswer),
+        _ => Err(CliError::UnexpectedAnswer),
     }
+}
+
+/// `pinner release`: asked of the daemon, so no pass of its races it; done
+/// here, on the configuration's (or `--connect`'s) libvirt, when the
+/// daemon is not running. Fails when any guest could not be released.
+fn release(
+    cli: &Cli,
+    request: &ReleaseRequest,
+    connect: Option<&str>,
+    json: bool,
+) -> Result<ExitCode, CliError> {
+    let socket = socket_of(cli)?;
+    let reports = match client::request(&socket, &Request::Release(request.clone()), ANSWER_TIMEOUT)
+    {
+        Ok(Response::Released(reports)) => reports,
+        Ok(Response::Error(message)) => return Err(CliError::Refused(message)),
+        Ok(_) => return Err(CliError::UnexpectedAnswer),
+        Err(ClientError::NotRunning(_) | ClientError::StaleSocket(_)) => {
+            let config = Config::load(cli.config.as_deref())?;
+            let topo = sysfs::read_topology(Path::new("/"))?;
+            let uri = connect.unwrap_or(&config.libvirt_uri);
+            let mut libvirt = Libvirt::connect(uri, topo.cpumap_width)
+                .map_err(|source| libvirt_error(uri, source))?;
+            release::release(&mut libvirt, &Everywhere::of(&topo), request, |_, _| {})
+                .map_err(|source| libvirt_error(uri, source))?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let text = match json {
+        true => to_json(&reports)?,
+        false => report::release_text(&reports),
+    };
+    print!("{text}");
+    Ok(match reports.iter().any(|r| r.error.is_some()) {
+        true => ExitCode::FAILURE,
+        false => ExitCode::SUCCESS,
+    })
 }
 
 /// `pinner status --watch`: the status, redrawn every `seconds` until

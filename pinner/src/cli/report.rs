@@ -5,10 +5,10 @@ use crate::engine::cpuset::CpuSet;
 use crate::engine::domain::DomainSpec;
 use crate::engine::memory::{human, page_size_label};
 use crate::engine::placement::Plan;
-use crate::engine::reconcile::node_memory;
+use crate::engine::reconcile::{self, node_memory};
 use crate::engine::topology::{Cpu, CpuKind, Topology};
 use pinner_shared::protocol::{
-    CellStatus, DomainStatus, NodeMemoryStatus, ReconcileReport, StatusReport,
+    CellStatus, DomainStatus, NodeMemoryStatus, ReconcileReport, Released, StatusReport,
 };
 use pinner_shared::text::printable as shown;
 use std::fmt::Write;
@@ -70,6 +70,12 @@ pub fn status_text(report: &StatusReport) -> String {
 /// The mode, pool and connection, the counters and the pin latency.
 fn status_header(report: &StatusReport) -> String {
     let mut out = String::new();
+    if report.enforcement == "observe" {
+        let _ = writeln!(
+            out,
+            "OBSERVE MODE: the plan is shown, nothing is applied (mode = \"enforce\" and `systemctl reload pinner` apply it)"
+        );
+    }
     let _ = writeln!(
         out,
         "mode: {}   pool: {}   reserved: {}   libvirt: {}",
@@ -115,8 +121,12 @@ fn guest_status(out: &mut String, d: &DomainStatus, name_width: usize) {
         shown(&d.name),
         d.policy,
         if d.in_sync { "in sync" } else { "PENDING" },
-        d.reason
+        shown(&d.reason)
     );
+    if !d.pending.is_empty() {
+        let texts: Vec<&str> = d.pending.iter().map(|p| p.text.as_str()).collect();
+        let _ = writeln!(out, "  {}", texts.join("; "));
+    }
     let planned = |out: &mut String, now: String, plan: Option<String>| {
         out.push_str(&now);
         if let Some(plan) = plan {
@@ -268,29 +278,16 @@ fn measured_line(d: &DomainStatus) -> Option<String> {
     (!parts.is_empty()).then(|| parts.join("   "))
 }
 
-/// Running guests the plan leaves alone, with why.
-fn left_alone<'a>(plan: &Plan, specs: &'a [DomainSpec]) -> Vec<(&'a str, &'static str)> {
+/// Running guests the plan does not place, with why.
+fn left_alone<'a>(plan: &Plan, specs: &'a [DomainSpec]) -> Vec<(&'a str, String)> {
     specs
         .iter()
-        .filter(|s| {
-            !plan
-                .guests
-                .iter()
-                .any(|g| g.uuid == s.uuid && g.name == s.name)
-        })
+        .filter(|s| !plan.guests.iter().any(|g| g.uuid == s.uuid))
         .map(|s| {
-            let why = if s.is_foreign() {
-                "pinned by someone else"
-            } else if s
-                .metadata
-                .as_ref()
-                .is_some_and(|m| m.policy == crate::engine::domain::Policy::None)
-            {
-                "opted out (policy none)"
-            } else {
-                "no vCPUs"
-            };
-            (s.name.as_str(), why)
+            (
+                s.name.as_str(),
+                reconcile::policy_and_reason(s, plan, None).1,
+            )
         })
         .collect()
 }
@@ -381,7 +378,7 @@ pub fn plan_text(plan: &Plan, specs: &[DomainSpec]) -> String {
         }
     }
     for (name, why) in left_alone(plan, specs) {
-        let _ = writeln!(out, "\n{}  left alone: {why}", shown(name));
+        let _ = writeln!(out, "\n{}  {}", shown(name), shown(&why));
     }
     out.push_str(&memory_text(&node_memory(plan)));
     for w in &plan.warnings {
@@ -709,6 +706,27 @@ fn topology_levels(out: &mut String, topo: &Topology, online: &[&Cpu]) {
 /// "1 core", "14 cores".
 fn counted(n: usize, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
+}
+
+/// `pinner release`: per guest, what changed and what was left.
+pub fn release_text(reports: &[Released]) -> String {
+    let mut out = String::new();
+    if reports.is_empty() {
+        out.push_str("no running guest placed by pinner: nothing to release\n");
+    }
+    for r in reports {
+        let _ = writeln!(out, "{}", shown(&r.name));
+        for change in &r.changes {
+            let _ = writeln!(out, "  {change}");
+        }
+        for note in &r.notes {
+            let _ = writeln!(out, "  left: {}", shown(note));
+        }
+        if let Some(error) = &r.error {
+            let _ = writeln!(out, "  error: {}", shown(error));
+        }
+    }
+    out
 }
 
 #[cfg(test)]

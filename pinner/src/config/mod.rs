@@ -2,8 +2,10 @@
 //! and the key where one is at fault.
 
 use crate::engine::cpuset::CpuSet;
+use crate::engine::domain::Policy;
 use crate::engine::memory::MemoryReserve;
 use crate::engine::placement::{EmulatorPolicy, HostPolicy};
+use crate::engine::policy::{FlavorRule, PolicyRules};
 use crate::engine::topology::Topology;
 use crate::host::{file, nova};
 use pinner_shared::log::Level;
@@ -37,6 +39,14 @@ pub struct Config {
     pub reserved_huge_pages: Vec<nova::HugePageReserve>,
     /// An OpenStack compute node's nova.conf to take CPU settings from.
     pub nova_conf: Option<PathBuf>,
+    /// `mode`: act on the plan, or only show it.
+    pub enforcement: Enforcement,
+    /// `default_policy`, `[[openstack.flavor_policy]]`, `[openstack]
+    /// place_floating`: which guests are placed, and how.
+    pub policy_rules: PolicyRules,
+    /// `memory_move_mib_per_sec`: how fast running guests' memory is moved
+    /// to new nodes (0: at once, as libvirt's binding moves it).
+    pub memory_move_mib_per_sec: u64,
     pub isolation: IsolationConfig,
     /// `[metrics]`: a metrics file (Prometheus text) the daemon keeps current.
     pub metrics_file: Option<PathBuf>,
@@ -49,6 +59,29 @@ pub struct Config {
     reserved_memory_line: Option<usize>,
     reserved_huge_pages_line: Option<usize>,
 }
+
+/// `mode`: whether the daemon acts on its plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enforcement {
+    /// Pins, binds, marks, confines, moves memory: the plan made true.
+    Enforce,
+    /// Plans on every event and interval and shows what it would change;
+    /// writes nothing to libvirt, cgroups, IRQs or memory.
+    Observe,
+}
+
+impl Enforcement {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Enforcement::Enforce => "enforce",
+            Enforcement::Observe => "observe",
+        }
+    }
+}
+
+/// `memory_move_mib_per_sec` when the file does not set it (see
+/// docs/measurements.md for the stall it keeps guests under).
+pub const DEFAULT_MEMORY_MOVE_MIB_PER_SEC: u64 = 256;
 
 /// `reserved_memory_mib` when the file does not set it: what the host's
 /// own daemons, and qemu beside each guest's RAM, take on a node.
@@ -69,6 +102,9 @@ impl Default for Config {
             reserved_memory_mib: DEFAULT_RESERVED_MEMORY_MIB,
             reserved_huge_pages: Vec::new(),
             nova_conf: None,
+            enforcement: Enforcement::Enforce,
+            policy_rules: PolicyRules::default(),
+            memory_move_mib_per_sec: DEFAULT_MEMORY_MOVE_MIB_PER_SEC,
             isolation: IsolationConfig::default(),
             metrics_file: None,
             metrics_interval: Duration::from_secs(15),
@@ -211,6 +247,9 @@ struct RawConfig {
     move_cell_memory: Option<bool>,
     reserved_memory_mib: Option<Spanned<i64>>,
     reserved_huge_pages: Option<Vec<Spanned<String>>>,
+    mode: Option<Spanned<String>>,
+    default_policy: Option<Spanned<String>>,
+    memory_move_mib_per_sec: Option<Spanned<i64>>,
     libvirt: Option<RawLibvirt>,
     openstack: Option<RawOpenstack>,
     isolation: Option<RawIsolation>,
@@ -241,6 +280,15 @@ struct RawIsolation {
 #[serde(deny_unknown_fields)]
 struct RawOpenstack {
     nova_conf: Option<Spanned<String>>,
+    place_floating: Option<bool>,
+    flavor_policy: Option<Vec<RawFlavorPolicy>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFlavorPolicy {
+    flavor: Spanned<String>,
+    policy: Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -332,6 +380,12 @@ impl Config {
             text,
             &err_at,
         )?;
+        config.acting_keys(
+            raw.mode,
+            raw.default_policy,
+            raw.memory_move_mib_per_sec,
+            &err_at,
+        )?;
         config.tables(
             raw.openstack,
             raw.libvirt,
@@ -404,6 +458,72 @@ impl Config {
         Ok(())
     }
 
+    /// `mode`, `default_policy` and `memory_move_mib_per_sec`.
+    fn acting_keys(
+        &mut self,
+        mode: Option<Spanned<String>>,
+        default_policy: Option<Spanned<String>>,
+        rate: Option<Spanned<i64>>,
+        err_at: &dyn Fn(Option<usize>, String) -> ConfigError,
+    ) -> Result<(), ConfigError> {
+        if let Some(v) = mode {
+            let modes = [
+                ("enforce", Enforcement::Enforce),
+                ("observe", Enforcement::Observe),
+            ];
+            self.enforcement = one_of(&v, "mode", &modes, "\"enforce\" or \"observe\"", err_at)?;
+        }
+        if let Some(v) = default_policy {
+            self.policy_rules.default = policy_word(&v, "default_policy", err_at)?;
+        }
+        if let Some(v) = rate {
+            // 1 TiB/s: no memory moves faster; a larger value is a typo.
+            self.memory_move_mib_per_sec = u64::try_from(*v.get_ref())
+                .ok()
+                .filter(|r| *r <= 1 << 20)
+                .ok_or_else(|| {
+                    err_at(
+                        Some(v.span().start),
+                        format!(
+                            "memory_move_mib_per_sec must be MiB per second from 0 (0: unpaced), not {}",
+                            v.get_ref()
+                        ),
+                    )
+                })?;
+        }
+        Ok(())
+    }
+
+    /// `[openstack]`: nova.conf, floating guests, flavor policies.
+    fn openstack_keys(
+        &mut self,
+        openstack: RawOpenstack,
+        err_at: &dyn Fn(Option<usize>, String) -> ConfigError,
+    ) -> Result<(), ConfigError> {
+        if let Some(v) = openstack.nova_conf {
+            if !v.get_ref().is_empty() {
+                self.nova_conf = Some(absolute_path(&v, "openstack.nova_conf", err_at)?);
+            }
+        }
+        if let Some(v) = openstack.place_floating {
+            self.policy_rules.place_floating = v;
+        }
+        for rule in openstack.flavor_policy.into_iter().flatten() {
+            if rule.flavor.get_ref().is_empty() {
+                return Err(err_at(
+                    Some(rule.flavor.span().start),
+                    "openstack.flavor_policy: flavor is empty (\"*\" matches every flavor)".into(),
+                ));
+            }
+            let policy = policy_word(&rule.policy, "openstack.flavor_policy: policy", err_at)?;
+            self.policy_rules.flavors.push(FlavorRule {
+                pattern: rule.flavor.into_inner(),
+                policy,
+            });
+        }
+        Ok(())
+    }
+
     /// `[openstack]`, `[libvirt]`, `[isolation]` and `[metrics]`.
     fn tables(
         &mut self,
@@ -413,10 +533,8 @@ impl Config {
         metrics: Option<RawMetrics>,
         err_at: &dyn Fn(Option<usize>, String) -> ConfigError,
     ) -> Result<(), ConfigError> {
-        if let Some(v) = openstack.and_then(|o| o.nova_conf) {
-            if !v.get_ref().is_empty() {
-                self.nova_conf = Some(absolute_path(&v, "openstack.nova_conf", err_at)?);
-            }
+        if let Some(openstack) = openstack {
+            self.openstack_keys(openstack, err_at)?;
         }
         if let Some(uri) = libvirt.and_then(|l| l.uri) {
             if uri.get_ref().trim().is_empty() {
@@ -474,6 +592,7 @@ impl Config {
                 normal_kib_per_node: self.reserved_memory_mib * 1024,
                 huge_pages: huge_page_map(&self.reserved_huge_pages),
             },
+            rules: self.policy_rules.clone(),
             ..HostPolicy::with_reserved(self.reserved_cpus.clone())
         };
         if let Some(path) = &self.nova_conf {
@@ -724,6 +843,22 @@ fn one_of<T: Copy>(
         })
 }
 
+/// A policy word (`auto`, `dedicated`, `shared`, `none`) for `key`.
+fn policy_word(
+    v: &Spanned<String>,
+    key: &str,
+    err_at: &dyn Fn(Option<usize>, String) -> ConfigError,
+) -> Result<Policy, ConfigError> {
+    let policies = [
+        ("auto", Policy::Auto),
+        ("dedicated", Policy::Dedicated),
+        ("shared", Policy::Shared),
+        ("none", Policy::None),
+    ];
+    let expected = "\"auto\", \"dedicated\", \"shared\" or \"none\"";
+    one_of(v, key, &policies, expected, err_at)
+}
+
 /// A period in seconds, 1 to 3600, for `key`.
 fn interval(
     v: &Spanned<u64>,
@@ -888,6 +1023,68 @@ mod tests {
         assert_eq!(config.reconcile_interval, Duration::from_secs(3));
         assert_eq!(config.log_level, Level::Debug);
         assert_eq!(config.libvirt_uri, "test:///default");
+    }
+
+    #[test]
+    fn reads_the_mode_the_policies_and_the_memory_rate() {
+        let config = parse(
+            "mode = \"observe\"\ndefault_policy = \"none\"\nmemory_move_mib_per_sec = 64\n\
+             [openstack]\nplace_floating = true\n\
+             [[openstack.flavor_policy]]\nflavor = \"cpu.*\"\npolicy = \"dedicated\"\n\
+             [[openstack.flavor_policy]]\nflavor = \"*\"\npolicy = \"auto\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.enforcement, Enforcement::Observe);
+        assert_eq!(config.memory_move_mib_per_sec, 64);
+        let rules = &config.policy_rules;
+        assert_eq!(rules.default, Policy::None);
+        assert!(rules.place_floating);
+        let flavors: Vec<(&str, Policy)> = rules
+            .flavors
+            .iter()
+            .map(|r| (r.pattern.as_str(), r.policy))
+            .collect();
+        assert_eq!(flavors, [("cpu.*", Policy::Dedicated), ("*", Policy::Auto)]);
+        let host = config
+            .resolve(&Topology::uniform(&CpuSet::parse("0-3").unwrap(), 1))
+            .unwrap();
+        assert_eq!(&host.rules, rules);
+        for (text, line, says) in [
+            (
+                "mode = \"watch\"\n",
+                1,
+                "mode must be \"enforce\" or \"observe\", not \"watch\"",
+            ),
+            (
+                "\ndefault_policy = \"pinned\"\n",
+                2,
+                "default_policy must be \"auto\"",
+            ),
+            (
+                "memory_move_mib_per_sec = -1\n",
+                1,
+                "memory_move_mib_per_sec must be MiB per second",
+            ),
+            (
+                "[[openstack.flavor_policy]]\nflavor = \"m1.*\"\npolicy = \"fast\"\n",
+                3,
+                "openstack.flavor_policy: policy must be",
+            ),
+            (
+                "[[openstack.flavor_policy]]\nflavor = \"\"\npolicy = \"auto\"\n",
+                2,
+                "flavor is empty",
+            ),
+            (
+                "[[openstack.flavor_policy]]\nflavor = \"x\"\n",
+                1,
+                "missing field `policy`",
+            ),
+        ] {
+            let e = parse(text).unwrap_err();
+            assert_eq!(e.line, Some(line), "{text}: {e}");
+            assert!(e.message.contains(says), "{text}: {e}");
+        }
     }
 
     #[test]

@@ -8,17 +8,19 @@ use super::observe::Observer;
 use super::pass::PassMemory;
 use super::session::{Connection, Connector, Session};
 use super::{HostPaths, Work};
-use crate::config::Config;
+use crate::config::{Config, Enforcement};
 use crate::engine::coalesce::Coalescer;
 use crate::engine::domain::DomainSpec;
+use crate::engine::hypervisor::HvError;
 use crate::engine::placement::{HostPolicy, Plan};
 use crate::engine::reconcile;
+use crate::engine::release::{self, Everywhere};
 use crate::engine::topology::Topology;
 use crate::host::guest_ram::KernelPageMover;
 use crate::isolation::keeper::Keeper;
 use crate::libvirt::events::LibvirtEvent;
 use pinner_shared::log::Logger;
-use pinner_shared::protocol::{Counters, HookEvent, HookOp, Response};
+use pinner_shared::protocol::{Counters, HookEvent, HookOp, ReleaseRequest, Response};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
@@ -77,6 +79,8 @@ struct Batch {
     pass_needed: bool,
     reconcile_replies: Vec<Sender<Response>>,
     status_replies: Vec<Sender<Response>>,
+    /// Served before the pass, so it sees the guests released.
+    releases: Vec<(ReleaseRequest, Sender<Response>)>,
     stop: bool,
 }
 
@@ -137,10 +141,19 @@ impl Daemon {
         queued.extend(rx.try_iter());
         let batch = self.sort(queued);
         if batch.stop {
-            for reply in batch.reconcile_replies.iter().chain(&batch.status_replies) {
+            let releases = batch.releases.iter().map(|(_, reply)| reply);
+            for reply in batch
+                .reconcile_replies
+                .iter()
+                .chain(&batch.status_replies)
+                .chain(releases)
+            {
                 let _ = reply.send(Response::Error("daemon is stopping".into()));
             }
             return false;
+        }
+        for (request, reply) in batch.releases {
+            let _ = reply.send(self.release(&request));
         }
         if batch.pass_needed || self.pass_due(Instant::now()) {
             let report = self.reconcile();
@@ -187,6 +200,7 @@ impl Daemon {
                     batch.reconcile_replies.push(reply);
                 }
                 Work::Status(reply) => batch.status_replies.push(reply),
+                Work::Release(request, reply) => batch.releases.push((request, reply)),
                 Work::Reload => batch.pass_needed |= self.reload(),
                 Work::Stop => {
                     batch.stop = true;
@@ -259,7 +273,7 @@ impl Daemon {
                 return false;
             }
         };
-        let was_isolating = self.config.isolation.enabled;
+        let was_isolating = self.isolating();
         self.host = host;
         if config.socket != self.config.socket || config.socket_group != self.config.socket_group {
             self.logger.warn(
@@ -275,9 +289,26 @@ impl Daemon {
         true
     }
 
+    /// Whether isolation is on and kept: enabled, and in enforce mode.
+    pub fn isolating(&self) -> bool {
+        self.config.isolation.enabled && self.config.enforcement == Enforcement::Enforce
+    }
+
     /// Isolates (or re-isolates with new settings) when enabled; undoes it
-    /// when it was enabled and no longer is.
+    /// when it was enabled and no longer is. In observe mode it neither
+    /// applies nor keeps it, and leaves the host as it is.
     pub fn update_isolation(&mut self, was_enabled: bool) {
+        let observe = self.config.enforcement == Enforcement::Observe;
+        self.keeper.pause(observe);
+        if observe {
+            if self.config.isolation.enabled {
+                self.logger.info(
+                    "observe mode: host isolation is neither applied nor kept (enforce applies it)",
+                    &[],
+                );
+            }
+            return;
+        }
         self.keeper.update(
             &self.config.isolation,
             &self.host.reserved,
@@ -292,6 +323,44 @@ impl Daemon {
     /// `restore_on_exit`).
     pub fn undo_isolation(&mut self) {
         Keeper::undo(&self.config.isolation, &self.paths.state_dir, &self.logger);
+    }
+
+    /// `pinner release`: through the daemon's connection, between passes,
+    /// each change logged as it is made and known as pinner's own when
+    /// libvirt echoes it.
+    fn release(&mut self, request: &ReleaseRequest) -> Response {
+        if self.connection().is_none() {
+            return Response::Error(format!(
+                "libvirt not reachable at {}",
+                self.config.libvirt_uri
+            ));
+        }
+        let everywhere = Everywhere::of(&self.topology);
+        let logger = self.logger.clone();
+        let own_pins = &mut self.memory.own_pins;
+        let libvirt = self.session.current().expect("connected above");
+        let released = release::release(libvirt, &everywhere, request, |domain, action| {
+            if let Some((field, cpus)) = action.pin_field() {
+                own_pins
+                    .entry(domain.uuid.clone())
+                    .or_default()
+                    .insert(field, cpus.clone());
+            }
+            let (message, mut fields) = action.describe();
+            fields.insert(0, ("DOMAIN", domain.name.clone()));
+            fields.push(("RELEASE", "1".into()));
+            let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            logger.info(&format!("release: {message}"), &fields);
+        });
+        match released {
+            Ok(reports) => Response::Released(reports),
+            Err(e) => {
+                if matches!(e, HvError::Disconnected(_)) {
+                    self.session.drop_connection();
+                }
+                Response::Error(e.to_string())
+            }
+        }
     }
 
     pub(super) fn plan(&self, specs: &[DomainSpec]) -> Plan {
@@ -376,8 +445,13 @@ mod tests {
         fn running_domains(&mut self) -> Result<Running, HvError> {
             self.call(|hv| hv.running_domains())
         }
-        fn set_metadata(&mut self, uuid: &str, element: &str) -> Result<(), HvError> {
-            self.call(|hv| hv.set_metadata(uuid, element))
+        fn set_metadata(
+            &mut self,
+            uuid: &str,
+            element: &str,
+            persistent: bool,
+        ) -> Result<(), HvError> {
+            self.call(|hv| hv.set_metadata(uuid, element, persistent))
         }
         fn pin_vcpu(&mut self, uuid: &str, vcpu: u32, cpus: &CpuSet) -> Result<(), HvError> {
             self.call(|hv| hv.pin_vcpu(uuid, vcpu, cpus))

@@ -325,8 +325,15 @@ impl Intake {
                 answer(&stream, &ack, deadline);
                 return true;
             }
+            Request::Release(_) if peer == Peer::Group => {
+                // Releasing changes guests: root's alone.
+                let message = "permission denied: only root may release guests";
+                answer(&stream, &Response::Error(message.into()), deadline);
+                return false;
+            }
             Request::Status => Work::Status(reply_tx),
             Request::Reconcile => Work::Reconcile(reply_tx),
+            Request::Release(request) => Work::Release(request, reply_tx),
         };
         if self.work.send(work).is_err() {
             return true;

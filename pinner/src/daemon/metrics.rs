@@ -170,16 +170,28 @@ pub fn render(report: &StatusReport, format: Format) -> String {
 
 /// The connection and the daemon's counters.
 fn daemon_families(out: &mut Out, report: &StatusReport) {
-    out.family(
-        "pinner_libvirt_connected",
-        "gauge",
-        "1 when the daemon is connected to libvirt.",
-    );
-    out.sample(
-        "pinner_libvirt_connected",
-        &[],
-        f64::from(u8::from(report.libvirt_connected)),
-    );
+    let pending: usize = report.domains.iter().map(|d| d.pending.len()).sum();
+    let gauges = [
+        (
+            "pinner_libvirt_connected",
+            "1 when the daemon is connected to libvirt.",
+            f64::from(u8::from(report.libvirt_connected)),
+        ),
+        (
+            "pinner_enforcing",
+            "1 when the daemon applies its plan (mode enforce), 0 when it only shows it (observe).",
+            f64::from(u8::from(report.enforcement != "observe")),
+        ),
+        (
+            "pinner_pending_changes",
+            "Pins and memory bindings the plan asks for that are not made yet (all of them in observe mode).",
+            pending as f64,
+        ),
+    ];
+    for (name, help, value) in gauges {
+        out.family(name, "gauge", help);
+        out.sample(name, &[], value);
+    }
     let c = &report.counters;
     for (name, help, value) in COUNTERS {
         out.counter(name, help, value(c));

@@ -24,7 +24,7 @@ use crate::libvirt::events::{self, LibvirtEvent};
 use control::{Daemon, Setup};
 use intake::{Intake, IntakeError, Slots};
 use pinner_shared::log::Logger;
-use pinner_shared::protocol::{HookEvent, Response};
+use pinner_shared::protocol::{HookEvent, ReleaseRequest, Response};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::mpsc::{self, Sender};
@@ -37,6 +37,7 @@ pub enum Work {
     Libvirt(LibvirtEvent),
     Status(Sender<Response>),
     Reconcile(Sender<Response>),
+    Release(ReleaseRequest, Sender<Response>),
     Reload,
     Stop,
 }
@@ -140,8 +141,7 @@ pub fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
     }
     daemon.run(&rx);
     let _ = crate::host::notify::notify("STOPPING=1");
-    let isolation = &daemon.config().isolation;
-    if isolation.enabled && isolation.restore_on_exit {
+    if daemon.isolating() && daemon.config().isolation.restore_on_exit {
         daemon.undo_isolation();
     }
     for socket in sockets.iter().flatten() {

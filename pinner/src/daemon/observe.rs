@@ -243,6 +243,7 @@ impl Daemon {
                 }
                 return Response::Status(Box::new(StatusReport {
                     mode: "unknown".into(),
+                    enforcement: self.config.enforcement.as_str().into(),
                     reserved,
                     libvirt_connected: false,
                     warnings: vec![e.to_string()],
@@ -272,6 +273,7 @@ impl Daemon {
         }
         Response::Status(Box::new(StatusReport {
             mode: plan.mode.as_str().into(),
+            enforcement: self.config.enforcement.as_str().into(),
             pool: plan.pool.to_vec(),
             reserved,
             libvirt_connected: true,

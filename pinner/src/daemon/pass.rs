@@ -3,13 +3,14 @@
 //! counters, logs, latency, busy retries, a lost connection.
 
 use super::control::Daemon;
+use crate::config::Enforcement;
 use crate::engine::cpuset::CpuSet;
 use crate::engine::domain::DomainSpec;
 use crate::engine::hypervisor::{HvError, Unreadable};
 use crate::engine::placement::{Plan, Warning};
-use crate::engine::reconcile::{self, ApplyOutcome, MemoryRefusals};
+use crate::engine::reconcile::{self, ApplyOutcome, DomainActions, MemoryRefusals};
 use crate::host::procs::ProcFs;
-use pinner_shared::protocol::ReconcileReport;
+use pinner_shared::protocol::{PendingChange, ReconcileReport};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -24,6 +25,9 @@ pub struct PassMemory {
     last_warnings: Vec<Warning>,
     /// Memory bindings libvirt refused, kept while their guest runs.
     pub refused: MemoryRefusals,
+    /// Observe mode: the changes last logged as "would …", per domain
+    /// UUID, so each is logged once, not every pass.
+    pub announced: HashMap<String, Vec<PendingChange>>,
     /// The pins pinner set last, per domain UUID and libvirt field name
     /// (`cputune.vcpupin0`): libvirt echoes them as events, which must not
     /// count as someone else's change.
@@ -37,6 +41,7 @@ impl Default for PassMemory {
             last_warnings: Vec::new(),
             refused: MemoryRefusals::new(),
             own_pins: HashMap::new(),
+            announced: HashMap::new(),
             busy_delay: BUSY_RETRY_MIN,
         }
     }
@@ -54,6 +59,7 @@ impl PassMemory {
         let running = |uuid: &String| specs.iter().any(|s| &s.uuid == uuid);
         self.refused.retain(|uuid, _| running(uuid));
         self.own_pins.retain(|uuid, _| running(uuid));
+        self.announced.retain(|uuid, _| running(uuid));
     }
 }
 
@@ -110,6 +116,12 @@ impl Daemon {
         crate::host::sysfs::refresh_memory(&self.paths.sysfs_root, &mut self.topology);
         let plan = self.plan(&specs);
         let work = reconcile::diff(&specs, &plan, &self.memory.refused);
+        if self.config.enforcement == Enforcement::Observe {
+            self.announce_pending(&specs, &work);
+            self.counters.reconciles += 1;
+            self.log_new_warnings(&plan.warnings);
+            return Ok(pass_report(&specs, &plan, 0, Vec::new(), &unreadable));
+        }
         let logger = self.logger.clone();
         let own_pins = &mut self.memory.own_pins;
         let libvirt = self.session.current().expect("connected above");
@@ -135,15 +147,44 @@ impl Daemon {
             .observer
             .sample_guests(&ProcFs::new(&self.paths.proc), &specs);
         self.place_cell_memory(&specs, &plan, &samples);
-        let mut errors: Vec<String> = outcome.errors.iter().map(ToString::to_string).collect();
-        errors.extend(unreadable.iter().map(ToString::to_string));
-        Ok(ReconcileReport {
-            mode: plan.mode.as_str().into(),
-            domains: specs.len() as u32,
-            pins_changed: outcome.changed,
+        let errors = outcome.errors.iter().map(ToString::to_string).collect();
+        Ok(pass_report(
+            &specs,
+            &plan,
+            outcome.changed,
             errors,
-            warnings: plan.warnings.iter().map(ToString::to_string).collect(),
-        })
+            &unreadable,
+        ))
+    }
+
+    /// Observe mode: each change the plan asks for is logged once, as the
+    /// line it would be logged with once made but saying "would", with
+    /// the same fields; nothing is applied.
+    fn announce_pending(&mut self, specs: &[DomainSpec], work: &[DomainActions]) {
+        let announced = &mut self.memory.announced;
+        announced.retain(|uuid, _| work.iter().any(|w| &w.uuid == uuid));
+        for domain in work {
+            let Some(spec) = specs.iter().find(|s| s.uuid == domain.uuid) else {
+                continue;
+            };
+            let before = announced.remove(&domain.uuid).unwrap_or_default();
+            let mut now = Vec::with_capacity(domain.actions.len());
+            for action in &domain.actions {
+                let Some(pending) = action.pending(spec) else {
+                    continue;
+                };
+                if !before.contains(&pending) {
+                    let (_, fields) = action.describe();
+                    let mut fields: Vec<(&str, &str)> =
+                        fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                    fields.insert(0, ("DOMAIN", &domain.name));
+                    fields.push(("ENFORCEMENT", "observe"));
+                    self.logger.info(&pending.text, &fields);
+                }
+                now.push(pending);
+            }
+            announced.insert(domain.uuid.clone(), now);
+        }
     }
 
     /// Counters, logs and retries after a pass applied `outcome`.
@@ -215,5 +256,23 @@ impl Daemon {
             }
         }
         self.memory.last_warnings = warnings.to_vec();
+    }
+}
+
+/// What a pass reports to `pinner reconcile`.
+fn pass_report(
+    specs: &[DomainSpec],
+    plan: &Plan,
+    pins_changed: u32,
+    mut errors: Vec<String>,
+    unreadable: &[Unreadable],
+) -> ReconcileReport {
+    errors.extend(unreadable.iter().map(ToString::to_string));
+    ReconcileReport {
+        mode: plan.mode.as_str().into(),
+        domains: specs.len() as u32,
+        pins_changed,
+        errors,
+        warnings: plan.warnings.iter().map(ToString::to_string).collect(),
     }
 }

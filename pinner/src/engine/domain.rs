@@ -7,9 +7,10 @@ use pinner_shared::paths::METADATA_URI;
 use std::collections::BTreeMap;
 
 /// What an operator (or pinner) asked for in the domain's metadata.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Policy {
     /// Dedicated while the host has room, shared beyond.
+    #[default]
     Auto,
     Dedicated,
     Shared,
@@ -38,10 +39,13 @@ impl Policy {
     }
 }
 
-/// `<pinner:state xmlns:pinner="urn:pinner:1" policy="…"/>` in `<metadata>`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `<pinner:state xmlns:pinner="urn:pinner:1" policy="…" mode="…"/>` in
+/// `<metadata>`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PinnerMetadata {
-    pub policy: Policy,
+    /// The policy the guest's owner asked for (None: no `policy`, so the
+    /// host's rules decide; an unknown word counts as auto).
+    pub policy: Option<Policy>,
     /// The policy word when it was not one pinner knows (treated as auto).
     pub unknown_policy: Option<String>,
     /// The placement pinner last applied (`dedicated`/`shared`).
@@ -49,20 +53,33 @@ pub struct PinnerMetadata {
 }
 
 impl PinnerMetadata {
-    /// The element pinner writes (libvirt adds the namespace prefix).
-    /// An operator's unknown policy word is written back as it was.
+    /// The element pinner writes (libvirt adds the namespace prefix): the
+    /// owner's policy word kept as it was (an unknown one too), none added.
     pub fn to_xml(&self, mode: &str) -> String {
         let policy = self
             .unknown_policy
             .as_deref()
-            .unwrap_or(self.policy.as_str());
-        format!(
-            "<state policy=\"{}\" mode=\"{}\"/>",
-            xml_escape(policy),
-            xml_escape(mode)
-        )
+            .or(self.policy.map(Policy::as_str));
+        match policy {
+            Some(policy) => format!(
+                "<state policy=\"{}\" mode=\"{}\"/>",
+                xml_escape(policy),
+                xml_escape(mode)
+            ),
+            None => format!("<state mode=\"{}\"/>", xml_escape(mode)),
+        }
     }
 }
+
+/// What nova's `<nova:instance>` metadata says of a guest it started.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NovaInstance {
+    /// `<nova:flavor name=…>`.
+    pub flavor: Option<String>,
+}
+
+/// nova's metadata namespaces (`…/nova/1.0`, `…/nova/1.1`) start so.
+const NOVA_URI_PREFIX: &str = "http://openstack.org/xmlns/libvirt/nova/";
 
 fn xml_escape(text: &str) -> String {
     text.replace('&', "&amp;")
@@ -114,6 +131,8 @@ pub struct DomainSpec {
     /// `<memoryBacking><hugepages>`: None when the guest uses normal pages.
     pub hugepages: Option<HugepageBacking>,
     pub metadata: Option<PinnerMetadata>,
+    /// nova's metadata, when nova started the guest.
+    pub nova: Option<NovaInstance>,
 }
 
 /// `<memoryBacking><hugepages>`: the page size of each guest cell.
@@ -374,13 +393,35 @@ impl<'a, 'input> Reader<'a, 'input> {
         let state = self.child("metadata")?.children().find(|n| {
             n.tag_name().namespace() == Some(METADATA_URI) && n.tag_name().name() == "state"
         })?;
-        let word = state.attribute("policy").unwrap_or("auto");
-        let policy = Policy::parse(word);
+        let word = state.attribute("policy");
+        let policy = word.map(|w| Policy::parse(w).unwrap_or(Policy::Auto));
         Some(PinnerMetadata {
-            policy: policy.unwrap_or(Policy::Auto),
-            unknown_policy: policy.is_none().then(|| word.to_string()),
+            policy,
+            unknown_policy: word
+                .filter(|w| Policy::parse(w).is_none())
+                .map(str::to_string),
             mode: state.attribute("mode").map(str::to_string),
         })
+    }
+
+    /// nova's `<nova:instance>` in `<metadata>`, with its flavor's name.
+    fn nova(&self) -> Option<NovaInstance> {
+        let is_nova = |n: &roxmltree::Node, tag: &str| {
+            n.tag_name().name() == tag
+                && n.tag_name()
+                    .namespace()
+                    .is_some_and(|ns| ns.starts_with(NOVA_URI_PREFIX))
+        };
+        let instance = self
+            .child("metadata")?
+            .children()
+            .find(|n| is_nova(n, "instance"))?;
+        let flavor = instance
+            .children()
+            .find(|n| is_nova(n, "flavor"))
+            .and_then(|f| f.attribute("name"))
+            .map(str::to_string);
+        Some(NovaInstance { flavor })
     }
 }
 
@@ -422,6 +463,7 @@ impl DomainSpec {
                 .child("numatune")
                 .is_some_and(|n| n.children().any(|c| c.has_tag_name("memnode"))),
             metadata: reader.metadata(),
+            nova: reader.nova(),
             memory_kib: reader.memory_size()?,
             hugepages: reader.hugepages()?,
             cell_memory_kib: cells.iter().map(|(id, _, kib)| (*id, *kib)).collect(),
@@ -447,6 +489,16 @@ impl DomainSpec {
     pub fn is_foreign(&self) -> bool {
         self.metadata.is_none()
             && (!self.vcpu_pins.is_empty() || self.vcpu_default.is_some() || self.auto_placement)
+    }
+
+    /// Floated by nova over `cpu_shared_set`: nova's metadata and a
+    /// `<vcpu cpuset>`, no pin of its own per vCPU and no pinner metadata.
+    pub fn is_nova_floating(&self) -> bool {
+        self.nova.is_some()
+            && self.metadata.is_none()
+            && self.vcpu_pins.is_empty()
+            && self.vcpu_default.is_some()
+            && !self.auto_placement
     }
 
     /// The pages guest cell `cell` (None: the guest as a whole) is made
@@ -545,7 +597,8 @@ mod tests {
             "<memnode cellid='0' mode='strict' nodeset='1'/></numatune>",
         );
         assert!(DomainSpec::parse(&bound).unwrap().cell_memory_bound);
-        assert_eq!(d.metadata.as_ref().unwrap().policy, Policy::Dedicated);
+        assert_eq!(d.metadata.as_ref().unwrap().policy, Some(Policy::Dedicated));
+        assert_eq!(d.nova, Some(NovaInstance { flavor: None }));
         assert!(!d.is_foreign());
         assert_eq!(d.pinned_cpus().to_string(), "2-3");
     }
@@ -666,14 +719,14 @@ mod tests {
         let xml = r#"<domain><name>x</name><vcpu>1</vcpu><metadata>
             <p:state xmlns:p="urn:pinner:1" policy="fastest"/></metadata></domain>"#;
         let meta = DomainSpec::parse(xml).unwrap().metadata.unwrap();
-        assert_eq!(meta.policy, Policy::Auto);
+        assert_eq!(meta.policy, Some(Policy::Auto));
         assert_eq!(meta.unknown_policy.as_deref(), Some("fastest"));
         assert_eq!(
             meta.to_xml("shared"),
             "<state policy=\"fastest\" mode=\"shared\"/>"
         );
         let odd = PinnerMetadata {
-            policy: Policy::Auto,
+            policy: Some(Policy::Auto),
             unknown_policy: Some("a\"<&".into()),
             mode: None,
         };
@@ -681,6 +734,37 @@ mod tests {
             odd.to_xml("shared"),
             "<state policy=\"a&quot;&lt;&amp;\" mode=\"shared\"/>"
         );
+        // No policy of the owner's: none written, so the host's rules go on
+        // deciding.
+        let ruled = PinnerMetadata::default();
+        assert_eq!(ruled.to_xml("dedicated"), "<state mode=\"dedicated\"/>");
+        let xml = r#"<domain><name>x</name><vcpu>1</vcpu><metadata>
+            <p:state xmlns:p="urn:pinner:1" mode="dedicated"/></metadata></domain>"#;
+        assert_eq!(
+            DomainSpec::parse(xml).unwrap().metadata.unwrap().policy,
+            None
+        );
+    }
+
+    #[test]
+    fn reads_novas_instance_and_flavor() {
+        let xml = r#"<domain><name>instance-0001</name><vcpu cpuset='4-7'>2</vcpu><metadata>
+            <nova:instance xmlns:nova="http://openstack.org/xmlns/libvirt/nova/1.1">
+              <nova:name>web</nova:name><nova:flavor name="cpu.large"><nova:vcpus>2</nova:vcpus></nova:flavor>
+            </nova:instance></metadata></domain>"#;
+        let d = DomainSpec::parse(xml).unwrap();
+        assert_eq!(
+            d.nova.as_ref().unwrap().flavor.as_deref(),
+            Some("cpu.large")
+        );
+        assert!(d.is_nova_floating() && d.is_foreign());
+        let pinned = xml.replace(
+            "</metadata>",
+            "</metadata><cputune><vcpupin vcpu='0' cpuset='4'/></cputune>",
+        );
+        assert!(!DomainSpec::parse(&pinned).unwrap().is_nova_floating());
+        let other = xml.replace("openstack.org/xmlns/libvirt/nova/1.1", "example.org/nova");
+        assert_eq!(DomainSpec::parse(&other).unwrap().nova, None);
     }
 
     #[test]

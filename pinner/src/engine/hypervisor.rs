@@ -39,7 +39,9 @@ pub trait Hypervisor {
     /// Every running domain with its live XML facts. Domains whose XML cannot
     /// be read are reported in the second list (name or uuid, reason).
     fn running_domains(&mut self) -> Result<Running, HvError>;
-    fn set_metadata(&mut self, uuid: &str, element: &str) -> Result<(), HvError>;
+    /// Sets pinner's metadata element on the running guest, and on its
+    /// persistent definition too when `persistent`.
+    fn set_metadata(&mut self, uuid: &str, element: &str, persistent: bool) -> Result<(), HvError>;
     fn pin_vcpu(&mut self, uuid: &str, vcpu: u32, cpus: &CpuSet) -> Result<(), HvError>;
     fn pin_emulator(&mut self, uuid: &str, cpus: &CpuSet) -> Result<(), HvError>;
     fn pin_iothread(&mut self, uuid: &str, iothread: u32, cpus: &CpuSet) -> Result<(), HvError>;
@@ -73,14 +75,25 @@ pub mod fake {
         pub calls: u32,
         /// Domains libvirt is busy with (a job in progress).
         pub in_job: Vec<String>,
+        /// Metadata elements written to persistent definitions, by uuid.
+        pub persistent_metadata: BTreeMap<String, String>,
     }
 
     impl Hypervisor for FakeHypervisor {
         fn running_domains(&mut self) -> Result<Running, HvError> {
             Ok((self.domains.values().cloned().collect(), vec![]))
         }
-        fn set_metadata(&mut self, uuid: &str, element: &str) -> Result<(), HvError> {
+        fn set_metadata(
+            &mut self,
+            uuid: &str,
+            element: &str,
+            persistent: bool,
+        ) -> Result<(), HvError> {
             self.call()?;
+            if persistent {
+                self.persistent_metadata
+                    .insert(uuid.to_string(), element.to_string());
+            }
             let d = self.domains.get_mut(uuid).unwrap();
             let probe = format!(
                 "<domain><name>x</name><vcpu>1</vcpu><metadata>{}</metadata></domain>",

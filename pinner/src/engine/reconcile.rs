@@ -3,13 +3,16 @@
 //! or a daemon restart costs nothing but a delay.
 
 use crate::engine::cpuset::CpuSet;
-use crate::engine::domain::{DomainSpec, PinnerMetadata, Policy};
+use crate::engine::domain::DomainSpec;
 use crate::engine::hypervisor::{HvError, Hypervisor};
 use crate::engine::memory::PageKind;
-use crate::engine::placement::{self, Guest, GuestPlan, HostPolicy, Plan, Role, Warning};
+use crate::engine::placement::{
+    self, Guest, GuestPlan, HostPolicy, LeftAlone, Plan, Role, Warning,
+};
+use crate::engine::policy::Decision;
 use crate::engine::topology::Topology;
 use pinner_shared::log::Level;
-use pinner_shared::protocol::{DomainStatus, NodeMemoryStatus, VcpuStatus};
+use pinner_shared::protocol::{DomainStatus, NodeMemoryStatus, PendingChange, VcpuStatus};
 use std::collections::{BTreeMap, HashMap};
 
 /// One change to make on a domain.
@@ -98,6 +101,63 @@ impl Action {
         }
     }
 
+    /// The change as still to make on `spec`, for status and the
+    /// observe-mode journal ("would move vCPU 2 from 4-7 to 9"); None for
+    /// marking, which is bookkeeping.
+    pub fn pending(&self, spec: &DomainSpec) -> Option<PendingChange> {
+        let list = |set: Option<&CpuSet>| set.map(CpuSet::to_vec).unwrap_or_default();
+        let (op, id, from, to, what) = match self {
+            Action::SetMetadata { .. } => return None,
+            Action::PinVcpu { vcpu, cpus } => {
+                let from = spec.vcpu_pin(*vcpu);
+                ("pin_vcpu", Some(*vcpu), from, cpus, format!("vCPU {vcpu}"))
+            }
+            Action::PinEmulator { cpus } => (
+                "pin_emulator",
+                None,
+                spec.emulator_pin.as_ref(),
+                cpus,
+                "emulator threads".to_string(),
+            ),
+            Action::PinIothread { iothread, cpus } => (
+                "pin_iothread",
+                Some(*iothread),
+                spec.iothread_pins.get(iothread),
+                cpus,
+                format!("IOThread {iothread}"),
+            ),
+            Action::SetMemoryNodes { nodes, .. } => {
+                let from = spec.memory_nodes.as_ref();
+                let text = match from {
+                    Some(now) => format!(
+                        "would move memory from {} to {}",
+                        nodes_word(now),
+                        nodes_word(nodes)
+                    ),
+                    None => format!("would bind memory to {}", nodes_word(nodes)),
+                };
+                return Some(PendingChange {
+                    op: "memory".into(),
+                    id: None,
+                    from: list(from),
+                    to: nodes.to_vec(),
+                    text,
+                });
+            }
+        };
+        let text = match from {
+            Some(now) => format!("would move {what} from {now} to {to}"),
+            None => format!("would pin {what} (now on any CPU) to {to}"),
+        };
+        Some(PendingChange {
+            op: op.into(),
+            id,
+            from: list(from),
+            to: to.to_vec(),
+            text,
+        })
+    }
+
     /// Marking a domain is bookkeeping; every other change is news.
     pub fn log_level(&self) -> Level {
         match self {
@@ -116,6 +176,14 @@ pub enum ApplyError {
     Failed { domain: String, message: String },
 }
 
+/// "node 1", "nodes 0-1".
+fn nodes_word(nodes: &CpuSet) -> String {
+    match nodes.len() {
+        1 => format!("node {nodes}"),
+        _ => format!("nodes {nodes}"),
+    }
+}
+
 /// The changes for one domain, in the order they must be made.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DomainActions {
@@ -125,23 +193,26 @@ pub struct DomainActions {
 }
 
 /// What placement sees of each running domain (`default_hugepage_kib`:
-/// the host's default huge page size, for guests that name none).
-pub fn guests_of(specs: &[DomainSpec], default_hugepage_kib: Option<u64>) -> Vec<Guest> {
+/// the host's default huge page size, for guests that name none), each
+/// given its role by the host's rules.
+pub fn guests_of(
+    specs: &[DomainSpec],
+    default_hugepage_kib: Option<u64>,
+    host: &HostPolicy,
+) -> Vec<Guest> {
     specs
         .iter()
         .map(|spec| {
-            let role = if spec.is_foreign() {
-                Role::Foreign {
-                    taken: spec.pinned_cpus(),
-                }
-            } else {
-                match spec.metadata.as_ref().map_or(Policy::Auto, |m| m.policy) {
-                    Policy::None => Role::OptedOut,
-                    policy => Role::Managed {
-                        policy,
-                        current: (0..spec.vcpus).map(|v| spec.vcpu_pin(v).cloned()).collect(),
-                    },
-                }
+            let role = match host.rules.decide(spec, host.nova_pins()) {
+                Decision::Place(policy) => Role::Managed {
+                    policy,
+                    current: (0..spec.vcpus).map(|v| spec.vcpu_pin(v).cloned()).collect(),
+                },
+                Decision::Foreign { taken } => Role::Foreign { taken },
+                Decision::NovaFloating => Role::Foreign {
+                    taken: CpuSet::new(),
+                },
+                Decision::LeftAlone(_) => Role::OptedOut,
             };
             Guest {
                 name: spec.name.clone(),
@@ -157,8 +228,20 @@ pub fn guests_of(specs: &[DomainSpec], default_hugepage_kib: Option<u64>) -> Vec
 }
 
 pub fn plan_for(topology: &Topology, host: &HostPolicy, specs: &[DomainSpec]) -> Plan {
-    let guests = guests_of(specs, topology.default_hugepage_kib);
+    let guests = guests_of(specs, topology.default_hugepage_kib, host);
     let mut plan = placement::plan(topology, host, &guests);
+    plan.left_alone = specs
+        .iter()
+        .filter_map(|spec| {
+            let (policy, why) = host.rules.decide(spec, host.nova_pins()).left_alone()?;
+            Some(LeftAlone {
+                uuid: spec.uuid.clone(),
+                name: spec.name.clone(),
+                policy,
+                why,
+            })
+        })
+        .collect();
     for spec in specs {
         if let Some(word) = spec
             .metadata
@@ -210,11 +293,7 @@ pub fn diff(specs: &[DomainSpec], plan: &Plan, refused: &MemoryRefusals) -> Vec<
             let mut actions = Vec::new();
             let recorded_mode = spec.metadata.as_ref().and_then(|m| m.mode.as_deref());
             if recorded_mode != Some(gp.placement.as_str()) {
-                let meta = spec.metadata.clone().unwrap_or(PinnerMetadata {
-                    policy: Policy::Auto,
-                    unknown_policy: None,
-                    mode: None,
-                });
+                let meta = spec.metadata.clone().unwrap_or_default();
                 actions.push(Action::SetMetadata {
                     element: meta.to_xml(gp.placement.as_str()),
                 });
@@ -323,7 +402,7 @@ pub fn apply(
         }
         for action in &domain.actions {
             let result = match action {
-                Action::SetMetadata { element } => hv.set_metadata(&domain.uuid, element),
+                Action::SetMetadata { element } => hv.set_metadata(&domain.uuid, element, false),
                 Action::PinVcpu { vcpu, cpus } => hv.pin_vcpu(&domain.uuid, *vcpu, cpus),
                 Action::PinEmulator { cpus } => hv.pin_emulator(&domain.uuid, cpus),
                 Action::PinIothread { iothread, cpus } => {
@@ -375,29 +454,22 @@ pub fn apply(
 }
 
 /// The policy status shows for a domain, and why.
-fn policy_and_reason(spec: &DomainSpec, gp: Option<&GuestPlan>) -> (String, String) {
-    match gp {
-        Some(g) => (g.placement.as_str().to_string(), g.reason.clone()),
-        None if spec.is_foreign() => (
-            "foreign".to_string(),
-            "pinned by someone else; left alone".to_string(),
-        ),
-        None if spec
-            .metadata
-            .as_ref()
-            .is_some_and(|m| m.policy == Policy::None) =>
-        {
-            (
-                "none".to_string(),
-                "opted out (policy none); left alone".to_string(),
-            )
-        }
-        None if spec.vcpus == 0 => ("none".to_string(), "no vCPUs to place".to_string()),
-        None => (
-            "none".to_string(),
-            "not placed: no CPUs left for guests (see warnings)".to_string(),
-        ),
+pub fn policy_and_reason(
+    spec: &DomainSpec,
+    plan: &Plan,
+    gp: Option<&GuestPlan>,
+) -> (String, String) {
+    if let Some(g) = gp {
+        return (g.placement.as_str().to_string(), g.reason.clone());
     }
+    if let Some(alone) = plan.left_alone.iter().find(|a| a.uuid == spec.uuid) {
+        return (alone.policy.to_string(), alone.why.clone());
+    }
+    let why = match spec.vcpus {
+        0 => "no vCPUs to place",
+        _ => "not placed: no CPUs left for guests (see warnings)",
+    };
+    ("none".to_string(), why.to_string())
 }
 
 /// Per-domain status: what libvirt holds next to what the plan says
@@ -428,7 +500,7 @@ pub fn domain_status(
                 .map(CpuSet::to_vec)
                 .unwrap_or_default();
             let planned_emulator = gp.map_or_else(|| emulator.clone(), |g| g.emulator.to_vec());
-            let (policy, reason) = policy_and_reason(spec, gp);
+            let (policy, reason) = policy_and_reason(spec, plan, gp);
             let memory_nodes: Vec<u32> = spec
                 .memory_nodes
                 .as_ref()
@@ -470,8 +542,29 @@ pub fn domain_status(
             }
         })
         .collect();
+    fill_pending(&mut out, specs, plan, refused);
     out.sort_by(|a, b| a.name.cmp(&b.name));
     out
+}
+
+/// Each domain's changes still to make, from the same diff a pass applies.
+fn fill_pending(
+    domains: &mut [DomainStatus],
+    specs: &[DomainSpec],
+    plan: &Plan,
+    refused: &MemoryRefusals,
+) {
+    for work in diff(specs, plan, refused) {
+        let spec = specs.iter().find(|s| s.uuid == work.uuid);
+        let domain = domains.iter_mut().find(|d| d.uuid == work.uuid);
+        if let (Some(spec), Some(domain)) = (spec, domain) {
+            domain.pending = work
+                .actions
+                .iter()
+                .filter_map(|a| a.pending(spec))
+                .collect();
+        }
+    }
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use crate::engine::cpuset::CpuSet;
 use crate::engine::topology::Topology;
 use pinner_shared::log::Logger;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -17,6 +18,8 @@ use std::time::Instant;
 #[derive(Default)]
 pub struct Keeper {
     shared: Option<Arc<Mutex<Settings>>>,
+    /// Observe mode: the keeper thread confines nothing meanwhile.
+    paused: Arc<AtomicBool>,
 }
 
 impl Keeper {
@@ -57,10 +60,22 @@ impl Keeper {
             Some(shared) => *shared.lock().unwrap_or_else(|p| p.into_inner()) = settings,
             None => {
                 let shared = Arc::new(Mutex::new(settings));
-                spawn_keeper(shared.clone(), state_dir.to_path_buf(), logger.clone());
+                let paused = self.paused.clone();
+                spawn_keeper(
+                    shared.clone(),
+                    paused,
+                    state_dir.to_path_buf(),
+                    logger.clone(),
+                );
                 self.shared = Some(shared);
             }
         }
+    }
+
+    /// Stops (or resumes) keeping isolation true, leaving the host as it
+    /// is meanwhile: observe mode writes nothing.
+    pub fn pause(&self, paused: bool) {
+        self.paused.store(paused, Ordering::Relaxed);
     }
 
     /// Puts every confined process back and removes pinner's groups.
@@ -80,8 +95,14 @@ impl Keeper {
 
 /// Keeps isolation true: confines daemons whose pid file appears at once,
 /// and everything else the periodic sweep finds. Does nothing while
-/// isolation is not active (no state), so an `isolate --undo` holds.
-fn spawn_keeper(settings: Arc<Mutex<Settings>>, state_dir: PathBuf, logger: Arc<Logger>) {
+/// isolation is not active (no state), so an `isolate --undo` holds, and
+/// while `paused`.
+fn spawn_keeper(
+    settings: Arc<Mutex<Settings>>,
+    paused: Arc<AtomicBool>,
+    state_dir: PathBuf,
+    logger: Arc<Logger>,
+) {
     let keeper_logger = logger.clone();
     let body = move || {
         let logger = keeper_logger;
@@ -106,6 +127,10 @@ fn spawn_keeper(settings: Arc<Mutex<Settings>>, state_dir: PathBuf, logger: Arc<
                     Vec::new()
                 }
             };
+            if paused.load(Ordering::Relaxed) {
+                next_sweep = Instant::now() + settings.config.sweep_interval;
+                continue;
+            }
             for pid in started {
                 keep_logged(&system, &settings, Some(pid), (&logger, &mut failing));
             }

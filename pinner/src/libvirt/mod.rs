@@ -146,14 +146,17 @@ impl Hypervisor for Libvirt {
         Ok((specs, unreadable))
     }
 
-    fn set_metadata(&mut self, uuid: &str, element: &str) -> Result<(), HvError> {
+    fn set_metadata(&mut self, uuid: &str, element: &str, persistent: bool) -> Result<(), HvError> {
         self.domain(uuid)?
             .set_metadata(
                 sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
                 Some(element),
                 Some(METADATA_KEY),
                 Some(METADATA_URI),
-                self.affect,
+                match persistent {
+                    true => self.affect | sys::VIR_DOMAIN_AFFECT_CONFIG,
+                    false => self.affect,
+                },
             )
             .map_err(|e| self.classify(e))
     }

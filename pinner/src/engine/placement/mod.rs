@@ -15,6 +15,7 @@ use crate::engine::domain::Policy;
 use crate::engine::memory::{
     by_kind, human, Claim, MemoryPart, MemoryReserve, PageKind, PoolFigures,
 };
+use crate::engine::policy::PolicyRules;
 use crate::engine::topology::Topology;
 
 mod cells;
@@ -73,13 +74,17 @@ pub enum EmulatorPolicy {
 pub struct HostPolicy {
     pub reserved: CpuSet,
     pub cpu_allocation_ratio: f64,
-    /// nova's `cpu_dedicated_set`: the only CPUs dedicated guests may get.
+    /// nova's `cpu_dedicated_set`: the CPUs nova pins its guests to, never
+    /// given to a guest nova did not pin.
     pub dedicated_set: Option<CpuSet>,
-    /// nova's `cpu_shared_set`: the only CPUs shared guests may float on.
+    /// nova's `cpu_shared_set`: where nova floats its guests, and the only
+    /// CPUs pinner places guests on where nova pins.
     pub shared_set: Option<CpuSet>,
     pub emulator: EmulatorPolicy,
     /// Memory the host keeps for itself on each node.
     pub memory_reserve: MemoryReserve,
+    /// Which guests pinner places, and under which policy.
+    pub rules: PolicyRules,
 }
 
 impl HostPolicy {
@@ -91,6 +96,22 @@ impl HostPolicy {
             shared_set: None,
             emulator: EmulatorPolicy::Housekeeping,
             memory_reserve: MemoryReserve::default(),
+            rules: PolicyRules::default(),
+        }
+    }
+
+    /// A node where nova pins: its dedicated or shared set is known.
+    pub fn nova_pins(&self) -> bool {
+        self.dedicated_set.is_some() || self.shared_set.is_some()
+    }
+
+    /// What of `pool` pinner's guests may have: where nova pins, its
+    /// shared set (else what its dedicated set leaves).
+    fn guest_cpus(&self, pool: CpuSet) -> CpuSet {
+        match (&self.shared_set, &self.dedicated_set) {
+            (Some(shared), _) => pool.intersection(shared),
+            (None, Some(dedicated)) => pool.difference(dedicated),
+            (None, None) => pool,
         }
     }
 }
@@ -228,6 +249,19 @@ pub struct Plan {
     /// Every node's memory of each kind: what guests may take and what
     /// the plan (and the guests it leaves alone) commits there.
     pub memory: Vec<PoolFigures>,
+    /// Running guests pinner leaves alone, with why (filled in by
+    /// `reconcile::plan_for`, which sees their XML).
+    pub left_alone: Vec<LeftAlone>,
+}
+
+/// A running guest pinner does not place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeftAlone {
+    pub uuid: String,
+    pub name: String,
+    /// `foreign` (pinned by someone else) or `none`.
+    pub policy: &'static str,
+    pub why: String,
 }
 
 /// Why no CPU is left for guests.
@@ -257,6 +291,8 @@ pub enum Warning {
         ratio: f64,
         capacity: f64,
     },
+    #[error("{guest}: dedicated asked, but where nova pins, pinner places guests only on cpu_shared_set, which nova's floating guests share; shared instead")]
+    NovaShares { guest: String },
     #[error("{guest}: unknown pinner policy {word:?}, treated as auto")]
     UnknownPolicy { guest: String, word: String },
     #[error("{guest}: memory not bound: {} fits no set of nodes", human(*kib))]
@@ -294,7 +330,8 @@ impl<'g> Planning<'g> {
 }
 
 /// The plan for `guests` on `topo`:
-///  1. the pool: online − reserved − isolated − CPUs pinned by others;
+///  1. the pool: online − reserved − isolated − CPUs pinned by others
+///     (where nova pins, only its shared set);
 ///  2. the managed guests, by name, and memory: the guests left alone
 ///     take theirs where it is, then each managed guest where it runs now
 ///     (see [`memory`]);
@@ -309,11 +346,12 @@ pub fn plan(topo: &Topology, host: &HostPolicy, guests: &[Guest]) -> Plan {
         Role::Foreign { taken } => acc.union(taken),
         _ => acc,
     });
-    let pool = topo
-        .online
-        .difference(&reserved)
-        .difference(&topo.isolated)
-        .difference(&taken);
+    let pool = host.guest_cpus(
+        topo.online
+            .difference(&reserved)
+            .difference(&topo.isolated)
+            .difference(&taken),
+    );
     if pool.is_empty() {
         // Nothing to pin to: leave every guest as it is rather than pin to nothing.
         let why = NoCpus {
@@ -332,6 +370,7 @@ pub fn plan(topo: &Topology, host: &HostPolicy, guests: &[Guest]) -> Plan {
             memory: Memory::new(topo, &host.memory_reserve, guests)
                 .ledger
                 .figures(),
+            left_alone: Vec::new(),
         };
     }
     let mut planning = Planning {
@@ -371,6 +410,7 @@ pub fn plan(topo: &Topology, host: &HostPolicy, guests: &[Guest]) -> Plan {
         warnings: planning.warnings,
         pins_moved,
         memory: planning.memory.ledger.figures(),
+        left_alone: Vec::new(),
     }
 }
 
@@ -421,18 +461,15 @@ fn plan_dedicated(
     pool: &CpuSet,
     planning: &mut Planning,
 ) -> CpuSet {
-    let dedicated_pool = host
-        .dedicated_set
-        .as_ref()
-        .map_or_else(|| pool.clone(), |s| s.intersection(pool));
     let managed = &planning.managed;
     let dedicated_demand: usize = managed
         .iter()
         .filter(|(_, p, _)| *p != Policy::Shared)
         .map(|(g, _, _)| g.vcpus as usize)
         .sum();
-    let all_fit = dedicated_demand <= dedicated_pool.len();
-    // Guests asking for it, and auto guests when all fit. Indices into
+    let all_fit = dedicated_demand <= pool.len();
+    // Guests asking for it, and auto guests when all fit; none where nova
+    // pins, whose shared set nova's guests may float over. Indices into
     // `managed`, so its name order carries over.
     let wanting: Vec<usize> = (0..managed.len())
         .filter(|&i| match managed[i].1 {
@@ -441,8 +478,21 @@ fn plan_dedicated(
             _ => false,
         })
         .collect();
+    let wanting = if host.nova_pins() {
+        for &i in wanting
+            .iter()
+            .filter(|&&i| managed[i].1 == Policy::Dedicated)
+        {
+            planning.warnings.push(Warning::NovaShares {
+                guest: managed[i].0.name.clone(),
+            });
+        }
+        Vec::new()
+    } else {
+        wanting
+    };
     let input = planning.inputs(&wanting);
-    let mut free = dedicated_pool.clone();
+    let mut free = pool.clone();
     let memory = &mut planning.memory;
     let plans = place_dedicated(layout, host, reserved, &input, &mut free, memory);
     for (&i, plan) in wanting.iter().zip(plans) {
@@ -454,7 +504,7 @@ fn plan_dedicated(
             }),
         }
     }
-    dedicated_pool.difference(&free)
+    pool.difference(&free)
 }
 
 /// Step 4: every guest without a plan yet is bound to a range of what the
@@ -473,11 +523,7 @@ fn plan_shared(
         return;
     }
     let shared = planning.inputs(&shared_index);
-    let shared_base = host
-        .shared_set
-        .as_ref()
-        .map_or_else(|| pool.clone(), |s| s.intersection(pool));
-    let mut shared_pool = shared_base.difference(used);
+    let mut shared_pool = pool.difference(used);
     if shared_pool.is_empty() {
         planning.warnings.push(Warning::NoSharedRoom);
         shared_pool = pool.clone();
@@ -982,7 +1028,10 @@ mod tests {
     }
 
     #[test]
-    fn nova_sets_split_dedicated_and_shared_pools() {
+    fn where_nova_pins_pinner_places_only_on_the_shared_set() {
+        // nova pins its own guests on 4-7 and floats others over 1-3;
+        // pinner's guests (nova did not pin them) never get 4-7, and share
+        // 1-3, a dedicated one too, with a warning saying why.
         let topo = Topology::uniform(&set("0-7"), 1);
         let host = HostPolicy {
             dedicated_set: Some(set("4-7")),
@@ -995,10 +1044,30 @@ mod tests {
             &[
                 managed("d", 2, Policy::Dedicated, vec![]),
                 managed("s", 2, Policy::Shared, vec![]),
+                guest("a", 1),
             ],
         );
-        assert!(all_cpus(by_name(&plan, "d")).is_subset(&set("4-7")));
-        assert_eq!(by_name(&plan, "s").vcpus[0], set("1-3"));
+        for g in &plan.guests {
+            assert_eq!(g.placement, Placement::Shared, "{}", g.name);
+            assert!(
+                all_cpus(g).is_subset(&set("1-3")),
+                "{}: {:?}",
+                g.name,
+                g.vcpus
+            );
+        }
+        let said: Vec<String> = plan.warnings.iter().map(ToString::to_string).collect();
+        assert!(
+            said.iter().any(|w| w.starts_with("d: dedicated asked")),
+            "{said:?}"
+        );
+        // Only cpu_dedicated_set known: everything but it.
+        let host = HostPolicy {
+            shared_set: None,
+            ..host
+        };
+        let only_dedicated_known = super::plan(&topo, &host, &[guest("a", 2)]);
+        assert!(all_cpus(&only_dedicated_known.guests[0]).is_subset(&set("1-3")));
     }
 
     #[test]

@@ -196,13 +196,7 @@ pub(super) fn place_shared(
         .flat_map(|cpus| layout.by_node(cpus).into_values())
         .filter_map(|set| ranges.index.get(&set).copied())
         .collect();
-    let pool = Pool {
-        layout,
-        by_kind: &by_kind,
-        kind_nodes: by_kind.values().map(|cpus| layout.by_node(cpus)).collect(),
-        cpus: shared_pool,
-        fixed,
-    };
+    let pool = Pool::new(layout, &by_kind, shared_pool, fixed);
     // One buffer for every guest's candidates.
     let mut candidates: Vec<usize> = Vec::with_capacity(fixed + 1);
     for i in order {
@@ -268,7 +262,22 @@ struct Pool<'a> {
     fixed: usize,
 }
 
-impl Pool<'_> {
+impl<'a> Pool<'a> {
+    fn new(
+        layout: &'a Layout<'a>,
+        by_kind: &'a BTreeMap<u8, CpuSet>,
+        cpus: &'a CpuSet,
+        fixed: usize,
+    ) -> Pool<'a> {
+        Pool {
+            layout,
+            by_kind,
+            kind_nodes: by_kind.values().map(|set| layout.by_node(set)).collect(),
+            cpus,
+            fixed,
+        }
+    }
+
     /// A guest's range (see [`place_shared`]) and where its memory goes.
     /// The range it is on now stays a candidate while it holds it, also
     /// when it is a span (its memory is there; nothing moves to look tidy).
