@@ -47,7 +47,7 @@ const FILES: [&str; 11] = [
     "/usr/bin/pinner",
     "/usr/libexec/pinner/pinner-hook",
     "/usr/libexec/pinner/pinner-maint",
-    "/etc/pinner/pinner.toml",
+    "/usr/share/pinner/pinner.toml",
     "/usr/share/man/man8/pinner.8.gz",
     "/usr/share/man/man8/pinner-hook.8.gz",
     "/usr/share/man/man8/pinner-isolate.8.gz",
@@ -77,8 +77,11 @@ fn deb_holds_binaries_hook_config_unit_docs_and_scripts() {
     );
     let scratch = std::env::temp_dir().join(format!("pinner-deb-{}", std::process::id()));
     run("dpkg-deb", &["-e", deb, scratch.to_str().unwrap()]);
-    let conffiles = std::fs::read_to_string(scratch.join("conffiles")).unwrap();
-    assert_eq!(conffiles.trim(), "/etc/pinner/pinner.toml");
+    // No conffile: a configuration placed before the install is used as
+    // it is, without a dpkg prompt (pinner-maint installs the shipped one
+    // when there is none).
+    let conffiles = std::fs::read_to_string(scratch.join("conffiles")).unwrap_or_default();
+    assert_eq!(conffiles.trim(), "");
     for (script, calls) in [
         ("postinst", "pinner-maint configure"),
         ("prerm", "pinner-maint remove"),
@@ -162,4 +165,56 @@ fn deb_install_use_remove_purge_leaves_nothing_behind() {
             "missing \"{check}\":\n{stdout}\n{stderr}"
         );
     }
+}
+
+/// `pinner-maint configure` in a scratch tree: the shipped configuration
+/// when there is none, a configuration placed before kept as it is, and one
+/// line saying what the daemon does from now on in either mode.
+#[test]
+fn configure_installs_the_config_only_when_absent_and_says_the_mode() {
+    let scratch = std::env::temp_dir().join(format!("pinner-maint-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch).unwrap();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let config = scratch.join("etc/pinner.toml");
+    let configure = || {
+        let out = Command::new(repo.join("packaging/pinner-maint"))
+            .arg("configure")
+            .env("PINNER_HOOKS_DIR", scratch.join("hooks"))
+            .env("PINNER_SYSTEMD_DIR", scratch.join("no-systemd"))
+            .env("PINNER_CONFIG", &config)
+            .env("PINNER_SHIPPED_CONFIG", repo.join("packaging/pinner.toml"))
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let said = configure();
+    assert!(
+        said.contains("installed the default configuration"),
+        "{said}"
+    );
+    assert!(
+        said.contains(
+            "mode enforce: running guests are placed now, their memory moved at 256 MiB/s"
+        ),
+        "{said}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&config).unwrap(),
+        std::fs::read_to_string(repo.join("packaging/pinner.toml")).unwrap()
+    );
+    let placed = "mode = \"observe\"\n";
+    std::fs::write(&config, placed).unwrap();
+    let said = configure();
+    assert!(
+        !said.contains("installed the default configuration"),
+        "{said}"
+    );
+    assert!(
+        said.contains("mode observe: nothing is changed on this host"),
+        "{said}"
+    );
+    assert_eq!(std::fs::read_to_string(&config).unwrap(), placed);
+    std::fs::remove_dir_all(&scratch).unwrap();
 }

@@ -418,6 +418,9 @@ mod tests {
         fn present(&mut self, _pid: u32, _first: u64, count: usize) -> Vec<bool> {
             vec![true; count]
         }
+        fn where_are(&mut self, _pid: u32, pages: &[u64]) -> std::io::Result<Vec<i32>> {
+            Ok(vec![0; pages.len()])
+        }
     }
 
     type Calls = std::sync::Arc<std::sync::Mutex<Vec<Vec<u64>>>>;

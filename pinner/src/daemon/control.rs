@@ -3,6 +3,7 @@
 //! runs. All libvirt work happens here, on one thread, after the hook has
 //! returned and libvirt has released the domain's job lock.
 
+use super::adopt::Adoption;
 use super::cells::CellMemory;
 use super::observe::Observer;
 use super::pass::PassMemory;
@@ -68,9 +69,10 @@ pub struct Daemon {
     pub(super) memory: PassMemory,
     pub(super) observer: Observer,
     pub(super) cells: CellMemory,
+    pub(super) adoption: Adoption,
     keeper: Keeper,
     pub(super) refused: Arc<AtomicU64>,
-    work_tx: Sender<Work>,
+    pub(super) work_tx: Sender<Work>,
 }
 
 /// One wake-up's work, sorted by what it asks for.
@@ -109,6 +111,7 @@ impl Daemon {
             logger: setup.logger,
             counters: Counters::default(),
             memory: PassMemory::default(),
+            adoption: Adoption::default(),
             keeper: Keeper::default(),
             refused: setup.refused,
             work_tx: setup.work_tx,
@@ -201,6 +204,10 @@ impl Daemon {
                 }
                 Work::Status(reply) => batch.status_replies.push(reply),
                 Work::Release(request, reply) => batch.releases.push((request, reply)),
+                Work::MemoryMoved { uuid, result } => {
+                    self.memory_moved(&uuid, result);
+                    batch.pass_needed = true;
+                }
                 Work::Reload => batch.pass_needed |= self.reload(),
                 Work::Stop => {
                     batch.stop = true;

@@ -8,6 +8,7 @@
 //! guest cells' memory to their nodes (`cells`); `observe` measures and
 //! reports, `metrics` renders Prometheus text (or OpenMetrics).
 
+mod adopt;
 pub mod cells;
 pub mod control;
 pub mod intake;
@@ -38,6 +39,12 @@ pub enum Work {
     Status(Sender<Response>),
     Reconcile(Sender<Response>),
     Release(ReleaseRequest, Sender<Response>),
+    /// A guest's paced memory move ended: what the kernel would not move,
+    /// or why it stopped.
+    MemoryMoved {
+        uuid: String,
+        result: Result<String, String>,
+    },
     Reload,
     Stop,
 }

@@ -262,6 +262,9 @@ impl Daemon {
             self.topology.default_hugepage_kib,
         );
         for domain in &mut domains {
+            if let Some(note) = self.adoption.note(&domain.uuid) {
+                domain.memory_note = note;
+            }
             domain.pin_latency_ms = self.observer.latency.by_domain.get(&domain.uuid).copied();
             let sample = self.measure(domain);
             let spec = specs.iter().find(|s| s.uuid == domain.uuid);

@@ -115,13 +115,16 @@ impl Daemon {
         // Hugepage pools and hot-plugged memory change while the host runs.
         crate::host::sysfs::refresh_memory(&self.paths.sysfs_root, &mut self.topology);
         let plan = self.plan(&specs);
-        let work = reconcile::diff(&specs, &plan, &self.memory.refused);
+        let mut work = reconcile::diff(&specs, &plan, &self.memory.refused);
         if self.config.enforcement == Enforcement::Observe {
             self.announce_pending(&specs, &work);
             self.counters.reconciles += 1;
             self.log_new_warnings(&plan.warnings);
             return Ok(pass_report(&specs, &plan, 0, Vec::new(), &unreadable));
         }
+        self.adoption
+            .retain(|uuid| specs.iter().any(|s| s.uuid == uuid));
+        self.hold_bindings(&mut work);
         let logger = self.logger.clone();
         let own_pins = &mut self.memory.own_pins;
         let libvirt = self.session.current().expect("connected above");

@@ -14,6 +14,7 @@
 //! guessed.
 
 use crate::host::file::{self, FileError};
+use crate::host::guest_stats;
 use crate::host::procs::ProcFs;
 use std::collections::{BTreeMap, HashMap};
 
@@ -253,6 +254,9 @@ pub trait PageMover {
     /// balancing's PROT_NONE pages are), from /proc/PID/pagemap: pages
     /// never touched are left alone rather than faulted in for nothing.
     fn present(&mut self, pid: u32, first: u64, count: usize) -> Vec<bool>;
+    /// The node each page at `pages` of `pid` is on (or a negative errno:
+    /// ENOENT never touched, EFAULT not there or hidden), moving nothing.
+    fn where_are(&mut self, pid: u32, pages: &[u64]) -> std::io::Result<Vec<i32>>;
 }
 
 /// The kernel's move_pages(2), process_vm_readv(2), and the pagemap
@@ -276,31 +280,42 @@ pub const NOT_REPORTED: i32 = i32::MIN;
 /// with vhost-user, say); pinner runs as root, which this needs.
 const MPOL_MF_MOVE_ALL: libc::c_int = 1 << 2;
 
+/// move_pages(2) of `pid`'s `pages`: onto `nodes` (one per page), or with
+/// None only asking where each page is.
+fn move_pages(pid: u32, pages: &[u64], nodes: Option<&[libc::c_int]>) -> std::io::Result<Vec<i32>> {
+    // A status the kernel leaves unwritten (it stops early when pages fail
+    // to migrate, returning their count) reads as not moved.
+    let mut status = vec![NOT_REPORTED; pages.len()];
+    let nodes_ptr = nodes.map_or(std::ptr::null(), |n| n.as_ptr());
+    // SAFETY: `pages`, `status` and (when given) `nodes` hold pages.len()
+    // elements each and outlive the call; the kernel only reads `pages`
+    // and `nodes` (as addresses in the other process, never dereferenced
+    // here) and writes `status`.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_move_pages,
+            pid as libc::c_long,
+            pages.len() as libc::c_ulong,
+            pages.as_ptr(),
+            nodes_ptr,
+            status.as_mut_ptr(),
+            MPOL_MF_MOVE_ALL,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(status)
+}
+
 impl PageMover for KernelPageMover {
     fn move_to(&mut self, pid: u32, pages: &[u64], node: u32) -> std::io::Result<Vec<i32>> {
         let nodes = vec![node as libc::c_int; pages.len()];
-        // A status the kernel leaves unwritten (it stops early when pages
-        // fail to migrate, returning their count) reads as not moved.
-        let mut status = vec![NOT_REPORTED; pages.len()];
-        // SAFETY: the three arrays hold pages.len() elements each and
-        // outlive the call; the kernel only reads `pages` and `nodes` (as
-        // addresses in the other process, never dereferenced here) and
-        // writes `status`.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_move_pages,
-                pid as libc::c_long,
-                pages.len() as libc::c_ulong,
-                pages.as_ptr(),
-                nodes.as_ptr(),
-                status.as_mut_ptr(),
-                MPOL_MF_MOVE_ALL,
-            )
-        };
-        if rc < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(status)
+        move_pages(pid, pages, Some(&nodes))
+    }
+
+    fn where_are(&mut self, pid: u32, pages: &[u64]) -> std::io::Result<Vec<i32>> {
+        move_pages(pid, pages, None)
     }
 
     fn fault_in(&mut self, pid: u32, pages: &[u64]) -> usize {
@@ -433,6 +448,154 @@ pub fn move_range(
     }
     tally.resume_at = (at < end).then_some(at);
     Ok(tally)
+}
+
+/// A range of a process's memory, and its page size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryRange {
+    pub start: u64,
+    pub end: u64,
+    pub page_size: u64,
+}
+
+/// The guest's own memory of qemu process `pid` (anonymous, memfd and
+/// hugetlbfs mappings, as numa_maps tells them) with resident pages on a
+/// node other than `targets`, and those pages' bytes.
+pub fn memory_elsewhere(
+    procfs: &ProcFs,
+    pid: u32,
+    targets: &[u32],
+) -> Result<(Vec<MemoryRange>, u64), GuestRamError> {
+    let maps = read(procfs, pid, "maps", MAPS_CAP)?;
+    let numa = guest_stats::numa_mappings(procfs, pid).map_err(|source| GuestRamError::Read {
+        path: procfs
+            .path(&format!("{pid}/numa_maps"))
+            .display()
+            .to_string(),
+        source,
+    })?;
+    let mut ranges = Vec::new();
+    let mut bytes = 0;
+    for mapping in mappings(&maps).into_iter().filter(|m| m.writable) {
+        let Some(pages) = numa.get(&mapping.start).filter(|p| p.guest_memory) else {
+            continue;
+        };
+        let elsewhere = guest_stats::memory_split(&pages.nodes, targets).1;
+        if elsewhere > 0 {
+            bytes += elsewhere * pages.page_size;
+            ranges.push(MemoryRange {
+                start: mapping.start,
+                end: mapping.end,
+                page_size: pages.page_size,
+            });
+        }
+    }
+    Ok((ranges, bytes))
+}
+
+/// Keeps moves at a rate: told the bytes each batch moved, it waits as
+/// long as the total takes at that rate.
+pub trait Pacer {
+    fn moved(&mut self, bytes: u64);
+}
+
+/// [`Pacer`] by the clock: `bytes_per_sec` (0: no wait).
+pub struct RatePacer {
+    bytes_per_sec: u64,
+    started: std::time::Instant,
+    total: u64,
+}
+
+impl RatePacer {
+    pub fn new(bytes_per_sec: u64) -> RatePacer {
+        RatePacer {
+            bytes_per_sec,
+            started: std::time::Instant::now(),
+            total: 0,
+        }
+    }
+}
+
+impl Pacer for RatePacer {
+    fn moved(&mut self, bytes: u64) {
+        self.total += bytes;
+        if self.bytes_per_sec == 0 {
+            return;
+        }
+        let due = std::time::Duration::from_secs_f64(self.total as f64 / self.bytes_per_sec as f64);
+        if let Some(wait) = due.checked_sub(self.started.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+}
+
+/// Pages looked at per paced batch (2 MiB of base pages): the most one
+/// pause follows, and the most of the guest's memory in migration at once.
+const PACED_BATCH: u64 = 512;
+
+/// Moves the pages of `ranges` of `pid` that sit on a node outside
+/// `targets` onto them (by turns, batch by batch, when there are several),
+/// telling `pacer` and adding to `moved` the bytes of each batch.
+pub fn move_paced(
+    mover: &mut dyn PageMover,
+    pid: u32,
+    ranges: &[MemoryRange],
+    targets: &[u32],
+    pacer: &mut dyn Pacer,
+    moved: &std::sync::atomic::AtomicU64,
+) -> std::io::Result<MoveTally> {
+    let mut tally = MoveTally::default();
+    let mut turn = 0;
+    for range in ranges {
+        let mut at = range.start;
+        while at < range.end {
+            let count = ((range.end - at) / range.page_size).clamp(1, PACED_BATCH);
+            let pages: Vec<u64> = (0..count).map(|i| at + i * range.page_size).collect();
+            let off = off_target(mover, pid, (&pages, range.page_size), targets, &mut tally)?;
+            if !off.is_empty() {
+                let node = targets[turn % targets.len()];
+                turn += 1;
+                tally.count(&mover.move_to(pid, &off, node)?, node);
+                let bytes = off.len() as u64 * range.page_size;
+                moved.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+                pacer.moved(bytes);
+            }
+            at += count * range.page_size;
+        }
+    }
+    Ok(tally)
+}
+
+/// Of `pages` (contiguous, `page_size` apart), those on a node outside
+/// `targets`; pages NUMA balancing hid (EFAULT while mapped) are faulted
+/// in first, as [`move_range`] does.
+fn off_target(
+    mover: &mut dyn PageMover,
+    pid: u32,
+    (pages, page_size): (&[u64], u64),
+    targets: &[u32],
+    tally: &mut MoveTally,
+) -> std::io::Result<Vec<u64>> {
+    let mut statuses = mover.where_are(pid, pages)?;
+    if page_size == BASE_PAGE && statuses.contains(&-libc::EFAULT) {
+        let present = mover.present(pid, pages[0], pages.len());
+        let hidden: Vec<usize> = (0..pages.len())
+            .filter(|&i| statuses[i] == -libc::EFAULT && present[i])
+            .collect();
+        if !hidden.is_empty() {
+            let addresses: Vec<u64> = hidden.iter().map(|&i| pages[i]).collect();
+            tally.faulted_in += mover.fault_in(pid, &addresses) as u64;
+            for (i, status) in hidden.into_iter().zip(mover.where_are(pid, &addresses)?) {
+                statuses[i] = status;
+            }
+        }
+    }
+    Ok(pages
+        .iter()
+        .zip(statuses)
+        .filter(|(_, s)| *s >= 0 && !targets.contains(&(*s as u32)))
+        .map(|(&page, _)| page)
+        .collect())
 }
 
 #[cfg(test)]
@@ -593,12 +756,73 @@ mod tests {
             pages.len()
         }
 
+        /// Pages at `busy` are on node 1, hidden ones answer EFAULT until
+        /// faulted in, the rest are on node 0.
+        fn where_are(&mut self, _pid: u32, pages: &[u64]) -> std::io::Result<Vec<i32>> {
+            Ok(pages
+                .iter()
+                .map(|&p| match p {
+                    p if self.hidden.contains(&p) && !self.faulted.contains(&p) => -libc::EFAULT,
+                    p if p < self.absent_below => -libc::ENOENT,
+                    p if self.busy.contains(&p) => 1,
+                    _ => 0,
+                })
+                .collect())
+        }
+
         /// Every page is mapped but those below `absent_below`.
         fn present(&mut self, _pid: u32, first: u64, count: usize) -> Vec<bool> {
             (0..count as u64)
                 .map(|i| first + i * BASE_PAGE >= self.absent_below)
                 .collect()
         }
+    }
+
+    /// Records the bytes of each batch.
+    struct Tape(Vec<u64>);
+
+    impl Pacer for Tape {
+        fn moved(&mut self, bytes: u64) {
+            self.0.push(bytes);
+        }
+    }
+
+    #[test]
+    fn paced_moves_take_only_the_pages_elsewhere_batch_by_batch() {
+        // 1,024 pages from 0x100000: the first 100 never touched, two on
+        // node 1 already, one hidden by NUMA balancing; target node 1.
+        let start = 0x100000;
+        let page = |i: u64| start + i * BASE_PAGE;
+        let mut mover = recorder(page(100), vec![page(500), page(900)], vec![page(700)]);
+        let ranges = [MemoryRange {
+            start,
+            end: page(1024),
+            page_size: BASE_PAGE,
+        }];
+        let mut tape = Tape(Vec::new());
+        let moved = std::sync::atomic::AtomicU64::new(0);
+        let tally = move_paced(&mut mover, 7, &ranges, &[1], &mut tape, &moved).unwrap();
+        let pages_moved = 1024 - 100 - 2;
+        assert_eq!(tally.on_node, pages_moved);
+        assert_eq!(tally.faulted_in, 1);
+        assert_eq!(moved.into_inner(), pages_moved * BASE_PAGE);
+        // Two batches of at most 512 pages, each paced on its own.
+        assert_eq!(tape.0, [(512 - 100 - 1) * BASE_PAGE, (512 - 1) * BASE_PAGE]);
+        assert!(mover.calls.iter().all(|(pid, pages, node)| *pid == 7
+            && *node == 1
+            && !pages.contains(&page(500))
+            && !pages.contains(&page(50))));
+    }
+
+    #[test]
+    fn a_rate_pacer_keeps_to_its_rate() {
+        let mut pacer = RatePacer::new(64 << 20);
+        let started = std::time::Instant::now();
+        for _ in 0..4 {
+            pacer.moved(4 << 20);
+        }
+        // 16 MiB at 64 MiB/s: a quarter of a second, not less.
+        assert!(started.elapsed() >= std::time::Duration::from_millis(250));
     }
 
     fn recorder(absent_below: u64, busy: Vec<u64>, hidden: Vec<u64>) -> Recorder {
