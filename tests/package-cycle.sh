@@ -64,8 +64,10 @@ done
 [ "$(readlink /etc/libvirt/hooks/qemu.d/50-pinner)" = /usr/libexec/pinner/pinner-hook ] || fail "hook link"
 ok "hook linked into /etc/libvirt/hooks/qemu.d"
 cmp -s /etc/pinner/pinner.toml "$(dirname "$0")/../packaging/pinner.toml" || fail "config differs from the shipped one"
-grep -qx /etc/pinner/pinner.toml /var/lib/dpkg/info/pinner.conffiles || fail "config is not a conffile"
-ok "config installed as a conffile"
+# Not a conffile: configure installs it only when absent, so a configuration
+# placed before the install (mode = "observe", say) is the one used.
+! grep -qsx /etc/pinner/pinner.toml /var/lib/dpkg/info/pinner.conffiles || fail "config is a conffile"
+ok "config installed by configure, not as a conffile"
 if command -v systemd-analyze >/dev/null; then
     verify=$(systemd-analyze verify /lib/systemd/system/pinner.service 2>&1 | grep -v "man pinner" || true)
     [ -z "$verify" ] || fail "systemd-analyze verify: $verify"
@@ -113,6 +115,14 @@ for _ in $(seq 100); do
 done
 [ "$synced" = yes ] || fail "guest not pinned after a hook event: $status $(cat "$work/daemon.log")"
 ok "installed hook delivered events; guest pinned ($(virsh -c qemu:///system vcpupin "$guest" | awk '/^ *0/ {print "vCPU 0 -> CPU " $2}'))"
+# With no `[metrics] file`, the daemon writes node_exporter's textfile
+# directory when it exists (it is the overlay's copy here).
+metrics=/var/lib/prometheus/node-exporter/pinner.prom
+if [ -d "$(dirname "$metrics")" ]; then
+    for _ in $(seq 100); do grep -qs '^pinner_' "$metrics" && break; sleep 0.2; done
+    grep -qs '^pinner_' "$metrics" || fail "no metrics in $metrics: $(cat "$work/daemon.log")"
+    ok "metrics written to node_exporter's textfile directory by default"
+fi
 cleanup
 trap - EXIT
 
@@ -187,7 +197,7 @@ sleep 0.2
 first_cpu=$(cut -d, -f1 /sys/devices/system/cpu/online | cut -d- -f1)
 sed -i "s/^#reserved_cpus = \"\"/reserved_cpus = \"$first_cpu\"/" /etc/pinner/pinner.toml
 sed -i "s/^group = \"pinner-housekeeping\"/group = \"pinner-pkg-$dummy\"/" /etc/pinner/pinner.toml
-out=$(PINNER_TEST_ONLY_PROCESS_GROUP=$dummy /usr/bin/pinner isolate 2>&1) || fail "pinner isolate: $out"
+out=$(PINNER_TEST_ONLY_PROCESS_GROUP=$dummy /usr/bin/pinner isolate apply 2>&1) || fail "pinner isolate apply: $out"
 grep -q ":cpuset:/pinner-pkg-$dummy\$" "/proc/$dummy/cgroup" || fail "dummy not confined: $(cat "/proc/$dummy/cgroup")"
 out=$(dpkg -r pinner 2>&1) || fail "dpkg -r: $out"
 echo "$out" | sed 's/^/  dpkg: /'
@@ -197,6 +207,7 @@ kill "$dummy"
 ok "remove undid host isolation"
 [ ! -e /etc/libvirt/hooks/qemu.d/50-pinner ] || fail "hook left after remove"
 [ ! -e /usr/bin/pinner ] || fail "binary left after remove"
+[ ! -e /var/lib/prometheus/node-exporter/pinner.prom ] || fail "metrics file left after remove"
 [ -e /etc/pinner/pinner.toml ] || fail "remove must keep the config"
 ok "remove: hook and binaries gone, config kept"
 out=$(dpkg --purge pinner 2>&1) || fail "dpkg --purge: $out"

@@ -142,9 +142,9 @@ fn every_subcommand_refuses_hostile_arguments_without_a_panic_or_a_hang() {
     let config = hostile.path("empty.toml");
     // (subcommand words, options that take a value)
     let commands: &[(&[&str], &[&str])] = &[
-        (&["topology"], &["--sysfs-root"]),
-        (&["topology", "--json"], &["--sysfs-root"]),
-        (&["plan"], &["--sysfs-root", "--domains"]),
+        (&["topology"], &["--root"]),
+        (&["topology", "--json"], &["--root"]),
+        (&["plan"], &["--root", "--domains"]),
         (&["plan", "--json"], &["--domains"]),
         (
             &["doctor", "--connect", "test:///default", "--sample", "0"],
@@ -162,9 +162,11 @@ fn every_subcommand_refuses_hostile_arguments_without_a_panic_or_a_hang() {
             // Every command also meets a hostile socket (the daemon's
             // commands connect to it; the others ignore it).
             let mut args = vec![OsString::from("--config"), config.clone()];
-            args.push("--socket".into());
-            args.push(value.clone());
             args.extend(os(words));
+            if ["status", "metrics", "reconcile", "release"].contains(&words[0]) {
+                args.push("--socket".into());
+                args.push(value.clone());
+            }
             run(&args);
             runs += 1;
             for option in *options {
@@ -173,7 +175,7 @@ fn every_subcommand_refuses_hostile_arguments_without_a_panic_or_a_hang() {
                 args.push(OsString::from(*option));
                 args.push(value.clone());
                 if words[0] == "plan" && *option == "--domains" {
-                    args.push("--sysfs-root".into());
+                    args.push("--root".into());
                     args.push("/".into());
                 }
                 run(&args);
@@ -186,8 +188,8 @@ fn every_subcommand_refuses_hostile_arguments_without_a_panic_or_a_hang() {
     for value in hostile.values().into_iter().filter(|v| !v.is_empty()) {
         for words in [
             &["daemon"][..],
-            &["isolate", "--status"],
             &["isolate"],
+            &["isolate", "apply"],
             &["plan"],
             &["doctor"],
         ] {
@@ -218,13 +220,13 @@ fn hostile_files_in_snapshots_and_dumps_are_named_and_refused() {
     // cpu/online a FIFO, cpu0's core_id too, node0's cpulist /dev/zero:
     // each is passed over at once, as a file the kernel did not offer (the
     // CPU directory alone says cpu0 is there; the node has no CPU list).
-    let out = pinner(&["topology", "--sysfs-root", &sysfs]);
+    let out = pinner(&["topology", "--root", &sysfs]);
     assert_eq!(out.status.code(), Some(0));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.starts_with("1 CPU online (0)"), "{stdout}");
     assert!(stdout.contains("memory-only numa node 0"), "{stdout}");
     // A FIFO named a.xml, /dev/zero named b.xml: the first is named.
-    let out = pinner(&["plan", "--sysfs-root", "/", "--domains", &domains]);
+    let out = pinner(&["plan", "--root", "/", "--domains", &domains]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -232,7 +234,7 @@ fn hostile_files_in_snapshots_and_dumps_are_named_and_refused() {
         "{stderr}"
     );
     std::fs::remove_file(hostile.dir.join("domains/a.xml")).unwrap();
-    let out = pinner(&["plan", "--sysfs-root", "/", "--domains", &domains]);
+    let out = pinner(&["plan", "--root", "/", "--domains", &domains]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("domains/b.xml: not a regular file but a character device; refused"),

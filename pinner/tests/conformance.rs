@@ -92,7 +92,7 @@ fn parse_console(text: &str) -> Reading {
 
 fn pinner_reading(root: &Path) -> Reading {
     let out = Command::new(env!("CARGO_BIN_EXE_pinner"))
-        .args(["topology", "--json", "--sysfs-root"])
+        .args(["topology", "--json", "--root"])
         .arg(root)
         .output()
         .unwrap();

@@ -36,7 +36,7 @@ fn plan(dir: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_pinner"))
         .arg("--config")
         .arg(dir.join("pinner.toml"))
-        .args(["plan", "--sysfs-root"])
+        .args(["plan", "--root"])
         .arg(dir.join("root"))
         .arg("--domains")
         .arg(dir.join("domains"))

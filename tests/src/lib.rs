@@ -31,6 +31,10 @@ const SANDBOX_MOUNTS: [(&str, &str); 5] = [
     ("cache", "/var/cache/libvirt"),
 ];
 
+/// Where the daemon writes metrics by default (config `[metrics] file`
+/// unset), masked in every sandbox.
+const NODE_EXPORTER_DIR: &str = "/var/lib/prometheus/node-exporter";
+
 static SANDBOX_SEQ: AtomicU32 = AtomicU32::new(0);
 
 pub struct Sandbox {
@@ -203,6 +207,14 @@ impl Sandbox {
                 dir.join(sub).display()
             );
         }
+        // The daemon writes its metrics to node_exporter's textfile
+        // directory when it exists: the sandbox has an empty one of its own
+        // there (where the host has one), never the host's.
+        fs::create_dir_all(dir.join("textfile")).unwrap();
+        script += &format!(
+            "if [ -d {NODE_EXPORTER_DIR} ]; then mount --bind {} {NODE_EXPORTER_DIR}; fi\n",
+            dir.join("textfile").display()
+        );
         script += &format!(
             "hostname pinner-sandbox-{tag}\ntouch {}\nexec sleep 86400\n",
             dir.join("ready").display()
@@ -373,10 +385,18 @@ impl Sandbox {
     /// Writes the daemon's config: `reserved_cpus`, everything else pointing
     /// into the sandbox.
     pub fn write_config(&self, reserved_cpus: &str) {
+        // The daemon runs in the host's mount namespace unless wrapped: an
+        // unset `[metrics] file` would write the host's node_exporter
+        // directory, so tests that want the default say so themselves.
+        let metrics = if self.extra_config.contains("[metrics]") {
+            ""
+        } else {
+            "[metrics]\nfile = \"\"\n"
+        };
         fs::write(
             self.config_path(),
             format!(
-                "reserved_cpus = \"{reserved_cpus}\"\nsocket = \"{}\"\nreconcile_interval_secs = {}\nlog_level = \"debug\"\n{}\n[libvirt]\nuri = \"{}\"\n",
+                "reserved_cpus = \"{reserved_cpus}\"\nsocket = \"{}\"\nreconcile_interval_secs = {}\nlog_level = \"debug\"\n{}\n{metrics}[libvirt]\nuri = \"{}\"\n",
                 self.socket().display(),
                 self.reconcile_interval_secs,
                 self.extra_config,
@@ -384,6 +404,14 @@ impl Sandbox {
             ),
         )
         .unwrap();
+    }
+
+    /// A command prefix that runs a program in the sandbox's mount
+    /// namespace (where node_exporter's directory is the sandbox's own).
+    pub fn in_namespace(&self) -> Vec<String> {
+        ["nsenter", "-t", &self.holder.id().to_string(), "-m", "--"]
+            .map(String::from)
+            .to_vec()
     }
 
     /// Writes the config and starts `pinner daemon`, waiting for its socket.
@@ -673,12 +701,15 @@ impl Sandbox {
         copy
     }
 
-    /// Runs the real `pinner` CLI against this sandbox's daemon.
+    /// Runs the real `pinner` CLI against this sandbox's daemon (its
+    /// socket given to the subcommands that talk to the daemon).
     pub fn pinner(&self, args: &[&str]) -> Output {
-        Command::new(self.bin_dir.join("pinner"))
-            .arg("--socket")
-            .arg(self.socket())
-            .args(args)
+        let mut cmd = Command::new(self.bin_dir.join("pinner"));
+        cmd.args(&args[..1]);
+        if ["status", "metrics", "reconcile", "release"].contains(&args[0]) {
+            cmd.arg("--socket").arg(self.socket());
+        }
+        cmd.args(&args[1..])
             .stdin(Stdio::null())
             .output()
             .expect("run pinner")

@@ -7,7 +7,7 @@ use std::time::Duration;
 #[test]
 fn cli_says_clearly_when_the_daemon_is_not_running() {
     let out = Command::new(bin_dir().join("pinner"))
-        .args(["--socket", "/nonexistent/pinner.sock", "status"])
+        .args(["status", "--socket", "/nonexistent/pinner.sock"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));

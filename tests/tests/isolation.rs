@@ -1,7 +1,7 @@
 //! Host isolation on this machine's real cgroup v1: dummy daemons confined
 //! to the reserved CPU (every thread), a guest left on its own, PID 1 and
 //! kernel threads untouched, a restarted daemon caught from its pid file,
-//! and everything put back by `--undo` and by the daemon's exit.
+//! and everything put back by `undo` and by the daemon's exit.
 //!
 //! Only the test's own dummies are ever moved: they run in a process group
 //! of their own, and `PINNER_TEST_ONLY_PROCESS_GROUP` restricts
@@ -85,7 +85,7 @@ impl Dummies {
 
 impl Drop for Dummies {
     fn drop(&mut self) {
-        let _ = self.pinner_isolate(&["--undo"]);
+        let _ = self.pinner_isolate(&["undo"]);
         for child in &mut self.children {
             let _ = child.kill();
             let _ = child.wait();
@@ -215,7 +215,7 @@ fn host_daemons_confined_kept_and_put_back() {
         kthread_before
     );
 
-    let out = dummies.pinner_isolate(&["--status", "--json"]);
+    let out = dummies.pinner_isolate(&["--json"]);
     assert!(
         out.status.success(),
         "{}",
@@ -266,7 +266,7 @@ fn host_daemons_confined_kept_and_put_back() {
 
     // --undo puts everything back and removes the groups; the daemon keeps
     // out of it afterwards.
-    let out = dummies.pinner_isolate(&["--undo"]);
+    let out = dummies.pinner_isolate(&["undo"]);
     assert!(
         out.status.success(),
         "{}",
@@ -330,7 +330,7 @@ fn isolation_refuses_a_config_without_reserved_cpus_and_changes_nothing() {
 }
 
 /// Any user names their own processes: a name that clears the screen and
-/// one that forges a log line are shown escaped by `isolate --status`, by
+/// one that forges a log line are shown escaped by `pinner isolate`, by
 /// `isolate` and in the keeper's log.
 #[test]
 fn hostile_process_names_are_shown_escaped() {
@@ -346,7 +346,7 @@ fn hostile_process_names_are_shown_escaped() {
     // No pid file: not confined until a sweep, and listed so.
     let clearer = dummies.spawn("\u{1b}[2Jclear", 0, false);
     let shown = format!("\\x1b[2Jclear[{clearer}]");
-    for args in [&["--status"][..], &[]] {
+    for args in [&[][..], &["apply"]] {
         let out = dummies.pinner_isolate(args);
         assert!(
             out.status.success(),
@@ -396,7 +396,7 @@ fn an_unusable_state_is_refused_once_with_the_way_out() {
         "{}",
         said[0]
     );
-    assert!(said[0].contains("pinner isolate --undo"), "{}", said[0]);
+    assert!(said[0].contains("pinner isolate undo"), "{}", said[0]);
     assert_eq!(std::fs::read(&state).unwrap(), &good[..good.len() / 2]);
     std::fs::write(&state, &good).unwrap();
     sb.await_log("isolation sweeps work again");
@@ -420,7 +420,7 @@ fn an_unusable_state_is_refused_once_with_the_way_out() {
 
     // As the error says: move it away, then undo.
     std::fs::rename(&state, state.with_extension("json.bad")).unwrap();
-    let out = dummies.pinner_isolate(&["--undo"]);
+    let out = dummies.pinner_isolate(&["undo"]);
     assert!(
         out.status.success(),
         "{}",

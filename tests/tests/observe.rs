@@ -77,9 +77,9 @@ fn status_shows_steal_memory_locality_and_numa_counters() {
 
     // --watch redraws until stopped.
     let mut watch = Command::new(pinner_e2e::bin_dir().join("pinner"))
-        .arg("--socket")
+        .args(["status", "--socket"])
         .arg(sb.socket())
-        .args(["status", "--watch", "1"])
+        .args(["--watch", "1"])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();

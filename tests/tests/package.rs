@@ -43,7 +43,7 @@ fn run(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-const FILES: [&str; 11] = [
+const FILES: [&str; 13] = [
     "/usr/bin/pinner",
     "/usr/libexec/pinner/pinner-hook",
     "/usr/libexec/pinner/pinner-maint",
@@ -51,6 +51,8 @@ const FILES: [&str; 11] = [
     "/usr/share/man/man8/pinner.8.gz",
     "/usr/share/man/man8/pinner-hook.8.gz",
     "/usr/share/man/man8/pinner-isolate.8.gz",
+    "/usr/share/man/man8/pinner-isolate-undo.8.gz",
+    "/usr/share/man/man5/pinner.toml.5.gz",
     "/usr/share/bash-completion/completions/pinner",
     "/usr/share/fish/vendor_completions.d/pinner.fish",
     "/usr/share/pinner/pinner.rules.yml",
@@ -150,7 +152,7 @@ fn deb_install_use_remove_purge_leaves_nothing_behind() {
     for check in [
         "ok: files installed",
         "ok: hook linked into /etc/libvirt/hooks/qemu.d",
-        "ok: config installed as a conffile",
+        "ok: config installed by configure, not as a conffile",
         "ok: installed hook delivered events; guest pinned",
         "ok: reinstall and repeated configure change nothing",
         "ok: an operator's hook in pinner's place is left alone",

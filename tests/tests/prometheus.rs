@@ -220,12 +220,12 @@ fn prometheus_scrapes_the_metrics_and_fires_for_a_guest_out_of_sync() {
     let Some(mut sb) = sandbox_or_skip(test) else {
         return;
     };
+    // No `[metrics] file`: the daemon finds node_exporter's textfile
+    // directory by itself; in the sandbox that is this directory, bound
+    // over the host's /var/lib/prometheus/node-exporter.
     let textfiles = sb.dir.join("textfile");
-    std::fs::create_dir_all(&textfiles).unwrap();
-    sb.extra_config = format!(
-        "[metrics]\nfile = \"{}\"\ninterval_secs = 1\n",
-        textfiles.join("pinner.prom").display()
-    );
+    sb.extra_config = "[metrics]\ninterval_secs = 1\n".into();
+    sb.daemon_wrapper = sb.in_namespace();
     sb.start_daemon(&reserve_all_but(1));
     let (exporter_port, prometheus_port) = (free_port(), free_port());
     let _exporter = spawn(

@@ -128,9 +128,9 @@ fn status_as(pinner: &Path, socket: &Path, uid: u32, gid: u32, groups: &str) -> 
         cmd.arg(format!("--groups={groups}"));
     }
     cmd.arg(pinner)
+        .arg("status")
         .arg("--socket")
         .arg(socket)
-        .arg("status")
         .output()
         .expect("run setpriv")
 }

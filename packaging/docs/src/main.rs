@@ -1,6 +1,10 @@
-//! `pinner-docs OUT_DIR`: man pages (OUT_DIR/man/*.8) and shell completions
-//! (OUT_DIR/completions/) generated from the command-line definitions, so
-//! they never drift from the binaries. Run by `scripts/package`.
+//! `pinner-docs OUT_DIR`: man pages (OUT_DIR/man/*.8, pinner.toml.5) and
+//! shell completions (OUT_DIR/completions/) generated from the command-line
+//! definitions and the configuration keys, so they never drift from the
+//! binaries. Run by `scripts/package`. `pinner-docs --sources REPO` rewrites
+//! the files kept in the repository from the same keys (`scripts/generate`).
+
+mod pages;
 
 use clap::{Arg, ArgAction, Command, CommandFactory};
 use clap_complete::Shell;
@@ -46,9 +50,20 @@ fn write_man(dir: &Path, command: Command) -> std::io::Result<()> {
     for sub in command.get_subcommands().filter(|s| !s.is_hide_set()) {
         write_man(dir, sub.clone())?;
     }
-    let man = clap_mangen::Man::new(command).section("8");
+    let name = command.get_name().to_string();
+    let source = format!("pinner {}", env!("CARGO_PKG_VERSION"));
+    let man = clap_mangen::Man::new(command).section("8").source(source);
     let mut page = Vec::new();
-    man.render(&mut page)?;
+    man.render_title(&mut page)?;
+    man.render_name_section(&mut page)?;
+    man.render_synopsis_section(&mut page)?;
+    man.render_description_section(&mut page)?;
+    man.render_options_section(&mut page)?;
+    if name == "pinner" {
+        man.render_subcommands_section(&mut page)?;
+    }
+    page.extend(pages::sections_of(&name).into_bytes());
+    man.render_version_section(&mut page)?;
     std::fs::write(dir.join(man.get_filename()), page)
 }
 
@@ -59,6 +74,7 @@ fn generate(out: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(&completions)?;
     write_man(&man, pinner::cli::Cli::command())?;
     write_man(&man, hook_command())?;
+    std::fs::write(man.join("pinner.toml.5"), pages::config_page())?;
     for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
         clap_complete::generate_to(
             shell,
@@ -70,12 +86,24 @@ fn generate(out: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The generated files the repository keeps, for readers without a build.
+fn write_sources(repo: &Path) -> std::io::Result<()> {
+    use pinner::config::keys;
+    std::fs::write(repo.join("packaging/pinner.toml"), keys::shipped_file())?;
+    std::fs::write(repo.join("docs/configuration.md"), keys::markdown())
+}
+
 fn main() -> ExitCode {
-    let Some(out) = std::env::args_os().nth(1) else {
-        eprintln!("usage: pinner-docs OUT_DIR");
-        return ExitCode::from(2);
+    let args: Vec<_> = std::env::args_os().skip(1).collect();
+    let result = match args.as_slice() {
+        [flag, repo] if flag == "--sources" => write_sources(Path::new(repo)),
+        [out] => generate(Path::new(out)),
+        _ => {
+            eprintln!("usage: pinner-docs OUT_DIR | pinner-docs --sources REPO");
+            return ExitCode::from(2);
+        }
     };
-    match generate(Path::new(&out)) {
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("pinner-docs: {e}");

@@ -1,7 +1,7 @@
 //! The body of each `pinner` subcommand. Each returns the exit code or a
 //! typed error; `main` prints the error as the one line the user sees.
 
-use super::args::{Cli, Command};
+use super::args::{Cli, Command, DaemonSocket, IsolateAction};
 use super::client::{self, ClientError};
 use super::map::{self, MapFormat, Occupancy};
 use super::report;
@@ -14,6 +14,7 @@ use crate::engine::reconcile;
 use crate::engine::release::{self, Everywhere};
 use crate::host::guest_stats::{self, StealTracker};
 use crate::host::procs::ProcFs;
+use crate::host::snapshot::{Root, SnapshotError};
 use crate::host::sysfs::{self, SysfsError};
 use crate::isolation::{self, IsolationError};
 use crate::libvirt::Libvirt;
@@ -37,6 +38,8 @@ pub enum CliError {
     #[error(transparent)]
     Topology(#[from] SysfsError),
     #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error(transparent)]
     Daemon(#[from] DaemonError),
     #[error(transparent)]
     Client(#[from] ClientError),
@@ -58,6 +61,9 @@ pub enum CliError {
     },
     #[error("libvirt at {uri}: {source}")]
     Libvirt { uri: String, source: HvError },
+    /// `plan` needs the running guests: from libvirt, or from dumps.
+    #[error("cannot connect to libvirt at {uri}: {message}\nto plan without libvirt, give one `virsh dumpxml` file per running guest: pinner plan --domains DIR")]
+    PlanWithoutLibvirt { uri: String, message: String },
     #[error("daemon: {0}")]
     Refused(String),
     #[error("daemon: unexpected answer")]
@@ -69,31 +75,32 @@ pub enum CliError {
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
-    let config_path = cli.config.as_deref();
+    let config = cli.config.as_deref();
     match &cli.command {
         Command::Daemon => {
             daemon::run(cli.config.clone())?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Topology { sysfs_root, json } => {
-            let topo = sysfs::read_topology(sysfs_root)?;
-            emit(*json, &topo, report::topology_tree)?;
+        Command::Topology { root, json } => {
+            let root = Root::open(&root.root)?;
+            let topo = sysfs::read_topology(root.path())?;
+            emit(json.json, &topo, report::topology_tree)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Plan {
-            sysfs_root,
+            root,
             domains,
             connect,
             json,
             map,
         } => plan(
-            config_path,
-            sysfs_root,
+            config,
+            &root.root,
             domains.as_deref(),
             connect.as_deref(),
-            Output::of(*json, *map),
+            Output::of(json.json, *map),
         ),
-        Command::Isolate { undo, status, json } => isolate(config_path, *undo, *status, *json),
+        Command::Isolate { action, json } => isolate(config, *action, *json),
         Command::Doctor {
             connect,
             domain,
@@ -101,57 +108,80 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
             root,
             sample,
         } => doctor(
-            config_path,
+            config,
             connect.as_deref(),
             domain.as_deref(),
-            *json,
-            root,
+            json.json,
+            &root.root,
             *sample,
         ),
-        Command::Status { watch: Some(s), .. } => watch_status(&socket_of(&cli)?, *s),
-        Command::Status {
-            map: Some(format), ..
-        } => status_map(&socket_of(&cli)?, *format),
-        Command::Status { json, .. } => ask(
-            &socket_of(&cli)?,
-            Request::Status,
-            Shown::json_or_text(*json),
-        ),
-        Command::Metrics { openmetrics } => {
-            let format = if *openmetrics {
-                daemon::metrics::Format::OpenMetrics
-            } else {
-                daemon::metrics::Format::Prometheus
-            };
-            ask(&socket_of(&cli)?, Request::Status, Shown::Metrics(format))
-        }
         Command::Release {
             domains,
             all,
             persistent,
             connect,
             json,
+            socket,
         } => {
             let request = ReleaseRequest {
                 domains: domains.clone(),
                 all: *all,
                 persistent: *persistent,
             };
-            release(&cli, &request, connect.as_deref(), *json)
+            let socket = socket_of(config, socket)?;
+            release(config, &socket, &request, connect.as_deref(), json.json)
         }
-        Command::Reconcile { json } => ask(
-            &socket_of(&cli)?,
-            Request::Reconcile,
-            Shown::json_or_text(*json),
+        command => ask_daemon(config, command),
+    }
+}
+
+/// The subcommands that are one request to the daemon.
+fn ask_daemon(config: Option<&Path>, command: &Command) -> Result<ExitCode, CliError> {
+    match command {
+        Command::Status {
+            watch: Some(s),
+            socket,
+            ..
+        } => watch_status(&socket_of(config, socket)?, *s),
+        Command::Status {
+            map: Some(format),
+            socket,
+            ..
+        } => status_map(&socket_of(config, socket)?, *format),
+        Command::Status { json, socket, .. } => ask(
+            &socket_of(config, socket)?,
+            Request::Status,
+            Shown::json_or_text(json.json),
         ),
+        Command::Metrics {
+            openmetrics,
+            socket,
+        } => {
+            let format = if *openmetrics {
+                daemon::metrics::Format::OpenMetrics
+            } else {
+                daemon::metrics::Format::Prometheus
+            };
+            ask(
+                &socket_of(config, socket)?,
+                Request::Status,
+                Shown::Metrics(format),
+            )
+        }
+        Command::Reconcile { json, socket } => ask(
+            &socket_of(config, socket)?,
+            Request::Reconcile,
+            Shown::json_or_text(json.json),
+        ),
+        _ => unreachable!("run() dispatches every other subcommand"),
     }
 }
 
 /// The daemon's socket: `--socket`, else the configuration's (a missing
 /// default configuration means the default socket). A user other than root
 /// uses the `socket_group` members' socket when there is one.
-fn socket_of(cli: &Cli) -> Result<PathBuf, CliError> {
-    let main = match (&cli.socket, &cli.config) {
+fn socket_of(config: Option<&Path>, socket: &DaemonSocket) -> Result<PathBuf, CliError> {
+    let main = match (&socket.socket, config) {
         (Some(socket), _) => return Ok(socket.clone()),
         (None, Some(path)) => Config::load(Some(path))?.socket,
         (None, None) => Config::load(None)
@@ -258,19 +288,19 @@ fn status_report(socket: &Path) -> Result<StatusReport, CliError> {
 /// here, on the configuration's (or `--connect`'s) libvirt, when the
 /// daemon is not running. Fails when any guest could not be released.
 fn release(
-    cli: &Cli,
+    config: Option<&Path>,
+    socket: &Path,
     request: &ReleaseRequest,
     connect: Option<&str>,
     json: bool,
 ) -> Result<ExitCode, CliError> {
-    let socket = socket_of(cli)?;
-    let reports = match client::request(&socket, &Request::Release(request.clone()), ANSWER_TIMEOUT)
+    let reports = match client::request(socket, &Request::Release(request.clone()), ANSWER_TIMEOUT)
     {
         Ok(Response::Released(reports)) => reports,
         Ok(Response::Error(message)) => return Err(CliError::Refused(message)),
         Ok(_) => return Err(CliError::UnexpectedAnswer),
         Err(ClientError::NotRunning(_) | ClientError::StaleSocket(_)) => {
-            let config = Config::load(cli.config.as_deref())?;
+            let config = Config::load(config)?;
             let topo = sysfs::read_topology(Path::new("/"))?;
             let uri = connect.unwrap_or(&config.libvirt_uri);
             let mut libvirt = Libvirt::connect(uri, topo.cpumap_width)
@@ -311,19 +341,27 @@ fn watch_status(socket: &Path, seconds: u64) -> Result<ExitCode, CliError> {
 /// from domain XML files), with reasons.
 fn plan(
     config_path: Option<&Path>,
-    sysfs_root: &Path,
+    root: &Path,
     domains: Option<&Path>,
     connect: Option<&str>,
     output: Output,
 ) -> Result<ExitCode, CliError> {
-    let topo = sysfs::read_topology(sysfs_root)?;
+    let root = Root::open(root)?;
+    let topo = sysfs::read_topology(root.path())?;
     let config = Config::load(config_path)?;
     let host = config.resolve(&topo)?;
     let specs = match domains {
         Some(dir) => read_domain_dir(dir)?,
         None => {
             let uri = connect.unwrap_or(&config.libvirt_uri);
-            let (specs, unreadable) = read_only(uri)?
+            let mut libvirt = read_only(uri).map_err(|e| match e {
+                CliError::Libvirt {
+                    uri,
+                    source: HvError::Unreachable(message),
+                } => CliError::PlanWithoutLibvirt { uri, message },
+                other => other,
+            })?;
+            let (specs, unreadable) = libvirt
                 .running_domains()
                 .map_err(|source| libvirt_error(uri, source))?;
             report_skipped(&unreadable);
@@ -397,11 +435,11 @@ fn read_domain_dir(dir: &Path) -> Result<Vec<DomainSpec>, CliError> {
         .collect()
 }
 
-/// `pinner isolate`: confine host processes, undo it, or show the state.
+/// `pinner isolate`: the state; `apply` confines host processes, `undo`
+/// puts them back.
 fn isolate(
     config_path: Option<&Path>,
-    undo: bool,
-    status: bool,
+    action: Option<IsolateAction>,
     json: bool,
 ) -> Result<ExitCode, CliError> {
     let config = Config::load(config_path)?;
@@ -409,7 +447,7 @@ fn isolate(
     let mut system = isolation::System::host(&state_dir);
     // Undo needs only the recorded state: it works with a config that no
     // longer resolves (e.g. reserved CPUs gone offline).
-    if undo {
+    if let Some(IsolateAction::Undo) = action {
         emit(
             json,
             &isolation::undo(&mut system, &config.isolation)?,
@@ -420,7 +458,7 @@ fn isolate(
     let topo = sysfs::read_topology(Path::new("/"))?;
     let host = config.resolve(&topo)?;
     let settings = isolation::Settings::new(&config.isolation, &host.reserved, &topo);
-    if status {
+    if action.is_none() {
         let status = isolation::status(&system, &settings)?;
         emit(json, &status, report::isolation_status_text)?;
         return Ok(ExitCode::SUCCESS);
@@ -446,21 +484,21 @@ fn doctor(
     sample_secs: f64,
 ) -> Result<ExitCode, CliError> {
     let config = Config::load(config_path)?;
+    let root = Root::open(root)?;
+    let root = root.path();
     let topo = sysfs::read_topology(root)?;
     let uri = connect.unwrap_or(&config.libvirt_uri);
-    let (xmls, unreadable) = read_only(uri)?
-        .running_xml()
-        .map_err(|source| libvirt_error(uri, source))?;
-    report_skipped(&unreadable);
-    let mut guests = Vec::with_capacity(xmls.len());
-    for live in xmls {
-        let mut guest = doctor::Guest::from_xml(&live.xml)?;
-        if !live.name.is_empty() {
-            guest.spec.name = live.name;
-        }
-        guests.push(guest);
-    }
-    if let Some(name) = only.filter(|n| !guests.iter().any(|g| g.spec.name == *n)) {
+    let (mut guests, skipped) = match running_guests(uri) {
+        Ok(guests) => (guests, None),
+        Err(CliError::Libvirt { source, .. }) if !matches!(source, HvError::Other(_)) => (
+            Vec::new(),
+            Some(doctor::guests_skipped(uri, &source.to_string())),
+        ),
+        Err(e) => return Err(e),
+    };
+    if let Some(name) =
+        only.filter(|n| skipped.is_none() && !guests.iter().any(|g| g.spec.name == *n))
+    {
         return Err(CliError::NoSuchGuest {
             name: name.to_string(),
             uri: uri.to_string(),
@@ -477,7 +515,8 @@ fn doctor(
     let host = sample_steal(root, &mut guests, |root| {
         doctor::Host::read(root, topo, (pool, reserve), sample)
     });
-    let findings = doctor::audit(&host, &guests, only);
+    let mut findings = doctor::audit(&host, &guests, only);
+    findings.extend(skipped);
     if json {
         print!("{}", to_json(&doctor::findings_json(&findings))?);
     } else {
@@ -488,6 +527,24 @@ fn doctor(
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// The running guests doctor audits, read-only; those libvirt cannot
+/// describe are said on stderr.
+fn running_guests(uri: &str) -> Result<Vec<doctor::Guest>, CliError> {
+    let (xmls, unreadable) = read_only(uri)?
+        .running_xml()
+        .map_err(|source| libvirt_error(uri, source))?;
+    report_skipped(&unreadable);
+    let mut guests = Vec::with_capacity(xmls.len());
+    for live in xmls {
+        let mut guest = doctor::Guest::from_xml(&live.xml)?;
+        if !live.name.is_empty() {
+            guest.spec.name = live.name;
+        }
+        guests.push(guest);
+    }
+    Ok(guests)
 }
 
 /// Each guest's steal over the host sample `read_host` takes: its vCPUs'

@@ -480,12 +480,21 @@ pub fn undo_text(undo: &crate::isolation::Undo) -> String {
 
 pub fn isolation_status_text(status: &crate::isolation::Status) -> String {
     let mut out = String::new();
+    let reserved = match cpu_list(&status.reserved) {
+        list if list.is_empty() => "none (reserved_cpus is not set)".to_string(),
+        list => list,
+    };
+    let state = match (status.active, status.enabled) {
+        (true, _) => "active",
+        (false, true) => {
+            "enabled, not applied (the daemon applies it at start; or pinner isolate apply)"
+        }
+        (false, false) => "off ([isolation] enabled = false; pinner isolate apply confines once)",
+    };
     let _ = writeln!(
         out,
-        "isolation: {} ({}), reserved CPUs {}",
-        if status.active { "active" } else { "off" },
-        status.mechanism,
-        status.reserved_cpus
+        "isolation: {state}\nmechanism: {}\nreserved CPUs: {reserved}",
+        status.mechanism
     );
     if let Some(group) = &status.group {
         let _ = writeln!(out, "group: {group}");
@@ -500,10 +509,10 @@ pub fn isolation_status_text(status: &crate::isolation::Status) -> String {
         status.guests.len(),
         status.kernel_threads
     );
-    if !status.not_confined.is_empty() {
+    if status.active && !status.not_confined.is_empty() {
         let _ = writeln!(
             out,
-            "not confined yet: {}",
+            "not confined yet (the next sweep): {}",
             process_list(status.not_confined.iter())
         );
     }
@@ -545,13 +554,21 @@ fn not_moved_text(failed: &[crate::isolation::Failure]) -> String {
         .collect()
 }
 
+/// A CPU list as the kernel writes one ("0-3,8").
+fn cpu_list(cpus: &[u32]) -> String {
+    cpus.iter().copied().collect::<CpuSet>().to_string()
+}
+
 fn irq_status_text(irqs: &crate::isolation::irqs::IrqStatus) -> String {
     let mut out = String::new();
     if !irqs.steered.is_empty() {
         let moved: Vec<String> = irqs
             .steered
             .iter()
-            .map(|(irq, from, now)| format!("{irq} ({from} → {now})"))
+            .map(|s| {
+                let now = s.now.as_ref().map_or("gone".into(), |c| cpu_list(c));
+                format!("{} ({} → {now})", s.irq, cpu_list(&s.before))
+            })
             .collect();
         let _ = writeln!(out, "IRQs steered: {}", moved.join(", "));
     }

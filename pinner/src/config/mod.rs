@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use toml::Spanned;
 
+pub mod keys;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// Housekeeping CPUs: never given to guests.
@@ -48,8 +50,9 @@ pub struct Config {
     /// to new nodes (0: at once, as libvirt's binding moves it).
     pub memory_move_mib_per_sec: u64,
     pub isolation: IsolationConfig,
-    /// `[metrics]`: a metrics file (Prometheus text) the daemon keeps current.
-    pub metrics_file: Option<PathBuf>,
+    /// `[metrics] file`: a metrics file (Prometheus text) the daemon keeps
+    /// current; see [`Config::metrics_path`].
+    pub metrics_file: MetricsFile,
     pub metrics_interval: Duration,
     /// The file this came from (None: built-in defaults).
     pub source: Option<PathBuf>,
@@ -59,6 +62,20 @@ pub struct Config {
     reserved_memory_line: Option<usize>,
     reserved_huge_pages_line: Option<usize>,
 }
+
+/// `[metrics] file`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetricsFile {
+    /// Unset: `pinner.prom` in node_exporter's textfile directory, while
+    /// that directory exists.
+    Auto,
+    /// `""`: no file.
+    Off,
+    At(PathBuf),
+}
+
+/// node_exporter's textfile directory as Debian and Ubuntu package it.
+pub const NODE_EXPORTER_TEXTFILE_DIR: &str = "/var/lib/prometheus/node-exporter";
 
 /// `mode`: whether the daemon acts on its plan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,7 +123,7 @@ impl Default for Config {
             policy_rules: PolicyRules::default(),
             memory_move_mib_per_sec: DEFAULT_MEMORY_MOVE_MIB_PER_SEC,
             isolation: IsolationConfig::default(),
-            metrics_file: None,
+            metrics_file: MetricsFile::Auto,
             metrics_interval: Duration::from_secs(15),
             source: None,
             reserved_cpus_line: None,
@@ -550,15 +567,30 @@ impl Config {
         }
         if let Some(metrics) = metrics {
             if let Some(v) = metrics.file {
-                if !v.get_ref().is_empty() {
-                    self.metrics_file = Some(absolute_path(&v, "metrics.file", err_at)?);
-                }
+                self.metrics_file = if v.get_ref().is_empty() {
+                    MetricsFile::Off
+                } else {
+                    MetricsFile::At(absolute_path(&v, "metrics.file", err_at)?)
+                };
             }
             if let Some(v) = metrics.interval_secs {
                 self.metrics_interval = interval(&v, "metrics.interval_secs", err_at)?;
             }
         }
         Ok(())
+    }
+
+    /// The metrics file to write now, if any: `Auto` follows node_exporter's
+    /// directory coming and going (installed after pinner, say).
+    pub fn metrics_path(&self) -> Option<PathBuf> {
+        match &self.metrics_file {
+            MetricsFile::Auto => {
+                let dir = Path::new(NODE_EXPORTER_TEXTFILE_DIR);
+                dir.is_dir().then(|| dir.join("pinner.prom"))
+            }
+            MetricsFile::Off => None,
+            MetricsFile::At(path) => Some(path.clone()),
+        }
     }
 
     /// Where `socket_group` members connect: beside the main socket (which

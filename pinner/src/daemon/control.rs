@@ -9,7 +9,7 @@ use super::observe::Observer;
 use super::pass::PassMemory;
 use super::session::{Connection, Connector, Session};
 use super::{HostPaths, Work};
-use crate::config::{Config, Enforcement};
+use crate::config::{Config, Enforcement, MetricsFile};
 use crate::engine::coalesce::Coalescer;
 use crate::engine::domain::DomainSpec;
 use crate::engine::hypervisor::HvError;
@@ -101,7 +101,7 @@ impl Daemon {
                 retry_at: None,
                 coalescer: Coalescer::new(BURST_MAX_WAIT),
             },
-            observer: Observer::new(config.metrics_file.as_ref()),
+            observer: Observer::new(config.metrics_file != MetricsFile::Off),
             cells: CellMemory::new(Box::new(KernelPageMover::new(&setup.paths.proc))),
             config,
             host: setup.host,
@@ -289,7 +289,7 @@ impl Daemon {
             );
         }
         self.session.set_uri(&config.libvirt_uri);
-        self.observer.next_metrics = config.metrics_file.as_ref().map(|_| Instant::now());
+        self.observer.next_metrics = (config.metrics_file != MetricsFile::Off).then(Instant::now);
         self.config = config;
         self.logger.info("configuration reloaded", &[]);
         self.update_isolation(was_isolating);

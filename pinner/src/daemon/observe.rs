@@ -3,6 +3,7 @@
 //! answer and the metrics file.
 
 use super::control::Daemon;
+use crate::config::MetricsFile;
 use crate::engine::cpuset::CpuSet;
 use crate::engine::domain::DomainSpec;
 use crate::engine::hypervisor::HvError;
@@ -13,7 +14,6 @@ use crate::isolation::{self, Settings, System};
 use pinner_shared::paths::HOOK_DROPS_FILE;
 use pinner_shared::protocol::{DomainStatus, HookEvent, LatencySummary, Response, StatusReport};
 use std::collections::{HashMap, VecDeque};
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -108,12 +108,13 @@ pub struct Observer {
 }
 
 impl Observer {
-    pub fn new(metrics_file: Option<&PathBuf>) -> Observer {
+    /// `metrics_on`: a metrics file is configured, or may appear (`Auto`).
+    pub fn new(metrics_on: bool) -> Observer {
         Observer {
             latency: PinLatency::default(),
             steal: StealTracker::default(),
             qemu_pids: HashMap::new(),
-            next_metrics: metrics_file.map(|_| Instant::now()),
+            next_metrics: metrics_on.then(Instant::now),
             metrics_failing: false,
         }
     }
@@ -185,11 +186,14 @@ impl Daemon {
 
     /// Rewrites the metrics file from a fresh status.
     pub(super) fn write_metrics(&mut self) {
-        let Some(path) = self.config.metrics_file.clone() else {
+        if self.config.metrics_file == MetricsFile::Off {
             self.observer.next_metrics = None;
             return;
-        };
+        }
         self.observer.next_metrics = Some(Instant::now() + self.config.metrics_interval);
+        let Some(path) = self.config.metrics_path() else {
+            return;
+        };
         let Response::Status(report) = self.status() else {
             return;
         };

@@ -181,7 +181,7 @@ fn nodes(c: &GuestFacts, out: &mut Vec<Finding>) {
                     "vCPUs on nodes {node_list}; memory {}",
                     bound.map_or("not bound (no <numatune>)".into(), |b| format!("on nodes {}", join(&b)))
                 ),
-                format!("<numatune><memory mode='strict' nodeset='{node_list}'/></numatune>; live: virsh numatune {} --nodeset {node_list} --live", g.name()),
+                format!("let pinner place it; or <numatune><memory mode='restrictive' nodeset='{node_list}'/></numatune> (restrictive: the one mode libvirt lets follow the vCPUs when they move), live: virsh numatune {} --nodeset {node_list} --live", g.name()),
             ));
         }
     }

@@ -159,6 +159,19 @@ pub fn render_text(findings: &[Finding]) -> String {
     out
 }
 
+/// PIN000: the guests could not be read (libvirt unreachable), so only
+/// the host was audited. A note: the host's findings decide the exit.
+pub fn guests_skipped(uri: &str, why: &str) -> Finding {
+    finding(
+        "PIN000",
+        Severity::Info,
+        None,
+        "guest checks skipped: libvirt unreachable; host checks ran".to_string(),
+        format!("{uri}: {why}"),
+        "start libvirtd (or virtqemud), or name another with --connect URI".to_string(),
+    )
+}
+
 /// Whether anything needs fixing (exit 2).
 pub fn needs_fixing(findings: &[Finding]) -> bool {
     findings.iter().any(|f| f.severity != Severity::Info)

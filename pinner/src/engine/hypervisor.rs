@@ -9,6 +9,9 @@ use crate::engine::domain::{DomainError, DomainSpec};
 /// does about it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HvError {
+    /// No connection could be opened (libvirtd not running, no socket).
+    #[error("cannot connect to libvirt: {0}")]
+    Unreachable(String),
     /// The connection is gone (libvirtd stopped or restarted): reconnect.
     #[error("libvirt connection lost: {0}")]
     Disconnected(String),

@@ -419,7 +419,7 @@ pub fn apply(
                     }
                     on_applied(domain, action);
                 }
-                Err(HvError::Disconnected(m)) => return Err(HvError::Disconnected(m)),
+                Err(e @ (HvError::Disconnected(_) | HvError::Unreachable(_))) => return Err(e),
                 // Stopped meanwhile: nothing to do, and no error to report.
                 Err(HvError::Gone(_)) => {
                     outcome.unsettled.push(domain.uuid.clone());

@@ -11,4 +11,5 @@ pub mod irq;
 pub mod notify;
 pub mod nova;
 pub mod procs;
+pub mod snapshot;
 pub mod sysfs;

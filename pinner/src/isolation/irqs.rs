@@ -138,17 +138,24 @@ pub fn restore(table: &IrqTable, state: &IrqState) -> Restored {
     result
 }
 
-/// `pinner isolate --status`'s IRQ part.
+/// `pinner isolate`'s IRQ part.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct IrqStatus {
-    /// Steered IRQs: number, CPUs before, CPUs now.
-    pub steered: Vec<(u32, String, String)>,
+    pub steered: Vec<SteeredIrq>,
     pub managed: Vec<u32>,
     /// IRQs that can reach guest CPUs now (moved back, or new and not yet
     /// swept), managed ones aside.
     pub on_guest_cpus: Vec<u32>,
     /// What irqbalance needs, when it runs without banning the guests' CPUs.
     pub irqbalance: Option<String>,
+}
+
+/// An IRQ pinner steered: its CPUs before, and now (None: its device went).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SteeredIrq {
+    pub irq: u32,
+    pub before: Vec<u32>,
+    pub now: Option<Vec<u32>>,
 }
 
 pub fn status(
@@ -174,13 +181,12 @@ pub fn status(
         steered: state
             .origins
             .iter()
-            .map(|o| {
-                (
-                    o.irq,
-                    o.cpus.clone(),
-                    now.get(&o.irq)
-                        .map_or_else(|| "gone".into(), CpuSet::to_string),
-                )
+            .map(|o| SteeredIrq {
+                irq: o.irq,
+                before: CpuSet::parse(&o.cpus)
+                    .map(|c| c.to_vec())
+                    .unwrap_or_default(),
+                now: now.get(&o.irq).map(CpuSet::to_vec),
             })
             .collect(),
         managed: state.managed.clone(),
@@ -320,7 +326,14 @@ mod tests {
             false,
         );
         assert_eq!(status_now.on_guest_cpus, vec![24]);
-        assert_eq!(status_now.steered[1], (24, "4-5".into(), "6".into()));
+        assert_eq!(
+            status_now.steered[1],
+            SteeredIrq {
+                irq: 24,
+                before: vec![4, 5],
+                now: Some(vec![6])
+            }
+        );
         let second = steer(&table, &reserved, &mut state);
         assert_eq!((second.moved, second.again), (vec![], vec![24]));
         assert_eq!(

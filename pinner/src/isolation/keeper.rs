@@ -95,7 +95,7 @@ impl Keeper {
 
 /// Keeps isolation true: confines daemons whose pid file appears at once,
 /// and everything else the periodic sweep finds. Does nothing while
-/// isolation is not active (no state), so an `isolate --undo` holds, and
+/// isolation is not active (no state), so an `isolate undo` holds, and
 /// while `paused`.
 fn spawn_keeper(
     settings: Arc<Mutex<Settings>>,

@@ -579,12 +579,14 @@ fn restore(sys: &System, group: &Group, origins: &[Origin], pid: u32) -> bool {
     moved
 }
 
-/// `pinner isolate --status`.
+/// `pinner isolate`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Status {
     pub active: bool,
+    /// `[isolation] enabled`: whether the daemon applies it.
+    pub enabled: bool,
     pub mechanism: String,
-    pub reserved_cpus: String,
+    pub reserved: Vec<u32>,
     pub group: Option<String>,
     pub units: Vec<String>,
     pub confined: usize,
@@ -613,9 +615,12 @@ pub fn status(sys: &System, settings: &Settings) -> Result<Status, IsolationErro
     let mut status = Status {
         active: state.is_some(),
         mechanism,
-        reserved_cpus: state
+        enabled: settings.config.enabled,
+        reserved: state
             .as_ref()
-            .map_or_else(|| settings.reserved.to_string(), |s| s.reserved.clone()),
+            .and_then(|s| CpuSet::parse(&s.reserved).ok())
+            .unwrap_or_else(|| settings.reserved.clone())
+            .to_vec(),
         group: None,
         units: state.as_ref().map(|s| s.units.clone()).unwrap_or_default(),
         confined: 0,
@@ -907,7 +912,7 @@ mod tests {
             "{e}"
         );
         assert!(
-            e.contains("then `pinner isolate --undo`"),
+            e.contains("then `pinner isolate undo`"),
             "the error says what to do: {e}"
         );
         let e = refused(

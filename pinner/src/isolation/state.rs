@@ -29,7 +29,7 @@ pub enum StateError {
     },
     #[error("cannot lock {}: {source}", path.display())]
     Lock { path: PathBuf, source: nix::Error },
-    #[error("{shown}: not a usable isolation state ({why}): move it away (`mv {shown} {shown}.bad`), then `pinner isolate --undo` puts processes still confined back in their hierarchy's root and removes pinner's groups, or `systemctl reload pinner` confines anew", shown = path.display())]
+    #[error("{shown}: not a usable isolation state ({why}): move it away (`mv {shown} {shown}.bad`), then `pinner isolate undo` puts processes still confined back in their hierarchy's root and removes pinner's groups, or `systemctl reload pinner` confines anew", shown = path.display())]
     Unusable { path: PathBuf, why: String },
     #[error("cannot read {}: {source}", path.display())]
     Read {

@@ -37,7 +37,7 @@ impl Libvirt {
         // Without this libvirt prints every error to stderr on its own.
         virt::error::clear_error_callback();
         let conn =
-            Connect::open(Some(uri)).map_err(|e| HvError::Disconnected(e.message().to_string()))?;
+            Connect::open(Some(uri)).map_err(|e| HvError::Unreachable(e.message().to_string()))?;
         Ok(Libvirt::wrap(conn, uri, cpumap_width))
     }
 
@@ -72,7 +72,7 @@ impl Libvirt {
     pub fn connect_read_only(uri: &str) -> Result<Libvirt, HvError> {
         virt::error::clear_error_callback();
         let conn = Connect::open_read_only(Some(uri))
-            .map_err(|e| HvError::Disconnected(e.message().to_string()))?;
+            .map_err(|e| HvError::Unreachable(e.message().to_string()))?;
         Ok(Libvirt::wrap(conn, uri, 0))
     }
 
