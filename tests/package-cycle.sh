@@ -146,16 +146,18 @@ rm /etc/libvirt/hooks/qemu.d/50-pinner
 ok "an operator's hook in pinner's place is left alone, with a message"
 
 # With systemd (a fake systemctl that records its calls and says every
-# unit is active): the service is enabled and restarted, and libvirtd is
-# reloaded only when it had no qemu hook before.
+# unit but virtqemud is active, a monolithic host): the service is enabled
+# and restarted, and the running libvirt daemon is reloaded only when it had
+# no qemu hook before.
 fake="$work/fake-systemd"
 mkdir -p "$fake/bin" "$fake/run" "$fake/hooks"
-printf '#!/bin/sh\necho "$*" >>%s/calls\nexit 0\n' "$fake" >"$fake/bin/systemctl"
+printf '#!/bin/sh\necho "$*" >>%s/calls\ncase "$*" in *virtqemud*) exit 3 ;; esac\nexit 0\n' "$fake" >"$fake/bin/systemctl"
 chmod 755 "$fake/bin/systemctl"
 maint() { PATH="$fake/bin:$PATH" PINNER_SYSTEMD_DIR="$fake/run" PINNER_HOOKS_DIR="$fake/hooks" /usr/libexec/pinner/pinner-maint "$@"; }
 out=$(maint configure)
 echo "$out" | grep -q "reloaded libvirtd so it runs the new hook" || fail "no reload message: $out"
-expected="is-active --quiet libvirtd.service
+expected="is-active --quiet virtqemud.service
+is-active --quiet libvirtd.service
 reload libvirtd.service
 daemon-reload
 enable pinner.service

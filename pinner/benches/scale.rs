@@ -180,6 +180,7 @@ fn run(count: usize) {
             proc: dir.join("proc"),
             sysfs_root: dir.join("sys"),
             state_dir: dir.clone(),
+            textfile_dir: dir.join("textfile"),
         },
         logger: Arc::new(Logger::new("pinner-scale", Level::Error)),
         connector: Box::new(Shared {

@@ -155,6 +155,9 @@ pub struct StatusReport {
     pub enforcement: String,
     pub pool: Vec<u32>,
     pub reserved: Vec<u32>,
+    /// vCPUs per pool CPU the host allows (pinner.toml or nova.conf).
+    #[serde(default)]
+    pub cpu_allocation_ratio: f64,
     pub libvirt_connected: bool,
     pub domains: Vec<DomainStatus>,
     pub warnings: Vec<String>,

@@ -251,11 +251,11 @@ fn host_daemons_confined_kept_and_put_back() {
     eprintln!("restarted dummy confined after {:?}", started.elapsed());
     sb.await_log(&format!("confined dummy-restart[{restarted}]"));
 
-    // One started without a pid file waits for a sweep; `pinner isolate`
-    // is one.
+    // One started without a pid file waits for a sweep; `pinner isolate
+    // apply` is one.
     let stray = dummies.spawn("dummy-stray", 0, false);
     assert_eq!(thread_cpus(stray), vec![online.clone()]);
-    let out = dummies.pinner_isolate(&[]);
+    let out = dummies.pinner_isolate(&["apply"]);
     assert!(
         out.status.success(),
         "{}",
@@ -285,7 +285,7 @@ fn host_daemons_confined_kept_and_put_back() {
     assert_eq!(thread_cpus(after_undo), vec![online.clone()]);
 
     // restore_on_exit: isolate again, stop the daemon, everything is back.
-    let out = dummies.pinner_isolate(&[]);
+    let out = dummies.pinner_isolate(&["apply"]);
     assert!(
         out.status.success(),
         "{}",
@@ -316,7 +316,7 @@ fn isolation_refuses_a_config_without_reserved_cpus_and_changes_nothing() {
         .env(SCOPE_ENV, u32::MAX.to_string())
         .arg("--config")
         .arg(&config)
-        .arg("isolate")
+        .args(["isolate", "apply"])
         .output()
         .unwrap();
     let _ = std::fs::remove_dir_all(&dir);
@@ -456,7 +456,7 @@ fn a_round_that_cannot_be_recorded_is_taken_back() {
     let script = format!(
         "mount -t tmpfs -o size=4k,nr_inodes=16 pinner-full {dir} && \
          head -c 4096 /dev/zero >{dir}/filler 2>/dev/null; \
-         exec \"$0\" --config \"$1\" isolate",
+         exec \"$0\" --config \"$1\" isolate apply",
         dir = state_dir.display()
     );
     let out = Command::new("unshare")

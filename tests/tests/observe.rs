@@ -178,7 +178,8 @@ fn metrics_are_valid_openmetrics_and_the_file_stays_current() {
         "pinner_hook_events_dropped:counter",
         "pinner_reconcile_seconds:summary",
         "pinner_pin_latency_seconds:summary",
-        "pinner_guest_vcpu_pin_info:gauge",
+        "pinner_guest_vcpu_cpus:gauge",
+        "pinner_guest_vcpu_cpu:gauge",
         "pinner_guest_steal_seconds:counter",
         "pinner_guest_memory_pages:gauge",
         "pinner_numa_hit_pages:counter",
@@ -193,7 +194,9 @@ fn metrics_are_valid_openmetrics_and_the_file_stays_current() {
     let uuid = sb.virsh_ok(&["domuuid", &sb.name(odd)]).trim().to_string();
     assert!(
         text.contains(&format!(
-            "pinner_guest_vcpu_pin_info{{{label},uuid=\"{uuid}\",vcpu=\"0\",cpus=\"{pool}\"}} 1"
+            "pinner_guest_vcpu_cpu{{{label},uuid=\"{uuid}\",vcpu=\"0\"}} {pool}"
+        )) && text.contains(&format!(
+            "pinner_guest_vcpu_cpus{{{label},uuid=\"{uuid}\",vcpu=\"0\"}} 1"
         )),
         "{text}"
     );
@@ -215,7 +218,7 @@ fn metrics_are_valid_openmetrics_and_the_file_stays_current() {
     sb.destroy_guest(odd);
     wait_for(Duration::from_secs(5), || {
         let t = std::fs::read_to_string(&file).unwrap_or_default();
-        if t.contains("pinner_guest_vcpu_pin_info{") {
+        if t.contains("pinner_guest_vcpu_cpus{") {
             Err("stopped guest still in the file".to_string())
         } else {
             Ok(())
@@ -235,7 +238,7 @@ fn the_metrics_file_is_never_written_through_a_link_or_an_unsafe_directory() {
     let Some(mut sb) = sandbox_or_skip(test) else {
         return;
     };
-    let dir = sb.dir.join("textfile");
+    let dir = sb.dir.join("metrics");
     std::fs::create_dir(&dir).unwrap();
     let (file, victim) = (dir.join("pinner.prom"), sb.dir.join("victim"));
     std::fs::write(&victim, "precious\n").unwrap();

@@ -108,29 +108,34 @@ fn metric_names(promql: &str) -> BTreeSet<String> {
         .collect()
 }
 
-/// Every metric the shipped rules and dashboard refer to.
-fn names_used() -> BTreeSet<String> {
-    let rules =
-        std::fs::read_to_string(repo_file("packaging/monitoring/pinner.rules.yml")).unwrap();
-    let expressions: Vec<String> = rules
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("expr:").map(String::from))
-        .collect();
-    assert_eq!(expressions.len(), 6, "{rules}");
+/// The shipped dashboard's queries, `$instance` meaning every host.
+fn dashboard_queries() -> Vec<(String, String)> {
     let dashboard: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(repo_file("packaging/monitoring/pinner-dashboard.json")).unwrap(),
     )
     .expect("the dashboard is JSON");
-    let targets = dashboard["panels"]
+    dashboard["panels"]
         .as_array()
         .unwrap()
         .iter()
-        .flat_map(|p| p["targets"].as_array().unwrap().iter())
-        .map(|t| t["expr"].as_str().unwrap().to_string());
-    expressions
+        .flat_map(|p| {
+            let title = p["title"].as_str().unwrap_or("").to_string();
+            p["targets"].as_array().unwrap().iter().map(move |t| {
+                let expr = t["expr"].as_str().unwrap().replace("$instance", ".*");
+                (title.clone(), expr)
+            })
+        })
+        .collect()
+}
+
+/// Every metric the shipped rules and dashboard refer to.
+fn names_used() -> BTreeSet<String> {
+    let rules =
+        std::fs::read_to_string(repo_file("packaging/monitoring/pinner.rules.yml")).unwrap();
+    dashboard_queries()
         .into_iter()
-        .chain(targets)
-        .flat_map(|e| metric_names(&e))
+        .flat_map(|(_, e)| metric_names(&e))
+        .chain(metric_names(&rules))
         .collect()
 }
 
@@ -214,7 +219,7 @@ fn prometheus_scrapes_the_metrics_and_fires_for_a_guest_out_of_sync() {
         .unwrap();
     let said = String::from_utf8_lossy(&check.stdout);
     assert!(
-        check.status.success() && said.contains("SUCCESS: 6 rules found"),
+        check.status.success() && said.contains("SUCCESS: 9 rules found"),
         "{said}"
     );
     let Some(mut sb) = sandbox_or_skip(test) else {
@@ -363,5 +368,53 @@ fn prometheus_scrapes_the_metrics_and_fires_for_a_guest_out_of_sync() {
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", sb.daemon_log()));
     println!("firing: {}", serde_json::Value::Array(firing));
+
+    // Every dashboard panel shows data: no query left empty by a renamed
+    // metric or a label that is not there.
+    for (title, expr) in dashboard_queries() {
+        let answered = wait_for(Duration::from_secs(30), || {
+            let data = query(&expr)?;
+            match data["result"].as_array() {
+                Some(series) if !series.is_empty() => Ok(series.len()),
+                _ => Err(format!("panel \"{title}\": {expr} returns nothing: {data}")),
+            }
+        })
+        .unwrap();
+        println!("panel \"{title}\": {answered} series");
+    }
     assert!(sb.stop_daemon().is_some_and(|s| s.success()));
+}
+
+/// Each shipped alert fires on synthetic series where it must and stays
+/// silent where it must not (`promtool test rules`).
+#[test]
+fn shipped_alerts_pass_their_rule_tests() {
+    if !have("promtool") {
+        return;
+    }
+    let out = Command::new("promtool")
+        .args(["test", "rules"])
+        .arg(repo_file("tests/monitoring/pinner.rules.test.yml"))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.contains("SUCCESS"),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Every alert in the file has a test that expects it to fire.
+    let rules =
+        std::fs::read_to_string(repo_file("packaging/monitoring/pinner.rules.yml")).unwrap();
+    let tests =
+        std::fs::read_to_string(repo_file("tests/monitoring/pinner.rules.test.yml")).unwrap();
+    for alert in rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+    {
+        let fires = tests.split("alertname: ").skip(1).any(|t| {
+            t.starts_with(alert) && t.lines().nth(1).is_some_and(|l| l.trim() == "exp_alerts:")
+        });
+        assert!(fires, "no test where {alert} fires");
+    }
 }

@@ -75,7 +75,7 @@ pub const KEYS: &[Key] = &[
     key("", "default_policy", Set("\"auto\""), "\"none\"",
         "The policy of a guest whose metadata names none: \"auto\" (one-to-one while the guests fit, range-bound beyond), \"dedicated\", \"shared\", or \"none\" (an opt-in host: guests are left alone until their metadata asks). A guest's own <pinner:state policy=...> always wins."),
     key("", "memory_move_mib_per_sec", Set("256"), "128",
-        "How fast a running guest's memory is moved to the nodes it is placed on when pinner takes it over (first start on a busy host, observe to enforce, a reload that moves guests): MiB per second for the whole host, one guest at a time, so no guest stalls for long. 0: at once, as libvirt's binding moves it."),
+        "How fast a running guest's memory is moved to the nodes it is placed on when pinner takes it over (first start on a busy host, observe to enforce, a reload that moves guests): MiB per second for the whole host, one guest at a time, so a takeover never takes the host's memory bandwidth at once (it does not shorten the moved guest's own stalls: docs/measurements.md). 0: at once, as libvirt's binding moves it."),
     key("", "reserved_cpus", Commented("\"\""), "\"0-1\"",
         "Housekeeping CPUs, in the kernel's list syntax (\"0-1\", \"0,24\"): never given to guests; emulator threads of dedicated guests run here. \"\": none. Must be online and must leave CPUs for guests. On OpenStack nodes nova.conf's CPU sets decide."),
     key("", "cpu_allocation_ratio", Commented("1.0"), "4.0",

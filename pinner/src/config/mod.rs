@@ -581,13 +581,13 @@ impl Config {
     }
 
     /// The metrics file to write now, if any: `Auto` follows node_exporter's
-    /// directory coming and going (installed after pinner, say).
-    pub fn metrics_path(&self) -> Option<PathBuf> {
+    /// directory (`textfile_dir`: [`NODE_EXPORTER_TEXTFILE_DIR`] on a host)
+    /// coming and going (installed after pinner, say).
+    pub fn metrics_path(&self, textfile_dir: &Path) -> Option<PathBuf> {
         match &self.metrics_file {
-            MetricsFile::Auto => {
-                let dir = Path::new(NODE_EXPORTER_TEXTFILE_DIR);
-                dir.is_dir().then(|| dir.join("pinner.prom"))
-            }
+            MetricsFile::Auto => textfile_dir
+                .is_dir()
+                .then(|| textfile_dir.join("pinner.prom")),
             MetricsFile::Off => None,
             MetricsFile::At(path) => Some(path.clone()),
         }

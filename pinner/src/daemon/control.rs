@@ -517,6 +517,7 @@ mod tests {
                 proc: dir.join("proc"),
                 sysfs_root: dir.clone(),
                 state_dir: dir.join("run"),
+                textfile_dir: dir.join("textfile"),
             },
             logger: Arc::new(Logger::new("pinner-test", Level::Debug)),
             connector: Box::new(FakeConnector(world.clone())),
@@ -573,6 +574,20 @@ mod tests {
         fn connects(&self) -> u32 {
             self.world.lock().unwrap().connects
         }
+    }
+
+    /// No `[metrics] file`: pinner.prom in node_exporter's directory while
+    /// that directory exists, nothing while it does not.
+    #[test]
+    fn metrics_go_to_the_textfile_directory_only_while_it_exists() {
+        let mut h = harness("textfile");
+        let dir = h.daemon.paths.textfile_dir.clone();
+        h.daemon.write_metrics();
+        assert!(!dir.exists(), "no directory made for node_exporter");
+        std::fs::create_dir(&dir).unwrap();
+        h.daemon.write_metrics();
+        let text = std::fs::read_to_string(dir.join("pinner.prom")).unwrap();
+        assert!(text.contains("pinner_libvirt_connected "), "{text}");
     }
 
     #[test]

@@ -8,7 +8,6 @@
 //! metrics --openmetrics` gives OpenMetrics. Only counter, gauge and
 //! summary types are used.
 
-use crate::engine::cpuset::CpuSet;
 use crate::host::file::{self, WriteError};
 use pinner_shared::protocol::{
     Counters, DomainStatus, LatencySummary, NodeNumaStatus, StatusReport,
@@ -77,6 +76,25 @@ impl Out {
         for d in &report.domains {
             if let Some(v) = value(d) {
                 self.sample(&sample, &guest_labels(d), v);
+            }
+        }
+    }
+
+    /// A gauge family whose samples carry a guest's labels and one more:
+    /// `samples` gives each guest's (label, value, sample) triples.
+    fn guest_gauge(
+        &mut self,
+        report: &StatusReport,
+        name: &str,
+        help: &str,
+        extra: &str,
+        samples: impl Fn(&DomainStatus) -> Vec<(String, f64)>,
+    ) {
+        self.family(name, "gauge", help);
+        for d in &report.domains {
+            for (value, sample) in samples(d) {
+                let [domain, uuid] = guest_labels(d);
+                self.sample(name, &[domain, uuid, (extra, value.as_str())], sample);
             }
         }
     }
@@ -183,6 +201,11 @@ fn daemon_families(out: &mut Out, report: &StatusReport) {
             f64::from(u8::from(report.enforcement != "observe")),
         ),
         (
+            "pinner_cpu_allocation_ratio",
+            "vCPUs per pool CPU the host allows; shared guests' steal is judged against it.",
+            report.cpu_allocation_ratio,
+        ),
+        (
             "pinner_pending_changes",
             "Pins and memory bindings the plan asks for that are not made yet (all of them in observe mode).",
             pending as f64,
@@ -223,33 +246,14 @@ fn latency_family(out: &mut Out, l: &LatencySummary) {
 }
 
 fn guest_families(out: &mut Out, report: &StatusReport) {
-    out.family(
+    out.guest_gauge(
+        report,
         "pinner_guest_in_sync",
-        "gauge",
         "1 when every pin of the guest matches the plan.",
+        "policy",
+        |d| vec![(d.policy.clone(), f64::from(u8::from(d.in_sync)))],
     );
-    for d in &report.domains {
-        let [name, uuid] = guest_labels(d);
-        out.sample(
-            "pinner_guest_in_sync",
-            &[name, uuid, ("policy", &d.policy)],
-            f64::from(u8::from(d.in_sync)),
-        );
-    }
-    out.family(
-        "pinner_guest_vcpu_pin_info",
-        "gauge",
-        "A vCPU's host CPUs as libvirt reports them (value 1).",
-    );
-    for d in &report.domains {
-        for v in &d.vcpus {
-            let cpus: CpuSet = v.cpus.iter().copied().collect();
-            let vcpu = v.vcpu.to_string();
-            let [name, uuid] = guest_labels(d);
-            let labels = [name, uuid, ("vcpu", &vcpu), ("cpus", &cpus.to_string())];
-            out.sample("pinner_guest_vcpu_pin_info", &labels, 1.0);
-        }
-    }
+    vcpu_families(out, report);
     out.per_guest(
         report,
         "pinner_guest_steal_seconds",
@@ -257,27 +261,65 @@ fn guest_families(out: &mut Out, report: &StatusReport) {
         "Time the guest's vCPU threads waited for a host CPU, summed.",
         |d| d.steal_seconds,
     );
-    out.per_guest(
+    // With the policy: a dedicated guest's steal pages, a shared one's is
+    // judged against the allocation ratio.
+    out.guest_gauge(
         report,
         "pinner_guest_steal_ratio",
-        "gauge",
         "Share of each vCPU's wall time spent waiting for a host CPU over the last interval.",
-        |d| d.steal_pct.map(|pct| pct / 100.0),
+        "policy",
+        |d| {
+            d.steal_pct
+                .map(|pct| (d.policy.clone(), pct / 100.0))
+                .into_iter()
+                .collect()
+        },
     );
-    out.family(
+    out.guest_gauge(
+        report,
         "pinner_guest_memory_pages",
-        "gauge",
         "Resident pages on the guest's own NUMA nodes (local) and elsewhere (remote).",
+        "locality",
+        |d| match (d.memory_pages_local, d.memory_pages_remote) {
+            (Some(local), Some(remote)) => vec![
+                ("local".into(), local as f64),
+                ("remote".into(), remote as f64),
+            ],
+            _ => Vec::new(),
+        },
     );
-    for d in &report.domains {
-        if let (Some(local), Some(remote)) = (d.memory_pages_local, d.memory_pages_remote) {
-            for (locality, pages) in [("local", local), ("remote", remote)] {
-                let [name, uuid] = guest_labels(d);
-                let labels = [name, uuid, ("locality", locality)];
-                out.sample("pinner_guest_memory_pages", &labels, pages as f64);
-            }
-        }
-    }
+}
+
+/// Where each vCPU may run, as values: labels that changed with every pin
+/// would make a new series each time.
+fn vcpu_families(out: &mut Out, report: &StatusReport) {
+    out.guest_gauge(
+        report,
+        "pinner_guest_vcpu_cpus",
+        "How many host CPUs a vCPU may run on, as libvirt reports it (1: pinned one-to-one).",
+        "vcpu",
+        |d| {
+            d.vcpus
+                .iter()
+                .map(|v| (v.vcpu.to_string(), v.cpus.len() as f64))
+                .collect()
+        },
+    );
+    out.guest_gauge(
+        report,
+        "pinner_guest_vcpu_cpu",
+        "The host CPU of a vCPU pinned one-to-one (no sample for a vCPU with a range).",
+        "vcpu",
+        |d| {
+            d.vcpus
+                .iter()
+                .filter_map(|v| match v.cpus.as_slice() {
+                    [cpu] => Some((v.vcpu.to_string(), f64::from(*cpu))),
+                    _ => None,
+                })
+                .collect()
+        },
+    );
 }
 
 /// The host's NUMA counters and isolation.
@@ -355,6 +397,7 @@ mod tests {
     fn report() -> StatusReport {
         StatusReport {
             mode: "dedicated".into(),
+            cpu_allocation_ratio: 4.0,
             libvirt_connected: true,
             counters: Counters {
                 events_received: 12,
@@ -373,11 +416,18 @@ mod tests {
                 uuid: "u-1".into(),
                 policy: "dedicated".into(),
                 in_sync: true,
-                vcpus: vec![VcpuStatus {
-                    vcpu: 0,
-                    cpus: vec![2, 3],
-                    planned: vec![2, 3],
-                }],
+                vcpus: vec![
+                    VcpuStatus {
+                        vcpu: 0,
+                        cpus: vec![2, 3],
+                        planned: vec![2, 3],
+                    },
+                    VcpuStatus {
+                        vcpu: 1,
+                        cpus: vec![5],
+                        planned: vec![5],
+                    },
+                ],
                 steal_pct: Some(1.5),
                 steal_seconds: Some(7.25),
                 memory_pages_local: Some(900),
@@ -414,9 +464,12 @@ mod tests {
             "pinner_pin_latency_seconds{quantile=\"0.5\"} 0.015".into(),
             "pinner_pin_latency_seconds_count 3".into(),
             format!("pinner_guest_in_sync{{{guest},policy=\"dedicated\"}} 1"),
-            format!("pinner_guest_vcpu_pin_info{{{guest},vcpu=\"0\",cpus=\"2-3\"}} 1"),
+            "pinner_cpu_allocation_ratio 4".into(),
+            format!("pinner_guest_vcpu_cpus{{{guest},vcpu=\"0\"}} 2"),
+            format!("pinner_guest_vcpu_cpus{{{guest},vcpu=\"1\"}} 1"),
+            format!("pinner_guest_vcpu_cpu{{{guest},vcpu=\"1\"}} 5"),
             format!("pinner_guest_steal_seconds_total{{{guest}}} 7.25"),
-            format!("pinner_guest_steal_ratio{{{guest}}} 0.015"),
+            format!("pinner_guest_steal_ratio{{{guest},policy=\"dedicated\"}} 0.015"),
             format!("pinner_guest_memory_pages{{{guest},locality=\"remote\"}} 100"),
             "pinner_numa_miss_pages_total{node=\"0\"} 7".into(),
             "pinner_isolated_processes 42".into(),
@@ -430,6 +483,10 @@ mod tests {
         assert!(
             !text.contains("# EOF"),
             "a Prometheus text file ends without one"
+        );
+        assert!(
+            !text.contains(&format!("pinner_guest_vcpu_cpu{{{guest},vcpu=\"0\"}}")),
+            "a vCPU with a range has no single CPU:\n{text}"
         );
     }
 

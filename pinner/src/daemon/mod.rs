@@ -59,6 +59,9 @@ pub struct HostPaths {
     pub sysfs_root: PathBuf,
     /// Isolation state, the hook's drop counter.
     pub state_dir: PathBuf,
+    /// node_exporter's textfile directory, where an unset `[metrics] file`
+    /// goes while it exists.
+    pub textfile_dir: PathBuf,
 }
 
 impl HostPaths {
@@ -70,6 +73,7 @@ impl HostPaths {
             state_dir: socket
                 .parent()
                 .map_or_else(|| PathBuf::from("/run/pinner"), Path::to_path_buf),
+            textfile_dir: PathBuf::from(crate::config::NODE_EXPORTER_TEXTFILE_DIR),
         }
     }
 }

@@ -8,6 +8,7 @@ use crate::engine::cpuset::CpuSet;
 use crate::engine::domain::DomainSpec;
 use crate::engine::hypervisor::HvError;
 use crate::engine::reconcile;
+use crate::host::file::WriteError;
 use crate::host::guest_stats::{self, GuestSample, StealTracker};
 use crate::host::procs::ProcFs;
 use crate::isolation::{self, Settings, System};
@@ -191,7 +192,7 @@ impl Daemon {
             return;
         }
         self.observer.next_metrics = Some(Instant::now() + self.config.metrics_interval);
-        let Some(path) = self.config.metrics_path() else {
+        let Some(path) = self.config.metrics_path(&self.paths.textfile_dir) else {
             return;
         };
         let Response::Status(report) = self.status() else {
@@ -207,7 +208,10 @@ impl Daemon {
             }
             Err(e) => {
                 if !std::mem::replace(&mut self.observer.metrics_failing, true) {
-                    self.logger.warn(&format!("metrics not written: {e}"), &[]);
+                    self.logger.warn(
+                        &format!("metrics not written: {e}{}", read_only_hint(&e)),
+                        &[],
+                    );
                 }
             }
         }
@@ -283,6 +287,7 @@ impl Daemon {
             enforcement: self.config.enforcement.as_str().into(),
             pool: plan.pool.to_vec(),
             reserved,
+            cpu_allocation_ratio: self.host.cpu_allocation_ratio,
             libvirt_connected: true,
             domains,
             warnings,
@@ -292,6 +297,21 @@ impl Daemon {
             isolated_processes: self.isolated_processes(),
             memory: reconcile::node_memory(&plan),
         }))
+    }
+}
+
+/// What to do when the unit's sandbox (ProtectSystem=strict) keeps the
+/// metrics file's directory read-only.
+fn read_only_hint(error: &WriteError) -> String {
+    match error {
+        WriteError::Io { path, source } if source.raw_os_error() == Some(nix::libc::EROFS) => {
+            let dir = path.parent().unwrap_or(path);
+            format!(
+                " (read-only here: under systemd, allow it with `systemctl edit pinner`: [Service] ReadWritePaths={})",
+                dir.display()
+            )
+        }
+        _ => String::new(),
     }
 }
 
