@@ -2,7 +2,7 @@
 //! environment, examples, see also; and `pinner.toml(5)` from the
 //! configuration keys.
 
-use pinner::config::keys::{self, DefaultValue, KEYS};
+use pinner::config::keys::KEYS;
 
 /// Text made safe for roff: backslashes, and a leading dot or quote that
 /// would be read as a request.
@@ -121,13 +121,6 @@ pub fn sections_of(name: &str) -> String {
     out
 }
 
-fn default_text(key: &keys::Key) -> String {
-    match key.default {
-        DefaultValue::Unset(text) => text.to_string(),
-        DefaultValue::Set(v) | DefaultValue::Commented(v) => v.to_string(),
-    }
-}
-
 /// `pinner.toml(5)`.
 pub fn config_page() -> String {
     let version = env!("CARGO_PKG_VERSION");
@@ -159,7 +152,7 @@ pub fn config_page() -> String {
         out += &format!(
             ".TP\n\\fB{}\\fR (default: {})\n{}\n.RS\nExample: {}\n.RE\n",
             roff(key.name),
-            roff(&default_text(key)),
+            roff(key.default_text()),
             roff(key.about),
             roff(&key.example.replace('\n', "; "))
         );

@@ -58,21 +58,16 @@ impl Out {
         let _ = writeln!(self.0, " {value}");
     }
 
-    /// A family with one sample per guest that has a `value`.
-    fn per_guest(
+    /// A counter family with a sample per guest that has a `value`.
+    fn guest_counter(
         &mut self,
         report: &StatusReport,
         name: &str,
-        kind: &str,
         help: &str,
         value: impl Fn(&DomainStatus) -> Option<f64>,
     ) {
-        self.family(name, kind, help);
-        let sample = if kind == "counter" {
-            format!("{name}_total")
-        } else {
-            name.to_string()
-        };
+        self.family(name, "counter", help);
+        let sample = format!("{name}_total");
         for d in &report.domains {
             if let Some(v) = value(d) {
                 self.sample(&sample, &guest_labels(d), v);
@@ -81,7 +76,7 @@ impl Out {
     }
 
     /// A gauge family whose samples carry a guest's labels and one more:
-    /// `samples` gives each guest's (label, value, sample) triples.
+    /// `samples` gives each guest's (label value, sample value) pairs.
     fn guest_gauge(
         &mut self,
         report: &StatusReport,
@@ -254,10 +249,9 @@ fn guest_families(out: &mut Out, report: &StatusReport) {
         |d| vec![(d.policy.clone(), f64::from(u8::from(d.in_sync)))],
     );
     vcpu_families(out, report);
-    out.per_guest(
+    out.guest_counter(
         report,
         "pinner_guest_steal_seconds",
-        "counter",
         "Time the guest's vCPU threads waited for a host CPU, summed.",
         |d| d.steal_seconds,
     );

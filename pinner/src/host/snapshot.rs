@@ -96,11 +96,7 @@ fn holder_of_sys(dir: &Path) -> Option<PathBuf> {
 /// Lists the archive first (its size and entry count checked), then
 /// unpacks it into a private directory of its own.
 fn unpack(archive: &Path) -> Result<Root, SnapshotError> {
-    let failed = |message: String| SnapshotError::Unpack {
-        path: archive.to_path_buf(),
-        message,
-    };
-    let listing = tar(&["-tvjf"], archive, None).map_err(failed)?;
+    let listing = tar(&["-tvjf"], archive, None)?;
     let (bytes, entries) = unpacked_size(&listing);
     if bytes > UNPACKED_CAP || entries > ENTRIES_CAP {
         return Err(SnapshotError::TooLarge {
@@ -118,7 +114,7 @@ fn unpack(archive: &Path) -> Result<Root, SnapshotError> {
         path: dir.clone(),
         unpacked: Some(dir.clone()),
     };
-    tar(&["-xjf"], archive, Some(&dir)).map_err(failed)?;
+    tar(&["-xjf"], archive, Some(&dir))?;
     root.path = single_holder(&dir).ok_or_else(|| SnapshotError::NotASnapshot {
         path: archive.to_path_buf(),
     })?;
@@ -138,16 +134,23 @@ fn single_holder(dir: &Path) -> Option<PathBuf> {
     })
 }
 
-fn tar(mode: &[&str], archive: &Path, into: Option<&Path>) -> Result<String, String> {
+/// Runs tar on `archive` (into `into` when unpacking); its stdout.
+fn tar(mode: &[&str], archive: &Path, into: Option<&Path>) -> Result<String, SnapshotError> {
+    let failed = |message: String| SnapshotError::Unpack {
+        path: archive.to_path_buf(),
+        message,
+    };
     let mut command = Command::new("tar");
     command.args(mode).arg(archive).arg("--no-same-owner");
     if let Some(dir) = into {
         command.arg("--no-same-permissions").arg("-C").arg(dir);
     }
-    let output = command.output().map_err(|e| format!("tar: {e}"))?;
+    let output = command.output().map_err(|e| failed(format!("tar: {e}")))?;
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
-        return Err(pinner_shared::text::printable(stderr.trim()).into_owned());
+        return Err(failed(
+            pinner_shared::text::printable(stderr.trim()).into_owned(),
+        ));
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
