@@ -238,10 +238,8 @@ impl Daemon {
         let reserved = self.config.reserved_cpus.to_vec();
         let observed = match self.connection() {
             Some(libvirt) => libvirt.running_domains(),
-            None => Err(HvError::Disconnected(format!(
-                "libvirt not reachable at {}",
-                self.config.libvirt_uri
-            ))),
+            // Not connected now (never, or reconnecting): "cannot connect".
+            None => Err(HvError::Unreachable(self.config.libvirt_uri.clone())),
         };
         let (specs, unreadable) = match observed {
             Ok(observed) => observed,
