@@ -1,9 +1,10 @@
 //! The daemon at node scale: full reconcile passes over 250 to 2,000
 //! running guests on libvirt's test driver (a 256-CPU, 8-node host), with
 //! the real control loop, libvirt client and placement. Prints, per guest
-//! count: the first pass (every guest placed), a steady pass (nothing to
-//! change), a pass after one guest is added, the libvirt calls of each, and
-//! the process's RSS. `cargo bench -p pinner --bench scale [-- COUNTS]`
+//! count: the first pass (every guest placed), the pass after it (what the
+//! first changed is read back), a steady pass (nothing to change), a pass
+//! after one guest is added, the libvirt calls of each, and the process's
+//! RSS. `cargo bench -p pinner --bench scale [-- COUNTS]`
 //!
 //! The test driver keeps its domains per connection, so the bench opens
 //! the connection, starts the guests on it, and hands the daemon that one.
@@ -13,7 +14,7 @@ use pinner::daemon::control::{Daemon, Setup};
 use pinner::daemon::session::{Connection, Connector};
 use pinner::daemon::{HostPaths, Work};
 use pinner::engine::cpuset::CpuSet;
-use pinner::engine::hypervisor::{HvError, Hypervisor, Running};
+use pinner::engine::hypervisor::{HvError, Hypervisor, Listed, Listing};
 use pinner::engine::topology::Topology;
 use pinner::libvirt::events::{EventsError, Sink};
 use pinner::libvirt::Libvirt;
@@ -41,11 +42,14 @@ impl Counted {
 }
 
 impl Hypervisor for Counted {
-    fn running_domains(&mut self) -> Result<Running, HvError> {
-        let running = self.libvirt.running_domains()?;
+    fn list_running(&mut self, read: &dyn Fn(&Listed) -> bool) -> Result<Listing, HvError> {
+        let listing = self.libvirt.list_running(read)?;
         self.count("list", 1);
-        self.count("xml", (running.0.len() + running.1.len()) as u64);
-        Ok(running)
+        self.count(
+            "xml",
+            (listing.read.len() + listing.unreadable.len()) as u64,
+        );
+        Ok(listing)
     }
     fn set_metadata(&mut self, uuid: &str, element: &str, persistent: bool) -> Result<(), HvError> {
         self.count("metadata", 1);
@@ -191,6 +195,8 @@ fn run(count: usize) {
         refused: Arc::default(),
     });
     let (first, first_calls, first_changed) = pass(&mut daemon, &tx, &rx, &calls);
+    // What the first pass changed is read back once.
+    let (readback, readback_calls, readback_changed) = pass(&mut daemon, &tx, &rx, &calls);
     let (steady, steady_calls, steady_changed) = pass(&mut daemon, &tx, &rx, &calls);
     start_guest(&conn, count);
     let (added, added_calls, added_changed) = pass(&mut daemon, &tx, &rx, &calls);
@@ -204,6 +210,12 @@ fn run(count: usize) {
         );
     };
     row("first pass", first, &first_calls, first_changed);
+    row(
+        "read-back pass",
+        readback,
+        &readback_calls,
+        readback_changed,
+    );
     row("steady pass", steady, &steady_calls, steady_changed);
     row("one guest added", added, &added_calls, added_changed);
     let _ = std::fs::remove_dir_all(&dir);

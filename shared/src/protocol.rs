@@ -172,6 +172,10 @@ pub struct StatusReport {
     /// Each node's guest memory of each kind against what guests may take.
     #[serde(default)]
     pub memory: Vec<NodeMemoryStatus>,
+    /// The last reconcile pass, as `pinner reconcile` reports one (None:
+    /// none yet).
+    #[serde(default)]
+    pub last_pass: Option<ReconcileReport>,
 }
 
 /// One node's memory of one kind (`pinner status --json` and `pinner plan
@@ -324,6 +328,13 @@ pub struct Counters {
     pub pins_applied: u64,
     pub apply_errors: u64,
     pub libvirt_reconnects: u64,
+    /// Calls made to libvirt by passes and status answers (each a round
+    /// trip to libvirtd).
+    pub libvirt_calls: u64,
+    /// Passes that read every guest's XML, not only the changed ones.
+    pub full_reads: u64,
+    /// Guests a full read found changed though no event had said so.
+    pub changes_found_by_full_read: u64,
 }
 
 /// The outcome of one reconcile.
@@ -335,4 +346,12 @@ pub struct ReconcileReport {
     pub pins_changed: u32,
     pub errors: Vec<String>,
     pub warnings: Vec<String>,
+    /// Guests whose XML the pass read (the others were known unchanged).
+    pub domains_read: u32,
+    /// Whether it read every guest (its interval, a new connection, no
+    /// events).
+    pub full_read: bool,
+    pub libvirt_calls: u64,
+    /// How long the pass took.
+    pub seconds: f64,
 }

@@ -194,6 +194,7 @@ fn pin_moved_by_hand_is_corrected_by_libvirts_event() {
     wait_for(Duration::from_secs(5), || sb.all_in_sync()).unwrap();
     assert_eq!(sb.vcpu_pins("g"), vec![vec![pool]]);
     let reconciles = counter(&sb, "reconciles");
+    let full_reads = counter(&sb, "full_reads");
 
     sb.virsh_ok(&[
         "vcpupin",
@@ -216,20 +217,27 @@ fn pin_moved_by_hand_is_corrected_by_libvirts_event() {
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(counter(&sb, "outside_pin_changes"), 1);
     assert!(counter(&sb, "reconciles") > reconciles);
+    assert_eq!(
+        counter(&sb, "full_reads"),
+        full_reads,
+        "caught by the event: no full re-read ran"
+    );
+    assert_eq!(counter(&sb, "changes_found_by_full_read"), 0);
     sb.await_log("pins changed outside pinner: cputune.vcpupin0=");
     eprintln!("hand-made pin corrected in {corrected_in:?}");
 }
 
-/// `virsh setvcpus --live` has no hook and no libvirt event: the periodic
-/// reconcile pins the new vCPU within the interval.
+/// `virsh setvcpus --live` has no hook and no libvirt event: passes that
+/// read only what changed do not see it, the full re-read pins the new
+/// vCPU within its interval, and says it found a change no event announced.
 #[test]
-fn hot_added_vcpu_is_pinned_within_the_reconcile_interval() {
+fn hot_added_vcpu_is_pinned_by_the_full_reread() {
     let _serial = serial();
-    let Some(mut sb) = sandbox_or_skip("hot_added_vcpu_is_pinned_within_the_reconcile_interval")
-    else {
+    let Some(mut sb) = sandbox_or_skip("hot_added_vcpu_is_pinned_by_the_full_reread") else {
         return;
     };
-    sb.reconcile_interval_secs = 3;
+    sb.reconcile_interval_secs = 1;
+    sb.extra_config = "full_read_interval_secs = 4".into();
     sb.start_daemon("");
     let name = sb.define_guest("hot", 2, "");
     let xml = sb.virsh_ok(&["dumpxml", &name]).replace(
@@ -249,7 +257,8 @@ fn hot_added_vcpu_is_pinned_within_the_reconcile_interval() {
 
     sb.virsh_ok(&["setvcpus", &name, "2", "--live"]);
     let added = Instant::now();
-    let status = wait_for(Duration::from_secs(5), || {
+    let found_before = counter(&sb, "changes_found_by_full_read");
+    let status = wait_for(Duration::from_secs(8), || {
         let status = sb.all_in_sync()?;
         let vcpus = status["domains"][0]["vcpus"].as_array().map_or(0, Vec::len);
         if vcpus == 2 {
@@ -268,6 +277,13 @@ fn hot_added_vcpu_is_pinned_within_the_reconcile_interval() {
         .map(|v| serde_json::from_value(v["planned"].clone()).unwrap())
         .collect();
     assert_eq!(pins, planned, "both vCPUs pinned as planned");
+    let counters = &status["counters"];
+    assert_eq!(
+        counters["changes_found_by_full_read"].as_u64(),
+        Some(found_before + 1),
+        "caught by the full re-read: {counters}"
+    );
+    sb.await_log("full re-read: the guest changed with no event announcing it");
     eprintln!("hot-added vCPU pinned {:?} after setvcpus", added.elapsed());
 }
 
@@ -349,6 +365,8 @@ fn daemon_killed_mid_apply_converges_after_restart() {
     sb.start_daemon("");
     let status = await_settled(&sb, guests.len(), Duration::from_secs(5));
     assert_eq!(status["mode"], "mixed", "{status}");
+    // Whatever happened while no daemon ran, the new one read every guest.
+    assert_eq!(status["counters"]["full_reads"], 1, "{status}");
     assert_dedicated_cpu_unique(&sb, &guests);
     eprintln!(
         "killed with {marked} of {} guests marked; converged",
@@ -478,6 +496,12 @@ fn libvirtd_killed_with_events_queued() {
     let settled_in = back.elapsed();
     assert!(status["counters"]["events_received"].as_u64().unwrap() >= 6);
     assert!(status["counters"]["libvirt_reconnects"].as_u64().unwrap() >= 1);
+    // Events were lost with the connection: the pass after it read every
+    // guest (the first connection's full read, and the reconnect's).
+    assert!(
+        status["counters"]["full_reads"].as_u64().unwrap() >= 2,
+        "{status}"
+    );
     assert_eq!(status["mode"], "dedicated", "{status}");
     let (a, b) = (sb.vcpu_pins("q0").concat(), sb.vcpu_pins("q1").concat());
     assert!(a.len() == 1 && b.len() == 1 && a != b, "q0 {a:?}, q1 {b:?}");

@@ -27,7 +27,8 @@ fn domain<'a>(status: &'a serde_json::Value, sb: &Sandbox, short: &str) -> &'a s
 }
 
 /// Two guests whose vCPUs never idle share the pool's one CPU: each waits
-/// about half the time, and status says so; its memory is all local.
+/// about half the time, and status says so; its memory is all local. The
+/// daemon reads guests from /proc once per reconcile interval (1 s here).
 #[test]
 fn status_shows_steal_memory_locality_and_numa_counters() {
     let _serial = serial();
@@ -35,14 +36,14 @@ fn status_shows_steal_memory_locality_and_numa_counters() {
     else {
         return;
     };
+    sb.reconcile_interval_secs = 1;
     sb.start_daemon(&reserve_all_but(1));
     for g in ["a", "b"] {
         sb.define_guest_with_devices(g, 1, "", &disk(&sb, g, true, "ide", ""));
         sb.start_guest(g);
     }
     wait_for(Duration::from_secs(5), || sb.all_in_sync()).unwrap();
-    // Two samples at least an interval apart.
-    sb.status_json();
+    // Two observations at least an interval apart.
     std::thread::sleep(Duration::from_secs(3));
     let status = sb.status_json();
     for g in ["a", "b"] {

@@ -532,12 +532,12 @@ fn doctor(
 /// The running guests doctor audits, read-only; those libvirt cannot
 /// describe are said on stderr.
 fn running_guests(uri: &str) -> Result<Vec<doctor::Guest>, CliError> {
-    let (xmls, unreadable) = read_only(uri)?
-        .running_xml()
+    let listing = read_only(uri)?
+        .running_xml(&|_| true)
         .map_err(|source| libvirt_error(uri, source))?;
-    report_skipped(&unreadable);
-    let mut guests = Vec::with_capacity(xmls.len());
-    for live in xmls {
+    report_skipped(&listing.unreadable);
+    let mut guests = Vec::with_capacity(listing.read.len());
+    for live in listing.read {
         let mut guest = doctor::Guest::from_xml(&live.xml)?;
         if !live.name.is_empty() {
             guest.spec.name = live.name;

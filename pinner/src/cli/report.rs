@@ -101,6 +101,16 @@ fn status_header(report: &StatusReport) -> String {
         c.apply_errors,
         c.libvirt_reconnects
     );
+    if let Some(last) = &report.last_pass {
+        let _ = writeln!(
+            out,
+            "last pass: {}   full reads: {} (changes no event announced: {})   libvirt calls: {}",
+            pass_cost(last),
+            c.full_reads,
+            c.changes_found_by_full_read,
+            c.libvirt_calls
+        );
+    }
     let l = &report.pin_latency;
     if l.count > 0 {
         let _ = writeln!(
@@ -390,8 +400,11 @@ pub fn plan_text(plan: &Plan, specs: &[DomainSpec]) -> String {
 
 pub fn reconcile_text(report: &ReconcileReport) -> String {
     let mut out = format!(
-        "reconciled {} domains ({} mode): {} pins changed\n",
-        report.domains, report.mode, report.pins_changed
+        "reconciled {} domains ({} mode): {} pins changed\n{}\n",
+        report.domains,
+        report.mode,
+        report.pins_changed,
+        pass_cost(report)
     );
     for w in &report.warnings {
         let _ = writeln!(out, "warning: {}", shown(&w.to_string()));
@@ -400,6 +413,22 @@ pub fn reconcile_text(report: &ReconcileReport) -> String {
         let _ = writeln!(out, "error: {}", shown(e));
     }
     out
+}
+
+/// "read 2 of 300 guests (those changed) in 3.1 ms, 3 libvirt calls".
+fn pass_cost(report: &ReconcileReport) -> String {
+    format!(
+        "read {} of {} guests ({}) in {:.1} ms, {} libvirt calls",
+        report.domains_read,
+        report.domains,
+        if report.full_read {
+            "full read"
+        } else {
+            "those changed"
+        },
+        report.seconds * 1e3,
+        report.libvirt_calls
+    )
 }
 
 /// "sshd[812], cron[90] and 3 more".

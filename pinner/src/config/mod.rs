@@ -29,6 +29,9 @@ pub struct Config {
     /// their own ([`Config::group_socket`]), besides root.
     pub socket_group: Option<SocketGroup>,
     pub reconcile_interval: Duration,
+    /// How often a pass reads every guest's XML again, not only those
+    /// libvirt's events said changed (`full_read_interval_secs`).
+    pub full_read_interval: Duration,
     pub log_level: Level,
     pub libvirt_uri: String,
     pub emulator_threads: EmulatorPolicy,
@@ -112,6 +115,7 @@ impl Default for Config {
             socket: PathBuf::from(DEFAULT_SOCKET),
             socket_group: None,
             reconcile_interval: Duration::from_secs(10),
+            full_read_interval: Duration::from_secs(60),
             log_level: Level::Info,
             libvirt_uri: "qemu:///system".into(),
             emulator_threads: EmulatorPolicy::Housekeeping,
@@ -259,6 +263,7 @@ struct RawConfig {
     socket: Option<Spanned<String>>,
     socket_group: Option<Spanned<String>>,
     reconcile_interval_secs: Option<Spanned<u64>>,
+    full_read_interval_secs: Option<Spanned<u64>>,
     log_level: Option<Spanned<String>>,
     emulator_threads: Option<Spanned<String>>,
     move_cell_memory: Option<bool>,
@@ -369,6 +374,9 @@ impl Config {
         }
         if let Some(v) = raw.reconcile_interval_secs {
             config.reconcile_interval = interval(&v, "reconcile_interval_secs", &err_at)?;
+        }
+        if let Some(v) = raw.full_read_interval_secs {
+            config.full_read_interval = interval(&v, "full_read_interval_secs", &err_at)?;
         }
         if let Some(v) = raw.log_level {
             let levels = [

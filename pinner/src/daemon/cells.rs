@@ -177,6 +177,31 @@ pub fn cell_targets(spec: &DomainSpec, gp: &GuestPlan) -> Vec<(u32, u32)> {
 }
 
 impl Daemon {
+    /// Where the pages of the guests whose cells' memory is placed are now
+    /// (read fresh each pass: a move in progress changes them), by UUID.
+    pub(super) fn cell_samples(
+        &mut self,
+        specs: &[DomainSpec],
+        plan: &Plan,
+    ) -> HashMap<String, GuestSample> {
+        if !self.config.move_cell_memory {
+            return HashMap::new();
+        }
+        let placed: Vec<&str> = plan
+            .guests
+            .iter()
+            .filter(|gp| {
+                specs
+                    .iter()
+                    .find(|s| s.uuid == gp.uuid)
+                    .is_some_and(|spec| !cell_targets(spec, gp).is_empty())
+            })
+            .map(|gp| gp.uuid.as_str())
+            .collect();
+        self.observer
+            .sample_now(&ProcFs::new(&self.paths.proc), &placed)
+    }
+
     /// Moves the cells' off-node pages of every guest the plan placed cell
     /// by cell, within the pass's budget; `samples` (by guest UUID) give
     /// each guest's qemu and where its pages are.

@@ -5,6 +5,7 @@
 
 use super::adopt::Adoption;
 use super::cells::CellMemory;
+use super::inventory::Inventory;
 use super::observe::Observer;
 use super::pass::PassMemory;
 use super::session::{Connection, Connector, Session};
@@ -19,7 +20,7 @@ use crate::engine::release::{self, Everywhere};
 use crate::engine::topology::Topology;
 use crate::host::guest_ram::KernelPageMover;
 use crate::isolation::keeper::Keeper;
-use crate::libvirt::events::LibvirtEvent;
+use crate::libvirt::events::{Change, LibvirtEvent};
 use pinner_shared::log::Logger;
 use pinner_shared::protocol::{Counters, HookEvent, HookOp, ReleaseRequest, Response};
 use std::path::PathBuf;
@@ -38,6 +39,10 @@ pub struct Schedule {
     /// A pass that failed (libvirt unreachable) is tried again then.
     pub retry_at: Option<Instant>,
     pub coalescer: Coalescer,
+    /// When a pass next reads every guest's XML (see `inventory`).
+    pub next_full_read: Instant,
+    /// The session's connection serial at the last full read.
+    pub full_read_serial: u64,
 }
 
 /// What the daemon is started with.
@@ -67,6 +72,7 @@ pub struct Daemon {
     pub(super) counters: Counters,
     pub(super) schedule: Schedule,
     pub(super) memory: PassMemory,
+    pub(super) inventory: Inventory,
     pub(super) observer: Observer,
     pub(super) cells: CellMemory,
     pub(super) adoption: Adoption,
@@ -100,6 +106,8 @@ impl Daemon {
                 next_periodic: now + config.reconcile_interval,
                 retry_at: None,
                 coalescer: Coalescer::new(BURST_MAX_WAIT),
+                next_full_read: now,
+                full_read_serial: 0,
             },
             observer: Observer::new(config.metrics_file != MetricsFile::Off),
             cells: CellMemory::new(Box::new(KernelPageMover::new(&setup.paths.proc))),
@@ -111,6 +119,7 @@ impl Daemon {
             logger: setup.logger,
             counters: Counters::default(),
             memory: PassMemory::default(),
+            inventory: Inventory::default(),
             adoption: Adoption::default(),
             keeper: Keeper::default(),
             refused: setup.refused,
@@ -164,6 +173,9 @@ impl Daemon {
                 let _ = reply.send(Response::Reconciled(report.clone()));
             }
         }
+        if Instant::now() >= self.observer.next_observation {
+            self.observe();
+        }
         for reply in batch.status_replies {
             let _ = reply.send(self.status());
         }
@@ -179,10 +191,16 @@ impl Daemon {
 
     fn next_wake(&self, now: Instant) -> Instant {
         let s = &self.schedule;
-        [s.retry_at, s.coalescer.due(now), self.observer.next_metrics]
-            .into_iter()
-            .flatten()
-            .fold(s.next_periodic, Instant::min)
+        let observation = Some(self.observer.next_observation);
+        [
+            s.retry_at,
+            s.coalescer.due(now),
+            self.observer.next_metrics,
+            observation,
+        ]
+        .into_iter()
+        .flatten()
+        .fold(s.next_periodic, Instant::min)
     }
 
     fn pass_due(&self, now: Instant) -> bool {
@@ -220,6 +238,8 @@ impl Daemon {
 
     fn note_event(&mut self, event: &HookEvent) {
         self.counters.events_received += 1;
+        // Whatever the hook announced, the guest is read anew.
+        self.inventory.mark_stale(&event.uuid);
         if event.op == HookOp::Started {
             self.observer.latency.started(event);
         }
@@ -244,7 +264,19 @@ impl Daemon {
                 }
                 true
             }
+            LibvirtEvent::Changed { uuid, what } => {
+                self.inventory.mark_stale(&uuid);
+                // Starts and stops come with hook events; a changed
+                // description may change the plan (a policy set in the
+                // metadata, a device added), unless it is pinner's own.
+                let own = what == Change::Metadata && self.memory.is_own_metadata(&uuid);
+                if what != Change::Lifecycle && !own {
+                    self.schedule.coalescer.changed(Instant::now());
+                }
+                false
+            }
             LibvirtEvent::PinsChanged { uuid, name, pins } => {
+                self.inventory.mark_stale(&uuid);
                 let outside: Vec<String> = pins
                     .iter()
                     .filter(|(field, cpus)| !self.memory.is_own_pin(&uuid, field, cpus))
@@ -291,6 +323,8 @@ impl Daemon {
         self.session.set_uri(&config.libvirt_uri);
         self.observer.next_metrics = (config.metrics_file != MetricsFile::Off).then(Instant::now);
         self.config = config;
+        // A reload is also how an operator has every guest read again now.
+        self.schedule.next_full_read = Instant::now();
         self.logger.info("configuration reloaded", &[]);
         self.update_isolation(was_isolating);
         true
@@ -345,8 +379,10 @@ impl Daemon {
         let everywhere = Everywhere::of(&self.topology);
         let logger = self.logger.clone();
         let own_pins = &mut self.memory.own_pins;
+        let inventory = &mut self.inventory;
         let libvirt = self.session.current().expect("connected above");
         let released = release::release(libvirt, &everywhere, request, |domain, action| {
+            inventory.mark_stale(&domain.uuid);
             if let Some((field, cpus)) = action.pin_field() {
                 own_pins
                     .entry(domain.uuid.clone())
@@ -398,7 +434,7 @@ mod tests {
     use super::*;
     use crate::engine::cpuset::CpuSet;
     use crate::engine::hypervisor::fake::FakeHypervisor;
-    use crate::engine::hypervisor::{HvError, Hypervisor, Running};
+    use crate::engine::hypervisor::{HvError, Hypervisor, Listed, Listing};
     use crate::libvirt::events::{EventsError, Sink};
     use crate::test_support::scratch_dir;
     use pinner_shared::log::Level;
@@ -449,8 +485,8 @@ mod tests {
     }
 
     impl Hypervisor for FakeConnection {
-        fn running_domains(&mut self) -> Result<Running, HvError> {
-            self.call(|hv| hv.running_domains())
+        fn list_running(&mut self, read: &dyn Fn(&Listed) -> bool) -> Result<Listing, HvError> {
+            self.call(|hv| hv.list_running(read))
         }
         fn set_metadata(
             &mut self,
@@ -667,6 +703,69 @@ mod tests {
         assert_eq!(h.pins("b"), ["2"]);
         assert_eq!(h.pins("a"), ["1"], "a keeps its pin");
         assert_eq!(h.daemon.session.reconnects, 1);
+        let last = h.daemon.memory.last.clone().unwrap();
+        assert!(
+            last.full_read,
+            "events may have been lost: every guest read"
+        );
+    }
+
+    /// A steady pass lists and reads nothing; a guest libvirt's events say
+    /// changed is read again; a change no event announces waits for the
+    /// full read, which says it found one.
+    #[test]
+    fn passes_read_only_what_changed_and_the_full_read_catches_the_rest() {
+        let mut h = harness("incremental");
+        h.add_guest("a", 1);
+        h.add_guest("b", 1);
+        let first = h.daemon.reconcile();
+        assert_eq!((first.full_read, first.domains_read), (true, 2));
+        // pinner's own changes are read back once.
+        let echo = h.daemon.reconcile();
+        assert_eq!((echo.full_read, echo.domains_read), (false, 2));
+        let steady = h.daemon.reconcile();
+        assert_eq!((steady.full_read, steady.domains_read), (false, 0));
+        assert_eq!(steady.domains, 2);
+        assert_eq!(h.world.lock().unwrap().hv.reads, 4);
+
+        // The echo of pinner's own metadata write asks for no pass...
+        let passes = h.daemon.counters.reconciles;
+        let metadata_event = || LibvirtEvent::Changed {
+            uuid: "u-b".into(),
+            what: Change::Metadata,
+        };
+        h.libvirt_event(metadata_event());
+        h.step();
+        assert_eq!(h.daemon.counters.reconciles, passes, "no pass for an echo");
+        // ...a policy set in b's metadata later does, reading b.
+        h.daemon.memory.own_metadata.clear();
+        h.libvirt_event(metadata_event());
+        h.step();
+        assert_eq!(h.daemon.counters.reconciles, passes + 1);
+        assert_eq!(h.daemon.memory.last.as_ref().unwrap().domains_read, 1);
+
+        // b gets a vCPU with no event: passes do not see it...
+        h.world
+            .lock()
+            .unwrap()
+            .hv
+            .domains
+            .get_mut("u-b")
+            .unwrap()
+            .vcpus = 2;
+        h.daemon.reconcile();
+        assert_eq!(h.pins("b"), ["2", "-"]);
+        // ...until the full read, due on its interval.
+        h.daemon.schedule.next_full_read = Instant::now();
+        let full = h.daemon.reconcile();
+        assert_eq!((full.full_read, full.domains_read), (true, 2));
+        assert_eq!(h.pins("b"), ["2", "3"]);
+        assert_eq!(h.daemon.counters.changes_found_by_full_read, 1);
+        assert_eq!(h.daemon.counters.full_reads, 2);
+        let Response::Status(status) = h.daemon.status() else {
+            panic!("status answers")
+        };
+        assert_eq!(status.last_pass.unwrap().domains_read, 2);
     }
 
     #[test]
@@ -697,6 +796,8 @@ mod tests {
         h.step();
         assert_eq!(h.daemon.config().reserved_cpus.to_string(), "0-1");
         assert_eq!(h.pins("a"), ["2"], "moved off the newly reserved CPU");
+        let last = h.daemon.memory.last.as_ref().unwrap();
+        assert!(last.full_read, "a reload reads every guest again");
     }
 
     #[test]

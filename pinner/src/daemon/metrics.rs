@@ -131,7 +131,7 @@ const COUNTERS: [CounterFamily; 4] = [
 ];
 
 /// Counters listed after the reconcile summary.
-const PASS_COUNTERS: [CounterFamily; 4] = [
+const PASS_COUNTERS: [CounterFamily; 7] = [
     (
         "pinner_event_reconciles",
         "Reconcile passes that served events.",
@@ -145,6 +145,21 @@ const PASS_COUNTERS: [CounterFamily; 4] = [
         "pinner_libvirt_reconnects",
         "Reconnections to libvirt.",
         |c| c.libvirt_reconnects,
+    ),
+    (
+        "pinner_libvirt_calls",
+        "Calls made to libvirt by passes and status (each a round trip to libvirtd).",
+        |c| c.libvirt_calls,
+    ),
+    (
+        "pinner_full_reads",
+        "Passes that read every guest's XML, not only those events said changed.",
+        |c| c.full_reads,
+    ),
+    (
+        "pinner_changes_found_by_full_read",
+        "Guest changes a full read found that no libvirt event had announced.",
+        |c| c.changes_found_by_full_read,
     ),
 ];
 

@@ -12,6 +12,7 @@ mod adopt;
 pub mod cells;
 pub mod control;
 pub mod intake;
+pub mod inventory;
 pub mod metrics;
 pub mod observe;
 pub mod pass;

@@ -6,7 +6,7 @@ use super::control::Daemon;
 use crate::config::MetricsFile;
 use crate::engine::cpuset::CpuSet;
 use crate::engine::domain::DomainSpec;
-use crate::engine::hypervisor::HvError;
+use crate::engine::hypervisor::{HvError, Running};
 use crate::engine::reconcile;
 use crate::host::file::WriteError;
 use crate::host::guest_stats::{self, GuestSample, StealTracker};
@@ -14,9 +14,9 @@ use crate::host::procs::ProcFs;
 use crate::isolation::{self, Settings, System};
 use pinner_shared::paths::HOOK_DROPS_FILE;
 use pinner_shared::protocol::{DomainStatus, HookEvent, LatencySummary, Response, StatusReport};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Started guests kept waiting for their pins: per guest, and the last
 /// `RECENT_LATENCIES` for the summary.
@@ -30,6 +30,9 @@ pub struct PinLatency {
 }
 
 const RECENT_LATENCIES: usize = 1000;
+/// The longest the control loop reads /proc at a time; as long again
+/// passes before the next slice, for events and requests.
+const OBSERVATION_SLICE: Duration = Duration::from_millis(10);
 /// A started event whose guest never shows up is forgotten after this.
 const AWAIT_LIMIT_NS: u64 = 60_000_000_000;
 
@@ -96,12 +99,26 @@ impl PinLatency {
     }
 }
 
-/// Per-guest measurements kept between passes, and the metrics file's clock.
+/// One guest as last read from /proc, and its steal since the read before.
+pub struct Observed {
+    pub sample: GuestSample,
+    pub steal: Option<f64>,
+}
+
+/// Per-guest measurements kept between passes, and the clocks of the
+/// observation (every guest read from /proc) and the metrics file.
 pub struct Observer {
     pub latency: PinLatency,
     steal: StealTracker,
     /// Guest UUID → its qemu pid, found once and checked on each use.
     qemu_pids: HashMap<String, u32>,
+    /// Guest UUID → when it was last read from /proc and what was read
+    /// (None: its qemu was not found), shared by passes, status, metrics.
+    samples: HashMap<String, (Instant, Option<Observed>)>,
+    /// When every guest is next read from /proc.
+    pub next_observation: Instant,
+    /// The /proc reading of the observation under way so far: time, slices.
+    cycle: (Duration, u32),
     /// When the metrics file is next rewritten (None: no file configured).
     pub next_metrics: Option<Instant>,
     /// Set while the metrics file cannot be written, so that is logged once.
@@ -115,58 +132,117 @@ impl Observer {
             latency: PinLatency::default(),
             steal: StealTracker::default(),
             qemu_pids: HashMap::new(),
+            samples: HashMap::new(),
+            next_observation: Instant::now(),
+            cycle: (Duration::ZERO, 0),
             next_metrics: metrics_on.then(Instant::now),
             metrics_failing: false,
         }
     }
 
-    /// Samples one guest from /proc (its qemu pid remembered for the next
-    /// time) and records it for steal; returns the sample and the steal of
-    /// the last interval.
-    fn sample_guest(
-        &mut self,
-        procfs: &ProcFs,
-        uuid: &str,
-        now: Instant,
-    ) -> Option<(GuestSample, Option<f64>)> {
+    /// Samples one guest from /proc now (its qemu pid remembered for the
+    /// next time), records it for steal and keeps it.
+    fn sample_guest(&mut self, procfs: &ProcFs, uuid: &str) -> Option<&Observed> {
         let hint = self.qemu_pids.get(uuid).copied();
-        let sample = guest_stats::sample(procfs, uuid, hint)?;
-        self.qemu_pids.insert(uuid.to_string(), sample.pid);
-        let steal = self.steal.record(uuid, now, &sample);
-        Some((sample, steal))
+        let now = Instant::now();
+        let observed = guest_stats::sample(procfs, uuid, hint).map(|sample| {
+            self.qemu_pids.insert(uuid.to_string(), sample.pid);
+            let steal = self.steal.record(uuid, now, &sample);
+            Observed { sample, steal }
+        });
+        let entry = self.samples.entry(uuid.to_string()).or_insert((now, None));
+        *entry = (now, observed);
+        entry.1.as_ref()
     }
 
-    /// Samples every running guest's steal, so each figure covers at most a
-    /// reconcile interval whenever status is asked; returns the samples by
-    /// guest UUID (the pass places cells' memory from them).
-    pub fn sample_guests(
+    /// The guest's last sample, or one taken now if it was never read.
+    pub fn observed(&mut self, procfs: &ProcFs, uuid: &str) -> Option<&Observed> {
+        if self.samples.contains_key(uuid) {
+            return self.samples.get(uuid).and_then(|(_, o)| o.as_ref());
+        }
+        self.sample_guest(procfs, uuid)
+    }
+
+    /// The observation: every running guest read from /proc once per
+    /// `interval`, so each steal figure covers one interval; guests gone
+    /// are forgotten. Reads the guests read longest ago first and stops
+    /// after `budget` (a numa_maps read is about a millisecond, and hook
+    /// events wait meanwhile); returns whether every guest is now current.
+    pub fn observe<'a>(
         &mut self,
         procfs: &ProcFs,
-        specs: &[DomainSpec],
-    ) -> HashMap<String, GuestSample> {
-        self.qemu_pids
-            .retain(|uuid, _| specs.iter().any(|s| &s.uuid == uuid));
-        self.steal
-            .retain(|uuid| specs.iter().any(|s| s.uuid == uuid));
-        let now = Instant::now();
-        specs
+        specs: impl Iterator<Item = &'a DomainSpec>,
+        interval: Duration,
+        budget: Duration,
+    ) -> bool {
+        let began = Instant::now();
+        let uuids: HashSet<String> = specs.map(|s| s.uuid.clone()).collect();
+        self.qemu_pids.retain(|uuid, _| uuids.contains(uuid));
+        self.samples.retain(|uuid, _| uuids.contains(uuid));
+        self.steal.retain(|uuid| uuids.contains(uuid));
+        let mut due: Vec<(Option<Instant>, String)> = uuids
+            .into_iter()
+            .map(|uuid| (self.samples.get(&uuid).map(|(at, _)| *at), uuid))
+            .filter(|(at, _)| at.is_none_or(|at| began.saturating_duration_since(at) >= interval))
+            .collect();
+        due.sort();
+        for (_, uuid) in due {
+            if began.elapsed() >= budget {
+                return false;
+            }
+            self.sample_guest(procfs, &uuid);
+        }
+        true
+    }
+
+    /// Fresh samples of `uuids` (guests whose cells' memory the pass
+    /// places: where their pages are now), by UUID.
+    pub fn sample_now(&mut self, procfs: &ProcFs, uuids: &[&str]) -> HashMap<String, GuestSample> {
+        uuids
             .iter()
-            .filter_map(|spec| {
-                let (sample, _) = self.sample_guest(procfs, &spec.uuid, now)?;
-                Some((spec.uuid.clone(), sample))
+            .filter_map(|uuid| {
+                let observed = self.sample_guest(procfs, uuid)?;
+                Some((uuid.to_string(), observed.sample.clone()))
             })
             .collect()
     }
 }
 
 impl Daemon {
+    /// Reads the known guests from /proc, each once per reconcile interval
+    /// and outside passes, a slice at a time: status, metrics and passes
+    /// share what it read.
+    pub(super) fn observe(&mut self) {
+        let began = Instant::now();
+        let procfs = ProcFs::new(&self.paths.proc);
+        let interval = self.config.reconcile_interval;
+        let done =
+            self.observer
+                .observe(&procfs, self.inventory.known(), interval, OBSERVATION_SLICE);
+        let cycle = &mut self.observer.cycle;
+        *cycle = (cycle.0 + began.elapsed(), cycle.1 + 1);
+        self.observer.next_observation = if done {
+            let (spent, slices) = std::mem::take(&mut self.observer.cycle);
+            self.logger.debug(
+                &format!(
+                    "observed {} guests from /proc in {:.1} ms ({slices} slices)",
+                    self.inventory.known().count(),
+                    spent.as_secs_f64() * 1e3
+                ),
+                &[],
+            );
+            began + interval
+        } else {
+            began + OBSERVATION_SLICE
+        };
+    }
+
     /// Fills in a guest's steal and memory locality from /proc; returns
     /// the sample (None: its qemu was not found).
     fn measure(&mut self, domain: &mut DomainStatus) -> Option<GuestSample> {
         let procfs = ProcFs::new(&self.paths.proc);
-        let (sample, steal) = self
-            .observer
-            .sample_guest(&procfs, &domain.uuid, Instant::now())?;
+        let observed = self.observer.observed(&procfs, &domain.uuid)?;
+        let (sample, steal) = (observed.sample.clone(), observed.steal);
         domain.qemu_pid = Some(sample.pid);
         domain.steal_pct = steal;
         domain.steal_seconds = Some(sample.run_delay_ns as f64 / 1e9);
@@ -236,12 +312,7 @@ impl Daemon {
             std::fs::symlink_metadata(self.paths.state_dir.join(HOOK_DROPS_FILE))
                 .map_or(0, |m| m.len());
         let reserved = self.config.reserved_cpus.to_vec();
-        let observed = match self.connection() {
-            Some(libvirt) => libvirt.running_domains(),
-            // Not connected now (never, or reconnecting): "cannot connect".
-            None => Err(HvError::Unreachable(self.config.libvirt_uri.clone())),
-        };
-        let (specs, unreadable) = match observed {
+        let (specs, unreadable) = match self.known_guests() {
             Ok(observed) => observed,
             Err(e) => {
                 if matches!(e, HvError::Disconnected(_)) {
@@ -254,6 +325,7 @@ impl Daemon {
                     libvirt_connected: false,
                     warnings: vec![e.to_string()],
                     counters,
+                    last_pass: self.memory.last.clone(),
                     ..StatusReport::default()
                 }));
             }
@@ -294,7 +366,23 @@ impl Daemon {
             numa: guest_stats::host_numastat(&self.paths.sysfs_root),
             isolated_processes: self.isolated_processes(),
             memory: reconcile::node_memory(&plan),
+            last_pass: self.memory.last.clone(),
         }))
+    }
+
+    /// The running guests as the daemon knows them, brought up to date
+    /// with one listing (and a read of each guest changed since).
+    fn known_guests(&mut self) -> Result<Running, HvError> {
+        if self.connection().is_none() {
+            // Not connected now (never, or reconnecting): "cannot connect".
+            return Err(HvError::Unreachable(self.config.libvirt_uri.clone()));
+        }
+        let libvirt = self.session.current().expect("connected above");
+        let before = libvirt.calls_made();
+        let refreshed = self.inventory.refresh(libvirt, false);
+        let libvirt = self.session.current().expect("connected above");
+        self.counters.libvirt_calls += libvirt.calls_made().saturating_sub(before);
+        refreshed.map(|r| (r.specs, r.unreadable))
     }
 }
 
@@ -335,6 +423,63 @@ mod tests {
             uuid: uuid.into(),
             ..DomainSpec::default()
         }
+    }
+
+    /// qemu processes for guests `u-0`.. in a /proc fixture: pid 400 + i,
+    /// one vCPU thread each.
+    fn proc_fixture(guests: u32) -> ProcFs {
+        let root = crate::test_support::scratch_dir("observe-proc");
+        for i in 0..guests {
+            let pid = 400 + i;
+            let files = [
+                ("cmdline".to_string(), format!("qemu\0-uuid\0u-{i}\0")),
+                (
+                    "cgroup".into(),
+                    "0::/machine.slice/machine-qemu-x.scope\n".into(),
+                ),
+                (format!("task/{}/comm", pid + 1000), "CPU 0/KVM\n".into()),
+                (format!("task/{}/schedstat", pid + 1000), "5 3 1\n".into()),
+                (
+                    "numa_maps".into(),
+                    "7f00 default anon=10 N0=10 kernelpagesize_kB=4\n".into(),
+                ),
+            ];
+            for (rest, text) in files {
+                let path = root.join(format!("{pid}/{rest}"));
+                std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+                std::fs::write(path, text).unwrap();
+            }
+        }
+        ProcFs::new(&root)
+    }
+
+    /// Each guest is read once per interval, the longest unread first, a
+    /// budget's worth at a time; one whose qemu is missing is not looked
+    /// for again on every status.
+    #[test]
+    fn the_observation_reads_each_guest_once_per_interval_a_slice_at_a_time() {
+        let procfs = proc_fixture(3);
+        let specs: Vec<DomainSpec> = (0..4).map(|i| spec("g", &format!("u-{i}"))).collect();
+        let mut observer = Observer::new(false);
+        let hour = Duration::from_secs(3600);
+        assert!(!observer.observe(&procfs, specs.iter(), hour, Duration::ZERO));
+        assert!(observer.samples.is_empty(), "no budget, nothing read");
+        assert!(observer.observe(&procfs, specs.iter(), hour, hour));
+        assert_eq!(observer.samples.len(), 4);
+        assert!(observer.samples["u-3"].1.is_none(), "u-3 has no qemu");
+        let read_at: Vec<Instant> = specs.iter().map(|s| observer.samples[&s.uuid].0).collect();
+        // Within the interval nothing is read again, by status either.
+        assert!(observer.observe(&procfs, specs.iter(), hour, hour));
+        assert!(observer.observed(&procfs, "u-3").is_none());
+        assert_eq!(observer.observed(&procfs, "u-1").unwrap().sample.pid, 401);
+        let again: Vec<Instant> = specs.iter().map(|s| observer.samples[&s.uuid].0).collect();
+        assert_eq!(read_at, again);
+        // Past it, all are; a guest gone is forgotten.
+        assert!(observer.observe(&procfs, specs[1..].iter(), Duration::ZERO, hour));
+        assert!(!observer.samples.contains_key("u-0"));
+        assert!(specs[1..]
+            .iter()
+            .all(|s| observer.samples[&s.uuid].0 > read_at[1]));
     }
 
     #[test]

@@ -3,13 +3,13 @@
 //! counters, logs, latency, busy retries, a lost connection.
 
 use super::control::Daemon;
+use super::inventory::Refreshed;
 use crate::config::Enforcement;
 use crate::engine::cpuset::CpuSet;
 use crate::engine::domain::DomainSpec;
 use crate::engine::hypervisor::{HvError, Unreadable};
 use crate::engine::placement::{Plan, Warning};
-use crate::engine::reconcile::{self, ApplyOutcome, DomainActions, MemoryRefusals};
-use crate::host::procs::ProcFs;
+use crate::engine::reconcile::{self, Action, ApplyOutcome, DomainActions, MemoryRefusals};
 use pinner_shared::protocol::{PendingChange, ReconcileReport};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -18,6 +18,9 @@ use std::time::{Duration, Instant};
 /// maximum while the domain stays busy.
 const BUSY_RETRY_MIN: Duration = Duration::from_millis(100);
 const BUSY_RETRY_MAX: Duration = Duration::from_millis(500);
+/// How long after writing a guest's metadata its metadata events are taken
+/// for the echo of that write.
+const OWN_ECHO_WINDOW: Duration = Duration::from_secs(5);
 
 /// What passes remember of each other.
 pub struct PassMemory {
@@ -32,7 +35,12 @@ pub struct PassMemory {
     /// (`cputune.vcpupin0`): libvirt echoes them as events, which must not
     /// count as someone else's change.
     pub own_pins: HashMap<String, HashMap<String, CpuSet>>,
+    /// When pinner last wrote each guest's metadata, by UUID: libvirt
+    /// echoes that too, and the echo needs no pass of its own.
+    pub own_metadata: HashMap<String, Instant>,
     busy_delay: Duration,
+    /// The last pass's report (`pinner status` shows it).
+    pub last: Option<ReconcileReport>,
 }
 
 impl Default for PassMemory {
@@ -41,13 +49,24 @@ impl Default for PassMemory {
             last_warnings: Vec::new(),
             refused: MemoryRefusals::new(),
             own_pins: HashMap::new(),
+            own_metadata: HashMap::new(),
             announced: HashMap::new(),
             busy_delay: BUSY_RETRY_MIN,
+            last: None,
         }
     }
 }
 
 impl PassMemory {
+    /// Whether a metadata change of `uuid` is likely pinner's own, echoed:
+    /// it wrote the guest's metadata within the last `OWN_ECHO_WINDOW`. (An
+    /// operator's change in that window waits for the periodic pass.)
+    pub fn is_own_metadata(&self, uuid: &str) -> bool {
+        self.own_metadata
+            .get(uuid)
+            .is_some_and(|at| at.elapsed() < OWN_ECHO_WINDOW)
+    }
+
     /// Whether pinner itself set `field` of domain `uuid` to `cpus`.
     pub fn is_own_pin(&self, uuid: &str, field: &str, cpus: &str) -> bool {
         let own = self.own_pins.get(uuid).and_then(|o| o.get(field));
@@ -59,6 +78,7 @@ impl PassMemory {
         let running = |uuid: &String| specs.iter().any(|s| &s.uuid == uuid);
         self.refused.retain(|uuid, _| running(uuid));
         self.own_pins.retain(|uuid, _| running(uuid));
+        self.own_metadata.retain(|uuid, _| running(uuid));
         self.announced.retain(|uuid, _| running(uuid));
     }
 }
@@ -73,8 +93,10 @@ impl Daemon {
         if events > 0 {
             self.counters.event_passes += 1;
         }
-        let report = self.reconcile_attempts(events);
-        self.counters.reconcile_seconds += now.elapsed().as_secs_f64();
+        let mut report = self.reconcile_attempts(events);
+        report.seconds = now.elapsed().as_secs_f64();
+        self.counters.reconcile_seconds += report.seconds;
+        self.memory.last = Some(report.clone());
         report
     }
 
@@ -107,33 +129,64 @@ impl Daemon {
 
     fn reconcile_pass(&mut self, events: u32) -> Result<ReconcileReport, HvError> {
         let uri = self.config.libvirt_uri.clone();
-        let Some(libvirt) = self.connection() else {
+        if self.connection().is_none() {
             return Err(HvError::Other(format!("libvirt not reachable at {uri}")));
-        };
-        let (specs, unreadable) = libvirt.running_domains()?;
+        }
+        let calls_before = self.session.current().map_or(0, |c| c.calls_made());
+        let full = self.full_read_due(Instant::now());
+        let libvirt = self.session.current().expect("connected above");
+        let refreshed = self.inventory.refresh(libvirt, full)?;
+        if full {
+            self.full_read_done(&refreshed);
+        }
+        let (specs, unreadable) = (refreshed.specs, refreshed.unreadable);
         self.memory.retain_running(&specs);
         // Hugepage pools and hot-plugged memory change while the host runs.
         crate::host::sysfs::refresh_memory(&self.paths.sysfs_root, &mut self.topology);
         let plan = self.plan(&specs);
         let mut work = reconcile::diff(&specs, &plan, &self.memory.refused);
-        if self.config.enforcement == Enforcement::Observe {
+        let mut report = if self.config.enforcement == Enforcement::Observe {
             self.announce_pending(&specs, &work);
             self.counters.reconciles += 1;
             self.log_new_warnings(&plan.warnings);
-            return Ok(pass_report(&specs, &plan, 0, Vec::new(), &unreadable));
-        }
-        self.adoption
-            .retain(|uuid| specs.iter().any(|s| s.uuid == uuid));
-        self.hold_bindings(&mut work);
+            pass_report(&specs, &plan, 0, Vec::new(), &unreadable)
+        } else {
+            self.adoption
+                .retain(|uuid| specs.iter().any(|s| s.uuid == uuid));
+            self.hold_bindings(&mut work);
+            self.apply_pass(&specs, &plan, &work, &unreadable, events)?
+        };
+        report.domains_read = refreshed.read;
+        report.full_read = full;
+        report.libvirt_calls = self
+            .session
+            .current()
+            .map_or(0, |c| c.calls_made().saturating_sub(calls_before));
+        self.counters.libvirt_calls += report.libvirt_calls;
+        Ok(report)
+    }
+
+    /// Applies `work`, accounts for it and places guest cells' memory.
+    fn apply_pass(
+        &mut self,
+        specs: &[DomainSpec],
+        plan: &Plan,
+        work: &[DomainActions],
+        unreadable: &[Unreadable],
+        events: u32,
+    ) -> Result<ReconcileReport, HvError> {
         let logger = self.logger.clone();
-        let own_pins = &mut self.memory.own_pins;
+        let (own_pins, own_metadata) = (&mut self.memory.own_pins, &mut self.memory.own_metadata);
         let libvirt = self.session.current().expect("connected above");
-        let outcome = reconcile::apply(libvirt, &work, |domain, action| {
+        let outcome = reconcile::apply(libvirt, work, |domain, action| {
             if let Some((field, cpus)) = action.pin_field() {
                 own_pins
                     .entry(domain.uuid.clone())
                     .or_default()
                     .insert(field, cpus.clone());
+            }
+            if matches!(action, Action::SetMetadata { .. }) {
+                own_metadata.insert(domain.uuid.clone(), Instant::now());
             }
             let (message, fields) = action.describe();
             let mut fields: Vec<(&str, &str)> =
@@ -141,23 +194,49 @@ impl Daemon {
             fields.insert(0, ("DOMAIN", &domain.name));
             logger.log(action.log_level(), &message, &fields);
         })?;
+        // What was changed (or tried) is read back at the next pass.
+        for domain in work {
+            self.inventory.mark_stale(&domain.uuid);
+        }
         let managed = |uuid: &str| plan.guests.iter().any(|g| g.uuid == uuid);
         self.observer
             .latency
-            .settle(&specs, &managed, &outcome.unsettled);
-        self.account(&specs, &plan, &outcome, &unreadable, events);
-        let samples = self
-            .observer
-            .sample_guests(&ProcFs::new(&self.paths.proc), &specs);
-        self.place_cell_memory(&specs, &plan, &samples);
+            .settle(specs, &managed, &outcome.unsettled);
+        self.account(specs, plan, &outcome, unreadable, events);
+        let samples = self.cell_samples(specs, plan);
+        self.place_cell_memory(specs, plan, &samples);
         let errors = outcome.errors.iter().map(ToString::to_string).collect();
         Ok(pass_report(
-            &specs,
-            &plan,
+            specs,
+            plan,
             outcome.changed,
             errors,
-            &unreadable,
+            unreadable,
         ))
+    }
+
+    /// Whether this pass reads every guest: its interval is up, the
+    /// connection is new (events were lost meanwhile), or events are not
+    /// coming at all.
+    fn full_read_due(&self, now: Instant) -> bool {
+        now >= self.schedule.next_full_read
+            || self.schedule.full_read_serial != self.session.serial
+            || !self.session.events_live
+    }
+
+    /// Schedules the next full read; logs and counts the changes it found
+    /// that no event had announced.
+    fn full_read_done(&mut self, refreshed: &Refreshed) {
+        self.schedule.next_full_read = Instant::now() + self.config.full_read_interval;
+        self.schedule.full_read_serial = self.session.serial;
+        self.counters.full_reads += 1;
+        self.counters.changes_found_by_full_read += refreshed.changed_unannounced.len() as u64;
+        for name in &refreshed.changed_unannounced {
+            self.logger.info(
+                "full re-read: the guest changed with no event announcing it",
+                &[("DOMAIN", name)],
+            );
+        }
     }
 
     /// Observe mode: each change the plan asks for is logged once, as the
@@ -277,5 +356,6 @@ fn pass_report(
         pins_changed,
         errors,
         warnings: plan.warnings.iter().map(ToString::to_string).collect(),
+        ..ReconcileReport::default()
     }
 }

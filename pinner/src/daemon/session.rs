@@ -55,6 +55,11 @@ pub struct Session {
     ever_connected: bool,
     /// Connections made after the first.
     pub reconnects: u64,
+    /// Counts connections: what was read on an earlier one may have
+    /// changed unannounced (events are lost while none is open).
+    pub serial: u64,
+    /// Whether the connection delivers libvirt's events.
+    pub events_live: bool,
 }
 
 impl Session {
@@ -69,6 +74,8 @@ impl Session {
             outage_logged: false,
             ever_connected: false,
             reconnects: 0,
+            serial: 0,
+            events_live: false,
         }
     }
 
@@ -102,12 +109,19 @@ impl Session {
         self.ever_connected = true;
         self.outage_logged = false;
         self.reconnect_delay = RECONNECT_MIN;
-        if let Err(e) = conn.subscribe(sink) {
-            logger.warn(
-                &format!("{e}; hand-made pin changes wait for the periodic reconcile"),
-                &[],
-            );
-        }
+        self.serial += 1;
+        self.events_live = match conn.subscribe(sink) {
+            Ok(()) => true,
+            Err(e) => {
+                logger.warn(
+                    &format!(
+                        "{e}; every pass reads every guest, and hand-made pin changes wait for the periodic reconcile"
+                    ),
+                    &[],
+                );
+                false
+            }
+        };
         self.current = Some(conn);
     }
 

@@ -38,10 +38,42 @@ pub enum Unreadable {
 /// The running domains, and those that could not be read.
 pub type Running = (Vec<DomainSpec>, Vec<Unreadable>);
 
+/// A running domain as the listing names it, before any XML is read: what
+/// tells a guest known from one started anew (a new `id`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    pub uuid: String,
+    /// libvirt's domain id: a new one each time the domain starts.
+    pub id: u32,
+}
+
+/// One listing: every running domain, the live XML of those asked for (as
+/// parsed, or as the text libvirt gave).
+#[derive(Debug)]
+pub struct Listing<T = DomainSpec> {
+    /// Every running domain, in libvirt's order.
+    pub listed: Vec<Listed>,
+    /// The domains read, by the same order.
+    pub read: Vec<T>,
+    /// Domains asked for whose XML could not be read or taken.
+    pub unreadable: Vec<Unreadable>,
+}
+
 pub trait Hypervisor {
+    /// Lists the running domains (one call) and reads the live XML of
+    /// those `read` picks (one call each).
+    fn list_running(&mut self, read: &dyn Fn(&Listed) -> bool) -> Result<Listing, HvError>;
     /// Every running domain with its live XML facts. Domains whose XML cannot
     /// be read are reported in the second list (name or uuid, reason).
-    fn running_domains(&mut self) -> Result<Running, HvError>;
+    fn running_domains(&mut self) -> Result<Running, HvError> {
+        let listing = self.list_running(&|_| true)?;
+        Ok((listing.read, listing.unreadable))
+    }
+    /// The calls made to the hypervisor on this connection so far (each a
+    /// round trip to libvirtd): what a pass costs it.
+    fn calls_made(&self) -> u64 {
+        0
+    }
     /// Sets pinner's metadata element on the running guest, and on its
     /// persistent definition too when `persistent`.
     fn set_metadata(&mut self, uuid: &str, element: &str, persistent: bool) -> Result<(), HvError>;
@@ -76,6 +108,9 @@ pub mod fake {
         pub fail_with: Option<HvError>,
         pub refuse_memory: Option<String>,
         pub calls: u32,
+        /// XML reads, and libvirt's domain ids (0 unless set).
+        pub reads: u32,
+        pub ids: BTreeMap<String, u32>,
         /// Domains libvirt is busy with (a job in progress).
         pub in_job: Vec<String>,
         /// Metadata elements written to persistent definitions, by uuid.
@@ -83,8 +118,24 @@ pub mod fake {
     }
 
     impl Hypervisor for FakeHypervisor {
-        fn running_domains(&mut self) -> Result<Running, HvError> {
-            Ok((self.domains.values().cloned().collect(), vec![]))
+        fn list_running(&mut self, read: &dyn Fn(&Listed) -> bool) -> Result<Listing, HvError> {
+            let mut listing = Listing {
+                listed: Vec::new(),
+                read: Vec::new(),
+                unreadable: Vec::new(),
+            };
+            for (uuid, spec) in &self.domains {
+                let listed = Listed {
+                    uuid: uuid.clone(),
+                    id: self.ids.get(uuid).copied().unwrap_or(0),
+                };
+                if read(&listed) {
+                    self.reads += 1;
+                    listing.read.push(spec.clone());
+                }
+                listing.listed.push(listed);
+            }
+            Ok(listing)
         }
         fn set_metadata(
             &mut self,

@@ -164,7 +164,8 @@ pub struct GuestSample {
     pub vcpu_threads: usize,
     /// Run-queue wait of all its vCPU threads, summed.
     pub run_delay_ns: u64,
-    /// Its mappings by start address (numa_maps).
+    /// Its own memory's mappings with resident pages, by start address
+    /// (numa_maps; the rest is kept by nobody: a sample is kept per guest).
     pub mappings: HashMap<u64, MappingPages>,
 }
 
@@ -172,7 +173,7 @@ impl GuestSample {
     /// The guest's own resident pages per NUMA node.
     pub fn pages(&self) -> BTreeMap<u32, u64> {
         let mut pages = BTreeMap::new();
-        for mapping in self.mappings.values().filter(|m| m.guest_memory) {
+        for mapping in self.mappings.values() {
             for (&node, &count) in &mapping.nodes {
                 *pages.entry(node).or_insert(0) += count;
             }
@@ -192,7 +193,11 @@ pub fn sample(procfs: &ProcFs, uuid: &str, hint: Option<u32>) -> Option<GuestSam
             .iter()
             .filter_map(|&(_, tid)| procfs.run_delay_ns(pid, tid))
             .sum(),
-        mappings: numa_mappings(procfs, pid).unwrap_or_default(),
+        mappings: numa_mappings(procfs, pid)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(_, m)| m.guest_memory && !m.nodes.is_empty())
+            .collect(),
     })
 }
 

@@ -1,8 +1,9 @@
 //! libvirt's own events, for what no hook announces: pins changed behind
-//! pinner's back (the `tunable` event) and the connection closing (libvirtd
-//! stopped or its keepalive failed). A vCPU hot-added with `virsh setvcpus
-//! --live` has no event at all (libvirt 9); the periodic reconcile is what
-//! catches it.
+//! pinner's back (the `tunable` event), a guest's description changed
+//! (lifecycle, metadata, devices: its XML is read again at the next pass)
+//! and the connection closing (libvirtd stopped or its keepalive failed). A
+//! vCPU hot-added with `virsh setvcpus --live` has no event at all (libvirt
+//! 9); the full re-read on its own interval is what catches it.
 //!
 //! The `virt` crate has no domain-event API, so this is the few FFI calls it
 //! needs. Callbacks run on libvirt's event-loop thread and only hand the
@@ -22,8 +23,21 @@ pub enum LibvirtEvent {
         name: String,
         pins: Vec<(String, String)>,
     },
+    /// Something in a running guest's description may have changed: its
+    /// XML is to be read again.
+    Changed { uuid: String, what: Change },
     /// The connection closed; the reason as libvirt gives it.
     ConnectionClosed(&'static str),
+}
+
+/// What a domain event said changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// Started, stopped, paused, resumed, ...
+    Lifecycle,
+    Metadata,
+    DeviceAdded,
+    DeviceRemoved,
 }
 
 pub type Sink = Arc<dyn Fn(LibvirtEvent) + Send + Sync>;
@@ -69,14 +83,16 @@ pub fn start_event_loop() -> Result<(), EventsError> {
 /// Live registrations on one connection; cancelled before it closes.
 pub struct Subscription {
     conn: sys::virConnectPtr,
-    tunable_id: c_int,
+    /// The domain-event registrations, by callback id.
+    callback_ids: Vec<c_int>,
 }
 
 // SAFETY: libvirt connections are thread-safe; the pointer is only used to
 // deregister, from whichever thread drops the connection.
 unsafe impl Send for Subscription {}
 
-/// Subscribes `sink` to pin changes and to the connection closing.
+/// Subscribes `sink` to pin changes, description changes and the
+/// connection closing.
 pub fn subscribe(conn: &Connect, sink: Sink) -> Result<Subscription, EventsError> {
     // SAFETY: the pointer stays valid while `conn` lives; the subscription is
     // cancelled before `conn` is dropped (see `Libvirt`'s Drop).
@@ -92,45 +108,94 @@ pub fn subscribe(conn: &Connect, sink: Sink) -> Result<Subscription, EventsError
         unsafe { free_sink(close_opaque) };
         return Err(EventsError::CloseCallback(last_error()));
     }
-    let tunable_opaque = Box::into_raw(Box::new(sink)) as *mut c_void;
-    // SAFETY: libvirt calls the generic callback with the tunable event's
-    // real signature, as its VIR_DOMAIN_EVENT_CALLBACK cast intends.
-    let tunable_id = unsafe {
-        let callback: sys::virConnectDomainEventTunableCallback = Some(on_tunable);
-        sys::virConnectDomainEventRegisterAny(
-            ptr,
-            std::ptr::null_mut(),
-            sys::VIR_DOMAIN_EVENT_ID_TUNABLE as c_int,
-            std::mem::transmute::<
-                sys::virConnectDomainEventTunableCallback,
-                sys::virConnectDomainEventGenericCallback,
-            >(callback),
-            tunable_opaque,
-            Some(free_sink),
-        )
-    };
-    if tunable_id < 0 {
-        let error = EventsError::Subscribe(last_error());
-        // SAFETY: as above; the close callback is unregistered (and its
-        // opaque freed by libvirt).
-        unsafe {
-            free_sink(tunable_opaque);
-            sys::virConnectUnregisterCloseCallback(ptr, Some(on_close));
-        }
-        return Err(error);
-    }
-    Ok(Subscription {
+    let mut subscription = Subscription {
         conn: ptr,
-        tunable_id,
-    })
+        callback_ids: Vec::new(),
+    };
+    let callbacks = [
+        (
+            sys::VIR_DOMAIN_EVENT_ID_TUNABLE,
+            generic(on_tunable as TunableFn),
+        ),
+        (
+            sys::VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+            generic(on_lifecycle as LifecycleFn),
+        ),
+        (
+            sys::VIR_DOMAIN_EVENT_ID_METADATA_CHANGE,
+            generic(on_metadata as MetadataFn),
+        ),
+        (
+            sys::VIR_DOMAIN_EVENT_ID_DEVICE_ADDED,
+            generic(on_device::<true> as DeviceFn),
+        ),
+        (
+            sys::VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED,
+            generic(on_device::<false> as DeviceFn),
+        ),
+    ];
+    for (event, callback) in callbacks {
+        let opaque = Box::into_raw(Box::new(sink.clone())) as *mut c_void;
+        // SAFETY: a live connection, a callback of the event's signature,
+        // and an opaque libvirt frees through `free_sink`.
+        let id = unsafe {
+            sys::virConnectDomainEventRegisterAny(
+                ptr,
+                std::ptr::null_mut(),
+                event as c_int,
+                callback,
+                opaque,
+                Some(free_sink),
+            )
+        };
+        if id < 0 {
+            let error = EventsError::Subscribe(last_error());
+            // SAFETY: not registered, so still ours to free; the others
+            // are deregistered by `cancel`.
+            unsafe { free_sink(opaque) };
+            subscription.cancel();
+            return Err(error);
+        }
+        subscription.callback_ids.push(id);
+    }
+    Ok(subscription)
 }
+
+/// libvirt takes every domain-event callback as the generic type and calls
+/// it with its event's own signature (its VIR_DOMAIN_EVENT_CALLBACK cast):
+/// `callback` must be a function pointer of the event it is registered for.
+fn generic<F: Copy>(callback: F) -> sys::virConnectDomainEventGenericCallback {
+    assert_eq!(
+        std::mem::size_of::<F>(),
+        std::mem::size_of::<sys::virConnectDomainEventGenericCallback>()
+    );
+    // SAFETY: both are one non-null function pointer (the Option's niche);
+    // libvirt alone calls it, with the event's real arguments.
+    unsafe { std::mem::transmute_copy::<F, sys::virConnectDomainEventGenericCallback>(&callback) }
+}
+
+type TunableFn = unsafe extern "C" fn(
+    sys::virConnectPtr,
+    sys::virDomainPtr,
+    sys::virTypedParameterPtr,
+    c_int,
+    *mut c_void,
+);
+type LifecycleFn =
+    unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, c_int, c_int, *mut c_void);
+type MetadataFn =
+    unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, c_int, *const c_char, *mut c_void);
+type DeviceFn =
+    unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *const c_char, *mut c_void);
 
 impl Subscription {
     /// Deregisters; failures (a dead connection) leave nothing to undo.
     pub fn cancel(self) {
-        // SAFETY: both were registered on this still-open connection.
+        // SAFETY: all were registered on this still-open connection.
         unsafe {
-            sys::virConnectDomainEventDeregisterAny(self.conn, self.tunable_id);
+            for id in &self.callback_ids {
+                sys::virConnectDomainEventDeregisterAny(self.conn, *id);
+            }
             sys::virConnectUnregisterCloseCallback(self.conn, Some(on_close));
         }
     }
@@ -183,12 +248,7 @@ unsafe extern "C" fn on_tunable(
     if pins.is_empty() {
         return;
     }
-    let mut uuid = [0 as c_char; sys::VIR_UUID_STRING_BUFLEN as usize];
-    let uuid = if sys::virDomainGetUUIDString(dom, uuid.as_mut_ptr()) == 0 {
-        CStr::from_ptr(uuid.as_ptr()).to_string_lossy().into_owned()
-    } else {
-        String::new()
-    };
+    let uuid = uuid_of(dom);
     let name = sys::virDomainGetName(dom);
     let name = if name.is_null() {
         String::new()
@@ -196,6 +256,58 @@ unsafe extern "C" fn on_tunable(
         CStr::from_ptr(name).to_string_lossy().into_owned()
     };
     sink(LibvirtEvent::PinsChanged { uuid, name, pins });
+}
+
+/// The domain's UUID as libvirt holds it ("" when it would not say).
+unsafe fn uuid_of(dom: sys::virDomainPtr) -> String {
+    let mut uuid = [0 as c_char; sys::VIR_UUID_STRING_BUFLEN as usize];
+    if sys::virDomainGetUUIDString(dom, uuid.as_mut_ptr()) == 0 {
+        CStr::from_ptr(uuid.as_ptr()).to_string_lossy().into_owned()
+    } else {
+        String::new()
+    }
+}
+
+unsafe fn changed(dom: sys::virDomainPtr, opaque: *mut c_void, what: Change) {
+    let sink = &*(opaque as *const Sink);
+    sink(LibvirtEvent::Changed {
+        uuid: uuid_of(dom),
+        what,
+    });
+}
+
+unsafe extern "C" fn on_lifecycle(
+    _conn: sys::virConnectPtr,
+    dom: sys::virDomainPtr,
+    _event: c_int,
+    _detail: c_int,
+    opaque: *mut c_void,
+) {
+    changed(dom, opaque, Change::Lifecycle);
+}
+
+unsafe extern "C" fn on_metadata(
+    _conn: sys::virConnectPtr,
+    dom: sys::virDomainPtr,
+    _kind: c_int,
+    _nsuri: *const c_char,
+    opaque: *mut c_void,
+) {
+    changed(dom, opaque, Change::Metadata);
+}
+
+/// Device added (`ADDED`) or removed: both events have this signature.
+unsafe extern "C" fn on_device<const ADDED: bool>(
+    _conn: sys::virConnectPtr,
+    dom: sys::virDomainPtr,
+    _alias: *const c_char,
+    opaque: *mut c_void,
+) {
+    let what = match ADDED {
+        true => Change::DeviceAdded,
+        false => Change::DeviceRemoved,
+    };
+    changed(dom, opaque, what);
 }
 
 /// The tunable fields that are CPU pins (not shares, quotas or I/O tuning).

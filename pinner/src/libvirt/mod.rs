@@ -5,7 +5,7 @@ pub mod events;
 
 use crate::engine::cpuset::CpuSet;
 use crate::engine::domain::DomainSpec;
-use crate::engine::hypervisor::{HvError, Hypervisor, Running, Unreadable};
+use crate::engine::hypervisor::{HvError, Hypervisor, Listed, Listing, Unreadable};
 use crate::libvirt::events::{EventsError, Sink, Subscription};
 use pinner_shared::paths::{METADATA_KEY, METADATA_URI};
 use virt::connect::Connect;
@@ -19,6 +19,8 @@ pub struct Libvirt {
     conn: Connect,
     cpumap_width: u32,
     events: Option<Subscription>,
+    /// Calls made on this connection (round trips to libvirtd).
+    calls: std::cell::Cell<u64>,
     /// VIR_DOMAIN_AFFECT_LIVE, except on libvirt's test driver, which
     /// refuses it: there CURRENT (0), the same for a running domain.
     affect: u32,
@@ -50,6 +52,7 @@ impl Libvirt {
             conn,
             cpumap_width,
             events: None,
+            calls: std::cell::Cell::new(0),
             affect: if test_driver {
                 0
             } else {
@@ -76,35 +79,56 @@ impl Libvirt {
         Ok(Libvirt::wrap(conn, uri, 0))
     }
 
-    /// Every running domain's name and live XML; those that cannot be read
-    /// (other than having stopped meanwhile) in the second list.
-    pub fn running_xml(&self) -> Result<(Vec<LiveXml>, Vec<Unreadable>), HvError> {
+    /// Lists the running domains and reads the live XML of those `read`
+    /// picks; those that cannot be read (other than having stopped
+    /// meanwhile) go in the second list.
+    pub fn running_xml(&self, read: &dyn Fn(&Listed) -> bool) -> Result<Listing<LiveXml>, HvError> {
+        self.count_call();
         let domains = self
             .conn
             .list_all_domains(sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)
             .map_err(|e| self.classify(e))?;
-        let mut xmls = Vec::with_capacity(domains.len());
+        let mut listed = Vec::with_capacity(domains.len());
+        let mut xmls = Vec::new();
         let mut unreadable = Vec::new();
         for dom in domains {
-            match dom.xml_desc(0) {
-                Ok(xml) => xmls.push(LiveXml {
-                    name: dom.name().unwrap_or_default(),
-                    xml,
-                }),
-                Err(e) => match self.classify(e) {
-                    HvError::Gone(_) => {}
-                    HvError::Disconnected(m) => return Err(HvError::Disconnected(m)),
-                    error => unreadable.push(Unreadable::Xml {
-                        domain: dom.name().unwrap_or_else(|_| "(unknown)".into()),
-                        error,
+            // The id and UUID come with the listing: no call.
+            let entry = Listed {
+                uuid: dom.uuid_string().unwrap_or_default(),
+                id: dom.id().unwrap_or(0),
+            };
+            if read(&entry) {
+                self.count_call();
+                match dom.xml_desc(0) {
+                    Ok(xml) => xmls.push(LiveXml {
+                        name: dom.name().unwrap_or_default(),
+                        xml,
                     }),
-                },
+                    Err(e) => match self.classify(e) {
+                        HvError::Gone(_) => continue,
+                        HvError::Disconnected(m) => return Err(HvError::Disconnected(m)),
+                        error => unreadable.push(Unreadable::Xml {
+                            domain: dom.name().unwrap_or_else(|_| "(unknown)".into()),
+                            error,
+                        }),
+                    },
+                }
             }
+            listed.push(entry);
         }
-        Ok((xmls, unreadable))
+        Ok(Listing {
+            listed,
+            read: xmls,
+            unreadable,
+        })
+    }
+
+    fn count_call(&self) {
+        self.calls.set(self.calls.get() + 1);
     }
 
     fn domain(&self, uuid: &str) -> Result<Domain, HvError> {
+        self.count_call();
         self.conn
             .lookup_domain_by_uuid_string(uuid)
             .map_err(|e| self.classify(e))
@@ -133,8 +157,12 @@ pub struct LiveXml {
 }
 
 impl Hypervisor for Libvirt {
-    fn running_domains(&mut self) -> Result<Running, HvError> {
-        let (xmls, mut unreadable) = self.running_xml()?;
+    fn list_running(&mut self, read: &dyn Fn(&Listed) -> bool) -> Result<Listing, HvError> {
+        let Listing {
+            listed,
+            read: xmls,
+            mut unreadable,
+        } = self.running_xml(read)?;
         let mut specs = Vec::with_capacity(xmls.len());
         for LiveXml { name, xml } in xmls {
             match DomainSpec::parse(&xml) {
@@ -143,7 +171,15 @@ impl Hypervisor for Libvirt {
                 Err(e) => unreadable.push(e.into()),
             }
         }
-        Ok((specs, unreadable))
+        Ok(Listing {
+            listed,
+            read: specs,
+            unreadable,
+        })
+    }
+
+    fn calls_made(&self) -> u64 {
+        self.calls.get()
     }
 
     fn set_metadata(&mut self, uuid: &str, element: &str, persistent: bool) -> Result<(), HvError> {
