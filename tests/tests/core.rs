@@ -152,6 +152,64 @@ fn overcommit_switches_to_shared_and_back() {
     assert_pinned(&sb, "b", &pb);
 }
 
+/// 2b. The capacity line's hysteresis (`capacity_hysteresis_percent = 50`:
+///     one of the pool's two CPUs must stay free to go back): a guest
+///     started and stopped three times at the line leaves the others on
+///     their range; they go one-to-one once one more guest stops.
+#[test]
+fn a_guest_cycling_at_the_capacity_line_leaves_the_others_range_bound() {
+    let _serial = serial();
+    let Some(mut sb) =
+        sandbox_or_skip("a_guest_cycling_at_the_capacity_line_leaves_the_others_range_bound")
+    else {
+        return;
+    };
+    let (a, b) = two_cpus();
+    sb.extra_config = "capacity_hysteresis_percent = 50".into();
+    sb.start_daemon(&reserve_all_but(2));
+    for g in ["a", "b", "c"] {
+        sb.define_guest(g, 1, "");
+    }
+    sb.start_guest("a");
+    sb.start_guest("b");
+    let running = |count: usize, mode: &str| {
+        wait_for(Duration::from_secs(5), || {
+            let s = sb.all_in_sync()?;
+            let listed = s["domains"].as_array().map_or(0, Vec::len);
+            if s["mode"] == mode && listed == count {
+                Ok(s)
+            } else {
+                Err(format!("mode {} with {listed} guests", s["mode"]))
+            }
+        })
+        .unwrap()
+    };
+    running(2, "dedicated");
+    for cycle in 0..3 {
+        sb.start_guest("c");
+        running(3, "shared");
+        sb.destroy_guest("c");
+        let status = running(2, "shared");
+        for g in ["a", "b"] {
+            assert_pinned(&sb, g, &[vec![a, b]]);
+            let reason = status["domains"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|d| d["name"] == sb.name(g))
+                .map(|d| d["reason"].to_string())
+                .unwrap();
+            assert!(
+                reason.contains("leave 1 of the pool's 2 CPUs free"),
+                "cycle {cycle}, {g}: {reason}"
+            );
+        }
+    }
+    sb.destroy_guest("b");
+    running(1, "dedicated");
+    assert_eq!(sb.vcpu_pins("a")[0].len(), 1, "one-to-one again");
+}
+
 /// 3. With the daemon down, starts succeed with the hook in place (its
 ///    drops counted) and the daemon pins all guests when it starts.
 #[test]

@@ -84,6 +84,8 @@ pub const KEYS: &[Key] = &[
         "Where emulator and I/O threads of dedicated guests run: \"housekeeping\" (the reserved CPUs; the guest's own CPUs when none are reserved) or \"guest\" (always the guest's own CPUs). Shared guests keep them on their range."),
     key("", "move_cell_memory", Commented("true"), "false",
         "A guest with NUMA cells (<cpu><numa><cell .../>) has each cell's vCPUs on a host node of its own; this also moves each cell's resident memory there (move_pages(2), at most 1 GiB per pass, again when pages drift). Off: the guest's memory is bound to its cells' nodes together and each page stays where it was first touched."),
+    key("", "capacity_hysteresis_percent", Commented("10"), "20",
+        "Auto guests go one-to-one while all their vCPUs fit the pool, and are range-bound once they do not. Once range-bound they return to one-to-one only when their vCPUs leave this share of the pool free (percent, 0-50, rounded down to whole CPUs: a pool under 10 CPUs has no band at 10), so one guest starting and stopping at the capacity line moves its own pins, not every guest's each time. 0: no hysteresis."),
     key("", "reserved_memory_mib", Commented("512"), "2048",
         "Normal memory the host keeps for itself on each NUMA node, in MiB: its daemons, and qemu's own memory beside each guest's RAM. Guests are placed only where their memory fits within MemTotal less the hugepage pools less this. On OpenStack nodes nova.conf's reserved_host_memory_mb decides (spread evenly over the nodes)."),
     key("", "reserved_huge_pages", Commented("[]"), "[\"node:0,size:1G,count:4\"]",

@@ -4,7 +4,7 @@
 use crate::engine::cpuset::CpuSet;
 use crate::engine::domain::Policy;
 use crate::engine::memory::MemoryReserve;
-use crate::engine::placement::{EmulatorPolicy, HostPolicy};
+use crate::engine::placement::{EmulatorPolicy, HostPolicy, DEFAULT_CAPACITY_HYSTERESIS_PERCENT};
 use crate::engine::policy::{FlavorRule, PolicyRules};
 use crate::engine::topology::Topology;
 use crate::host::{file, nova};
@@ -52,6 +52,9 @@ pub struct Config {
     /// `memory_move_mib_per_sec`: how fast running guests' memory is moved
     /// to new nodes (0: at once, as libvirt's binding moves it).
     pub memory_move_mib_per_sec: u64,
+    /// Free share of the pool range-bound auto guests need to go back to
+    /// one-to-one (percent).
+    pub capacity_hysteresis_percent: u32,
     pub isolation: IsolationConfig,
     /// `[metrics] file`: a metrics file (Prometheus text) the daemon keeps
     /// current; see [`Config::metrics_path`].
@@ -126,6 +129,7 @@ impl Default for Config {
             enforcement: Enforcement::Enforce,
             policy_rules: PolicyRules::default(),
             memory_move_mib_per_sec: DEFAULT_MEMORY_MOVE_MIB_PER_SEC,
+            capacity_hysteresis_percent: DEFAULT_CAPACITY_HYSTERESIS_PERCENT,
             isolation: IsolationConfig::default(),
             metrics_file: MetricsFile::Auto,
             metrics_interval: Duration::from_secs(15),
@@ -272,6 +276,7 @@ struct RawConfig {
     mode: Option<Spanned<String>>,
     default_policy: Option<Spanned<String>>,
     memory_move_mib_per_sec: Option<Spanned<i64>>,
+    capacity_hysteresis_percent: Option<Spanned<i64>>,
     libvirt: Option<RawLibvirt>,
     openstack: Option<RawOpenstack>,
     isolation: Option<RawIsolation>,
@@ -377,6 +382,10 @@ impl Config {
         }
         if let Some(v) = raw.full_read_interval_secs {
             config.full_read_interval = interval(&v, "full_read_interval_secs", &err_at)?;
+        }
+        if let Some(v) = raw.capacity_hysteresis_percent {
+            config.capacity_hysteresis_percent =
+                percent(&v, "capacity_hysteresis_percent", 50, &err_at)?;
         }
         if let Some(v) = raw.log_level {
             let levels = [
@@ -633,6 +642,7 @@ impl Config {
                 huge_pages: huge_page_map(&self.reserved_huge_pages),
             },
             rules: self.policy_rules.clone(),
+            capacity_hysteresis_percent: self.capacity_hysteresis_percent,
             ..HostPolicy::with_reserved(self.reserved_cpus.clone())
         };
         if let Some(path) = &self.nova_conf {
@@ -913,6 +923,24 @@ fn interval(
         ));
     }
     Ok(Duration::from_secs(secs))
+}
+
+/// A whole percentage from 0 to `max` for `key`.
+fn percent(
+    v: &Spanned<i64>,
+    key: &str,
+    max: u32,
+    err_at: &dyn Fn(Option<usize>, String) -> ConfigError,
+) -> Result<u32, ConfigError> {
+    u32::try_from(*v.get_ref())
+        .ok()
+        .filter(|p| *p <= max)
+        .ok_or_else(|| {
+            err_at(
+                Some(v.span().start),
+                format!("{key} must be 0 to {max}, not {}", v.get_ref()),
+            )
+        })
 }
 
 /// An absolute path for `key`.
@@ -1232,6 +1260,15 @@ mod tests {
             .message
             .contains("log_level"));
         assert!(parse("reconcile_interval_secs = 0").is_err());
+        assert!(parse("full_read_interval_secs = 3601").is_err());
+        for bad in ["-1", "51"] {
+            let e = parse(&format!("\ncapacity_hysteresis_percent = {bad}")).unwrap_err();
+            assert_eq!(e.line, Some(2), "{e}");
+            assert!(e.message.contains("must be 0 to 50, not"), "{e}");
+        }
+        let config = parse("capacity_hysteresis_percent = 0\nfull_read_interval_secs = 5").unwrap();
+        assert_eq!(config.capacity_hysteresis_percent, 0);
+        assert_eq!(config.full_read_interval, Duration::from_secs(5));
         let e = parse("\nsocket_group = \"no-such-group-here\"\n").unwrap_err();
         assert_eq!(e.line, Some(2), "{e}");
         assert!(e.message.contains("socket_group: no group named"), "{e}");

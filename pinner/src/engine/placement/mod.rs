@@ -69,6 +69,9 @@ pub enum EmulatorPolicy {
     Guest,
 }
 
+/// `capacity_hysteresis_percent` unless set.
+pub const DEFAULT_CAPACITY_HYSTERESIS_PERCENT: u32 = 10;
+
 /// The host-wide inputs of placement, from the config (and nova.conf).
 #[derive(Debug, Clone, PartialEq)]
 pub struct HostPolicy {
@@ -85,6 +88,11 @@ pub struct HostPolicy {
     pub memory_reserve: MemoryReserve,
     /// Which guests pinner places, and under which policy.
     pub rules: PolicyRules,
+    /// Auto guests range-bound now go back to one-to-one only once their
+    /// vCPUs leave this share of the pool free (percent): one guest
+    /// starting and stopping at the capacity line then moves its own pins,
+    /// not every guest's.
+    pub capacity_hysteresis_percent: u32,
 }
 
 impl HostPolicy {
@@ -97,6 +105,7 @@ impl HostPolicy {
             emulator: EmulatorPolicy::Housekeeping,
             memory_reserve: MemoryReserve::default(),
             rules: PolicyRules::default(),
+            capacity_hysteresis_percent: DEFAULT_CAPACITY_HYSTERESIS_PERCENT,
         }
     }
 
@@ -317,6 +326,7 @@ struct Planning<'g> {
     placed: Vec<Option<GuestPlan>>,
     warnings: Vec<Warning>,
     memory: Memory,
+    held_shared: Option<HeldShared>,
 }
 
 impl<'g> Planning<'g> {
@@ -378,6 +388,7 @@ pub fn plan(topo: &Topology, host: &HostPolicy, guests: &[Guest]) -> Plan {
         placed: Vec::new(),
         warnings: Vec::new(),
         memory: Memory::new(topo, &host.memory_reserve, guests),
+        held_shared: None,
     };
     planning.placed = vec![None; planning.managed.len()];
     planning.memory.take_unmanaged(&layout, guests);
@@ -467,7 +478,15 @@ fn plan_dedicated(
         .filter(|(_, p, _)| *p != Policy::Shared)
         .map(|(g, _, _)| g.vcpus as usize)
         .sum();
-    let all_fit = dedicated_demand <= pool.len();
+    let headroom = return_headroom(host, pool, managed);
+    let all_fit = dedicated_demand + headroom <= pool.len();
+    if !all_fit && dedicated_demand <= pool.len() {
+        planning.held_shared = Some(HeldShared {
+            vcpus: dedicated_demand,
+            pcpus: pool.len(),
+            headroom,
+        });
+    }
     // Guests asking for it, and auto guests when all fit; none where nova
     // pins, whose shared set nova's guests may float over. Indices into
     // `managed`, so its name order carries over.
@@ -507,6 +526,36 @@ fn plan_dedicated(
     pool.difference(&free)
 }
 
+/// Hysteresis at the capacity line: while the auto guests are range-bound
+/// (every one that has pins has a pin of more than one CPU: they crossed
+/// the line, not one guest that found no room of its own), the CPUs they
+/// must leave free to go back to one-to-one (the percentage of the pool,
+/// rounded down: a pool too small for a band flips, at the cost of a few
+/// pins); else none.
+fn return_headroom(host: &HostPolicy, pool: &CpuSet, managed: &[Managed]) -> usize {
+    let mut pinned = managed
+        .iter()
+        .filter(|(_, policy, current)| {
+            *policy == Policy::Auto && current.iter().any(Option::is_some)
+        })
+        .peekable();
+    let range_bound = pinned.peek().is_some()
+        && pinned.all(|(_, _, current)| current.iter().flatten().any(|pin| pin.len() > 1));
+    if !range_bound || host.capacity_hysteresis_percent == 0 {
+        return 0;
+    }
+    pool.len() * host.capacity_hysteresis_percent as usize / 100
+}
+
+/// Auto guests kept range-bound by the hysteresis though they would fit
+/// one-to-one: said in their reasons.
+#[derive(Debug, Clone, Copy)]
+struct HeldShared {
+    vcpus: usize,
+    pcpus: usize,
+    headroom: usize,
+}
+
 /// Step 4: every guest without a plan yet is bound to a range of what the
 /// dedicated guests left (`used` is theirs).
 fn plan_shared(
@@ -529,10 +578,17 @@ fn plan_shared(
         shared_pool = pool.clone();
     }
     let memory = &mut planning.memory;
-    for (&i, plan) in shared_index
-        .iter()
-        .zip(place_shared(layout, &shared_pool, &shared, memory))
+    for (&i, mut plan) in
+        shared_index
+            .iter()
+            .zip(place_shared(layout, &shared_pool, &shared, memory))
     {
+        if let (Some(held), Policy::Auto) = (planning.held_shared, planning.managed[i].1) {
+            plan.reason += &format!(
+                "; one-to-one again once the auto guests' {} vCPUs leave {} of the pool's {} CPUs free (capacity_hysteresis_percent)",
+                held.vcpus, held.headroom, held.pcpus
+            );
+        }
         planning.placed[i] = Some(plan);
     }
     let shared_demand: u32 = shared.iter().map(|(g, _)| g.vcpus).sum();
@@ -647,6 +703,82 @@ mod tests {
 
     fn by_name<'a>(plan: &'a Plan, name: &str) -> &'a GuestPlan {
         plan.guests.iter().find(|g| g.name == name).unwrap()
+    }
+
+    /// 16 auto guests of 4 vCPUs fill a 64-CPU pool one-to-one; a 17th
+    /// starts and stops ten times. The pins each plan moves, and the plans.
+    fn cycle_at_the_capacity_line(percent: u32) -> (Vec<u32>, Vec<Plan>) {
+        let topo = Topology::uniform(&set("0-63"), 2);
+        let host = HostPolicy {
+            capacity_hysteresis_percent: percent,
+            ..HostPolicy::with_reserved(CpuSet::new())
+        };
+        let mut guests: Vec<Guest> = (0..16).map(|i| guest(&format!("g{i:02}"), 4)).collect();
+        let run = |guests: &mut Vec<Guest>| {
+            let plan = plan(&topo, &host, guests);
+            for g in guests.iter_mut() {
+                g.role = Role::Managed {
+                    policy: Policy::Auto,
+                    current: current_of(by_name(&plan, &g.name)),
+                };
+            }
+            plan
+        };
+        let mut plans = vec![run(&mut guests)];
+        for _ in 0..10 {
+            guests.push(guest("zz", 4));
+            plans.push(run(&mut guests));
+            guests.pop();
+            plans.push(run(&mut guests));
+        }
+        (plans.iter().map(|p| p.pins_moved).collect(), plans)
+    }
+
+    #[test]
+    fn a_guest_cycling_at_the_capacity_line_moves_its_own_pins_not_every_guests() {
+        let (before, plans) = cycle_at_the_capacity_line(0);
+        assert_eq!(plans[1].mode, Mode::Shared);
+        assert_eq!(
+            plans[2].mode,
+            Mode::Dedicated,
+            "no hysteresis: back at once"
+        );
+        assert!(
+            before.iter().sum::<u32>() >= 20 * 60,
+            "every cycle flips all: {before:?}"
+        );
+
+        let (after, plans) = cycle_at_the_capacity_line(10);
+        assert_eq!(plans[0].mode, Mode::Dedicated);
+        assert!(plans[1..].iter().all(|p| p.mode == Mode::Shared));
+        // The first start flips the 64 pins once; then the cycling guest
+        // moves at most a few others'.
+        assert!(after[1] >= 60, "{after:?}");
+        assert!(after[2..].iter().sum::<u32>() <= 16, "{after:?}");
+        let reason = &by_name(&plans[2], "g00").reason;
+        assert!(
+            reason.contains("leave 6 of the pool's 64 CPUs free"),
+            "{reason}"
+        );
+    }
+
+    /// Range-bound auto guests go back to one-to-one once they leave the
+    /// headroom free: 56 vCPUs on 64 CPUs with 6 to spare.
+    #[test]
+    fn range_bound_guests_return_to_one_to_one_with_room_to_spare() {
+        let topo = Topology::uniform(&set("0-63"), 2);
+        let host = HostPolicy::with_reserved(CpuSet::new());
+        let range = |i: u32| Some(set(if i.is_multiple_of(2) { "0-31" } else { "32-63" }));
+        let shared_now = |count: u32| -> Vec<Guest> {
+            (0..count)
+                .map(|i| managed(&format!("g{i:02}"), 4, Policy::Auto, vec![range(i); 4]))
+                .collect()
+        };
+        assert_eq!(plan(&topo, &host, &shared_now(15)).mode, Mode::Shared);
+        assert_eq!(plan(&topo, &host, &shared_now(14)).mode, Mode::Dedicated);
+        // Never range-bound: one-to-one up to the last CPU.
+        let fresh: Vec<Guest> = (0..16).map(|i| guest(&format!("g{i:02}"), 4)).collect();
+        assert_eq!(plan(&topo, &host, &fresh).mode, Mode::Dedicated);
     }
 
     fn current_of(p: &GuestPlan) -> Vec<Option<CpuSet>> {
