@@ -253,6 +253,10 @@ pub struct DomainStatus {
     pub steal_pct: Option<f64>,
     /// That wait summed over its vCPU threads since they started, seconds.
     pub steal_seconds: Option<f64>,
+    /// What its vCPUs ran or waited runnable, in CPUs, smoothed (a 60 s
+    /// half-life): its demand, whatever it was given.
+    #[serde(default)]
+    pub demand_cpus: Option<f64>,
     /// Resident pages on the guest's own NUMA nodes (its memory nodes, else
     /// its vCPUs' nodes) and elsewhere, from /proc/PID/numa_maps.
     pub memory_pages_local: Option<u64>,

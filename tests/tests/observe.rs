@@ -56,6 +56,12 @@ fn status_shows_steal_memory_locality_and_numa_counters() {
             "{g}: two spinning vCPUs on one CPU wait about half the time, not {steal}%"
         );
         assert!(d["steal_seconds"].as_f64().unwrap() > 0.5, "{d}");
+        // Running half the time and waiting the other half: one CPU of
+        // demand, whatever it got.
+        let demand = d["demand_cpus"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{g}: {d}"));
+        assert!((0.8..=1.05).contains(&demand), "{g}: demand {demand} CPUs");
         let pid = d["qemu_pid"].as_u64().unwrap();
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
         let uuid = d["uuid"].as_str().unwrap();
@@ -73,6 +79,7 @@ fn status_shows_steal_memory_locality_and_numa_counters() {
 
     let text = String::from_utf8(sb.pinner(&["status"]).stdout).unwrap();
     assert!(text.contains("% (") && text.contains("s in all)"), "{text}");
+    assert!(text.contains(" CPUs") && text.contains("demand "), "{text}");
     assert!(text.contains("memory 100.0% local"), "{text}");
     assert!(text.contains("node 0: numa_hit"), "{text}");
 
@@ -182,6 +189,7 @@ fn metrics_are_valid_openmetrics_and_the_file_stays_current() {
         "pinner_guest_vcpu_cpus:gauge",
         "pinner_guest_vcpu_cpu:gauge",
         "pinner_guest_steal_seconds:counter",
+        "pinner_guest_demand_cpus:gauge",
         "pinner_guest_memory_pages:gauge",
         "pinner_numa_hit_pages:counter",
     ] {

@@ -12,7 +12,7 @@ use crate::engine::domain::{DomainError, DomainSpec};
 use crate::engine::hypervisor::{HvError, Hypervisor};
 use crate::engine::reconcile;
 use crate::engine::release::{self, Everywhere};
-use crate::host::guest_stats::{self, StealTracker};
+use crate::host::guest_stats::{self, RateTracker};
 use crate::host::procs::ProcFs;
 use crate::host::snapshot::{Root, SnapshotError};
 use crate::host::sysfs::{self, SysfsError};
@@ -561,12 +561,14 @@ fn sample_steal<T>(
         .map(|g| guest_stats::sample(&procfs, &g.spec.uuid, None))
         .collect();
     let host = read_host(root);
-    let mut steal = StealTracker::default();
+    let mut rates = RateTracker::default();
     for (guest, first) in guests.iter_mut().zip(before) {
         let Some(first) = first else { continue };
-        steal.record(&guest.spec.uuid, started, &first);
+        rates.record(&guest.spec.uuid, started, &first);
         if let Some(second) = guest_stats::sample(&procfs, &guest.spec.uuid, Some(first.pid)) {
-            guest.steal_pct = steal.record(&guest.spec.uuid, Instant::now(), &second);
+            guest.steal_pct = rates
+                .record(&guest.spec.uuid, Instant::now(), &second)
+                .steal_pct;
         }
     }
     host

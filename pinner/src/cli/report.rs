@@ -269,7 +269,8 @@ fn percent(part: u64, total: u64) -> String {
     }
 }
 
-/// "steal 0.4% (12.3 s)   memory 99.8% local (16384 of 16420 pages)".
+/// "steal 0.4% (12.3 s in all)   demand 1.73 CPUs   memory 99.8% local
+/// (16384 of 16420 pages)".
 fn measured_line(d: &DomainStatus) -> Option<String> {
     let mut parts = Vec::new();
     if let Some(seconds) = d.steal_seconds {
@@ -277,6 +278,9 @@ fn measured_line(d: &DomainStatus) -> Option<String> {
             .steal_pct
             .map_or_else(|| "-".into(), |p| format!("{p:.1}%"));
         parts.push(format!("steal {share} ({seconds:.1} s in all)"));
+    }
+    if let Some(cpus) = d.demand_cpus {
+        parts.push(format!("demand {cpus:.2} CPUs"));
     }
     if let (Some(local), Some(remote)) = (d.memory_pages_local, d.memory_pages_remote) {
         parts.push(format!(

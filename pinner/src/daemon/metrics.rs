@@ -286,6 +286,18 @@ fn guest_families(out: &mut Out, report: &StatusReport) {
     );
     out.guest_gauge(
         report,
+        "pinner_guest_demand_cpus",
+        "What the guest's vCPUs ran or waited runnable, in CPUs, smoothed over a 60 s half-life.",
+        "policy",
+        |d| {
+            d.demand_cpus
+                .map(|cpus| (d.policy.clone(), cpus))
+                .into_iter()
+                .collect()
+        },
+    );
+    out.guest_gauge(
+        report,
         "pinner_guest_memory_pages",
         "Resident pages on the guest's own NUMA nodes (local) and elsewhere (remote).",
         "locality",

@@ -9,7 +9,7 @@ use crate::engine::domain::DomainSpec;
 use crate::engine::hypervisor::{HvError, Running};
 use crate::engine::reconcile;
 use crate::host::file::WriteError;
-use crate::host::guest_stats::{self, GuestSample, StealTracker};
+use crate::host::guest_stats::{self, GuestSample, RateTracker, Rates};
 use crate::host::procs::ProcFs;
 use crate::isolation::{self, Settings, System};
 use pinner_shared::paths::HOOK_DROPS_FILE;
@@ -99,17 +99,17 @@ impl PinLatency {
     }
 }
 
-/// One guest as last read from /proc, and its steal since the read before.
+/// One guest as last read from /proc, and its steal and demand so far.
 pub struct Observed {
     pub sample: GuestSample,
-    pub steal: Option<f64>,
+    pub rates: Rates,
 }
 
 /// Per-guest measurements kept between passes, and the clocks of the
 /// observation (every guest read from /proc) and the metrics file.
 pub struct Observer {
     pub latency: PinLatency,
-    steal: StealTracker,
+    rates: RateTracker,
     /// Guest UUID → its qemu pid, found once and checked on each use.
     qemu_pids: HashMap<String, u32>,
     /// Guest UUID → when it was last read from /proc and what was read
@@ -130,7 +130,7 @@ impl Observer {
     pub fn new(metrics_on: bool) -> Observer {
         Observer {
             latency: PinLatency::default(),
-            steal: StealTracker::default(),
+            rates: RateTracker::default(),
             qemu_pids: HashMap::new(),
             samples: HashMap::new(),
             next_observation: Instant::now(),
@@ -147,8 +147,8 @@ impl Observer {
         let now = Instant::now();
         let observed = guest_stats::sample(procfs, uuid, hint).map(|sample| {
             self.qemu_pids.insert(uuid.to_string(), sample.pid);
-            let steal = self.steal.record(uuid, now, &sample);
-            Observed { sample, steal }
+            let rates = self.rates.record(uuid, now, &sample);
+            Observed { sample, rates }
         });
         let entry = self.samples.entry(uuid.to_string()).or_insert((now, None));
         *entry = (now, observed);
@@ -179,7 +179,7 @@ impl Observer {
         let uuids: HashSet<String> = specs.map(|s| s.uuid.clone()).collect();
         self.qemu_pids.retain(|uuid, _| uuids.contains(uuid));
         self.samples.retain(|uuid, _| uuids.contains(uuid));
-        self.steal.retain(|uuid| uuids.contains(uuid));
+        self.rates.retain(|uuid| uuids.contains(uuid));
         let mut due: Vec<(Option<Instant>, String)> = uuids
             .into_iter()
             .map(|uuid| (self.samples.get(&uuid).map(|(at, _)| *at), uuid))
@@ -242,9 +242,10 @@ impl Daemon {
     fn measure(&mut self, domain: &mut DomainStatus) -> Option<GuestSample> {
         let procfs = ProcFs::new(&self.paths.proc);
         let observed = self.observer.observed(&procfs, &domain.uuid)?;
-        let (sample, steal) = (observed.sample.clone(), observed.steal);
+        let (sample, rates) = (observed.sample.clone(), observed.rates);
         domain.qemu_pid = Some(sample.pid);
-        domain.steal_pct = steal;
+        domain.steal_pct = rates.steal_pct;
+        domain.demand_cpus = rates.demand_cpus;
         domain.steal_seconds = Some(sample.run_delay_ns as f64 / 1e9);
         // Local means on the nodes its vCPUs run on, whatever the binding
         // says (a binding left behind by a move is exactly what to show);

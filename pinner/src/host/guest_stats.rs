@@ -8,7 +8,7 @@ use crate::host::procs::{ProcFs, CMDLINE_CAP};
 use pinner_shared::protocol::NodeNumaStatus;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// The qemu process running the guest with `uuid`: its command line carries
 /// `-uuid UUID` and it runs in a machine cgroup libvirt made. Anyone can
@@ -164,6 +164,8 @@ pub struct GuestSample {
     pub vcpu_threads: usize,
     /// Run-queue wait of all its vCPU threads, summed.
     pub run_delay_ns: u64,
+    /// Run time of all its vCPU threads, summed.
+    pub run_ns: u64,
     /// Its own memory's mappings with resident pages, by start address
     /// (numa_maps; the rest is kept by nobody: a sample is kept per guest).
     pub mappings: HashMap<u64, MappingPages>,
@@ -186,13 +188,15 @@ impl GuestSample {
 pub fn sample(procfs: &ProcFs, uuid: &str, hint: Option<u32>) -> Option<GuestSample> {
     let pid = qemu_pid(procfs, uuid, hint)?;
     let threads = vcpu_threads(procfs, pid);
+    let (run_ns, run_delay_ns) = threads
+        .iter()
+        .filter_map(|&(_, tid)| procfs.schedstat_ns(pid, tid))
+        .fold((0, 0), |(run, wait), (r, w)| (run + r, wait + w));
     Some(GuestSample {
         pid,
         vcpu_threads: threads.len(),
-        run_delay_ns: threads
-            .iter()
-            .filter_map(|&(_, tid)| procfs.run_delay_ns(pid, tid))
-            .sum(),
+        run_delay_ns,
+        run_ns,
         mappings: numa_mappings(procfs, pid)
             .unwrap_or_default()
             .into_iter()
@@ -212,33 +216,63 @@ pub fn memory_split(pages: &BTreeMap<u32, u64>, own: &[u32]) -> (u64, u64) {
     })
 }
 
-/// Steal per guest over the last interval: the growth of its vCPU threads'
-/// run-queue wait, as a share of the wall time each vCPU had.
-#[derive(Default)]
-pub struct StealTracker {
-    /// Per guest UUID: the sample an interval starts from, and the share
-    /// computed for the last complete interval.
-    guests: HashMap<String, (Instant, u64, Option<f64>)>,
+/// How long a guest's demand takes to count half: a guest that turns busy
+/// weighs as busy after a few minutes, and a spike of a few seconds hardly
+/// moves it.
+pub const DEMAND_HALF_LIFE: Duration = Duration::from_secs(60);
+
+/// What one guest's vCPU threads did between two samples.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Rates {
+    /// Steal over the last interval: the growth of its vCPU threads'
+    /// run-queue wait, as a share of the wall time each vCPU had (percent).
+    pub steal_pct: Option<f64>,
+    /// Demand: the time its vCPU threads ran or waited runnable, per
+    /// second of wall time (CPUs: one vCPU always busy is 1.0), smoothed
+    /// with a half-life of [`DEMAND_HALF_LIFE`].
+    pub demand_cpus: Option<f64>,
 }
 
-/// Shorter spans are too noisy to report; the previous figure stands.
+/// Steal and demand per guest, from its samples over time.
+#[derive(Default)]
+pub struct RateTracker {
+    /// Per guest UUID: when the interval began, its vCPU threads' wait and
+    /// run time then (ns), and the rates so far.
+    guests: HashMap<String, (Instant, u64, u64, Rates)>,
+}
+
+/// Shorter spans are too noisy to report; the previous figures stand.
 const MIN_INTERVAL_SECS: f64 = 0.5;
 
-impl StealTracker {
-    /// Records `sample` taken at `now`; returns the steal share (percent of
-    /// each vCPU's wall time spent waiting) of the last complete interval.
-    pub fn record(&mut self, uuid: &str, now: Instant, sample: &GuestSample) -> Option<f64> {
-        let entry = self
-            .guests
-            .entry(uuid.to_string())
-            .or_insert((now, sample.run_delay_ns, None));
+impl RateTracker {
+    /// Records `sample` taken at `now`; returns the rates as of the last
+    /// complete interval.
+    pub fn record(&mut self, uuid: &str, now: Instant, sample: &GuestSample) -> Rates {
+        let entry = self.guests.entry(uuid.to_string()).or_insert((
+            now,
+            sample.run_delay_ns,
+            sample.run_ns,
+            Rates::default(),
+        ));
         let span = now.saturating_duration_since(entry.0).as_secs_f64();
         if span >= MIN_INTERVAL_SECS && sample.vcpu_threads > 0 {
+            let vcpus = sample.vcpu_threads as f64;
             let waited = sample.run_delay_ns.saturating_sub(entry.1) as f64 / 1e9;
-            let share = 100.0 * waited / (span * sample.vcpu_threads as f64);
-            *entry = (now, sample.run_delay_ns, Some(share.min(100.0)));
+            let ran = sample.run_ns.saturating_sub(entry.2) as f64 / 1e9;
+            let busy = ((waited + ran) / span).min(vcpus);
+            let weight = 1.0 - 0.5f64.powf(span / DEMAND_HALF_LIFE.as_secs_f64());
+            let rates = Rates {
+                steal_pct: Some((100.0 * waited / (span * vcpus)).min(100.0)),
+                demand_cpus: Some(
+                    entry
+                        .3
+                        .demand_cpus
+                        .map_or(busy, |d| d + weight * (busy - d)),
+                ),
+            };
+            *entry = (now, sample.run_delay_ns, sample.run_ns, rates);
         }
-        entry.2
+        entry.3
     }
 
     /// Forgets guests no longer running.
@@ -344,32 +378,61 @@ mod tests {
 
     #[test]
     fn steal_is_the_wait_growth_per_vcpu_over_the_interval() {
-        let mut tracker = StealTracker::default();
+        let mut tracker = RateTracker::default();
         let t0 = Instant::now();
         let mut s = GuestSample {
             pid: 1,
             vcpu_threads: 2,
             run_delay_ns: 1_000_000_000,
+            run_ns: 0,
             mappings: HashMap::new(),
         };
-        assert_eq!(tracker.record("u", t0, &s), None, "no interval yet");
+        let steal = |r: Rates| r.steal_pct;
+        assert_eq!(steal(tracker.record("u", t0, &s)), None, "no interval yet");
         s.run_delay_ns += 500_000_000;
         assert_eq!(
-            tracker.record("u", t0 + Duration::from_millis(100), &s),
+            steal(tracker.record("u", t0 + Duration::from_millis(100), &s)),
             None
         );
         // 0.5 s of waiting over 2 s on 2 vCPUs: 12.5 %.
-        let share = tracker
-            .record("u", t0 + Duration::from_secs(2), &s)
-            .unwrap();
+        let share = steal(tracker.record("u", t0 + Duration::from_secs(2), &s)).unwrap();
         assert!((share - 12.5).abs() < 1e-9, "{share}");
         // Too short a span since: the last figure stands.
         assert_eq!(
-            tracker.record("u", t0 + Duration::from_millis(2100), &s),
+            steal(tracker.record("u", t0 + Duration::from_millis(2100), &s)),
             Some(share)
         );
         tracker.retain(|_| false);
-        assert_eq!(tracker.record("u", t0 + Duration::from_secs(3), &s), None);
+        assert_eq!(
+            steal(tracker.record("u", t0 + Duration::from_secs(3), &s)),
+            None
+        );
+    }
+
+    /// Demand: run time and run-queue wait per second, in CPUs, smoothed
+    /// with a 60 s half-life; never above the vCPU count.
+    #[test]
+    fn demand_is_busy_time_per_second_smoothed_by_its_half_life() {
+        let mut tracker = RateTracker::default();
+        let t0 = Instant::now();
+        let mut s = GuestSample {
+            vcpu_threads: 2,
+            ..GuestSample::default()
+        };
+        let demand = |r: Rates| r.demand_cpus.unwrap();
+        tracker.record("u", t0, &s);
+        // 10 s: one vCPU ran 8 s and waited 2 s: 1 CPU of demand.
+        s.run_ns += 8_000_000_000;
+        s.run_delay_ns += 2_000_000_000;
+        let first = demand(tracker.record("u", t0 + Duration::from_secs(10), &s));
+        assert!((first - 1.0).abs() < 1e-9, "{first}");
+        // Idle for one half-life: halfway to 0.
+        let idle = demand(tracker.record("u", t0 + Duration::from_secs(70), &s));
+        assert!((idle - 0.5).abs() < 1e-9, "{idle}");
+        // Counters that jump past the vCPUs (a thread id reused) cap at 2.
+        s.run_ns += 1_000_000_000_000;
+        let capped = demand(tracker.record("u", t0 + Duration::from_secs(130), &s));
+        assert!((capped - (0.5 + 0.5 * 1.5)).abs() < 1e-9, "{capped}");
     }
 
     #[test]

@@ -136,8 +136,11 @@ impl ProcFs {
 
     /// Nanoseconds the thread has waited on a run queue (schedstat's
     /// second field): time it was runnable but another task had its CPU.
-    pub fn run_delay_ns(&self, pid: u32, tid: u32) -> Option<u64> {
-        Some(self.task(pid, tid)?.schedstat().ok()?.run_delay)
+    /// A thread's time on a CPU and waiting on a run queue (ns), from its
+    /// schedstat.
+    pub fn schedstat_ns(&self, pid: u32, tid: u32) -> Option<(u64, u64)> {
+        let stat = self.task(pid, tid)?.schedstat().ok()?;
+        Some((stat.sum_exec_runtime, stat.run_delay))
     }
 
     /// The process's supplementary groups (`Groups:`; empty when unreadable).
@@ -218,7 +221,10 @@ mod tests {
         assert_eq!(odd.cgroup("cpuacct"), Some("/x"));
         assert_eq!(odd.cgroup("cpuset"), None);
         assert_eq!(procs.cpus_allowed(40, 40).unwrap().to_string(), "0-3");
-        assert_eq!(procs.run_delay_ns(40, 40), Some(200000));
+        assert_eq!(
+            procs.schedstat_ns(40, 40).map(|(_, wait)| wait),
+            Some(200000)
+        );
         assert_eq!(procs.groups(40), [4, 27]);
         assert_eq!(procs.threads(40), [40]);
         assert!(procs.process(99).is_none());
