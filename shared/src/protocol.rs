@@ -332,8 +332,8 @@ pub struct Counters {
     pub pins_applied: u64,
     pub apply_errors: u64,
     pub libvirt_reconnects: u64,
-    /// Calls made to libvirt by passes and status answers (each a round
-    /// trip to libvirtd).
+    /// Calls made to libvirt (each a round trip to libvirtd): passes,
+    /// status answers, releases.
     pub libvirt_calls: u64,
     /// Passes that read every guest's XML, not only the changed ones.
     pub full_reads: u64,

@@ -177,40 +177,10 @@ pub fn cell_targets(spec: &DomainSpec, gp: &GuestPlan) -> Vec<(u32, u32)> {
 }
 
 impl Daemon {
-    /// Where the pages of the guests whose cells' memory is placed are now
-    /// (read fresh each pass: a move in progress changes them), by UUID.
-    pub(super) fn cell_samples(
-        &mut self,
-        specs: &[DomainSpec],
-        plan: &Plan,
-    ) -> HashMap<String, GuestSample> {
-        if !self.config.move_cell_memory {
-            return HashMap::new();
-        }
-        let placed: Vec<&str> = plan
-            .guests
-            .iter()
-            .filter(|gp| {
-                specs
-                    .iter()
-                    .find(|s| s.uuid == gp.uuid)
-                    .is_some_and(|spec| !cell_targets(spec, gp).is_empty())
-            })
-            .map(|gp| gp.uuid.as_str())
-            .collect();
-        self.observer
-            .sample_now(&ProcFs::new(&self.paths.proc), &placed)
-    }
-
     /// Moves the cells' off-node pages of every guest the plan placed cell
-    /// by cell, within the pass's budget; `samples` (by guest UUID) give
-    /// each guest's qemu and where its pages are.
-    pub(super) fn place_cell_memory(
-        &mut self,
-        specs: &[DomainSpec],
-        plan: &Plan,
-        samples: &HashMap<String, GuestSample>,
-    ) {
+    /// by cell, within the pass's budget; each such guest is read from
+    /// /proc afresh (a move in progress changes where its pages are).
+    pub(super) fn place_cell_memory(&mut self, specs: &[DomainSpec], plan: &Plan) {
         self.cells.retain_running(specs);
         if !self.config.move_cell_memory {
             return;
@@ -222,12 +192,12 @@ impl Daemon {
                 continue;
             };
             let targets = cell_targets(spec, gp);
-            let Some(sample) = samples.get(&gp.uuid) else {
-                continue;
-            };
             if targets.is_empty() || budget == 0 {
                 continue;
             }
+            let Some(sample) = self.observer.sample_fresh(&procfs, &gp.uuid) else {
+                continue;
+            };
             let Some(rams) = self.located(&procfs, spec, sample.pid) else {
                 continue;
             };

@@ -26,8 +26,6 @@ pub struct Refreshed {
     pub unreadable: Vec<Unreadable>,
     /// Guests whose XML was read.
     pub read: u32,
-    /// Whether every guest was read.
-    pub full: bool,
     /// Guests a full re-read found changed though nothing had said so (a
     /// missed or missing event): their names.
     pub changed_unannounced: Vec<String>,
@@ -57,6 +55,7 @@ impl Inventory {
                     .is_none_or(|(id, _)| *id != listed.id)
         };
         let listing = hv.list_running(&needs_read)?;
+        let asked: Vec<bool> = listing.listed.iter().map(needs_read).collect();
         let mut read: HashMap<String, DomainSpec> = listing
             .read
             .into_iter()
@@ -65,11 +64,10 @@ impl Inventory {
         let mut refreshed = Refreshed {
             read: (read.len() + listing.unreadable.len()) as u32,
             unreadable: listing.unreadable,
-            full,
             ..Refreshed::default()
         };
         let mut known = HashMap::with_capacity(listing.listed.len());
-        for Listed { uuid, id } in listing.listed {
+        for (Listed { uuid, id }, asked) in listing.listed.into_iter().zip(asked) {
             let before = self.known.remove(&uuid);
             let spec = match (read.remove(&uuid), before) {
                 (Some(spec), Some((old_id, old))) => {
@@ -79,12 +77,8 @@ impl Inventory {
                     spec
                 }
                 (Some(spec), None) => spec,
-                // Not asked for: as last read.
-                (None, Some((old_id, old)))
-                    if !full && old_id == id && !self.stale.contains(&uuid) =>
-                {
-                    old
-                }
+                // Not asked for: known, under the same id, as last read.
+                (None, Some((_, old))) if !asked => old,
                 // Asked for but not read (unreadable, or gone meanwhile).
                 _ => continue,
             };
@@ -168,7 +162,7 @@ mod tests {
         assert_eq!(missed.specs[1].vcpus, 1);
         // ...the full one does, and says so.
         let full = inventory.refresh(&mut hv, true).unwrap();
-        assert_eq!((full.read, full.full), (2, true));
+        assert_eq!(full.read, 2);
         assert_eq!(full.specs[1].vcpus, 2);
         assert_eq!(full.changed_unannounced, ["b"]);
     }

@@ -148,7 +148,7 @@ const PASS_COUNTERS: [CounterFamily; 7] = [
     ),
     (
         "pinner_libvirt_calls",
-        "Calls made to libvirt by passes and status (each a round trip to libvirtd).",
+        "Calls made to libvirt (each a round trip to libvirtd): passes, status, releases.",
         |c| c.libvirt_calls,
     ),
     (
@@ -277,24 +277,14 @@ fn guest_families(out: &mut Out, report: &StatusReport) {
         "pinner_guest_steal_ratio",
         "Share of each vCPU's wall time spent waiting for a host CPU over the last interval.",
         "policy",
-        |d| {
-            d.steal_pct
-                .map(|pct| (d.policy.clone(), pct / 100.0))
-                .into_iter()
-                .collect()
-        },
+        |d| with_policy(d, d.steal_pct.map(|pct| pct / 100.0)),
     );
     out.guest_gauge(
         report,
         "pinner_guest_demand_cpus",
         "What the guest's vCPUs ran or waited runnable, in CPUs, smoothed over a 60 s half-life.",
         "policy",
-        |d| {
-            d.demand_cpus
-                .map(|cpus| (d.policy.clone(), cpus))
-                .into_iter()
-                .collect()
-        },
+        |d| with_policy(d, d.demand_cpus),
     );
     out.guest_gauge(
         report,
@@ -309,6 +299,11 @@ fn guest_families(out: &mut Out, report: &StatusReport) {
             _ => Vec::new(),
         },
     );
+}
+
+/// A guest's sample labelled with its policy, when it has a value.
+fn with_policy(d: &DomainStatus, value: Option<f64>) -> Vec<(String, f64)> {
+    value.map(|v| (d.policy.clone(), v)).into_iter().collect()
 }
 
 /// Where each vCPU may run, as values: labels that changed with every pin

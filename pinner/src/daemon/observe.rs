@@ -195,16 +195,10 @@ impl Observer {
         true
     }
 
-    /// Fresh samples of `uuids` (guests whose cells' memory the pass
-    /// places: where their pages are now), by UUID.
-    pub fn sample_now(&mut self, procfs: &ProcFs, uuids: &[&str]) -> HashMap<String, GuestSample> {
-        uuids
-            .iter()
-            .filter_map(|uuid| {
-                let observed = self.sample_guest(procfs, uuid)?;
-                Some((uuid.to_string(), observed.sample.clone()))
-            })
-            .collect()
+    /// A fresh sample of `uuid` (a guest whose cells' memory the pass
+    /// places: where its pages are now).
+    pub fn sample_fresh(&mut self, procfs: &ProcFs, uuid: &str) -> Option<GuestSample> {
+        Some(self.sample_guest(procfs, uuid)?.sample.clone())
     }
 }
 
@@ -309,6 +303,7 @@ impl Daemon {
         let mut counters = self.counters.clone();
         counters.requests_refused = self.refused.load(Ordering::Relaxed);
         counters.libvirt_reconnects = self.session.reconnects;
+        counters.libvirt_calls = self.session.calls();
         counters.hook_events_dropped =
             std::fs::symlink_metadata(self.paths.state_dir.join(HOOK_DROPS_FILE))
                 .map_or(0, |m| m.len());
@@ -379,11 +374,8 @@ impl Daemon {
             return Err(HvError::Unreachable(self.config.libvirt_uri.clone()));
         }
         let libvirt = self.session.current().expect("connected above");
-        let before = libvirt.calls_made();
-        let refreshed = self.inventory.refresh(libvirt, false);
-        let libvirt = self.session.current().expect("connected above");
-        self.counters.libvirt_calls += libvirt.calls_made().saturating_sub(before);
-        refreshed.map(|r| (r.specs, r.unreadable))
+        let refreshed = self.inventory.refresh(libvirt, false)?;
+        Ok((refreshed.specs, refreshed.unreadable))
     }
 }
 

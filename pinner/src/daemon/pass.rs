@@ -132,7 +132,7 @@ impl Daemon {
         if self.connection().is_none() {
             return Err(HvError::Other(format!("libvirt not reachable at {uri}")));
         }
-        let calls_before = self.session.current().map_or(0, |c| c.calls_made());
+        let calls_before = self.session.calls();
         let full = self.full_read_due(Instant::now());
         let libvirt = self.session.current().expect("connected above");
         let refreshed = self.inventory.refresh(libvirt, full)?;
@@ -158,11 +158,7 @@ impl Daemon {
         };
         report.domains_read = refreshed.read;
         report.full_read = full;
-        report.libvirt_calls = self
-            .session
-            .current()
-            .map_or(0, |c| c.calls_made().saturating_sub(calls_before));
-        self.counters.libvirt_calls += report.libvirt_calls;
+        report.libvirt_calls = self.session.calls() - calls_before;
         Ok(report)
     }
 
@@ -203,8 +199,7 @@ impl Daemon {
             .latency
             .settle(specs, &managed, &outcome.unsettled);
         self.account(specs, plan, &outcome, unreadable, events);
-        let samples = self.cell_samples(specs, plan);
-        self.place_cell_memory(specs, plan, &samples);
+        self.place_cell_memory(specs, plan);
         let errors = outcome.errors.iter().map(ToString::to_string).collect();
         Ok(pass_report(
             specs,

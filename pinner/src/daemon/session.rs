@@ -60,6 +60,8 @@ pub struct Session {
     pub serial: u64,
     /// Whether the connection delivers libvirt's events.
     pub events_live: bool,
+    /// Calls made on connections since dropped.
+    calls_before: u64,
 }
 
 impl Session {
@@ -76,6 +78,7 @@ impl Session {
             reconnects: 0,
             serial: 0,
             events_live: false,
+            calls_before: 0,
         }
     }
 
@@ -152,14 +155,21 @@ impl Session {
 
     /// Drops the connection (found dead); returns whether one was open.
     pub fn drop_connection(&mut self) -> bool {
-        self.current.take().is_some()
+        let dropped = self.current.take();
+        self.calls_before += dropped.as_ref().map_or(0, |c| c.calls_made());
+        dropped.is_some()
+    }
+
+    /// Calls made to libvirt, on every connection so far.
+    pub fn calls(&self) -> u64 {
+        self.calls_before + self.current.as_ref().map_or(0, |c| c.calls_made())
     }
 
     /// A new URI takes effect at the next connect.
     pub fn set_uri(&mut self, uri: &str) {
         if uri != self.uri {
             self.uri = uri.to_string();
-            self.current = None;
+            self.drop_connection();
         }
     }
 

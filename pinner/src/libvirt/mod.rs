@@ -83,11 +83,10 @@ impl Libvirt {
     /// picks; those that cannot be read (other than having stopped
     /// meanwhile) go in the second list.
     pub fn running_xml(&self, read: &dyn Fn(&Listed) -> bool) -> Result<Listing<LiveXml>, HvError> {
-        self.count_call();
-        let domains = self
-            .conn
-            .list_all_domains(sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)
-            .map_err(|e| self.classify(e))?;
+        let domains = self.call(|| {
+            self.conn
+                .list_all_domains(sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+        })?;
         let mut listed = Vec::with_capacity(domains.len());
         let mut xmls = Vec::new();
         let mut unreadable = Vec::new();
@@ -98,20 +97,17 @@ impl Libvirt {
                 id: dom.id().unwrap_or(0),
             };
             if read(&entry) {
-                self.count_call();
-                match dom.xml_desc(0) {
+                match self.call(|| dom.xml_desc(0)) {
                     Ok(xml) => xmls.push(LiveXml {
                         name: dom.name().unwrap_or_default(),
                         xml,
                     }),
-                    Err(e) => match self.classify(e) {
-                        HvError::Gone(_) => continue,
-                        HvError::Disconnected(m) => return Err(HvError::Disconnected(m)),
-                        error => unreadable.push(Unreadable::Xml {
-                            domain: dom.name().unwrap_or_else(|_| "(unknown)".into()),
-                            error,
-                        }),
-                    },
+                    Err(HvError::Gone(_)) => continue,
+                    Err(HvError::Disconnected(m)) => return Err(HvError::Disconnected(m)),
+                    Err(error) => unreadable.push(Unreadable::Xml {
+                        domain: dom.name().unwrap_or_else(|_| "(unknown)".into()),
+                        error,
+                    }),
                 }
             }
             listed.push(entry);
@@ -123,15 +119,14 @@ impl Libvirt {
         })
     }
 
-    fn count_call(&self) {
+    /// One round trip to libvirtd: counted, its error sorted.
+    fn call<T>(&self, f: impl FnOnce() -> Result<T, virt::error::Error>) -> Result<T, HvError> {
         self.calls.set(self.calls.get() + 1);
+        f().map_err(|e| self.classify(e))
     }
 
     fn domain(&self, uuid: &str) -> Result<Domain, HvError> {
-        self.count_call();
-        self.conn
-            .lookup_domain_by_uuid_string(uuid)
-            .map_err(|e| self.classify(e))
+        self.call(|| self.conn.lookup_domain_by_uuid_string(uuid))
     }
 
     /// Maps a libvirt error to what the reconciler does about it.
@@ -143,6 +138,15 @@ impl Libvirt {
             _ if !self.conn.is_alive().unwrap_or(false) => HvError::Disconnected(message),
             _ => HvError::Other(message),
         }
+    }
+}
+
+/// A raw libvirt call's return code as a result (its error is libvirt's
+/// last one).
+fn checked(rc: std::os::raw::c_int) -> Result<(), virt::error::Error> {
+    match rc {
+        ..0 => Err(virt::error::Error::last_error()),
+        _ => Ok(()),
     }
 }
 
@@ -183,30 +187,35 @@ impl Hypervisor for Libvirt {
     }
 
     fn set_metadata(&mut self, uuid: &str, element: &str, persistent: bool) -> Result<(), HvError> {
-        self.domain(uuid)?
-            .set_metadata(
+        let domain = self.domain(uuid)?;
+        let flags = match persistent {
+            true => self.affect | sys::VIR_DOMAIN_AFFECT_CONFIG,
+            false => self.affect,
+        };
+        self.call(|| {
+            domain.set_metadata(
                 sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
                 Some(element),
                 Some(METADATA_KEY),
                 Some(METADATA_URI),
-                match persistent {
-                    true => self.affect | sys::VIR_DOMAIN_AFFECT_CONFIG,
-                    false => self.affect,
-                },
+                flags,
             )
-            .map_err(|e| self.classify(e))
+        })
+        .map(drop)
     }
 
     fn pin_vcpu(&mut self, uuid: &str, vcpu: u32, cpus: &CpuSet) -> Result<(), HvError> {
-        self.domain(uuid)?
-            .pin_vcpu_flags(vcpu, &cpus.to_cpumap(self.cpumap_width), self.affect)
-            .map_err(|e| self.classify(e))
+        let domain = self.domain(uuid)?;
+        let map = cpus.to_cpumap(self.cpumap_width);
+        self.call(|| domain.pin_vcpu_flags(vcpu, &map, self.affect))
+            .map(drop)
     }
 
     fn pin_emulator(&mut self, uuid: &str, cpus: &CpuSet) -> Result<(), HvError> {
-        self.domain(uuid)?
-            .pin_emulator(&cpus.to_cpumap(self.cpumap_width), self.affect)
-            .map_err(|e| self.classify(e))
+        let domain = self.domain(uuid)?;
+        let map = cpus.to_cpumap(self.cpumap_width);
+        self.call(|| domain.pin_emulator(&map, self.affect))
+            .map(drop)
     }
 
     fn pin_iothread(&mut self, uuid: &str, iothread: u32, cpus: &CpuSet) -> Result<(), HvError> {
@@ -214,19 +223,17 @@ impl Hypervisor for Libvirt {
         let mut map = cpus.to_cpumap(self.cpumap_width);
         // SAFETY: the domain pointer is valid while `domain` lives; the map
         // is a live buffer of the length passed. `virt` 0.5 has no wrapper.
-        let rc = unsafe {
-            sys::virDomainPinIOThread(
-                domain.as_ptr(),
-                iothread,
-                map.as_mut_ptr(),
-                map.len() as std::os::raw::c_int,
-                self.affect,
-            )
-        };
-        if rc < 0 {
-            return Err(self.classify(virt::error::Error::last_error()));
-        }
-        Ok(())
+        self.call(|| {
+            checked(unsafe {
+                sys::virDomainPinIOThread(
+                    domain.as_ptr(),
+                    iothread,
+                    map.as_mut_ptr(),
+                    map.len() as std::os::raw::c_int,
+                    self.affect,
+                )
+            })
+        })
     }
 
     fn job_active(&mut self, uuid: &str) -> Result<bool, HvError> {
@@ -239,10 +246,9 @@ impl Hypervisor for Libvirt {
         // SAFETY: the domain pointer is valid while `domain` lives; `info`
         // is a live struct of the type libvirt fills. No job is needed for
         // this call, so it never waits behind one. `virt` 0.5 has no wrapper.
-        let rc = unsafe { sys::virDomainGetControlInfo(domain.as_ptr(), &mut info, 0) };
-        if rc < 0 {
-            return Err(self.classify(virt::error::Error::last_error()));
-        }
+        self.call(|| {
+            checked(unsafe { sys::virDomainGetControlInfo(domain.as_ptr(), &mut info, 0) })
+        })?;
         Ok(info.state == sys::VIR_DOMAIN_CONTROL_JOB)
     }
 
@@ -258,14 +264,15 @@ impl Hypervisor for Libvirt {
             mode,
         };
         let restrictive_mode = sys::VIR_DOMAIN_NUMATUNE_MEM_RESTRICTIVE as i32;
-        match domain
-            .set_numa_parameters(params(restrictive.then_some(restrictive_mode)), self.affect)
-        {
+        let mode = restrictive.then_some(restrictive_mode);
+        match self.call(|| domain.set_numa_parameters(params(mode), self.affect)) {
             // libvirt before 7.3 has no restrictive mode; its strict
             // nodeset still changes live there.
-            Err(_) if restrictive => domain.set_numa_parameters(params(None), self.affect),
+            Err(_) if restrictive => {
+                self.call(|| domain.set_numa_parameters(params(None), self.affect))
+            }
             result => result,
         }
-        .map_err(|e| self.classify(e))
+        .map(drop)
     }
 }

@@ -136,10 +136,11 @@ fn settled(sb: &Sandbox, count: usize) -> Value {
     .unwrap_or_else(|e| panic!("not settled: {e}\n{}", sb.daemon_log()))
 }
 
-fn timed(f: impl Fn()) -> Duration {
+/// Runs the CLI as an operator would: how long it took, what it printed.
+fn timed_pinner(sb: &Sandbox, args: &[&str]) -> (Duration, Vec<u8>) {
     let t = Instant::now();
-    f();
-    t.elapsed()
+    let out = sb.pinner(args);
+    (t.elapsed(), out.stdout)
 }
 
 fn ms(d: Duration) -> f64 {
@@ -156,11 +157,9 @@ fn measure(sb: &mut Sandbox, count: usize) -> String {
     let mut steady_times = Vec::new();
     let mut steady = Pass::of(&Value::Null);
     for _ in 0..5 {
-        let t = Instant::now();
-        let out = sb.pinner(&["reconcile", "--json"]);
-        steady_times.push(t.elapsed());
-        let report = serde_json::from_slice::<Value>(&out.stdout).expect("reconcile JSON");
-        steady = Pass::of(&report);
+        let (took, out) = timed_pinner(sb, &["reconcile", "--json"]);
+        steady_times.push(took);
+        steady = Pass::of(&serde_json::from_slice(&out).expect("reconcile JSON"));
     }
     eprintln!(
         "  steady passes done at {:.1} s",
@@ -171,11 +170,7 @@ fn measure(sb: &mut Sandbox, count: usize) -> String {
     let hand = move_one_pin(sb);
     eprintln!("  hand-moved pin at {:.1} s", began.elapsed().as_secs_f64());
     let mut status_times: Vec<Duration> = (0..5)
-        .map(|_| {
-            timed(|| {
-                sb.pinner(&["status", "--json"]);
-            })
-        })
+        .map(|_| timed_pinner(sb, &["status", "--json"]).0)
         .collect();
     let sampled = sb.status_json()["domains"]
         .as_array()

@@ -541,10 +541,10 @@ fn return_headroom(host: &HostPolicy, pool: &CpuSet, managed: &[Managed]) -> usi
         .peekable();
     let range_bound = pinned.peek().is_some()
         && pinned.all(|(_, _, current)| current.iter().flatten().any(|pin| pin.len() > 1));
-    if !range_bound || host.capacity_hysteresis_percent == 0 {
-        return 0;
+    match range_bound {
+        true => pool.len() * host.capacity_hysteresis_percent as usize / 100,
+        false => 0,
     }
-    pool.len() * host.capacity_hysteresis_percent as usize / 100
 }
 
 /// Auto guests kept range-bound by the hysteresis though they would fit
