@@ -319,7 +319,7 @@ fn assert_map(name: &str, reserved: &str, sizes: &[u32]) {
     };
     let reserved = CpuSet::parse(reserved).unwrap();
     let p = plan(&topo, &HostPolicy::with_reserved(reserved), &guests(sizes));
-    let occupancy = Occupancy::of_plan(&p);
+    let occupancy = Occupancy::of_plan(&p, &[]);
     for (format, ext) in [(MapFormat::Text, "txt"), (MapFormat::Svg, "svg")] {
         let drawn = render_as(format, &topo, &occupancy, false);
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

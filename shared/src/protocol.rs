@@ -176,6 +176,43 @@ pub struct StatusReport {
     /// none yet).
     #[serde(default)]
     pub last_pass: Option<ReconcileReport>,
+    /// Each range shared guests are bound to: its demand against its CPUs.
+    #[serde(default)]
+    pub ranges: Vec<RangeStatus>,
+    /// Running shared guests moved by rebalancing, newest last (at most
+    /// the last few).
+    #[serde(default)]
+    pub rebalanced: Vec<RebalanceStatus>,
+}
+
+/// One range shared guests are bound to (`pinner status --json` and
+/// `pinner plan --json` alike).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+pub struct RangeStatus {
+    pub cpus: Vec<u32>,
+    pub nodes: Vec<u32>,
+    pub guests: u32,
+    pub vcpus: u32,
+    /// The guests' demand summed, in CPUs: measured (or given to `plan
+    /// --demand`), else the prior per vCPU.
+    pub demand_cpus: f64,
+    /// Guests counted at the prior: not measured yet.
+    pub unmeasured: u32,
+}
+
+/// A move rebalancing made.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+pub struct RebalanceStatus {
+    pub domain: String,
+    pub uuid: String,
+    pub from: Vec<u32>,
+    pub to: Vec<u32>,
+    pub across_nodes: bool,
+    /// Demand per pCPU of the range it left and the one it went to,
+    /// before the move.
+    pub busy: f64,
+    pub idle: f64,
+    pub at_unix_secs: u64,
 }
 
 /// One node's memory of one kind (`pinner status --json` and `pinner plan
@@ -339,6 +376,9 @@ pub struct Counters {
     pub full_reads: u64,
     /// Guests a full read found changed though no event had said so.
     pub changes_found_by_full_read: u64,
+    /// Running shared guests rebalancing moved.
+    #[serde(default)]
+    pub rebalance_moves: u64,
 }
 
 /// The outcome of one reconcile.

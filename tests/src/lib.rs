@@ -406,6 +406,30 @@ impl Sandbox {
         .unwrap();
     }
 
+    /// Gives each online CPU an L3 cache of its own, as the sandbox's mount
+    /// namespace sees sysfs (a file bind-mounted over each CPU's L3
+    /// `shared_cpu_list`): a daemon run there (`daemon_wrapper =
+    /// in_namespace()`) finds one L3 range per CPU, so two CPUs are two
+    /// ranges to balance between. The host's sysfs is not touched.
+    pub fn split_l3(&self) {
+        for cpu in online_cpus() {
+            let list = self.dir.join(format!("l3-of-cpu{cpu}"));
+            fs::write(&list, format!("{cpu}\n")).unwrap();
+            let target = format!("/sys/devices/system/cpu/cpu{cpu}/cache/index3/shared_cpu_list");
+            let mut cmd = Command::new(&self.in_namespace()[0]);
+            cmd.args(&self.in_namespace()[1..])
+                .args(["mount", "--bind"])
+                .arg(&list)
+                .arg(&target);
+            let out = cmd.output().expect("nsenter mount");
+            assert!(
+                out.status.success(),
+                "{cmd:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
     /// A command prefix that runs a program in the sandbox's mount
     /// namespace (where node_exporter's directory is the sandbox's own).
     pub fn in_namespace(&self) -> Vec<String> {

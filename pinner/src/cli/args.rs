@@ -153,6 +153,11 @@ pub enum Command {
         /// the configuration's URI).
         #[arg(long, value_name = "URI")]
         connect: Option<String>,
+        /// Plan with this demand instead of the prior: a JSON object of
+        /// guest name or UUID to CPUs of demand (`{"web-1": 3.5}`); guests
+        /// it leaves out count at `demand_prior_per_vcpu`.
+        #[arg(long, value_name = "FILE")]
+        demand: Option<PathBuf>,
         #[command(flatten)]
         json: Json,
         /// The plan as a map of the host (see `status --map`).

@@ -10,6 +10,7 @@ use crate::daemon::{self, DaemonError};
 use crate::doctor::{self, DoctorError};
 use crate::engine::domain::{DomainError, DomainSpec};
 use crate::engine::hypervisor::{HvError, Hypervisor};
+use crate::engine::placement::Load;
 use crate::engine::reconcile;
 use crate::engine::release::{self, Everywhere};
 use crate::host::guest_stats::{self, RateTracker};
@@ -20,6 +21,7 @@ use crate::isolation::{self, IsolationError};
 use crate::libvirt::Libvirt;
 use pinner_shared::paths::DEFAULT_SOCKET;
 use pinner_shared::protocol::{ReleaseRequest, Request, Response, StatusReport};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -72,6 +74,8 @@ pub enum CliError {
     NoSuchGuest { name: String, uri: String },
     #[error("cannot render JSON: {0}")]
     Json(#[from] serde_json::Error),
+    #[error(transparent)]
+    Demand(#[from] super::demand::DemandFileError),
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
@@ -91,13 +95,14 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
             root,
             domains,
             connect,
+            demand,
             json,
             map,
         } => plan(
             config,
             &root.root,
-            domains.as_deref(),
-            connect.as_deref(),
+            (domains.as_deref(), connect.as_deref()),
+            demand.as_deref(),
             Output::of(json.json, *map),
         ),
         Command::Isolate { action, json } => isolate(config, *action, *json),
@@ -342,8 +347,8 @@ fn watch_status(socket: &Path, seconds: u64) -> Result<ExitCode, CliError> {
 fn plan(
     config_path: Option<&Path>,
     root: &Path,
-    domains: Option<&Path>,
-    connect: Option<&str>,
+    (domains, connect): (Option<&Path>, Option<&str>),
+    demand: Option<&Path>,
     output: Output,
 ) -> Result<ExitCode, CliError> {
     let root = Root::open(root)?;
@@ -368,12 +373,21 @@ fn plan(
             specs
         }
     };
-    let plan = reconcile::plan_for(&topo, &host, &specs);
+    let load = Load {
+        demand: match demand {
+            Some(path) => super::demand::read(path, &specs)?,
+            None => HashMap::new(),
+        },
+        ..Load::prior(config.demand_prior_per_vcpu)
+    };
+    let plan = reconcile::plan_for(&topo, &host, &specs, &load);
+    let ranges = reconcile::range_status(&topo, &plan, &load);
     let text = match output {
-        Output::Json => to_json(&report::plan_json(&plan, &specs))?,
-        Output::Text => report::plan_text(&plan, &specs),
+        Output::Json => to_json(&report::plan_json(&plan, &specs, &ranges))?,
+        Output::Text => report::plan_text(&plan, &specs, &ranges),
         Output::Map(format) => {
-            map::render_as(format, &topo, &Occupancy::of_plan(&plan), colour_wanted())
+            let occupancy = Occupancy::of_plan(&plan, &ranges);
+            map::render_as(format, &topo, &occupancy, colour_wanted())
         }
     };
     print!("{text}");
@@ -509,7 +523,7 @@ fn doctor(
     let resolved = config.resolve(&topo).ok();
     let pool = resolved
         .as_ref()
-        .map(|host| reconcile::plan_for(&topo, host, &[]).pool);
+        .map(|host| reconcile::plan_for(&topo, host, &[], &Load::default()).pool);
     let reserve = resolved.map(|host| host.memory_reserve).unwrap_or_default();
     let sample = Duration::from_secs_f64(sample_secs.clamp(0.0, 60.0));
     let host = sample_steal(root, &mut guests, |root| {

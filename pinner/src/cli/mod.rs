@@ -6,6 +6,7 @@
 pub mod args;
 pub mod client;
 pub mod commands;
+pub mod demand;
 pub mod map;
 pub mod report;
 

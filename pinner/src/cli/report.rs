@@ -8,7 +8,8 @@ use crate::engine::placement::Plan;
 use crate::engine::reconcile::{self, node_memory};
 use crate::engine::topology::{Cpu, CpuKind, Topology};
 use pinner_shared::protocol::{
-    CellStatus, DomainStatus, NodeMemoryStatus, ReconcileReport, Released, StatusReport,
+    CellStatus, DomainStatus, NodeMemoryStatus, RangeStatus, RebalanceStatus, ReconcileReport,
+    Released, StatusReport,
 };
 use pinner_shared::text::printable as shown;
 use std::fmt::Write;
@@ -58,6 +59,8 @@ pub fn status_text(report: &StatusReport) -> String {
         }
     }
     out.push_str(&memory_text(&report.memory));
+    out.push_str(&ranges_text(&report.ranges));
+    out.push_str(&rebalanced_text(&report.rebalanced));
     if let Some(count) = report.isolated_processes {
         let _ = writeln!(out, "host processes on the reserved CPUs: {count}");
     }
@@ -186,6 +189,38 @@ fn guest_memory_size(kib: u64, hugepage_kib: Option<u64>) -> String {
 
 /// The nodes' guest memory against their room, one line per node:
 /// "node 1: 12 of 15.5 GiB, 2M pages 256 of 1024".
+/// A shared range in words: "CPUs 4-7 (node 1): 2 guests, 8 vCPUs,
+/// demand 1.90 CPUs on 4 (0.47 per pCPU; 1 unmeasured)".
+pub fn range_line(r: &RangeStatus) -> String {
+    let cpus: CpuSet = r.cpus.iter().copied().collect();
+    let nodes: Vec<String> = r.nodes.iter().map(ToString::to_string).collect();
+    let unmeasured = match r.unmeasured {
+        0 => String::new(),
+        n => format!("; {n} unmeasured"),
+    };
+    format!(
+        "CPUs {cpus} (node {}): {} guests, {} vCPUs, demand {:.2} CPUs on {} ({:.2} per pCPU{unmeasured})",
+        nodes.join(","),
+        r.guests,
+        r.vcpus,
+        r.demand_cpus,
+        r.cpus.len(),
+        r.demand_cpus / r.cpus.len().max(1) as f64
+    )
+}
+
+/// The shared ranges, a line each (nothing when there are none).
+pub fn ranges_text(ranges: &[RangeStatus]) -> String {
+    if ranges.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from("\nshared ranges (demand against CPUs):\n");
+    for r in ranges {
+        let _ = writeln!(out, "  {}", range_line(r));
+    }
+    out
+}
+
 pub fn memory_text(pools: &[NodeMemoryStatus]) -> String {
     if pools
         .iter()
@@ -317,7 +352,7 @@ fn memory_mode<'a>(specs: &'a [DomainSpec], uuid: &str) -> &'a str {
 }
 
 /// `pinner plan --json`, in the format DESIGN.md documents.
-pub fn plan_json(plan: &Plan, specs: &[DomainSpec]) -> serde_json::Value {
+pub fn plan_json(plan: &Plan, specs: &[DomainSpec], ranges: &[RangeStatus]) -> serde_json::Value {
     let domains: Vec<serde_json::Value> = plan
         .guests
         .iter()
@@ -358,10 +393,31 @@ pub fn plan_json(plan: &Plan, specs: &[DomainSpec]) -> serde_json::Value {
         "pins_moved": plan.pins_moved,
         "memory": node_memory(plan),
         "warnings": plan.warnings.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "ranges": ranges,
     })
 }
 
-pub fn plan_text(plan: &Plan, specs: &[DomainSpec]) -> String {
+/// The moves rebalancing made, a line each.
+fn rebalanced_text(moves: &[RebalanceStatus]) -> String {
+    let mut out = String::new();
+    for m in moves {
+        let (from, to): (CpuSet, CpuSet) = (
+            m.from.iter().copied().collect(),
+            m.to.iter().copied().collect(),
+        );
+        let _ = writeln!(
+            out,
+            "rebalanced {}: CPUs {from} -> {to}{} ({:.2} vs {:.2} demand per pCPU)",
+            shown(&m.domain),
+            if m.across_nodes { ", across nodes" } else { "" },
+            m.busy,
+            m.idle
+        );
+    }
+    out
+}
+
+pub fn plan_text(plan: &Plan, specs: &[DomainSpec], ranges: &[RangeStatus]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -395,6 +451,7 @@ pub fn plan_text(plan: &Plan, specs: &[DomainSpec]) -> String {
         let _ = writeln!(out, "\n{}  {}", shown(name), shown(&why));
     }
     out.push_str(&memory_text(&node_memory(plan)));
+    out.push_str(&ranges_text(ranges));
     for w in &plan.warnings {
         let _ = writeln!(out, "warning: {}", shown(&w.to_string()));
     }

@@ -86,6 +86,8 @@ pub const KEYS: &[Key] = &[
         "A guest with NUMA cells (<cpu><numa><cell .../>) has each cell's vCPUs on a host node of its own; this also moves each cell's resident memory there (move_pages(2), at most 1 GiB per pass, again when pages drift). Off: the guest's memory is bound to its cells' nodes together and each page stays where it was first touched."),
     key("", "capacity_hysteresis_percent", Commented("10"), "20",
         "Auto guests go one-to-one while all their vCPUs fit the pool, and are range-bound once they do not. Once range-bound they return to one-to-one only when their vCPUs leave this share of the pool free (percent, 0-50, rounded down to whole CPUs: a pool under 10 CPUs has no band at 10), so one guest starting and stopping at the capacity line moves its own pins, not every guest's each time. 0: no hysteresis."),
+    key("", "demand_prior_per_vcpu", Commented("1.0"), "0.5",
+        "Shared guests are balanced by demand: what their vCPUs ran or waited runnable, measured from /proc and smoothed (60 s half-life), in CPUs per pCPU of each range. A guest not measured yet counts as this many CPUs per vCPU (0.0-1.0; 1.0: taken for busy, so it goes where the measured guests leave most room). With every guest unmeasured this is balancing by vCPU count."),
     key("", "reserved_memory_mib", Commented("512"), "2048",
         "Normal memory the host keeps for itself on each NUMA node, in MiB: its daemons, and qemu's own memory beside each guest's RAM. Guests are placed only where their memory fits within MemTotal less the hugepage pools less this. On OpenStack nodes nova.conf's reserved_host_memory_mb decides (spread evenly over the nodes)."),
     key("", "reserved_huge_pages", Commented("[]"), "[\"node:0,size:1G,count:4\"]",
@@ -124,6 +126,14 @@ pub const KEYS: &[Key] = &[
         "Every other new process is confined by a /proc sweep this often (seconds, 1-3600)."),
     key("isolation", "group", Set("\"pinner-housekeeping\""), "\"housekeeping\"",
         "Name of pinner's cgroup (cgroup v1, and v2 without systemd)."),
+    key("rebalance", "threshold_percent", Commented("10"), "20",
+        "A running shared guest moves when one range's demand per pCPU stays above another's by this much (percent of a CPU per pCPU, 1-100): two L3 ranges of one node, or two nodes. A move must also narrow that gap by as much. Within a node first (no memory moves); across nodes only to a node whose free memory holds the guest, its memory then moved at memory_move_mib_per_sec before it is bound."),
+    key("rebalance", "samples", Commented("3"), "5",
+        "Consecutive observations (one per reconcile interval) the gap must last before anything moves (1-100); a guest's demand for this is its highest over twice as many, so a burst or a lull moves nothing."),
+    key("rebalance", "cooldown_secs", Commented("600"), "1800",
+        "A guest moved is not moved again for this long (seconds, 1-86400)."),
+    key("rebalance", "max_moves", Commented("2"), "0",
+        "Guests moved per observation at most (0-64). 0: no rebalancing; shared guests stay where they were placed."),
     key("metrics", "file", Unset("/var/lib/prometheus/node-exporter/pinner.prom when that directory exists, else none"), "\"/var/lib/node_exporter/textfile/pinner.prom\"",
         "A metrics file (Prometheus text) the daemon keeps current for node_exporter's textfile collector: written as a new file renamed into place, never through a link, only in a directory no other user may write. Unset: node_exporter's textfile directory as Debian and Ubuntu package it, when it exists. \"\": no file; `pinner metrics` prints the same text on demand. The unit may write only there, under /var/lib/prometheus and /var/lib/node_exporter: another directory needs ReadWritePaths= in a drop-in (`systemctl edit pinner`)."),
     key("metrics", "interval_secs", Set("15"), "60",
@@ -281,20 +291,19 @@ mod tests {
     /// each of them must be documented here.
     #[test]
     fn every_key_the_parser_knows_is_documented() {
-        for table in ["", "libvirt", "openstack", "isolation", "metrics"] {
+        let tables = ["libvirt", "openstack", "isolation", "rebalance", "metrics"];
+        for table in std::iter::once("").chain(tables) {
             let text = match table {
                 "" => "no_such_key = 1\n".to_string(),
                 t => format!("[{t}]\nno_such_key = 1\n"),
             };
-            let error = Config::parse(&text, Path::new("/x"))
-                .unwrap_err()
-                .to_string();
+            // The message whole: the display caps it.
+            let error = Config::parse(&text, Path::new("/x")).unwrap_err().message;
             let known: Vec<&str> = error.split('`').skip(3).step_by(2).collect();
             assert!(!known.is_empty(), "{error}");
             for name in known {
                 let documented = KEYS.iter().any(|k| k.table == table && k.name == name)
-                    || (table.is_empty()
-                        && ["libvirt", "openstack", "isolation", "metrics"].contains(&name));
+                    || (table.is_empty() && tables.contains(&name));
                 assert!(documented, "[{table}] {name} is parsed but not documented");
             }
         }

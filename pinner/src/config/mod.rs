@@ -4,8 +4,11 @@
 use crate::engine::cpuset::CpuSet;
 use crate::engine::domain::Policy;
 use crate::engine::memory::MemoryReserve;
-use crate::engine::placement::{EmulatorPolicy, HostPolicy, DEFAULT_CAPACITY_HYSTERESIS_PERCENT};
+use crate::engine::placement::{
+    EmulatorPolicy, HostPolicy, DEFAULT_CAPACITY_HYSTERESIS_PERCENT, DEFAULT_DEMAND_PRIOR_PER_VCPU,
+};
 use crate::engine::policy::{FlavorRule, PolicyRules};
+use crate::engine::rebalance::Rules as RebalanceRules;
 use crate::engine::topology::Topology;
 use crate::host::{file, nova};
 use pinner_shared::log::Level;
@@ -55,6 +58,10 @@ pub struct Config {
     /// Free share of the pool range-bound auto guests need to go back to
     /// one-to-one (percent).
     pub capacity_hysteresis_percent: u32,
+    /// What an unmeasured shared guest weighs, in CPUs per vCPU.
+    pub demand_prior_per_vcpu: f64,
+    /// `[rebalance]`: when running shared guests move.
+    pub rebalance: RebalanceRules,
     pub isolation: IsolationConfig,
     /// `[metrics] file`: a metrics file (Prometheus text) the daemon keeps
     /// current; see [`Config::metrics_path`].
@@ -130,6 +137,8 @@ impl Default for Config {
             policy_rules: PolicyRules::default(),
             memory_move_mib_per_sec: DEFAULT_MEMORY_MOVE_MIB_PER_SEC,
             capacity_hysteresis_percent: DEFAULT_CAPACITY_HYSTERESIS_PERCENT,
+            demand_prior_per_vcpu: DEFAULT_DEMAND_PRIOR_PER_VCPU,
+            rebalance: RebalanceRules::default(),
             isolation: IsolationConfig::default(),
             metrics_file: MetricsFile::Auto,
             metrics_interval: Duration::from_secs(15),
@@ -277,10 +286,21 @@ struct RawConfig {
     default_policy: Option<Spanned<String>>,
     memory_move_mib_per_sec: Option<Spanned<i64>>,
     capacity_hysteresis_percent: Option<Spanned<i64>>,
+    demand_prior_per_vcpu: Option<Spanned<f64>>,
+    rebalance: Option<RawRebalance>,
     libvirt: Option<RawLibvirt>,
     openstack: Option<RawOpenstack>,
     isolation: Option<RawIsolation>,
     metrics: Option<RawMetrics>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRebalance {
+    threshold_percent: Option<Spanned<i64>>,
+    samples: Option<Spanned<i64>>,
+    cooldown_secs: Option<Spanned<i64>>,
+    max_moves: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -387,6 +407,7 @@ impl Config {
             config.capacity_hysteresis_percent =
                 percent(&v, "capacity_hysteresis_percent", 50, &err_at)?;
         }
+        config.demand_keys(raw.demand_prior_per_vcpu, raw.rebalance, &err_at)?;
         if let Some(v) = raw.log_level {
             let levels = [
                 ("error", Level::Error),
@@ -559,6 +580,44 @@ impl Config {
     }
 
     /// `[openstack]`, `[libvirt]`, `[isolation]` and `[metrics]`.
+    /// `demand_prior_per_vcpu` and `[rebalance]`.
+    fn demand_keys(
+        &mut self,
+        prior: Option<Spanned<f64>>,
+        rebalance: Option<RawRebalance>,
+        err_at: &dyn Fn(Option<usize>, String) -> ConfigError,
+    ) -> Result<(), ConfigError> {
+        if let Some(v) = prior {
+            let prior = *v.get_ref();
+            if !(0.0..=1.0).contains(&prior) {
+                return Err(err_at(
+                    Some(v.span().start),
+                    format!("demand_prior_per_vcpu must be 0.0 to 1.0, not {prior}"),
+                ));
+            }
+            self.demand_prior_per_vcpu = prior;
+        }
+        let Some(raw) = rebalance else {
+            return Ok(());
+        };
+        let rules = &mut self.rebalance;
+        if let Some(v) = raw.threshold_percent {
+            rules.threshold =
+                f64::from(whole(&v, "rebalance.threshold_percent", 1..=100, err_at)?) / 100.0;
+        }
+        if let Some(v) = raw.samples {
+            rules.samples = whole(&v, "rebalance.samples", 1..=100, err_at)?;
+        }
+        if let Some(v) = raw.cooldown_secs {
+            rules.cooldown_secs =
+                f64::from(whole(&v, "rebalance.cooldown_secs", 1..=86_400, err_at)?);
+        }
+        if let Some(v) = raw.max_moves {
+            rules.max_moves = whole(&v, "rebalance.max_moves", 0..=64, err_at)?;
+        }
+        Ok(())
+    }
+
     fn tables(
         &mut self,
         openstack: Option<RawOpenstack>,
@@ -932,13 +991,28 @@ fn percent(
     max: u32,
     err_at: &dyn Fn(Option<usize>, String) -> ConfigError,
 ) -> Result<u32, ConfigError> {
+    whole(v, key, 0..=max, err_at)
+}
+
+/// A whole number within `range` for `key`.
+fn whole(
+    v: &Spanned<i64>,
+    key: &str,
+    range: std::ops::RangeInclusive<u32>,
+    err_at: &dyn Fn(Option<usize>, String) -> ConfigError,
+) -> Result<u32, ConfigError> {
     u32::try_from(*v.get_ref())
         .ok()
-        .filter(|p| *p <= max)
+        .filter(|n| range.contains(n))
         .ok_or_else(|| {
             err_at(
                 Some(v.span().start),
-                format!("{key} must be 0 to {max}, not {}", v.get_ref()),
+                format!(
+                    "{key} must be {} to {}, not {}",
+                    range.start(),
+                    range.end(),
+                    v.get_ref()
+                ),
             )
         })
 }
@@ -1274,6 +1348,42 @@ mod tests {
         assert!(e.message.contains("socket_group: no group named"), "{e}");
         let root = parse("socket_group = \"root\"\n").unwrap().socket_group;
         assert_eq!(root.map(|g| g.gid), Some(0));
+    }
+
+    #[test]
+    fn demand_and_rebalancing_keys_are_read_and_checked() {
+        let config = parse(
+            "demand_prior_per_vcpu = 0.25\n[rebalance]\nthreshold_percent = 20\n\
+             samples = 5\ncooldown_secs = 60\nmax_moves = 0\n",
+        )
+        .unwrap();
+        assert_eq!(config.demand_prior_per_vcpu, 0.25);
+        let rules = config.rebalance;
+        assert_eq!((rules.threshold, rules.samples), (0.2, 5));
+        assert_eq!((rules.cooldown_secs, rules.max_moves), (60.0, 0));
+        for (text, message) in [
+            (
+                "demand_prior_per_vcpu = 1.5",
+                "demand_prior_per_vcpu must be 0.0 to 1.0, not 1.5",
+            ),
+            (
+                "[rebalance]\nthreshold_percent = 0",
+                "rebalance.threshold_percent must be 1 to 100, not 0",
+            ),
+            (
+                "[rebalance]\nsamples = -1",
+                "rebalance.samples must be 1 to 100, not -1",
+            ),
+            (
+                "[rebalance]\nmax_moves = 65",
+                "rebalance.max_moves must be 0 to 64, not 65",
+            ),
+            ("[rebalance]\ncooldown = 5", "unknown field `cooldown`"),
+        ] {
+            let e = parse(text).unwrap_err();
+            assert!(e.message.contains(message), "{text}: {e}");
+            assert_eq!(e.line, Some(text.lines().count()), "{e}");
+        }
     }
 
     #[test]

@@ -8,14 +8,13 @@ use super::cells::CellMemory;
 use super::inventory::Inventory;
 use super::observe::Observer;
 use super::pass::PassMemory;
+use super::rebalance::Rebalancing;
 use super::session::{Connection, Connector, Session};
 use super::{HostPaths, Work};
 use crate::config::{Config, Enforcement, MetricsFile};
 use crate::engine::coalesce::Coalescer;
-use crate::engine::domain::DomainSpec;
 use crate::engine::hypervisor::HvError;
-use crate::engine::placement::{HostPolicy, Plan};
-use crate::engine::reconcile;
+use crate::engine::placement::HostPolicy;
 use crate::engine::release::{self, Everywhere};
 use crate::engine::topology::Topology;
 use crate::host::guest_ram::KernelPageMover;
@@ -76,6 +75,7 @@ pub struct Daemon {
     pub(super) observer: Observer,
     pub(super) cells: CellMemory,
     pub(super) adoption: Adoption,
+    pub(super) rebalancing: Rebalancing,
     keeper: Keeper,
     pub(super) refused: Arc<AtomicU64>,
     pub(super) work_tx: Sender<Work>,
@@ -121,6 +121,7 @@ impl Daemon {
             memory: PassMemory::default(),
             inventory: Inventory::default(),
             adoption: Adoption::default(),
+            rebalancing: Rebalancing::default(),
             keeper: Keeper::default(),
             refused: setup.refused,
             work_tx: setup.work_tx,
@@ -404,10 +405,6 @@ impl Daemon {
                 Response::Error(e.to_string())
             }
         }
-    }
-
-    pub(super) fn plan(&self, specs: &[DomainSpec]) -> Plan {
-        reconcile::plan_for(&self.topology, &self.host, specs)
     }
 
     /// The libvirt connection, (re)connecting with backoff; None while

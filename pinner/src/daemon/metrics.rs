@@ -131,7 +131,7 @@ const COUNTERS: [CounterFamily; 4] = [
 ];
 
 /// Counters listed after the reconcile summary.
-const PASS_COUNTERS: [CounterFamily; 7] = [
+const PASS_COUNTERS: [CounterFamily; 8] = [
     (
         "pinner_event_reconciles",
         "Reconcile passes that served events.",
@@ -160,6 +160,11 @@ const PASS_COUNTERS: [CounterFamily; 7] = [
         "pinner_changes_found_by_full_read",
         "Guest changes a full read found that no libvirt event had announced.",
         |c| c.changes_found_by_full_read,
+    ),
+    (
+        "pinner_rebalance_moves",
+        "Running shared guests moved by rebalancing (demand per pCPU out of balance).",
+        |c| c.rebalance_moves,
     ),
 ];
 

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod observe;
 pub mod pass;
 pub mod ratelimit;
+pub mod rebalance;
 pub mod session;
 
 use crate::config::{Config, ConfigError};

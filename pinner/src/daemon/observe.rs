@@ -117,6 +117,9 @@ pub struct Observer {
     samples: HashMap<String, (Instant, Option<Observed>)>,
     /// When every guest is next read from /proc.
     pub next_observation: Instant,
+    /// Observations completed (every guest read): one rebalancing sample
+    /// each.
+    pub observations: u64,
     /// The /proc reading of the observation under way so far: time, slices.
     cycle: (Duration, u32),
     /// When the metrics file is next rewritten (None: no file configured).
@@ -134,6 +137,7 @@ impl Observer {
             qemu_pids: HashMap::new(),
             samples: HashMap::new(),
             next_observation: Instant::now(),
+            observations: 0,
             cycle: (Duration::ZERO, 0),
             next_metrics: metrics_on.then(Instant::now),
             metrics_failing: false,
@@ -195,6 +199,14 @@ impl Observer {
         true
     }
 
+    /// Each guest's demand as last measured (CPUs), by UUID.
+    pub fn demand(&self) -> HashMap<String, f64> {
+        self.samples
+            .iter()
+            .filter_map(|(uuid, (_, o))| Some((uuid.clone(), o.as_ref()?.rates.demand_cpus?)))
+            .collect()
+    }
+
     /// A fresh sample of `uuid` (a guest whose cells' memory the pass
     /// places: where its pages are now).
     pub fn sample_fresh(&mut self, procfs: &ProcFs, uuid: &str) -> Option<GuestSample> {
@@ -216,6 +228,7 @@ impl Daemon {
         let cycle = &mut self.observer.cycle;
         *cycle = (cycle.0 + began.elapsed(), cycle.1 + 1);
         self.observer.next_observation = if done {
+            self.observer.observations += 1;
             let (spent, slices) = std::mem::take(&mut self.observer.cycle);
             self.logger.debug(
                 &format!(
@@ -326,7 +339,8 @@ impl Daemon {
                 }));
             }
         };
-        let plan = self.plan(&specs);
+        let load = self.load();
+        let plan = reconcile::plan_for(&self.topology, &self.host, &specs, &load);
         let mut warnings: Vec<String> = plan.warnings.iter().map(ToString::to_string).collect();
         warnings.extend(unreadable.iter().map(ToString::to_string));
         let mut domains = reconcile::domain_status(
@@ -363,6 +377,8 @@ impl Daemon {
             isolated_processes: self.isolated_processes(),
             memory: reconcile::node_memory(&plan),
             last_pass: self.memory.last.clone(),
+            ranges: reconcile::range_status(&self.topology, &plan, &load),
+            rebalanced: self.rebalancing.recent.iter().cloned().collect(),
         }))
     }
 

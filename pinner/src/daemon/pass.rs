@@ -143,7 +143,13 @@ impl Daemon {
         self.memory.retain_running(&specs);
         // Hugepage pools and hot-plugged memory change while the host runs.
         crate::host::sysfs::refresh_memory(&self.paths.sysfs_root, &mut self.topology);
-        let plan = self.plan(&specs);
+        let load = self.load();
+        let plan = reconcile::plan_for(&self.topology, &self.host, &specs, &load);
+        let plan = match self.config.enforcement {
+            // Nothing moves in observe mode: rebalancing waits for enforce.
+            Enforcement::Observe => plan,
+            Enforcement::Enforce => self.rebalanced(plan, &specs, load),
+        };
         let mut work = reconcile::diff(&specs, &plan, &self.memory.refused);
         let mut report = if self.config.enforcement == Enforcement::Observe {
             self.announce_pending(&specs, &work);

@@ -14,6 +14,7 @@ pub mod hypervisor;
 pub mod memory;
 pub mod placement;
 pub mod policy;
+pub mod rebalance;
 pub mod reconcile;
 pub mod release;
 pub mod topology;

@@ -7,12 +7,14 @@ use crate::engine::domain::DomainSpec;
 use crate::engine::hypervisor::{HvError, Hypervisor};
 use crate::engine::memory::PageKind;
 use crate::engine::placement::{
-    self, Guest, GuestPlan, HostPolicy, LeftAlone, Plan, Role, Warning,
+    self, Guest, GuestPlan, HostPolicy, LeftAlone, Load, Plan, Role, Warning,
 };
 use crate::engine::policy::Decision;
 use crate::engine::topology::Topology;
 use pinner_shared::log::Level;
-use pinner_shared::protocol::{DomainStatus, NodeMemoryStatus, PendingChange, VcpuStatus};
+use pinner_shared::protocol::{
+    DomainStatus, NodeMemoryStatus, PendingChange, RangeStatus, VcpuStatus,
+};
 use std::collections::{BTreeMap, HashMap};
 
 /// One change to make on a domain.
@@ -227,9 +229,11 @@ pub fn guests_of(
         .collect()
 }
 
-pub fn plan_for(topology: &Topology, host: &HostPolicy, specs: &[DomainSpec]) -> Plan {
+/// The plan for the running domains `specs`, shared guests weighed (and
+/// moved) by `load`.
+pub fn plan_for(topology: &Topology, host: &HostPolicy, specs: &[DomainSpec], load: &Load) -> Plan {
     let guests = guests_of(specs, topology.default_hugepage_kib, host);
-    let mut plan = placement::plan(topology, host, &guests);
+    let mut plan = placement::plan_loaded(topology, host, &guests, load);
     plan.left_alone = specs
         .iter()
         .filter_map(|spec| {
@@ -353,6 +357,26 @@ pub fn node_memory(plan: &Plan) -> Vec<NodeMemoryStatus> {
             committed_kib: pool.committed_kib,
         })
         .collect()
+}
+
+/// Each range the plan binds shared guests to, with their demand (from
+/// `load`, else its prior), by CPUs.
+pub fn range_status(topology: &Topology, plan: &Plan, load: &Load) -> Vec<RangeStatus> {
+    let mut ranges: BTreeMap<Vec<u32>, RangeStatus> = BTreeMap::new();
+    for t in placement::host_load(topology, plan, load).tenants {
+        let range = ranges
+            .entry(t.range.to_vec())
+            .or_insert_with(|| RangeStatus {
+                cpus: t.range.to_vec(),
+                nodes: topology.nodes_of(&t.range),
+                ..RangeStatus::default()
+            });
+        range.guests += 1;
+        range.vcpus += t.vcpus;
+        range.demand_cpus += t.demand;
+        range.unmeasured += u32::from(!load.demand.contains_key(&t.uuid));
+    }
+    ranges.into_values().collect()
 }
 
 fn planned_memory(gp: &crate::engine::placement::GuestPlan) -> Option<CpuSet> {
@@ -576,7 +600,7 @@ mod tests {
         let topo = Topology::uniform(&CpuSet::parse("0-3").unwrap(), 1);
         let policy = HostPolicy::with_reserved(CpuSet::parse("0").unwrap());
         let (specs, _) = hv.running_domains()?;
-        let plan = plan_for(&topo, &policy, &specs);
+        let plan = plan_for(&topo, &policy, &specs, &Load::default());
         let work = diff(&specs, &plan, &MemoryRefusals::new());
         let outcome = apply(hv, &work, |_, _| {})?;
         Ok((plan, outcome))
@@ -714,6 +738,7 @@ mod memory_tests {
             &topo,
             &HostPolicy::with_reserved(CpuSet::parse("0").unwrap()),
             &specs,
+            &Load::default(),
         );
         let work = diff(&specs, &plan, &MemoryRefusals::new());
         let iothreads: Vec<_> = work[0]
@@ -745,7 +770,12 @@ mod memory_tests {
         let xml = "<domain><name>m</name><uuid>u-m</uuid><vcpu>1</vcpu></domain>";
         let specs = vec![DomainSpec::parse(xml).unwrap()];
         let topo = Topology::uniform(&CpuSet::parse("0-3").unwrap(), 1);
-        let plan = plan_for(&topo, &HostPolicy::with_reserved(CpuSet::new()), &specs);
+        let plan = plan_for(
+            &topo,
+            &HostPolicy::with_reserved(CpuSet::new()),
+            &specs,
+            &Load::default(),
+        );
         let mut refused = MemoryRefusals::new();
         assert!(diff(&specs, &plan, &refused)[0]
             .actions
@@ -771,6 +801,7 @@ mod memory_tests {
             &topo,
             &HostPolicy::with_reserved(CpuSet::parse("0-1").unwrap()),
             &specs,
+            &Load::default(),
         );
         let action = diff(&specs, &plan, &MemoryRefusals::new())[0]
             .actions

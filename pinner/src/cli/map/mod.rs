@@ -6,7 +6,7 @@
 use crate::engine::cpuset::CpuSet;
 use crate::engine::placement::Plan;
 use crate::engine::topology::Topology;
-use pinner_shared::protocol::{NodeMemoryStatus, StatusReport};
+use pinner_shared::protocol::{NodeMemoryStatus, RangeStatus, StatusReport};
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
@@ -39,11 +39,13 @@ pub struct Occupancy {
     pub guests: Vec<(String, CpuSet)>,
     pub reserved: CpuSet,
     pub memory: Vec<NodeMemoryStatus>,
+    /// The shared ranges' demand against their CPUs.
+    pub ranges: Vec<RangeStatus>,
 }
 
 impl Occupancy {
-    /// A plan's guests (their planned CPUs) and reserved CPUs.
-    pub fn of_plan(plan: &Plan) -> Occupancy {
+    /// A plan's guests (their planned CPUs), reserved CPUs and ranges.
+    pub fn of_plan(plan: &Plan, ranges: &[RangeStatus]) -> Occupancy {
         let guests = plan.guests.iter().map(|g| {
             let cpus = g.vcpus.iter().flat_map(CpuSet::iter).collect();
             (g.name.clone(), cpus)
@@ -52,6 +54,7 @@ impl Occupancy {
             guests: guests.collect(),
             reserved: plan.reserved.clone(),
             memory: crate::engine::reconcile::node_memory(plan),
+            ranges: ranges.to_vec(),
         }
     }
 
@@ -69,6 +72,7 @@ impl Occupancy {
             guests: guests.collect(),
             reserved: report.reserved.iter().copied().collect(),
             memory: report.memory.clone(),
+            ranges: report.ranges.clone(),
         }
     }
 }
@@ -280,6 +284,7 @@ fn legend(occupancy: &Occupancy) -> String {
             pinner_shared::text::printable(name)
         );
     }
+    out.push_str(&crate::cli::report::ranges_text(&occupancy.ranges));
     out
 }
 
@@ -298,6 +303,7 @@ mod tests {
             guests: vec![("web".into(), set("1"))],
             reserved: set("0"),
             memory: Vec::new(),
+            ranges: Vec::new(),
         };
         let expected = "\
 package 0
@@ -316,6 +322,7 @@ legend: # reserved  ~ isolcpus  . free  x offline  * shared by several guests
             guests: vec![("a".into(), set("0-1")), ("b".into(), set("1-2"))],
             reserved: CpuSet::new(),
             memory: Vec::new(),
+            ranges: Vec::new(),
         };
         let expected = "\
 package 0
@@ -337,6 +344,7 @@ legend: # reserved  ~ isolcpus  . free  x offline  * shared by several guests
             guests: vec![("web".into(), set("1"))],
             reserved: set("0"),
             memory: Vec::new(),
+            ranges: Vec::new(),
         };
         let text = render(&topology, &occupancy, true);
         assert!(text.contains("\x1b[32m1a\x1b[0m"), "{text:?}");

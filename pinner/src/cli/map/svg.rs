@@ -43,7 +43,8 @@ pub fn render_svg(topology: &Topology, occupancy: &Occupancy) -> String {
         .max()
         .unwrap_or(0)
         .max(560);
-    let height = (lines.len() as u32 + occupancy.guests.len() as u32 + 2) * ROW_H;
+    let height =
+        (lines.len() as u32 + (occupancy.guests.len() + occupancy.ranges.len()) as u32 + 2) * ROW_H;
     let mut out = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{widest}\" height=\"{height}\" \
          font-family=\"monospace\" font-size=\"12\">\n"
@@ -122,6 +123,11 @@ fn draw_legend(out: &mut String, y: u32, occupancy: &Occupancy) {
         let entry = format!("{} {name} (CPUs {cpus})", mark.symbol());
         text_at(out, 26, top, &entry);
     }
+    let below = y + (occupancy.guests.len() as u32 + 1) * ROW_H;
+    for (i, range) in occupancy.ranges.iter().enumerate() {
+        let line = crate::cli::report::range_line(range);
+        text_at(out, 4, below + i as u32 * ROW_H, &line);
+    }
 }
 
 fn text_at(out: &mut String, x: u32, y: u32, text: &str) {
@@ -157,6 +163,7 @@ mod tests {
             guests: vec![("<evil & \"name\">".into(), CpuSet::parse("0-1").unwrap())],
             reserved: CpuSet::parse("7").unwrap(),
             memory: Vec::new(),
+            ranges: Vec::new(),
         };
         let svg = render_svg(&topology, &occupancy);
         assert!(svg.starts_with("<svg xmlns=\"http://www.w3.org/2000/svg\""));

@@ -17,16 +17,19 @@ use crate::engine::memory::{
 };
 use crate::engine::policy::PolicyRules;
 use crate::engine::topology::Topology;
+use std::collections::HashMap;
 
 mod cells;
 mod dedicated;
 pub mod layout;
+mod load;
 mod memory;
 mod region;
 mod shared;
 
 use dedicated::place_dedicated;
 use layout::Layout;
+pub use load::host_load;
 use memory::Memory;
 use shared::place_shared;
 
@@ -57,6 +60,49 @@ pub struct Guest {
     /// The nodes its memory is bound to now (None: not bound).
     pub memory_nodes: Option<CpuSet>,
     pub role: Role,
+}
+
+/// What placement knows of the running guests beyond their XML (by
+/// default: nothing measured, the default prior).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Load {
+    /// Guest UUID → its measured demand (CPUs); a guest not here weighs
+    /// the host's `demand_prior_per_vcpu` per vCPU.
+    pub demand: HashMap<String, f64>,
+    /// Guest UUID → the range rebalancing moves it to now.
+    pub moves: HashMap<String, CpuSet>,
+    /// `demand_prior_per_vcpu`.
+    pub prior_per_vcpu: f64,
+}
+
+/// `demand_prior_per_vcpu` unless set: a guest not yet measured is taken
+/// for busy, so it goes where the measured guests leave most room.
+pub const DEFAULT_DEMAND_PRIOR_PER_VCPU: f64 = 1.0;
+
+impl Default for Load {
+    fn default() -> Load {
+        Load::prior(DEFAULT_DEMAND_PRIOR_PER_VCPU)
+    }
+}
+
+impl Load {
+    /// No measurements, no moves: guests weigh the prior.
+    pub fn prior(prior_per_vcpu: f64) -> Load {
+        Load {
+            demand: HashMap::new(),
+            moves: HashMap::new(),
+            prior_per_vcpu,
+        }
+    }
+
+    /// What `g` adds to the range it goes to.
+    fn weight(&self, g: &Guest) -> shared::Weight {
+        let demand = self.demand.get(&g.uuid).copied();
+        shared::Weight {
+            vcpus: g.vcpus,
+            demand: demand.unwrap_or(self.prior_per_vcpu * f64::from(g.vcpus)),
+        }
+    }
 }
 
 /// Where emulator (and I/O) threads of dedicated guests run.
@@ -327,6 +373,7 @@ struct Planning<'g> {
     warnings: Vec<Warning>,
     memory: Memory,
     held_shared: Option<HeldShared>,
+    load: &'g Load,
 }
 
 impl<'g> Planning<'g> {
@@ -350,6 +397,12 @@ impl<'g> Planning<'g> {
 ///  4. range binding for every other guest on what is left;
 ///  5. the mode, how many existing pins moved, and each node's memory.
 pub fn plan(topo: &Topology, host: &HostPolicy, guests: &[Guest]) -> Plan {
+    plan_loaded(topo, host, guests, &Load::default())
+}
+
+/// [`plan`], shared guests weighed by `load`'s demand and moved where it
+/// says.
+pub fn plan_loaded(topo: &Topology, host: &HostPolicy, guests: &[Guest], load: &Load) -> Plan {
     let layout = Layout::new(topo);
     let reserved = host.reserved.intersection(&topo.online);
     let taken = guests.iter().fold(CpuSet::new(), |acc, g| match &g.role {
@@ -389,6 +442,7 @@ pub fn plan(topo: &Topology, host: &HostPolicy, guests: &[Guest]) -> Plan {
         warnings: Vec::new(),
         memory: Memory::new(topo, &host.memory_reserve, guests),
         held_shared: None,
+        load,
     };
     planning.placed = vec![None; planning.managed.len()];
     planning.memory.take_unmanaged(&layout, guests);
@@ -577,12 +631,13 @@ fn plan_shared(
         planning.warnings.push(Warning::NoSharedRoom);
         shared_pool = pool.clone();
     }
-    let memory = &mut planning.memory;
-    for (&i, mut plan) in
-        shared_index
-            .iter()
-            .zip(place_shared(layout, &shared_pool, &shared, memory))
-    {
+    let placed = place_shared(
+        layout,
+        &shared_pool,
+        &shared,
+        (&mut planning.memory, planning.load),
+    );
+    for (&i, mut plan) in shared_index.iter().zip(placed) {
         if let (Some(held), Policy::Auto) = (planning.held_shared, planning.managed[i].1) {
             plan.reason += &format!(
                 "; one-to-one again once the auto guests' {} vCPUs leave {} of the pool's {} CPUs free (capacity_hysteresis_percent)",
@@ -1133,6 +1188,112 @@ mod tests {
         let second = host_plan(&settled(&first));
         assert_eq!(second.guests, first.guests);
         assert_eq!(second.pins_moved, 0);
+    }
+
+    /// 2 nodes × 4 CPUs, nobody reserved: busy and idle 4-vCPU shared
+    /// guests, the busy one on node 0, the idle one on node 1.
+    fn busy_and_idle() -> (Topology, HostPolicy, Vec<Guest>) {
+        let topo = Topology::uniform(&set("0-7"), 2);
+        let pinned =
+            |name: &str, cpus: &str| managed(name, 4, Policy::Shared, vec![Some(set(cpus)); 4]);
+        let guests = vec![pinned("busy", "0-3"), pinned("idle", "4-7")];
+        (topo, HostPolicy::with_reserved(CpuSet::new()), guests)
+    }
+
+    fn measured(pairs: &[(&str, f64)]) -> Load {
+        Load {
+            demand: pairs
+                .iter()
+                .map(|(n, d)| (format!("uuid-{n}"), *d))
+                .collect(),
+            ..Load::default()
+        }
+    }
+
+    #[test]
+    fn a_new_shared_guest_goes_where_measured_demand_leaves_room() {
+        let (topo, host, mut guests) = busy_and_idle();
+        guests.push(managed("new", 4, Policy::Shared, vec![]));
+        // By vCPU count both nodes hold 4: the first wins.
+        let counted = plan(&topo, &host, &guests);
+        assert_eq!(all_cpus(by_name(&counted, "new")), set("0-3"));
+        let load = measured(&[("busy", 3.9), ("idle", 0.1)]);
+        let weighed = plan_loaded(&topo, &host, &guests, &load);
+        assert_eq!(all_cpus(by_name(&weighed, "new")), set("4-7"));
+        // The running guests stay: within one vCPU per pCPU.
+        assert_eq!(all_cpus(by_name(&weighed, "busy")), set("0-3"));
+        assert_eq!(weighed.pins_moved, 0);
+    }
+
+    #[test]
+    fn running_guests_leave_their_range_for_demand_only_through_rebalancing() {
+        // Two busy guests stacked on node 0, two idle ones on node 1: by
+        // count every range is even, so placement keeps them all.
+        let topo = Topology::uniform(&set("0-7"), 2);
+        let pinned =
+            |name: &str, cpus: &str| managed(name, 4, Policy::Shared, vec![Some(set(cpus)); 4]);
+        let guests = vec![
+            pinned("busy1", "0-3"),
+            pinned("busy2", "0-3"),
+            pinned("idle1", "4-7"),
+            pinned("idle2", "4-7"),
+        ];
+        let load = measured(&[
+            ("busy1", 4.0),
+            ("busy2", 4.0),
+            ("idle1", 0.0),
+            ("idle2", 0.0),
+        ]);
+        let host = HostPolicy::with_reserved(CpuSet::new());
+        let kept = plan_loaded(&topo, &host, &guests, &load);
+        assert_eq!(kept.pins_moved, 0);
+        let host_load = host_load(&topo, &kept, &load);
+        let demand_on = |cpus: &str| -> f64 {
+            host_load
+                .tenants
+                .iter()
+                .filter(|t| t.range == set(cpus))
+                .map(|t| t.demand)
+                .sum()
+        };
+        assert_eq!((demand_on("0-3"), demand_on("4-7")), (8.0, 0.0));
+        assert!(host_load.tenants.iter().all(|t| t.movable));
+    }
+
+    #[test]
+    fn measurement_noise_between_idle_ranges_leaves_vcpu_count_to_decide() {
+        let (topo, host, mut guests) = busy_and_idle();
+        guests.push(managed(
+            "third",
+            2,
+            Policy::Shared,
+            vec![Some(set("4-7")); 2],
+        ));
+        guests.push(managed("new", 2, Policy::Shared, vec![]));
+        // Node 1 carries 0.04 CPUs less demand (within the tie) but 6
+        // vCPUs to node 0's 4: count decides, node 0.
+        let load = measured(&[("busy", 0.06), ("idle", 0.01), ("third", 0.01)]);
+        let weighed = plan_loaded(&topo, &host, &guests, &load);
+        assert_eq!(all_cpus(by_name(&weighed, "new")), set("0-3"));
+    }
+
+    #[test]
+    fn a_rebalancing_move_is_honoured_where_the_guest_fits() {
+        let (topo, host, guests) = busy_and_idle();
+        let mut load = measured(&[("busy", 3.9), ("idle", 0.1)]);
+        load.moves.insert("uuid-busy".into(), set("4-7"));
+        let moved = plan_loaded(&topo, &host, &guests, &load);
+        assert_eq!(all_cpus(by_name(&moved, "busy")), set("4-7"));
+        assert_eq!(by_name(&moved, "busy").memory_nodes, Some(vec![1]));
+        // Node 1 would hold 8 vCPUs to node 0's none: by count the idle
+        // guest goes the other way, as it would for any placement.
+        assert_eq!(all_cpus(by_name(&moved, "idle")), set("0-3"));
+        assert_eq!(moved.pins_moved, 8);
+        // A move to a range that is no candidate (not a range placement
+        // makes) is ignored.
+        load.moves.insert("uuid-busy".into(), set("2-5"));
+        let kept = plan_loaded(&topo, &host, &guests, &load);
+        assert_eq!(all_cpus(by_name(&kept, "busy")), set("0-3"));
     }
 
     #[test]

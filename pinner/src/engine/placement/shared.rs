@@ -1,24 +1,27 @@
 //! Shared placement: each guest bound to one range (an L3 domain, a node,
-//! or a span of nodes), balancing vCPUs per pCPU.
+//! or a span of nodes), balancing demand per pCPU (a guest's measured
+//! demand, else the prior per vCPU), vCPUs per pCPU breaking ties.
 
 use super::cells::describe;
 use super::layout::{join_nodes, node_label, Layout};
 use super::memory::{Fit, Memory, Target};
 use super::region::{choose_nodes, Region};
-use super::{guest_plan, CellPlan, Current, Guest, GuestPlan, Locality, Placement};
+use super::{guest_plan, CellPlan, Current, Guest, GuestPlan, Load, Locality, Placement};
 use crate::engine::cpuset::CpuSet;
 use crate::engine::memory::human;
 use std::collections::{BTreeMap, HashMap};
 
 /// The ranges shared guests can be bound to, with the load on each (the
-/// sum over its CPUs of vCPUs per pCPU), kept up to date through the
-/// ranges' overlaps so judging a candidate costs O(1).
+/// sum over its CPUs of vCPUs per pCPU, and of demand per pCPU), kept up
+/// to date through the ranges' overlaps so judging a candidate costs O(1).
 pub(super) struct Ranges {
     pub(super) sets: Vec<CpuSet>,
     pub(super) size: Vec<usize>,
     /// 0: an L3 domain of a node, 1: a node, 2: a span of nodes.
     pub(super) level: Vec<u8>,
     pub(super) load: Vec<f64>,
+    /// Like `load`, in CPUs of demand.
+    pub(super) demand: Vec<f64>,
     /// For each range: every range it overlaps, and by how many CPUs.
     pub(super) overlaps: Vec<Vec<(usize, usize)>>,
     pub(super) index: HashMap<CpuSet, usize>,
@@ -33,6 +36,7 @@ impl Ranges {
             size: Vec::new(),
             level: Vec::new(),
             load: Vec::new(),
+            demand: Vec::new(),
             overlaps: Vec::new(),
             index: HashMap::new(),
             nodes: Vec::new(),
@@ -57,29 +61,51 @@ impl Ranges {
         // A new range starts with the load its CPUs already carry. L3
         // ranges partition the pool and every range is a union of them, so
         // load is even within each L3 range and summing theirs is exact.
-        let load = mine
-            .iter()
-            .filter(|&&(j, _)| j != i && self.level[j] == 0)
-            .map(|&(j, shared)| self.load[j] / self.size[j] as f64 * shared as f64)
-            .sum();
+        let inherited = |of: &[f64]| {
+            mine.iter()
+                .filter(|&&(j, _)| j != i && self.level[j] == 0)
+                .map(|&(j, shared)| of[j] / self.size[j] as f64 * shared as f64)
+                .sum::<f64>()
+        };
+        let (load, demand) = (inherited(&self.load), inherited(&self.demand));
         self.index.insert(set.clone(), i);
         self.nodes.push(layout.nodes_opt(&set));
         self.size.push(set.len());
         self.sets.push(set);
         self.level.push(level);
         self.load.push(load);
+        self.demand.push(demand);
         self.overlaps.push(mine);
         i
     }
 
-    pub(super) fn mean_after(&self, r: usize, vcpus: u32) -> f64 {
-        (self.load[r] + f64::from(vcpus)) / self.size[r] as f64
+    /// vCPUs per pCPU of range `r` once `w` is on it.
+    fn mean_after(&self, r: usize, w: Weight) -> f64 {
+        (self.load[r] + f64::from(w.vcpus)) / self.size[r] as f64
     }
 
-    pub(super) fn assign(&mut self, r: usize, vcpus: u32) {
-        let share = f64::from(vcpus) / self.size[r] as f64;
+    /// Demand per pCPU of range `r` once `w` is on it.
+    fn demand_after(&self, r: usize, w: Weight) -> f64 {
+        (self.demand[r] + w.demand) / self.size[r] as f64
+    }
+
+    pub(super) fn assign(&mut self, r: usize, w: Weight) {
+        self.add_load(r, w, 1.0);
+    }
+
+    /// Takes back what [`Ranges::assign`] added.
+    fn unassign(&mut self, r: usize, w: Weight) {
+        self.add_load(r, w, -1.0);
+    }
+
+    fn add_load(&mut self, r: usize, w: Weight, sign: f64) {
+        let (share, demand) = (
+            sign * f64::from(w.vcpus) / self.size[r] as f64,
+            sign * w.demand / self.size[r] as f64,
+        );
         for &(other, shared) in &self.overlaps[r] {
             self.load[other] += share * shared as f64;
+            self.demand[other] += demand * shared as f64;
         }
     }
 }
@@ -128,28 +154,41 @@ impl Ranges {
         region.target
     }
 
-    /// The least loaded candidate after adding `vcpus`, unless the range
-    /// the guest is on now is within one vCPU per pCPU of it.
-    pub(super) fn choose(&self, candidates: &[usize], current: Current, vcpus: u32) -> usize {
-        let best = candidates
-            .iter()
-            .map(|&r| (r, self.mean_after(r, vcpus)))
-            .min_by(|a, b| a.1.total_cmp(&b.1))
-            .map(|(r, _)| r)
-            .expect("at least one candidate");
+    /// The candidate least busy after adding `w` (demand per pCPU; within
+    /// [`DEMAND_TIE`] of each other, the fewest vCPUs per pCPU, then the
+    /// first), unless the range the guest is on now is within one vCPU per
+    /// pCPU of the candidate with the fewest: a running guest leaves its
+    /// range for demand only when rebalancing moves it, with its samples
+    /// and cool-down. Unmeasured guests weigh one CPU per vCPU at the
+    /// default prior, so then this is balancing vCPUs per pCPU.
+    pub(super) fn choose(&self, candidates: &[usize], current: Current, w: Weight) -> usize {
+        let by = |key: &dyn Fn(usize) -> f64| {
+            candidates
+                .iter()
+                .map(|&r| key(r))
+                .min_by(f64::total_cmp)
+                .expect("at least one candidate")
+        };
+        let least_demand = by(&|r| self.demand_after(r, w));
+        let fewest_vcpus = by(&|r| self.mean_after(r, w));
         let here = match current.first() {
             Some(Some(first))
-                if current.len() == vcpus as usize
+                if current.len() == w.vcpus as usize
                     && current.iter().all(|c| c.as_ref() == Some(first)) =>
             {
                 candidates.iter().copied().find(|&r| self.sets[r] == *first)
             }
             _ => None,
         };
-        match here {
-            Some(h) if self.mean_after(h, vcpus) - self.mean_after(best, vcpus) < 1.0 => h,
-            _ => best,
+        if let Some(h) = here.filter(|&h| self.mean_after(h, w) - fewest_vcpus < 1.0) {
+            return h;
         }
+        candidates
+            .iter()
+            .copied()
+            .filter(|&r| self.demand_after(r, w) - least_demand < DEMAND_TIE)
+            .min_by(|&a, &b| self.mean_after(a, w).total_cmp(&self.mean_after(b, w)))
+            .expect("the least busy is within the tie")
     }
 
     /// Range `r`'s reason.
@@ -170,22 +209,40 @@ impl Ranges {
     }
 }
 
+/// Demand per pCPU closer than this counts as equal: measured demand is
+/// never exact, and noise must not decide where an idle guest goes.
+const DEMAND_TIE: f64 = 0.05;
+
+/// What a guest adds to a range.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Weight {
+    pub(super) vcpus: u32,
+    /// CPUs: measured, else the prior per vCPU times its vCPUs.
+    pub(super) demand: f64,
+}
+
 /// Binds each shared guest to one range: an L3 domain of a node if the guest
 /// fits one, else a node, else the fewest closest nodes, else the whole
-/// shared pool (each where its memory fits too); always the least loaded
-/// candidate (vCPUs per pCPU), unless the guest's current range is within
-/// one vCPU per pCPU of it.
+/// shared pool (each where its memory fits too); the least busy candidate
+/// (demand per pCPU, see [`Ranges::choose`]), unless the guest's current
+/// range is within one vCPU per pCPU of the least loaded, or rebalancing
+/// moves it.
 pub(super) fn place_shared(
     layout: &Layout,
     shared_pool: &CpuSet,
     guests: &[(&Guest, Current)],
-    memory: &mut Memory,
+    (memory, load): (&mut Memory, &Load),
 ) -> Vec<GuestPlan> {
     let by_kind = layout.by_kind(shared_pool);
     let mut ranges = Ranges::of_pool(layout, &by_kind);
     let fixed = ranges.sets.len();
     let mut order: Vec<usize> = (0..guests.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(guests[i].0.vcpus));
+    // Guests already pinned first, so a new guest sees every range's load;
+    // larger guests before smaller ones.
+    order.sort_by_key(|&i| {
+        let unpinned = guests[i].1.iter().all(Option::is_none);
+        (unpinned, std::cmp::Reverse(guests[i].0.vcpus))
+    });
     let mut chosen: Vec<usize> = vec![0; guests.len()];
     let mut cells: Vec<Option<Vec<(CpuSet, usize)>>> = vec![None; guests.len()];
     let mut placed: Vec<Option<(Locality, String)>> = vec![None; guests.len()];
@@ -197,58 +254,93 @@ pub(super) fn place_shared(
         .filter_map(|set| ranges.index.get(&set).copied())
         .collect();
     let pool = Pool::new(layout, &by_kind, shared_pool, fixed);
+    let mut held = pool.hold_running(&mut ranges, guests, load);
     // One buffer for every guest's candidates.
     let mut candidates: Vec<usize> = Vec::with_capacity(fixed + 1);
     for i in order {
         let (g, current) = guests[i];
+        let weight = load.weight(g);
+        if let Some(r) = held[i].take() {
+            ranges.unassign(r, weight);
+        }
         if let Some(groups) = g.cell_groups(layout) {
             memory.release(g);
             let (bound, locality) = bind_cells(
                 layout,
                 &mut ranges,
-                &node_ranges,
-                &groups,
-                current,
+                (&node_ranges, &groups),
+                (current, weight),
                 (g, memory),
             );
             (placed[i], cells[i]) = (Some((locality, String::new())), Some(bound));
             continue;
         }
         let fit = memory.fit(g);
-        let (range, target) = pool.range_for(&mut ranges, (g, current), &fit, &mut candidates);
+        let moved_to = load.moves.get(&g.uuid);
+        let (range, target) = pool.range_for(
+            &mut ranges,
+            (g, current, weight, moved_to),
+            &fit,
+            &mut candidates,
+        );
         let note = memory_note(&target, fit.kib());
-        ranges.assign(range, g.vcpus);
+        ranges.assign(range, weight);
         chosen[i] = range;
         placed[i] = Some((memory.settle(g, &ranges.nodes[range], &target), note));
     }
-    // Guests of one range share its reason: work it out once.
-    let mut described: Vec<Option<String>> = vec![None; ranges.sets.len()];
-    guests
-        .iter()
-        .zip(chosen)
-        .zip(cells.into_iter().zip(placed))
-        .map(|(((g, _), r), (cells, placed))| {
-            let (locality, note) = placed.expect("every guest placed");
-            let displaced = memory
-                .displaced(g)
-                .map(|why| format!("; {why}"))
-                .unwrap_or_default();
-            if let Some(cells) = cells {
-                return cell_plan(layout, &ranges, g, &cells, locality, &displaced);
-            }
-            let set = &ranges.sets[r];
-            let reason = described[r].get_or_insert_with(|| ranges.describe(layout, r));
-            let reason = format!("{reason}{note}{displaced}");
-            guest_plan(
-                g,
-                Placement::Shared,
-                vec![set.clone(); g.vcpus as usize],
-                set.clone(),
-                locality,
-                reason,
-            )
-        })
-        .collect()
+    let placed = Placed {
+        chosen,
+        cells,
+        placed,
+    };
+    placed.plans(layout, &ranges, guests, memory)
+}
+
+/// Where [`place_shared`] put each guest, by its index: its range (or its
+/// cells' ranges), its locality and the note its reason adds.
+struct Placed {
+    chosen: Vec<usize>,
+    cells: Vec<Option<Vec<(CpuSet, usize)>>>,
+    placed: Vec<Option<(Locality, String)>>,
+}
+
+impl Placed {
+    fn plans(
+        self,
+        layout: &Layout,
+        ranges: &Ranges,
+        guests: &[(&Guest, Current)],
+        memory: &Memory,
+    ) -> Vec<GuestPlan> {
+        // Guests of one range share its reason: work it out once.
+        let mut described: Vec<Option<String>> = vec![None; ranges.sets.len()];
+        guests
+            .iter()
+            .zip(self.chosen)
+            .zip(self.cells.into_iter().zip(self.placed))
+            .map(|(((g, _), r), (cells, placed))| {
+                let (locality, note) = placed.expect("every guest placed");
+                let displaced = memory
+                    .displaced(g)
+                    .map(|why| format!("; {why}"))
+                    .unwrap_or_default();
+                if let Some(cells) = cells {
+                    return cell_plan(layout, ranges, g, &cells, locality, &displaced);
+                }
+                let set = &ranges.sets[r];
+                let reason = described[r].get_or_insert_with(|| ranges.describe(layout, r));
+                let reason = format!("{reason}{note}{displaced}");
+                guest_plan(
+                    g,
+                    Placement::Shared,
+                    vec![set.clone(); g.vcpus as usize],
+                    set.clone(),
+                    locality,
+                    reason,
+                )
+            })
+            .collect()
+    }
 }
 
 /// The shared pool as one guest's range is chosen from it.
@@ -278,13 +370,39 @@ impl<'a> Pool<'a> {
         }
     }
 
-    /// A guest's range (see [`place_shared`]) and where its memory goes.
-    /// The range it is on now stays a candidate while it holds it, also
-    /// when it is a span (its memory is there; nothing moves to look tidy).
+    /// Counts each running guest (not cell by cell) on the range it is
+    /// bound to now, so whether it stays is judged against all the others
+    /// where they are, whatever order guests are placed in; returns each
+    /// guest's range so held.
+    fn hold_running(
+        &self,
+        ranges: &mut Ranges,
+        guests: &[(&Guest, Current)],
+        load: &Load,
+    ) -> Vec<Option<usize>> {
+        guests
+            .iter()
+            .map(|&(g, current)| {
+                if g.cell_groups(self.layout).is_some() {
+                    return None;
+                }
+                let set = here_range(current, g.vcpus, self.cpus)
+                    .filter(|set| self.is_placed_range(ranges, set))?;
+                let r = ranges.add(self.layout, set, 2);
+                ranges.assign(r, load.weight(g));
+                Some(r)
+            })
+            .collect()
+    }
+
+    /// A guest's range (see [`place_shared`]) and where its memory goes:
+    /// the one rebalancing `moved_to` while it is a candidate. The range it
+    /// is on now stays a candidate while it holds it, also when it is a
+    /// span (its memory is there; nothing moves to look tidy).
     fn range_for(
         &self,
         ranges: &mut Ranges,
-        (g, current): (&Guest, Current),
+        (g, current, weight, moved_to): (&Guest, Current, Weight, Option<&CpuSet>),
         fit: &Fit,
         candidates: &mut Vec<usize>,
     ) -> (usize, Target) {
@@ -305,7 +423,11 @@ impl<'a> Pool<'a> {
         if let Some(h) = here.filter(|h| !candidates.contains(h) && holds_here(*h)) {
             candidates.push(h);
         }
-        let range = ranges.choose(candidates, current, g.vcpus);
+        let range = moved_to
+            .and_then(|set| ranges.index.get(set))
+            .copied()
+            .filter(|r| candidates.contains(r))
+            .unwrap_or_else(|| ranges.choose(candidates, current, weight));
         if Some(range) == here && holds_here(range) {
             // It stays: its memory stays bound where it is.
             let bound = g.memory_nodes.iter().flat_map(CpuSet::iter).collect();
@@ -381,9 +503,8 @@ fn memory_note(target: &Target, kib: u64) -> String {
 fn bind_cells(
     layout: &Layout,
     ranges: &mut Ranges,
-    nodes: &[usize],
-    groups: &[CpuSet],
-    current: Current,
+    (nodes, groups): (&[usize], &[CpuSet]),
+    (current, weight): (Current, Weight),
     (g, memory): (&Guest, &mut Memory),
 ) -> (Vec<(CpuSet, usize)>, Locality) {
     let parts = g.cell_memory(groups.len());
@@ -410,8 +531,13 @@ fn bind_cells(
             .map(|v| current.get(v as usize).cloned().flatten())
             .collect();
         let vcpus = cell.len() as u32;
-        let range = ranges.choose(candidates, &pins, vcpus);
-        ranges.assign(range, vcpus);
+        // The guest's demand is shared out by its cells' vCPUs.
+        let cell_weight = Weight {
+            vcpus,
+            demand: weight.demand * f64::from(vcpus) / f64::from(weight.vcpus.max(1)),
+        };
+        let range = ranges.choose(candidates, &pins, cell_weight);
+        ranges.assign(range, cell_weight);
         used.push(range);
         out.push((cell.clone(), range));
     }
