@@ -5,7 +5,9 @@
 //! nodes' memory to ~98%, so memory decides where guests go as much as
 //! CPUs do. Targets: incremental under 1 ms, from scratch under 20 ms.
 //! First it prints the pins moved by a guest cycling at the capacity line,
-//! with and without the hysteresis.
+//! with and without the hysteresis. Then a rebalancing decision over the
+//! 1,000 shared guests settled, with uneven demand (target under 5 ms):
+//! what a pass adds when an observation is new.
 //!
 //!     cargo bench -p pinner --bench placement
 
@@ -13,7 +15,8 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use pinner::engine::cpuset::CpuSet;
 use pinner::engine::domain::Policy;
 use pinner::engine::memory::{MemoryPart, PageKind};
-use pinner::engine::placement::{plan, Guest, HostPolicy, Role};
+use pinner::engine::placement::{host_load, plan, plan_loaded, Guest, HostPolicy, Load, Role};
+use pinner::engine::rebalance::{Rebalancer, Rules};
 use pinner::engine::topology::Topology;
 use std::hint::black_box;
 
@@ -128,7 +131,60 @@ fn bench(c: &mut Criterion) {
             b.iter(|| plan(black_box(&topo), &host, black_box(&plus_one)))
         });
     }
+    rebalancing(&mut group, &topo, &host, &shared);
     group.finish();
+}
+
+/// The shared mix settled, the first eight nodes' guests busy (80% of
+/// their vCPUs) and the rest light (10%): one rebalancing decision
+/// (the load read from the plan, then the step, allowed to move at once),
+/// and the same followed by the plan with its moves.
+fn rebalancing(
+    group: &mut criterion::BenchmarkGroup<criterion::measurement::WallTime>,
+    topo: &Topology,
+    host: &HostPolicy,
+    mix: &[Guest],
+) {
+    let settled = settled(topo, host, mix);
+    let placed = plan(topo, host, &settled);
+    let mut load = Load::default();
+    for g in &placed.guests {
+        let node = g.numa_nodes.first().copied().unwrap_or(0);
+        let share = if node < 8 { 0.8 } else { 0.1 };
+        load.demand
+            .insert(g.uuid.clone(), share * g.vcpus.len() as f64);
+    }
+    let rules = Rules {
+        samples: 1,
+        ..Rules::default()
+    };
+    let decide = || Rebalancer::default().step(&rules, &host_load(topo, &placed, &load), 0.0);
+    let moves = decide();
+    println!(
+        "rebalancing: {} moves decided over {} shared guests ({:?})",
+        moves.len(),
+        placed.guests.len(),
+        moves
+            .iter()
+            .map(|m| (&m.name, m.to.to_string()))
+            .collect::<Vec<_>>()
+    );
+    assert!(!moves.is_empty(), "the uneven host is rebalanced");
+    group.bench_function("shared: rebalancing decision", |b| {
+        b.iter(|| black_box(decide()))
+    });
+    group.bench_function(
+        "shared: rebalancing decision and the plan with its moves",
+        |b| {
+            b.iter(|| {
+                let mut moved = load.clone();
+                for m in decide() {
+                    moved.moves.insert(m.uuid, m.to);
+                }
+                plan_loaded(black_box(topo), host, &settled, &moved)
+            })
+        },
+    );
 }
 
 criterion_group! {

@@ -4,7 +4,6 @@
 
 use crate::engine::domain::DomainSpec;
 use crate::host::file::{read_text, FileError};
-use pinner_shared::text::printable;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -23,7 +22,7 @@ pub enum DemandFileError {
         path: PathBuf,
         source: serde_json::Error,
     },
-    /// a key names no running guest
+    /// a key names no running guest (printed escaped, as every error is)
     #[error("{}: {guest}: no running guest has this name or UUID", path.display())]
     UnknownGuest { path: PathBuf, guest: String },
     /// a value is outside what the guest can demand
@@ -55,12 +54,12 @@ pub fn read(path: &Path, specs: &[DomainSpec]) -> Result<HashMap<String, f64>, D
             .or_else(|| specs.iter().find(|s| s.name == key))
             .ok_or_else(|| DemandFileError::UnknownGuest {
                 path: path.to_path_buf(),
-                guest: printable(&key).into_owned(),
+                guest: key.clone(),
             })?;
         if !(0.0..=f64::from(spec.vcpus)).contains(&value) {
             return Err(DemandFileError::OutOfRange {
                 path: path.to_path_buf(),
-                guest: printable(&key).into_owned(),
+                guest: key.clone(),
                 vcpus: spec.vcpus,
                 value,
             });

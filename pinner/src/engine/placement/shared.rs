@@ -254,13 +254,14 @@ pub(super) fn place_shared(
         .filter_map(|set| ranges.index.get(&set).copied())
         .collect();
     let pool = Pool::new(layout, &by_kind, shared_pool, fixed);
-    let mut held = pool.hold_running(&mut ranges, guests, load);
+    let held = pool.hold_running(&mut ranges, guests, load);
     // One buffer for every guest's candidates.
     let mut candidates: Vec<usize> = Vec::with_capacity(fixed + 1);
     for i in order {
         let (g, current) = guests[i];
         let weight = load.weight(g);
-        if let Some(r) = held[i].take() {
+        let here = held[i];
+        if let Some(r) = here {
             ranges.unassign(r, weight);
         }
         if let Some(groups) = g.cell_groups(layout) {
@@ -277,12 +278,14 @@ pub(super) fn place_shared(
         }
         let fit = memory.fit(g);
         let moved_to = load.moves.get(&g.uuid);
-        let (range, target) = pool.range_for(
-            &mut ranges,
-            (g, current, weight, moved_to),
-            &fit,
-            &mut candidates,
-        );
+        let asked = Asked {
+            g,
+            current,
+            weight,
+            here,
+            moved_to,
+        };
+        let (range, target) = pool.range_for(&mut ranges, asked, &fit, &mut candidates);
         let note = memory_note(&target, fit.kib());
         ranges.assign(range, weight);
         chosen[i] = range;
@@ -343,6 +346,16 @@ impl Placed {
     }
 }
 
+/// One guest as its range is chosen: its pins, weight, the range it is
+/// held on now (see [`Pool::hold_running`]) and where rebalancing moves it.
+struct Asked<'a> {
+    g: &'a Guest,
+    current: Current<'a>,
+    weight: Weight,
+    here: Option<usize>,
+    moved_to: Option<&'a CpuSet>,
+}
+
 /// The shared pool as one guest's range is chosen from it.
 struct Pool<'a> {
     layout: &'a Layout<'a>,
@@ -396,22 +409,26 @@ impl<'a> Pool<'a> {
     }
 
     /// A guest's range (see [`place_shared`]) and where its memory goes:
-    /// the one rebalancing `moved_to` while it is a candidate. The range it
-    /// is on now stays a candidate while it holds it, also when it is a
+    /// the one rebalancing moves it to while that is a candidate. The range
+    /// it is on now stays a candidate while it holds it, also when it is a
     /// span (its memory is there; nothing moves to look tidy).
     fn range_for(
         &self,
         ranges: &mut Ranges,
-        (g, current, weight, moved_to): (&Guest, Current, Weight, Option<&CpuSet>),
+        asked: Asked,
         fit: &Fit,
         candidates: &mut Vec<usize>,
     ) -> (usize, Target) {
+        let Asked {
+            g,
+            current,
+            weight,
+            here,
+            moved_to,
+        } = asked;
         let need = g.vcpus as usize;
         let span = || self.span(need, fit);
         let target = ranges.candidates(self.layout, span, self.fixed, (need, fit), candidates);
-        let here = here_range(current, g.vcpus, self.cpus)
-            .filter(|set| self.is_placed_range(ranges, set))
-            .map(|set| ranges.add(self.layout, set, 2));
         // Where it is, its memory may also be on nodes bound for memory alone.
         let holds_here = |h: usize| {
             fit.holds(&ranges.nodes[h]) || {
