@@ -54,7 +54,8 @@ fn a_busy_pair_on_one_range_is_split_by_rebalancing_once() {
     for g in &pair {
         sb.virsh_ok(&["resume", &sb.name(g)]);
     }
-    let moved = wait_for(Duration::from_secs(60), || {
+    // A guest's demand counts once measured for its half-life (60 s).
+    let moved = wait_for(Duration::from_secs(150), || {
         let s = sb.status_json();
         match s["rebalanced"].as_array().map(Vec::len) {
             Some(n) if n > 0 => Ok(s),

@@ -86,6 +86,8 @@ pub const KEYS: &[Key] = &[
         "A guest with NUMA cells (<cpu><numa><cell .../>) has each cell's vCPUs on a host node of its own; this also moves each cell's resident memory there (move_pages(2), at most 1 GiB per pass, again when pages drift). Off: the guest's memory is bound to its cells' nodes together and each page stays where it was first touched."),
     key("", "capacity_hysteresis_percent", Commented("10"), "20",
         "Auto guests go one-to-one while all their vCPUs fit the pool, and are range-bound once they do not. Once range-bound they return to one-to-one only when their vCPUs leave this share of the pool free (percent, 0-50, rounded down to whole CPUs: a pool under 10 CPUs has no band at 10), so one guest starting and stopping at the capacity line moves its own pins, not every guest's each time. 0: no hysteresis."),
+    key("", "shared_balance", Set("\"demand\""), "\"vcpus\"",
+        "What shared (range-bound) guests are balanced by: \"demand\" (what their vCPUs ran or waited runnable, measured; running guests moved by [rebalance]) or \"vcpus\" (vCPU count per pCPU only, nothing measured decides, no rebalancing)."),
     key("", "demand_prior_per_vcpu", Commented("1.0"), "0.5",
         "Shared guests are balanced by demand: what their vCPUs ran or waited runnable, measured from /proc and smoothed (60 s half-life), in CPUs per pCPU of each range. A guest not measured yet counts as this many CPUs per vCPU (0.0-1.0; 1.0: taken for busy, so it goes where the measured guests leave most room). With every guest unmeasured this is balancing by vCPU count."),
     key("", "reserved_memory_mib", Commented("512"), "2048",

@@ -60,6 +60,8 @@ pub struct Config {
     pub capacity_hysteresis_percent: u32,
     /// What an unmeasured shared guest weighs, in CPUs per vCPU.
     pub demand_prior_per_vcpu: f64,
+    /// `shared_balance`: what shared guests are balanced by.
+    pub shared_balance: SharedBalance,
     /// `[rebalance]`: when running shared guests move.
     pub rebalance: RebalanceRules,
     pub isolation: IsolationConfig,
@@ -109,6 +111,16 @@ impl Enforcement {
     }
 }
 
+/// `shared_balance`: what shared guests are balanced by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SharedBalance {
+    /// Measured demand per pCPU (the prior until measured), and
+    /// rebalancing.
+    Demand,
+    /// vCPUs per pCPU, as before demand was measured; no rebalancing.
+    Vcpus,
+}
+
 /// `memory_move_mib_per_sec` when the file does not set it (see
 /// docs/measurements.md for the stall it keeps guests under).
 pub const DEFAULT_MEMORY_MOVE_MIB_PER_SEC: u64 = 256;
@@ -138,6 +150,7 @@ impl Default for Config {
             memory_move_mib_per_sec: DEFAULT_MEMORY_MOVE_MIB_PER_SEC,
             capacity_hysteresis_percent: DEFAULT_CAPACITY_HYSTERESIS_PERCENT,
             demand_prior_per_vcpu: DEFAULT_DEMAND_PRIOR_PER_VCPU,
+            shared_balance: SharedBalance::Demand,
             rebalance: RebalanceRules::default(),
             isolation: IsolationConfig::default(),
             metrics_file: MetricsFile::Auto,
@@ -287,6 +300,7 @@ struct RawConfig {
     memory_move_mib_per_sec: Option<Spanned<i64>>,
     capacity_hysteresis_percent: Option<Spanned<i64>>,
     demand_prior_per_vcpu: Option<Spanned<f64>>,
+    shared_balance: Option<Spanned<String>>,
     rebalance: Option<RawRebalance>,
     libvirt: Option<RawLibvirt>,
     openstack: Option<RawOpenstack>,
@@ -383,13 +397,14 @@ impl Config {
                 message,
             }
         };
-        let raw: RawConfig = toml::from_str(text)
+        let mut raw: RawConfig = toml::from_str(text)
             .map_err(|e| err_at(e.span().map(|s| s.start), e.message().trim().to_string()))?;
 
         let mut config = Config {
             source: Some(path.to_path_buf()),
             ..Config::default()
         };
+        config.shared_keys(&mut raw, &err_at)?;
         config.cpu_keys(raw.reserved_cpus, raw.cpu_allocation_ratio, text, &err_at)?;
         if let Some(v) = raw.socket {
             config.socket = absolute_path(&v, "socket", &err_at)?;
@@ -403,11 +418,6 @@ impl Config {
         if let Some(v) = raw.full_read_interval_secs {
             config.full_read_interval = interval(&v, "full_read_interval_secs", &err_at)?;
         }
-        if let Some(v) = raw.capacity_hysteresis_percent {
-            config.capacity_hysteresis_percent =
-                percent(&v, "capacity_hysteresis_percent", 50, &err_at)?;
-        }
-        config.demand_keys(raw.demand_prior_per_vcpu, raw.rebalance, &err_at)?;
         if let Some(v) = raw.log_level {
             let levels = [
                 ("error", Level::Error),
@@ -580,14 +590,26 @@ impl Config {
     }
 
     /// `[openstack]`, `[libvirt]`, `[isolation]` and `[metrics]`.
-    /// `demand_prior_per_vcpu` and `[rebalance]`.
-    fn demand_keys(
+    /// How range-bound guests are placed: `capacity_hysteresis_percent`,
+    /// `shared_balance`, `demand_prior_per_vcpu` and `[rebalance]`.
+    fn shared_keys(
         &mut self,
-        prior: Option<Spanned<f64>>,
-        rebalance: Option<RawRebalance>,
+        raw: &mut RawConfig,
         err_at: &dyn Fn(Option<usize>, String) -> ConfigError,
     ) -> Result<(), ConfigError> {
-        if let Some(v) = prior {
+        if let Some(v) = raw.capacity_hysteresis_percent.take() {
+            self.capacity_hysteresis_percent =
+                percent(&v, "capacity_hysteresis_percent", 50, err_at)?;
+        }
+        if let Some(v) = raw.shared_balance.take() {
+            let choices = [
+                ("demand", SharedBalance::Demand),
+                ("vcpus", SharedBalance::Vcpus),
+            ];
+            let expected = "\"demand\" or \"vcpus\"";
+            self.shared_balance = one_of(&v, "shared_balance", &choices, expected, err_at)?;
+        }
+        if let Some(v) = raw.demand_prior_per_vcpu.take() {
             let prior = *v.get_ref();
             if !(0.0..=1.0).contains(&prior) {
                 return Err(err_at(
@@ -597,7 +619,7 @@ impl Config {
             }
             self.demand_prior_per_vcpu = prior;
         }
-        let Some(raw) = rebalance else {
+        let Some(raw) = raw.rebalance.take() else {
             return Ok(());
         };
         let rules = &mut self.rebalance;
@@ -1358,6 +1380,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(config.demand_prior_per_vcpu, 0.25);
+        assert_eq!(config.shared_balance, SharedBalance::Demand);
+        let by_count = parse("shared_balance = \"vcpus\"").unwrap();
+        assert_eq!(by_count.shared_balance, SharedBalance::Vcpus);
         let rules = config.rebalance;
         assert_eq!((rules.threshold, rules.samples), (0.2, 5));
         assert_eq!((rules.cooldown_secs, rules.max_moves), (60.0, 0));
@@ -1379,6 +1404,10 @@ mod tests {
                 "rebalance.max_moves must be 0 to 64, not 65",
             ),
             ("[rebalance]\ncooldown = 5", "unknown field `cooldown`"),
+            (
+                "shared_balance = \"load\"",
+                "shared_balance must be \"demand\" or \"vcpus\"",
+            ),
         ] {
             let e = parse(text).unwrap_err();
             assert!(e.message.contains(message), "{text}: {e}");

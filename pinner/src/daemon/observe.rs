@@ -199,12 +199,22 @@ impl Observer {
         true
     }
 
-    /// Each guest's demand as last measured (CPUs), by UUID.
-    pub fn demand(&self) -> HashMap<String, f64> {
-        self.samples
+    /// Each guest's demand as last measured (CPUs), by UUID, and the
+    /// guests whose demand has been measured for less than its half-life.
+    pub fn demand(&self) -> (HashMap<String, f64>, HashSet<String>) {
+        let mut settling = HashSet::new();
+        let demand = self
+            .samples
             .iter()
-            .filter_map(|(uuid, (_, o))| Some((uuid.clone(), o.as_ref()?.rates.demand_cpus?)))
-            .collect()
+            .filter_map(|(uuid, (_, o))| {
+                let rates = o.as_ref()?.rates;
+                if rates.measured_secs < guest_stats::DEMAND_HALF_LIFE.as_secs_f64() {
+                    settling.insert(uuid.clone());
+                }
+                Some((uuid.clone(), rates.demand_cpus?))
+            })
+            .collect();
+        (demand, settling)
     }
 
     /// A fresh sample of `uuid` (a guest whose cells' memory the pass

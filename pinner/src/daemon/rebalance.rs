@@ -4,6 +4,7 @@
 //! fits), logged, counted and shown in status.
 
 use super::control::Daemon;
+use crate::config::SharedBalance;
 use crate::engine::domain::DomainSpec;
 use crate::engine::placement::{self, Load, Plan};
 use crate::engine::rebalance::{Move, Rebalancer};
@@ -37,13 +38,20 @@ impl Default for Rebalancing {
 }
 
 impl Daemon {
-    /// The guests' measured demand and the configured prior: what plans
-    /// weigh shared guests by.
+    /// What plans weigh shared guests by: their measured demand and the
+    /// configured prior, or (`shared_balance = "vcpus"`) one per vCPU.
     pub(super) fn load(&self) -> Load {
-        Load {
-            demand: self.observer.demand(),
-            moves: HashMap::new(),
-            prior_per_vcpu: self.config.demand_prior_per_vcpu,
+        match self.config.shared_balance {
+            SharedBalance::Demand => {
+                let (demand, settling) = self.observer.demand();
+                Load {
+                    demand,
+                    settling,
+                    moves: HashMap::new(),
+                    prior_per_vcpu: self.config.demand_prior_per_vcpu,
+                }
+            }
+            SharedBalance::Vcpus => Load::prior(1.0),
         }
     }
 
@@ -51,7 +59,9 @@ impl Daemon {
     /// planned in (the plan as it was when there are none).
     pub(super) fn rebalanced(&mut self, plan: Plan, specs: &[DomainSpec], mut load: Load) -> Plan {
         let observation = self.observer.observations;
-        if observation == self.rebalancing.sampled {
+        if observation == self.rebalancing.sampled
+            || self.config.shared_balance == SharedBalance::Vcpus
+        {
             return plan;
         }
         self.rebalancing.sampled = observation;

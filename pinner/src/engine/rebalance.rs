@@ -77,7 +77,8 @@ pub struct Tenant {
     /// CPUs of demand.
     pub demand: f64,
     /// Bound to one L3 range or node share as a whole (not a span of
-    /// nodes, not cell by cell): only such a guest is moved.
+    /// nodes, not cell by cell), its demand measured long enough: only
+    /// such a guest is moved.
     pub movable: bool,
     /// The nodes whose free memory holds its memory beside what is there.
     pub fits: Vec<u32>,

@@ -231,6 +231,10 @@ pub struct Rates {
     /// second of wall time (CPUs: one vCPU always busy is 1.0), smoothed
     /// with a half-life of [`DEMAND_HALF_LIFE`].
     pub demand_cpus: Option<f64>,
+    /// How long the demand has been measured (seconds): under
+    /// [`DEMAND_HALF_LIFE`] it still mostly tells how the guest started
+    /// (a booting guest looks idle).
+    pub measured_secs: f64,
 }
 
 /// Steal and demand per guest, from its samples over time.
@@ -269,6 +273,7 @@ impl RateTracker {
                         .demand_cpus
                         .map_or(busy, |d| d + weight * (busy - d)),
                 ),
+                measured_secs: entry.3.measured_secs + span,
             };
             *entry = (now, sample.run_delay_ns, sample.run_ns, rates);
         }

@@ -47,17 +47,23 @@ fn tenant(g: &GuestPlan, nodes: &[NodeShare], load: &Load, memory: &[PoolFigures
         .iter()
         .any(|n| n.cpus == range || n.l3s.contains(&range));
     let vcpus = g.vcpus.len() as u32;
+    let prior = load.prior_per_vcpu * f64::from(vcpus);
+    let measured = load.demand.get(&g.uuid);
+    let settling = load.settling.contains(&g.uuid);
+    let demand = match measured {
+        // Not known well yet: taken for at least as busy as the prior.
+        Some(&d) if settling => d.max(prior),
+        Some(&d) => d,
+        None => prior,
+    };
     Tenant {
         uuid: g.uuid.clone(),
         name: g.name.clone(),
-        movable: whole && placed && !g.memory_unbound,
+        // Moved only for a demand measured long enough to go by.
+        movable: whole && placed && !g.memory_unbound && measured.is_some() && !settling,
         range,
         vcpus,
-        demand: load
-            .demand
-            .get(&g.uuid)
-            .copied()
-            .unwrap_or(load.prior_per_vcpu * f64::from(vcpus)),
+        demand,
         fits: fitting_nodes(g, memory),
     }
 }

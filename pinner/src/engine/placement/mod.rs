@@ -17,7 +17,7 @@ use crate::engine::memory::{
 };
 use crate::engine::policy::PolicyRules;
 use crate::engine::topology::Topology;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 mod cells;
 mod dedicated;
@@ -69,6 +69,10 @@ pub struct Load {
     /// Guest UUID → its measured demand (CPUs); a guest not here weighs
     /// the host's `demand_prior_per_vcpu` per vCPU.
     pub demand: HashMap<String, f64>,
+    /// Guests whose demand has been measured too briefly to move them for
+    /// it (a booting guest looks idle): rebalancing counts each at least
+    /// at the prior and leaves it where it is.
+    pub settling: HashSet<String>,
     /// Guest UUID → the range rebalancing moves it to now.
     pub moves: HashMap<String, CpuSet>,
     /// `demand_prior_per_vcpu`.
@@ -90,6 +94,7 @@ impl Load {
     pub fn prior(prior_per_vcpu: f64) -> Load {
         Load {
             demand: HashMap::new(),
+            settling: HashSet::new(),
             moves: HashMap::new(),
             prior_per_vcpu,
         }
@@ -1223,6 +1228,41 @@ mod tests {
         // The running guests stay: within one vCPU per pCPU.
         assert_eq!(all_cpus(by_name(&weighed, "busy")), set("0-3"));
         assert_eq!(weighed.pins_moved, 0);
+    }
+
+    #[test]
+    fn a_guest_measured_too_briefly_counts_at_least_the_prior_and_stays() {
+        let (topo, host, guests) = busy_and_idle();
+        let mut load = measured(&[("busy", 3.9), ("idle", 0.1)]);
+        load.settling.insert("uuid-idle".into());
+        let plan = plan_loaded(&topo, &host, &guests, &load);
+        let view = host_load(&topo, &plan, &load);
+        let tenant = |name: &str| view.tenants.iter().find(|t| t.name == name).unwrap();
+        assert_eq!(
+            (tenant("idle").demand, tenant("idle").movable),
+            (4.0, false)
+        );
+        assert_eq!((tenant("busy").demand, tenant("busy").movable), (3.9, true));
+        let unmeasured = host_load(&topo, &plan, &Load::default());
+        assert!(unmeasured.tenants.iter().all(|t| !t.movable));
+    }
+
+    #[test]
+    fn rebalancing_never_sees_a_dedicated_guest_or_its_cpus() {
+        let topo = Topology::uniform(&set("0-7"), 2);
+        let guests = vec![
+            managed("own", 2, Policy::Dedicated, vec![]),
+            managed("shared", 2, Policy::Shared, vec![]),
+        ];
+        let host = HostPolicy::with_reserved(CpuSet::new());
+        let plan = plan(&topo, &host, &guests);
+        let own = all_cpus(by_name(&plan, "own"));
+        let view = host_load(&topo, &plan, &Load::default());
+        assert_eq!(view.tenants.len(), 1);
+        assert_eq!(view.tenants[0].name, "shared");
+        for share in &view.nodes {
+            assert!(share.cpus.intersection(&own).is_empty(), "{share:?}");
+        }
     }
 
     #[test]
