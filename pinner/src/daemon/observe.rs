@@ -36,7 +36,7 @@ const OBSERVATION_SLICE: Duration = Duration::from_millis(10);
 /// A started event whose guest never shows up is forgotten after this.
 const AWAIT_LIMIT_NS: u64 = 60_000_000_000;
 
-fn unix_now_ns() -> u64 {
+pub(super) fn unix_now_ns() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
@@ -349,8 +349,7 @@ impl Daemon {
                 }));
             }
         };
-        let load = self.load();
-        let plan = reconcile::plan_for(&self.topology, &self.host, &specs, &load);
+        let (plan, load) = self.plan(&specs);
         let mut warnings: Vec<String> = plan.warnings.iter().map(ToString::to_string).collect();
         warnings.extend(unreadable.iter().map(ToString::to_string));
         let mut domains = reconcile::domain_status(

@@ -143,8 +143,7 @@ impl Daemon {
         self.memory.retain_running(&specs);
         // Hugepage pools and hot-plugged memory change while the host runs.
         crate::host::sysfs::refresh_memory(&self.paths.sysfs_root, &mut self.topology);
-        let load = self.load();
-        let plan = reconcile::plan_for(&self.topology, &self.host, &specs, &load);
+        let (plan, load) = self.plan(&specs);
         let plan = match self.config.enforcement {
             // Nothing moves in observe mode: rebalancing waits for enforce.
             Enforcement::Observe => plan,

@@ -4,6 +4,7 @@
 //! fits), logged, counted and shown in status.
 
 use super::control::Daemon;
+use super::observe::unix_now_ns;
 use crate::config::SharedBalance;
 use crate::engine::domain::DomainSpec;
 use crate::engine::placement::{self, Load, Plan};
@@ -53,6 +54,14 @@ impl Daemon {
             }
             SharedBalance::Vcpus => Load::prior(1.0),
         }
+    }
+
+    /// The plan for `specs` as things stand, and the load it weighed
+    /// shared guests by.
+    pub(super) fn plan(&self, specs: &[DomainSpec]) -> (Plan, Load) {
+        let load = self.load();
+        let plan = reconcile::plan_for(&self.topology, &self.host, specs, &load);
+        (plan, load)
     }
 
     /// `plan`, with the moves rebalancing decides on a fresh observation
@@ -107,9 +116,7 @@ impl Daemon {
             across_nodes: m.across_nodes,
             busy: m.busy,
             idle: m.idle,
-            at_unix_secs: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
+            at_unix_secs: unix_now_ns() / 1_000_000_000,
         });
     }
 }

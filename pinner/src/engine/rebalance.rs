@@ -324,6 +324,43 @@ fn narrowed(rules: &Rules, busy: (f64, usize), idle: (f64, usize), d: f64) -> Op
     (before - after >= rules.threshold).then_some(after)
 }
 
+/// Two ranges a guest may move between: the busy one's and the idle one's
+/// (demand, CPUs) and demand per pCPU.
+struct Pair {
+    busy: (f64, usize),
+    idle: (f64, usize),
+    per_cpu: (f64, f64),
+    across_nodes: bool,
+}
+
+/// The moves over `pair` of every guest `target` finds a range for.
+fn pair_moves(
+    rules: &Rules,
+    pair: Pair,
+    tenants: &[Tenant],
+    target: impl Fn(&Tenant) -> Option<CpuSet>,
+) -> Vec<Candidate> {
+    if pair.per_cpu.0 - pair.per_cpu.1 < rules.threshold {
+        return Vec::new();
+    }
+    tenants
+        .iter()
+        .enumerate()
+        .filter_map(|(i, t)| {
+            let to = target(t)?;
+            let gap_after = narrowed(rules, pair.busy, pair.idle, t.demand)?;
+            Some(Candidate {
+                tenant: i,
+                to,
+                across_nodes: pair.across_nodes,
+                gap_after,
+                busy: pair.per_cpu.0,
+                idle: pair.per_cpu.1,
+            })
+        })
+        .collect()
+}
+
 /// Moves from node share `n`'s busiest L3 range to its least busy one.
 fn within_node(
     rules: &Rules,
@@ -337,31 +374,16 @@ fn within_node(
     let Some(((hi, busy), (lo, idle))) = l3_extremes(host, demand, n) else {
         return Vec::new();
     };
-    if busy - idle < rules.threshold {
-        return Vec::new();
-    }
     let (from, to) = (&l3s[hi], &l3s[lo]);
-    tenants
-        .iter()
-        .enumerate()
-        .filter(|(_, t)| free(t) && t.range == *from && t.vcpus as usize <= to.len())
-        .filter_map(|(i, t)| {
-            let gap_after = narrowed(
-                rules,
-                (demand[n][hi], from.len()),
-                (demand[n][lo], to.len()),
-                t.demand,
-            )?;
-            Some(Candidate {
-                tenant: i,
-                to: to.clone(),
-                across_nodes: false,
-                gap_after,
-                busy,
-                idle,
-            })
-        })
-        .collect()
+    let pair = Pair {
+        busy: (demand[n][hi], from.len()),
+        idle: (demand[n][lo], to.len()),
+        per_cpu: (busy, idle),
+        across_nodes: false,
+    };
+    pair_moves(rules, pair, tenants, |t| {
+        (free(t) && t.range == *from && t.vcpus as usize <= to.len()).then(|| to.clone())
+    })
 }
 
 /// Moves from kind `kind`'s busiest node share to its least busy one, of
@@ -378,33 +400,19 @@ fn across_nodes(
     let Some(((hi, busy), (lo, idle))) = node_extremes(host, demand, kind) else {
         return Vec::new();
     };
-    if busy - idle < rules.threshold {
-        return Vec::new();
-    }
     let (from, to) = (&host.nodes[hi], &host.nodes[lo]);
     let holds = |t: &Tenant| to.node.is_some_and(|node| t.fits.contains(&node));
-    tenants
-        .iter()
-        .enumerate()
-        .filter(|(_, t)| free(t) && t.range.is_subset(&from.cpus) && holds(t))
-        .filter_map(|(i, t)| {
-            let target = l3_for(to, &demand[lo], t)?;
-            let gap_after = narrowed(
-                rules,
-                (demand[hi].iter().sum(), from.cpus.len()),
-                (demand[lo].iter().sum(), to.cpus.len()),
-                t.demand,
-            )?;
-            Some(Candidate {
-                tenant: i,
-                to: target,
-                across_nodes: true,
-                gap_after,
-                busy,
-                idle,
-            })
-        })
-        .collect()
+    let pair = Pair {
+        busy: (demand[hi].iter().sum(), from.cpus.len()),
+        idle: (demand[lo].iter().sum(), to.cpus.len()),
+        per_cpu: (busy, idle),
+        across_nodes: true,
+    };
+    pair_moves(rules, pair, tenants, |t| {
+        (free(t) && t.range.is_subset(&from.cpus) && holds(t))
+            .then(|| l3_for(to, &demand[lo], t))
+            .flatten()
+    })
 }
 
 /// Where on node share `to` a guest goes: as placement would put it, the

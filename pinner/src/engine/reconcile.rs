@@ -7,7 +7,7 @@ use crate::engine::domain::DomainSpec;
 use crate::engine::hypervisor::{HvError, Hypervisor};
 use crate::engine::memory::PageKind;
 use crate::engine::placement::{
-    self, Guest, GuestPlan, HostPolicy, LeftAlone, Load, Plan, Role, Warning,
+    self, Guest, GuestPlan, HostPolicy, LeftAlone, Load, Placement, Plan, Role, Warning,
 };
 use crate::engine::policy::Decision;
 use crate::engine::topology::Topology;
@@ -363,18 +363,22 @@ pub fn node_memory(plan: &Plan) -> Vec<NodeMemoryStatus> {
 /// `load`, else its prior), by CPUs.
 pub fn range_status(topology: &Topology, plan: &Plan, load: &Load) -> Vec<RangeStatus> {
     let mut ranges: BTreeMap<Vec<u32>, RangeStatus> = BTreeMap::new();
-    for t in placement::host_load(topology, plan, load).tenants {
-        let range = ranges
-            .entry(t.range.to_vec())
-            .or_insert_with(|| RangeStatus {
-                cpus: t.range.to_vec(),
-                nodes: topology.nodes_of(&t.range),
-                ..RangeStatus::default()
-            });
+    let shared = plan
+        .guests
+        .iter()
+        .filter(|g| g.placement == Placement::Shared);
+    for g in shared {
+        let cpus: CpuSet = g.vcpus.iter().flat_map(CpuSet::iter).collect();
+        let vcpus = g.vcpus.len() as u32;
+        let range = ranges.entry(cpus.to_vec()).or_insert_with(|| RangeStatus {
+            cpus: cpus.to_vec(),
+            nodes: topology.nodes_of(&cpus),
+            ..RangeStatus::default()
+        });
         range.guests += 1;
-        range.vcpus += t.vcpus;
-        range.demand_cpus += t.demand;
-        range.unmeasured += u32::from(!load.demand.contains_key(&t.uuid));
+        range.vcpus += vcpus;
+        range.demand_cpus += load.demand_of(&g.uuid, vcpus);
+        range.unmeasured += u32::from(!load.demand.contains_key(&g.uuid));
     }
     ranges.into_values().collect()
 }

@@ -47,20 +47,19 @@ fn tenant(g: &GuestPlan, nodes: &[NodeShare], load: &Load, memory: &[PoolFigures
         .iter()
         .any(|n| n.cpus == range || n.l3s.contains(&range));
     let vcpus = g.vcpus.len() as u32;
-    let prior = load.prior_per_vcpu * f64::from(vcpus);
-    let measured = load.demand.get(&g.uuid);
+    let measured = load.demand.contains_key(&g.uuid);
     let settling = load.settling.contains(&g.uuid);
-    let demand = match measured {
-        // Not known well yet: taken for at least as busy as the prior.
-        Some(&d) if settling => d.max(prior),
-        Some(&d) => d,
-        None => prior,
+    let demand = load.demand_of(&g.uuid, vcpus);
+    // Not known well yet: taken for at least as busy as the prior.
+    let demand = match settling {
+        true => demand.max(load.prior_per_vcpu * f64::from(vcpus)),
+        false => demand,
     };
     Tenant {
         uuid: g.uuid.clone(),
         name: g.name.clone(),
         // Moved only for a demand measured long enough to go by.
-        movable: whole && placed && !g.memory_unbound && measured.is_some() && !settling,
+        movable: whole && placed && !g.memory_unbound && measured && !settling,
         range,
         vcpus,
         demand,

@@ -100,12 +100,20 @@ impl Load {
         }
     }
 
+    /// Guest `uuid`'s demand (CPUs): measured, else the prior for its
+    /// `vcpus`.
+    pub fn demand_of(&self, uuid: &str, vcpus: u32) -> f64 {
+        self.demand
+            .get(uuid)
+            .copied()
+            .unwrap_or(self.prior_per_vcpu * f64::from(vcpus))
+    }
+
     /// What `g` adds to the range it goes to.
     fn weight(&self, g: &Guest) -> shared::Weight {
-        let demand = self.demand.get(&g.uuid).copied();
         shared::Weight {
             vcpus: g.vcpus,
-            demand: demand.unwrap_or(self.prior_per_vcpu * f64::from(g.vcpus)),
+            demand: self.demand_of(&g.uuid, g.vcpus),
         }
     }
 }
