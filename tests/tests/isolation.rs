@@ -363,6 +363,14 @@ fn hostile_process_names_are_shown_escaped() {
     confined_to(clearer, &online_cpus()[..1]).unwrap();
 }
 
+/// Replaces `path` in one step: a sweep every second must never read it
+/// half-written (a different refusal, logged once more).
+fn replace_with_file(path: &Path, bytes: &[u8]) {
+    let next = path.with_extension("next");
+    std::fs::write(&next, bytes).unwrap();
+    std::fs::rename(&next, path).unwrap();
+}
+
 /// The isolation state truncated, then replaced by a link: each refused
 /// with one error that says what to do, sweeps quiet meanwhile, the link's
 /// target untouched; the way out the error names works.
@@ -386,7 +394,7 @@ fn an_unusable_state_is_refused_once_with_the_way_out() {
             .collect::<Vec<_>>()
     };
 
-    std::fs::write(&state, &good[..good.len() / 2]).unwrap();
+    replace_with_file(&state, &good[..good.len() / 2]);
     sb.await_log("not a usable isolation state");
     std::thread::sleep(Duration::from_secs(3));
     let said = refusals(&sb);
@@ -398,13 +406,14 @@ fn an_unusable_state_is_refused_once_with_the_way_out() {
     );
     assert!(said[0].contains("pinner isolate undo"), "{}", said[0]);
     assert_eq!(std::fs::read(&state).unwrap(), &good[..good.len() / 2]);
-    std::fs::write(&state, &good).unwrap();
+    replace_with_file(&state, &good);
     sb.await_log("isolation sweeps work again");
 
     let victim = sb.dir.join("victim");
     std::fs::write(&victim, "precious\n").unwrap();
-    std::fs::remove_file(&state).unwrap();
-    std::os::unix::fs::symlink(&victim, &state).unwrap();
+    let link = state.with_extension("link");
+    std::os::unix::fs::symlink(&victim, &link).unwrap();
+    std::fs::rename(&link, &state).unwrap();
     wait_for(Duration::from_secs(5), || match refusals(&sb).len() {
         2 => Ok(()),
         n => Err(format!("{n} refusals")),
