@@ -198,11 +198,20 @@ pub enum IsolateAction {
     Undo,
 }
 
+/// Why a `--sample` value was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SampleSecondsError {
+    #[error("{0} is not a number of seconds from 0 to 60")]
+    OutOfRange(f64),
+    #[error("{0:?} is not a number of seconds")]
+    NotANumber(String),
+}
+
 /// `--sample`: a number of seconds from 0 to 60 (not NaN, not infinite).
-fn sample_seconds(text: &str) -> Result<f64, String> {
+fn sample_seconds(text: &str) -> Result<f64, SampleSecondsError> {
     match text.trim().parse::<f64>() {
         Ok(s) if s.is_finite() && (0.0..=60.0).contains(&s) => Ok(s),
-        Ok(s) => Err(format!("{s} is not a number of seconds from 0 to 60")),
-        Err(_) => Err(format!("{text:?} is not a number of seconds")),
+        Ok(s) => Err(SampleSecondsError::OutOfRange(s)),
+        Err(_) => Err(SampleSecondsError::NotANumber(text.to_string())),
     }
 }

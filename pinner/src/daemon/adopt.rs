@@ -11,7 +11,7 @@ use super::control::Daemon;
 use super::Work;
 use crate::engine::cpuset::CpuSet;
 use crate::engine::reconcile::{Action, DomainActions};
-use crate::host::guest_ram::{self, KernelPageMover, MemoryRange, RatePacer};
+use crate::host::guest_ram::{self, GuestRamError, KernelPageMover, MemoryRange, RatePacer};
 use crate::host::guest_stats;
 use crate::host::procs::ProcFs;
 use std::collections::{HashMap, VecDeque};
@@ -24,6 +24,17 @@ use std::time::Instant;
 const AT_ONCE_BYTES: u64 = 64 << 20;
 
 const MIB: f64 = (1u64 << 20) as f64;
+
+/// Why a guest's paced memory move stopped (its binding then goes at once).
+#[derive(Debug, thiserror::Error)]
+pub enum MoveError {
+    #[error("cannot start the mover: {0}")]
+    Spawn(std::io::Error),
+    #[error("{0}")]
+    Pages(std::io::Error),
+    #[error("{0}")]
+    Elsewhere(#[from] GuestRamError),
+}
 
 /// A guest whose memory is to be moved before its binding.
 #[derive(Debug, Clone)]
@@ -95,15 +106,14 @@ fn move_rounds(
     (mut ranges, targets): (Vec<MemoryRange>, &[u32]),
     rate: u64,
     done: &AtomicU64,
-) -> Result<String, String> {
+) -> Result<String, MoveError> {
     let mut mover = KernelPageMover::new(proc);
     let mut pacer = RatePacer::new(rate);
     let mut summary = String::new();
     for round in 1..=ROUNDS {
         let tally = guest_ram::move_paced(&mut mover, pid, &ranges, targets, &mut pacer, done)
-            .map_err(|e| e.to_string())?;
-        let (left, bytes) = guest_ram::memory_elsewhere(&ProcFs::new(proc), pid, targets)
-            .map_err(|e| e.to_string())?;
+            .map_err(MoveError::Pages)?;
+        let (left, bytes) = guest_ram::memory_elsewhere(&ProcFs::new(proc), pid, targets)?;
         summary = format!(
             "{round} rounds; pages the last would not move: {}; {:.0} MiB still elsewhere",
             guest_ram::describe_refused(&tally.refused),
@@ -220,14 +230,14 @@ impl Daemon {
         {
             let _ = self.work_tx.send(Work::MemoryMoved {
                 uuid: guest.uuid.clone(),
-                result: Err(format!("cannot start the mover: {e}")),
+                result: Err(MoveError::Spawn(e)),
             });
         }
     }
 
     /// A move ended: its guest's binding goes at the next pass (also when
     /// the move failed: then as libvirt moves it), and the next move starts.
-    pub(super) fn memory_moved(&mut self, uuid: &str, result: Result<String, String>) {
+    pub(super) fn memory_moved(&mut self, uuid: &str, result: Result<String, MoveError>) {
         let Some(moving) = self.adoption.moving.take_if(|m| m.guest.uuid == uuid) else {
             return;
         };

@@ -45,7 +45,7 @@ pub enum Work {
     /// or why it stopped.
     MemoryMoved {
         uuid: String,
-        result: Result<String, String>,
+        result: Result<String, adopt::MoveError>,
     },
     Reload,
     Stop,

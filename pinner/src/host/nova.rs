@@ -27,11 +27,12 @@ pub enum NovaError {
         key: &'static str,
         error: CpuListError,
     },
-    #[error("{key}: {message}")]
-    Memory {
+    #[error("reserved_host_memory_mb: \"{value}\" is not a number of MiB")]
+    HostMemory { line: usize, value: String },
+    #[error("reserved_huge_pages: {error}")]
+    HugePages {
         line: usize,
-        key: &'static str,
-        message: String,
+        error: HugePageReserveError,
     },
     #[error("cpu_shared_set and cpu_dedicated_set (line {dedicated_line}) overlap on CPUs {both}")]
     Overlap {
@@ -49,7 +50,8 @@ impl NovaError {
             NovaError::NotANumber { line, .. }
             | NovaError::NotACount { line, .. }
             | NovaError::CpuList { line, .. }
-            | NovaError::Memory { line, .. }
+            | NovaError::HostMemory { line, .. }
+            | NovaError::HugePages { line, .. }
             | NovaError::Overlap { line, .. } => Some(*line),
         }
     }
@@ -88,26 +90,49 @@ const NOVA_INITIAL_RATIO: f64 = 4.0;
 /// nova's `reserved_host_memory_mb` when nova.conf does not set it.
 const NOVA_RESERVED_HOST_MEMORY_MB: u64 = 512;
 
+/// Why a `reserved_huge_pages` value is not `node:N,size:S,count:C`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HugePageReserveError {
+    #[error("{part:?} is not key:value (node:0,size:2048,count:64)")]
+    NotKeyValue { part: String },
+    #[error("{text:?} has no {key} (node:0,size:2048,count:64)")]
+    Missing { text: String, key: &'static str },
+    #[error("{key} {value:?} is not a number")]
+    NotANumber { key: &'static str, value: String },
+    #[error("size {size:?}: unit {unit:?} is not KB, MB or GB")]
+    Unit { size: String, unit: String },
+    #[error("node {0} is not a node")]
+    Node(u64),
+}
+
 /// Parses nova's `node:N,size:S,count:C` (S in KiB, or with a unit: "2MB",
 /// "1GB", "1G"; page sizes are binary).
-pub fn parse_huge_page_reserve(text: &str) -> Result<HugePageReserve, String> {
+pub fn parse_huge_page_reserve(text: &str) -> Result<HugePageReserve, HugePageReserveError> {
     let mut fields = std::collections::BTreeMap::new();
     for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (key, value) = part
-            .split_once(':')
-            .ok_or_else(|| format!("{part:?} is not key:value (node:0,size:2048,count:64)"))?;
+        let (key, value) =
+            part.split_once(':')
+                .ok_or_else(|| HugePageReserveError::NotKeyValue {
+                    part: part.to_string(),
+                })?;
         fields.insert(key.trim().to_ascii_lowercase(), value.trim());
     }
-    let field = |key: &str| {
+    let field = |key: &'static str| {
         fields
             .get(key)
             .copied()
-            .ok_or_else(|| format!("{text:?} has no {key} (node:0,size:2048,count:64)"))
+            .ok_or_else(|| HugePageReserveError::Missing {
+                text: text.to_string(),
+                key,
+            })
     };
-    let number = |key: &str, value: &str| {
+    let number = |key: &'static str, value: &str| {
         value
             .parse::<u64>()
-            .map_err(|_| format!("{key} {value:?} is not a number"))
+            .map_err(|_| HugePageReserveError::NotANumber {
+                key,
+                value: value.to_string(),
+            })
     };
     let node = number("node", field("node")?)?;
     let size = field("size")?;
@@ -116,10 +141,15 @@ pub fn parse_huge_page_reserve(text: &str) -> Result<HugePageReserve, String> {
         "" | "k" | "kb" | "kib" => 1,
         "m" | "mb" | "mib" => 1 << 10,
         "g" | "gb" | "gib" => 1 << 20,
-        unit => return Err(format!("size {size:?}: unit {unit:?} is not KB, MB or GB")),
+        unit => {
+            return Err(HugePageReserveError::Unit {
+                size: size.to_string(),
+                unit: unit.to_string(),
+            })
+        }
     };
     Ok(HugePageReserve {
-        node: u32::try_from(node).map_err(|_| format!("node {node} is not a node"))?,
+        node: u32::try_from(node).map_err(|_| HugePageReserveError::Node(node))?,
         size_kib: number("size", digits)?.saturating_mul(scale),
         count: number("count", field("count")?)?,
     })
@@ -218,18 +248,14 @@ pub fn parse(text: &str) -> Result<NovaConf, NovaError> {
 /// pool per line, as oslo.config's MultiOpt has it).
 fn memory_key(out: &mut NovaConf, key: &str, value: &str, line: usize) -> Result<(), NovaError> {
     if key == "reserved_host_memory_mb" {
-        let mb = value.parse().map_err(|_| NovaError::Memory {
+        let mb = value.parse().map_err(|_| NovaError::HostMemory {
             line,
-            key: "reserved_host_memory_mb",
-            message: format!("\"{value}\" is not a number of MiB"),
+            value: value.to_string(),
         })?;
         out.reserved_host_memory_mb = Some(Located { value: mb, line });
     } else if !value.is_empty() {
-        let reserve = parse_huge_page_reserve(value).map_err(|message| NovaError::Memory {
-            line,
-            key: "reserved_huge_pages",
-            message,
-        })?;
+        let reserve =
+            parse_huge_page_reserve(value).map_err(|error| NovaError::HugePages { line, error })?;
         out.reserved_huge_pages.push(Located {
             value: reserve,
             line,
@@ -354,9 +380,13 @@ cpu_shared_set = 2-3, 8
         let e = parse("[DEFAULT]\nreserved_huge_pages = node:0,size:2TB,count:1\n").unwrap_err();
         assert_eq!(e.line(), Some(2));
         assert!(e.to_string().contains("unit \"tb\""), "{e}");
-        assert!(parse_huge_page_reserve("node:0,count:1")
-            .unwrap_err()
-            .contains("no size"));
+        assert_eq!(
+            parse_huge_page_reserve("node:0,count:1"),
+            Err(HugePageReserveError::Missing {
+                text: "node:0,count:1".into(),
+                key: "size"
+            })
+        );
     }
 
     #[test]

@@ -30,7 +30,7 @@ pub enum StateError {
     #[error("cannot lock {}: {source}", path.display())]
     Lock { path: PathBuf, source: nix::Error },
     #[error("{shown}: not a usable isolation state ({why}): move it away (`mv {shown} {shown}.bad`), then `pinner isolate undo` puts processes still confined back in their hierarchy's root and removes pinner's groups, or `systemctl reload pinner` confines anew", shown = path.display())]
-    Unusable { path: PathBuf, why: String },
+    Unusable { path: PathBuf, why: Unusable },
     #[error("cannot read {}: {source}", path.display())]
     Read {
         path: PathBuf,
@@ -43,6 +43,21 @@ pub enum StateError {
         path: PathBuf,
         source: std::io::Error,
     },
+}
+
+/// Why a state file is not acted on.
+#[derive(Debug, thiserror::Error)]
+pub enum Unusable {
+    #[error("{0}")]
+    File(FileError),
+    #[error("{0}")]
+    Json(#[from] serde_json::Error),
+    #[error("group {0:?} is not a plain name")]
+    Group(String),
+    #[error("unit {0:?} is none pinner sets")]
+    Unit(String),
+    #[error("process {pid}'s group {group:?} leaves its hierarchy")]
+    Origin { pid: u32, group: String },
 }
 
 /// Where a moved process was, per hierarchy, to put it back.
@@ -73,23 +88,23 @@ pub struct State {
 impl State {
     /// What pinner acts on: its group's name (it removes that directory),
     /// the units it resets, each process's groups (it writes pids there).
-    fn check(&self) -> Result<(), String> {
+    fn check(&self) -> Result<(), Unusable> {
         if !super::valid_group_name(&self.group) {
-            return Err(format!("group {:?} is not a plain name", self.group));
+            return Err(Unusable::Group(self.group.clone()));
         }
         if let Some(unit) = self
             .units
             .iter()
             .find(|u| !SYSTEMD_UNITS.contains(&u.as_str()))
         {
-            return Err(format!("unit {unit:?} is none pinner sets"));
+            return Err(Unusable::Unit(unit.clone()));
         }
         for origin in &self.origins {
             if let Some((_, group)) = origin.groups.iter().find(|(_, g)| !inside_hierarchy(g)) {
-                return Err(format!(
-                    "process {}'s group {group:?} leaves its hierarchy",
-                    origin.pid
-                ));
+                return Err(Unusable::Origin {
+                    pid: origin.pid,
+                    group: group.clone(),
+                });
             }
         }
         Ok(())
@@ -138,7 +153,7 @@ impl System {
     /// only inside pinner's own cgroup tree.
     pub fn load_state(&self) -> Result<Option<State>, StateError> {
         let path = self.state_path();
-        let unusable = |why: String| StateError::Unusable {
+        let unusable = |why: Unusable| StateError::Unusable {
             path: path.clone(),
             why,
         };
@@ -146,9 +161,9 @@ impl System {
             Ok(text) => text,
             Err(e) if e.is_not_found() => return Ok(None),
             Err(FileError::Io(source)) => return Err(StateError::Read { path, source }),
-            Err(e) => return Err(unusable(e.to_string())),
+            Err(e) => return Err(unusable(Unusable::File(e))),
         };
-        let state: State = serde_json::from_str(&text).map_err(|e| unusable(e.to_string()))?;
+        let state: State = serde_json::from_str(&text).map_err(|e| unusable(e.into()))?;
         state.check().map_err(unusable)?;
         Ok(Some(state))
     }
