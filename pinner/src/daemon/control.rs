@@ -379,25 +379,22 @@ impl Daemon {
         }
         let everywhere = Everywhere::of(&self.topology);
         let logger = self.logger.clone();
-        let own_pins = &mut self.memory.own_pins;
+        let memory = &mut self.memory;
         let inventory = &mut self.inventory;
         let libvirt = self.session.current().expect("connected above");
         let released = release::release(libvirt, &everywhere, request, |domain, action| {
             inventory.mark_stale(&domain.uuid);
-            if let Some((field, cpus)) = action.pin_field() {
-                own_pins
-                    .entry(domain.uuid.clone())
-                    .or_default()
-                    .insert(field, cpus.clone());
-            }
-            let (message, mut fields) = action.describe();
-            fields.insert(0, ("DOMAIN", domain.name.clone()));
-            fields.push(("RELEASE", "1".into()));
-            let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            logger.info(&format!("release: {message}"), &fields);
+            memory.applied(&domain.uuid, action);
+            super::pass::log_applied(&logger, domain, action, true);
         });
         match released {
-            Ok(reports) => Response::Released(reports),
+            Ok(reports) => {
+                // The released guests leave the plan; the others may
+                // take their CPUs (libvirt's echo of the metadata is
+                // known as pinner's own and asks for no pass).
+                self.schedule.coalescer.changed(Instant::now());
+                Response::Released(reports)
+            }
             Err(e) => {
                 if matches!(e, HvError::Disconnected(_)) {
                     self.session.drop_connection();

@@ -10,6 +10,7 @@ use crate::engine::domain::DomainSpec;
 use crate::engine::hypervisor::{HvError, Unreadable};
 use crate::engine::placement::{Plan, Warning};
 use crate::engine::reconcile::{self, Action, ApplyOutcome, DomainActions, MemoryRefusals};
+use pinner_shared::log::Logger;
 use pinner_shared::protocol::{PendingChange, ReconcileReport};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -67,6 +68,20 @@ impl PassMemory {
             .is_some_and(|at| at.elapsed() < OWN_ECHO_WINDOW)
     }
 
+    /// Remembers a change pinner just made to guest `uuid`, so libvirt's
+    /// echo of it is not taken for someone else's.
+    pub fn applied(&mut self, uuid: &str, action: &Action) {
+        if let Some((field, cpus)) = action.pin_field() {
+            self.own_pins
+                .entry(uuid.to_string())
+                .or_default()
+                .insert(field, cpus.clone());
+        }
+        if matches!(action, Action::SetMetadata { .. }) {
+            self.own_metadata.insert(uuid.to_string(), Instant::now());
+        }
+    }
+
     /// Whether pinner itself set `field` of domain `uuid` to `cpus`.
     pub fn is_own_pin(&self, uuid: &str, field: &str, cpus: &str) -> bool {
         let own = self.own_pins.get(uuid).and_then(|o| o.get(field));
@@ -80,6 +95,26 @@ impl PassMemory {
         self.own_pins.retain(|uuid, _| running(uuid));
         self.own_metadata.retain(|uuid, _| running(uuid));
         self.announced.retain(|uuid, _| running(uuid));
+    }
+}
+
+/// Logs a change just made to `domain`, DOMAIN first among its fields.
+/// One `by_release` is prefixed `release:`, carries RELEASE=1 and is said
+/// at info level whatever it is: an operator asked for it.
+pub(super) fn log_applied(
+    logger: &Logger,
+    domain: &DomainActions,
+    action: &Action,
+    by_release: bool,
+) {
+    let (message, fields) = action.describe();
+    let mut fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    fields.insert(0, ("DOMAIN", &domain.name));
+    if by_release {
+        fields.push(("RELEASE", "1"));
+        logger.info(&format!("release: {message}"), &fields);
+    } else {
+        logger.log(action.log_level(), &message, &fields);
     }
 }
 
@@ -177,23 +212,11 @@ impl Daemon {
         events: u32,
     ) -> Result<ReconcileReport, HvError> {
         let logger = self.logger.clone();
-        let (own_pins, own_metadata) = (&mut self.memory.own_pins, &mut self.memory.own_metadata);
+        let memory = &mut self.memory;
         let libvirt = self.session.current().expect("connected above");
         let outcome = reconcile::apply(libvirt, work, |domain, action| {
-            if let Some((field, cpus)) = action.pin_field() {
-                own_pins
-                    .entry(domain.uuid.clone())
-                    .or_default()
-                    .insert(field, cpus.clone());
-            }
-            if matches!(action, Action::SetMetadata { .. }) {
-                own_metadata.insert(domain.uuid.clone(), Instant::now());
-            }
-            let (message, fields) = action.describe();
-            let mut fields: Vec<(&str, &str)> =
-                fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            fields.insert(0, ("DOMAIN", &domain.name));
-            logger.log(action.log_level(), &message, &fields);
+            memory.applied(&domain.uuid, action);
+            log_applied(&logger, domain, action, false);
         })?;
         // What was changed (or tried) is read back at the next pass.
         for domain in work {
