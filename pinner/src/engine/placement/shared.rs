@@ -156,12 +156,12 @@ impl Ranges {
 
     /// The candidate least busy after adding `w` (demand per pCPU; within
     /// [`DEMAND_TIE`] of each other, the fewest vCPUs per pCPU, then the
-    /// first), unless the range the guest is on now is within one vCPU per
-    /// pCPU of the candidate with the fewest: a running guest leaves its
-    /// range for demand only when rebalancing moves it, with its samples
-    /// and cool-down. Unmeasured guests weigh one CPU per vCPU at the
-    /// default prior, so then this is balancing vCPUs per pCPU.
-    pub(super) fn choose(&self, candidates: &[usize], current: Current, w: Weight) -> usize {
+    /// first), unless `here`, the candidate the guest is on now, is within
+    /// one vCPU per pCPU of the candidate with the fewest: a running guest
+    /// leaves its range for demand only when rebalancing moves it, with its
+    /// samples and cool-down. Unmeasured guests weigh one CPU per vCPU at
+    /// the default prior, so then this is balancing vCPUs per pCPU.
+    pub(super) fn choose(&self, candidates: &[usize], here: Option<usize>, w: Weight) -> usize {
         let by = |key: &dyn Fn(usize) -> f64| {
             candidates
                 .iter()
@@ -171,15 +171,6 @@ impl Ranges {
         };
         let least_demand = by(&|r| self.demand_after(r, w));
         let fewest_vcpus = by(&|r| self.mean_after(r, w));
-        let here = match current.first() {
-            Some(Some(first))
-                if current.len() == w.vcpus as usize
-                    && current.iter().all(|c| c.as_ref() == Some(first)) =>
-            {
-                candidates.iter().copied().find(|&r| self.sets[r] == *first)
-            }
-            _ => None,
-        };
         if let Some(h) = here.filter(|&h| self.mean_after(h, w) - fewest_vcpus < 1.0) {
             return h;
         }
@@ -189,6 +180,15 @@ impl Ranges {
             .filter(|&r| self.demand_after(r, w) - least_demand < DEMAND_TIE)
             .min_by(|&a, &b| self.mean_after(a, w).total_cmp(&self.mean_after(b, w)))
             .expect("the least busy is within the tie")
+    }
+
+    /// The candidate every one of `pins` (a vCPU each) is pinned to now.
+    pub(super) fn held(&self, candidates: &[usize], pins: &[Option<CpuSet>]) -> Option<usize> {
+        let first = pins.first()?.as_ref()?;
+        if pins.iter().any(|p| p.as_ref() != Some(first)) {
+            return None;
+        }
+        candidates.iter().copied().find(|&r| self.sets[r] == *first)
     }
 
     /// Range `r`'s reason.
@@ -280,7 +280,6 @@ pub(super) fn place_shared(
         let moved_to = load.moves.get(&g.uuid);
         let asked = Asked {
             g,
-            current,
             weight,
             here,
             moved_to,
@@ -346,11 +345,10 @@ impl Placed {
     }
 }
 
-/// One guest as its range is chosen: its pins, weight, the range it is
+/// One guest as its range is chosen: its weight, the range it is
 /// held on now (see [`Pool::hold_running`]) and where rebalancing moves it.
 struct Asked<'a> {
     g: &'a Guest,
-    current: Current<'a>,
     weight: Weight,
     here: Option<usize>,
     moved_to: Option<&'a CpuSet>,
@@ -421,7 +419,6 @@ impl<'a> Pool<'a> {
     ) -> (usize, Target) {
         let Asked {
             g,
-            current,
             weight,
             here,
             moved_to,
@@ -444,7 +441,10 @@ impl<'a> Pool<'a> {
             .and_then(|set| ranges.index.get(set))
             .copied()
             .filter(|r| candidates.contains(r))
-            .unwrap_or_else(|| ranges.choose(candidates, current, weight));
+            .unwrap_or_else(|| {
+                let here = here.filter(|h| candidates.contains(h));
+                ranges.choose(candidates, here, weight)
+            });
         if Some(range) == here && holds_here(range) {
             // It stays: its memory stays bound where it is.
             let bound = g.memory_nodes.iter().flat_map(CpuSet::iter).collect();
@@ -553,7 +553,7 @@ fn bind_cells(
             vcpus,
             demand: weight.demand * f64::from(vcpus) / f64::from(weight.vcpus.max(1)),
         };
-        let range = ranges.choose(candidates, &pins, cell_weight);
+        let range = ranges.choose(candidates, ranges.held(candidates, &pins), cell_weight);
         ranges.assign(range, cell_weight);
         used.push(range);
         out.push((cell.clone(), range));
