@@ -289,13 +289,20 @@ fn best_move(
                 .then_with(|| tenants[a.tenant].name.cmp(&tenants[b.tenant].name))
         })
     };
+    let search = Search {
+        rules,
+        host,
+        demand,
+        tenants,
+        free: &free,
+    };
     let within = (0..host.nodes.len())
-        .flat_map(|n| within_node(rules, host, demand, n, tenants, &free))
+        .flat_map(|n| search.within_node(n))
         .collect();
     let chosen = pick(within).or_else(|| {
         let across = kinds(host)
             .into_iter()
-            .flat_map(|k| across_nodes(rules, host, demand, k, tenants, &free))
+            .flat_map(|k| search.across_nodes(k))
             .collect();
         pick(across)
     })?;
@@ -325,94 +332,88 @@ fn narrowed(rules: &Rules, busy: (f64, usize), idle: (f64, usize), d: f64) -> Op
 }
 
 /// Two ranges a guest may move between: the busy one's and the idle one's
-/// (demand, CPUs) and demand per pCPU.
+/// (demand, CPUs).
 struct Pair {
     busy: (f64, usize),
     idle: (f64, usize),
-    per_cpu: (f64, f64),
     across_nodes: bool,
 }
 
-/// The moves over `pair` of every guest `target` finds a range for.
-fn pair_moves(
-    rules: &Rules,
-    pair: Pair,
-    tenants: &[Tenant],
-    target: impl Fn(&Tenant) -> Option<CpuSet>,
-) -> Vec<Candidate> {
-    if pair.per_cpu.0 - pair.per_cpu.1 < rules.threshold {
-        return Vec::new();
-    }
-    tenants
-        .iter()
-        .enumerate()
-        .filter_map(|(i, t)| {
-            let to = target(t)?;
-            let gap_after = narrowed(rules, pair.busy, pair.idle, t.demand)?;
-            Some(Candidate {
-                tenant: i,
-                to,
-                across_nodes: pair.across_nodes,
-                gap_after,
-                busy: pair.per_cpu.0,
-                idle: pair.per_cpu.1,
+/// One search for moves: the host, its L3 ranges' demand, the guests as
+/// moved so far and which of them may move.
+struct Search<'a> {
+    rules: &'a Rules,
+    host: &'a HostLoad,
+    demand: &'a L3Demand,
+    tenants: &'a [Tenant],
+    free: &'a dyn Fn(&Tenant) -> bool,
+}
+
+impl Search<'_> {
+    /// The moves over `pair` of every guest `target` finds a range for.
+    fn pair_moves(&self, pair: Pair, target: impl Fn(&Tenant) -> Option<CpuSet>) -> Vec<Candidate> {
+        let per_pcpu = |(demand, cpus): (f64, usize)| demand / cpus.max(1) as f64;
+        let (busy, idle) = (per_pcpu(pair.busy), per_pcpu(pair.idle));
+        if busy - idle < self.rules.threshold {
+            return Vec::new();
+        }
+        self.tenants
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| {
+                let to = target(t)?;
+                let gap_after = narrowed(self.rules, pair.busy, pair.idle, t.demand)?;
+                Some(Candidate {
+                    tenant: i,
+                    to,
+                    across_nodes: pair.across_nodes,
+                    gap_after,
+                    busy,
+                    idle,
+                })
             })
+            .collect()
+    }
+
+    /// Moves from node share `n`'s busiest L3 range to its least busy one.
+    fn within_node(&self, n: usize) -> Vec<Candidate> {
+        let (host, demand) = (self.host, self.demand);
+        let l3s = &host.nodes[n].l3s;
+        let Some(((hi, _), (lo, _))) = l3_extremes(host, demand, n) else {
+            return Vec::new();
+        };
+        let (from, to) = (&l3s[hi], &l3s[lo]);
+        let pair = Pair {
+            busy: (demand[n][hi], from.len()),
+            idle: (demand[n][lo], to.len()),
+            across_nodes: false,
+        };
+        self.pair_moves(pair, |t| {
+            ((self.free)(t) && t.range == *from && t.vcpus as usize <= to.len()).then(|| to.clone())
         })
-        .collect()
-}
+    }
 
-/// Moves from node share `n`'s busiest L3 range to its least busy one.
-fn within_node(
-    rules: &Rules,
-    host: &HostLoad,
-    demand: &L3Demand,
-    n: usize,
-    tenants: &[Tenant],
-    free: &dyn Fn(&Tenant) -> bool,
-) -> Vec<Candidate> {
-    let l3s = &host.nodes[n].l3s;
-    let Some(((hi, busy), (lo, idle))) = l3_extremes(host, demand, n) else {
-        return Vec::new();
-    };
-    let (from, to) = (&l3s[hi], &l3s[lo]);
-    let pair = Pair {
-        busy: (demand[n][hi], from.len()),
-        idle: (demand[n][lo], to.len()),
-        per_cpu: (busy, idle),
-        across_nodes: false,
-    };
-    pair_moves(rules, pair, tenants, |t| {
-        (free(t) && t.range == *from && t.vcpus as usize <= to.len()).then(|| to.clone())
-    })
-}
-
-/// Moves from kind `kind`'s busiest node share to its least busy one, of
-/// guests whose memory that node holds: to its least busy L3 range the
-/// guest fits, else to the whole node share.
-fn across_nodes(
-    rules: &Rules,
-    host: &HostLoad,
-    demand: &L3Demand,
-    kind: u8,
-    tenants: &[Tenant],
-    free: &dyn Fn(&Tenant) -> bool,
-) -> Vec<Candidate> {
-    let Some(((hi, busy), (lo, idle))) = node_extremes(host, demand, kind) else {
-        return Vec::new();
-    };
-    let (from, to) = (&host.nodes[hi], &host.nodes[lo]);
-    let holds = |t: &Tenant| to.node.is_some_and(|node| t.fits.contains(&node));
-    let pair = Pair {
-        busy: (demand[hi].iter().sum(), from.cpus.len()),
-        idle: (demand[lo].iter().sum(), to.cpus.len()),
-        per_cpu: (busy, idle),
-        across_nodes: true,
-    };
-    pair_moves(rules, pair, tenants, |t| {
-        (free(t) && t.range.is_subset(&from.cpus) && holds(t))
-            .then(|| l3_for(to, &demand[lo], t))
-            .flatten()
-    })
+    /// Moves from kind `kind`'s busiest node share to its least busy one,
+    /// of guests whose memory that node holds: to its least busy L3 range
+    /// the guest fits, else to the whole node share.
+    fn across_nodes(&self, kind: u8) -> Vec<Candidate> {
+        let (host, demand) = (self.host, self.demand);
+        let Some(((hi, _), (lo, _))) = node_extremes(host, demand, kind) else {
+            return Vec::new();
+        };
+        let (from, to) = (&host.nodes[hi], &host.nodes[lo]);
+        let holds = |t: &Tenant| to.node.is_some_and(|node| t.fits.contains(&node));
+        let pair = Pair {
+            busy: (demand[hi].iter().sum(), from.cpus.len()),
+            idle: (demand[lo].iter().sum(), to.cpus.len()),
+            across_nodes: true,
+        };
+        self.pair_moves(pair, |t| {
+            ((self.free)(t) && t.range.is_subset(&from.cpus) && holds(t))
+                .then(|| l3_for(to, &demand[lo], t))
+                .flatten()
+        })
+    }
 }
 
 /// Where on node share `to` a guest goes: as placement would put it, the
