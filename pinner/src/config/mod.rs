@@ -589,7 +589,6 @@ impl Config {
         Ok(())
     }
 
-    /// `[openstack]`, `[libvirt]`, `[isolation]` and `[metrics]`.
     /// How range-bound guests are placed: `capacity_hysteresis_percent`,
     /// `shared_balance`, `demand_prior_per_vcpu` and `[rebalance]`.
     fn shared_keys(
@@ -640,6 +639,7 @@ impl Config {
         Ok(())
     }
 
+    /// `[openstack]`, `[libvirt]`, `[isolation]` and `[metrics]`.
     fn tables(
         &mut self,
         openstack: Option<RawOpenstack>,

@@ -368,7 +368,7 @@ pub fn range_status(topology: &Topology, plan: &Plan, load: &Load) -> Vec<RangeS
         .iter()
         .filter(|g| g.placement == Placement::Shared);
     for g in shared {
-        let cpus: CpuSet = g.vcpus.iter().flat_map(CpuSet::iter).collect();
+        let cpus = g.vcpu_cpus();
         let vcpus = g.vcpus.len() as u32;
         let range = ranges.entry(cpus.to_vec()).or_insert_with(|| RangeStatus {
             cpus: cpus.to_vec(),

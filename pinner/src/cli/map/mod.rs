@@ -46,10 +46,7 @@ pub struct Occupancy {
 impl Occupancy {
     /// A plan's guests (their planned CPUs), reserved CPUs and ranges.
     pub fn of_plan(plan: &Plan, ranges: &[RangeStatus]) -> Occupancy {
-        let guests = plan.guests.iter().map(|g| {
-            let cpus = g.vcpus.iter().flat_map(CpuSet::iter).collect();
-            (g.name.clone(), cpus)
-        });
+        let guests = plan.guests.iter().map(|g| (g.name.clone(), g.vcpu_cpus()));
         Occupancy {
             guests: guests.collect(),
             reserved: plan.reserved.clone(),

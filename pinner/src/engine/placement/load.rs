@@ -41,7 +41,7 @@ pub fn host_load(topo: &Topology, plan: &Plan, load: &Load) -> HostLoad {
 }
 
 fn tenant(g: &GuestPlan, nodes: &[NodeShare], load: &Load, memory: &[PoolFigures]) -> Tenant {
-    let range: CpuSet = g.vcpus.iter().flat_map(CpuSet::iter).collect();
+    let range = g.vcpu_cpus();
     let whole = g.cells.is_empty() && g.vcpus.iter().all(|v| *v == range);
     let placed = nodes
         .iter()
@@ -51,9 +51,10 @@ fn tenant(g: &GuestPlan, nodes: &[NodeShare], load: &Load, memory: &[PoolFigures
     let settling = load.settling.contains(&g.uuid);
     let demand = load.demand_of(&g.uuid, vcpus);
     // Not known well yet: taken for at least as busy as the prior.
-    let demand = match settling {
-        true => demand.max(load.prior_per_vcpu * f64::from(vcpus)),
-        false => demand,
+    let demand = if settling {
+        demand.max(load.prior_per_vcpu * f64::from(vcpus))
+    } else {
+        demand
     };
     Tenant {
         uuid: g.uuid.clone(),

@@ -258,6 +258,13 @@ pub struct GuestPlan {
     pub reason: String,
 }
 
+impl GuestPlan {
+    /// Every CPU its vCPUs may run on: a shared guest's range.
+    pub fn vcpu_cpus(&self) -> CpuSet {
+        self.vcpus.iter().flat_map(CpuSet::iter).collect()
+    }
+}
+
 /// Where one of a guest's NUMA cells went.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CellPlan {
@@ -861,7 +868,7 @@ mod tests {
     }
 
     fn all_cpus(p: &GuestPlan) -> CpuSet {
-        p.vcpus.iter().fold(CpuSet::new(), |a, s| a.union(s))
+        p.vcpu_cpus()
     }
 
     #[test]
