@@ -385,6 +385,17 @@ fn an_unusable_state_is_refused_once_with_the_way_out() {
     let plain = dummies.spawn("dummy-sshd", 0, true);
     wait_for(Duration::from_secs(5), || confined_to(plain, &online[..1])).unwrap();
     let state = sb.socket().with_file_name("isolation.json");
+    // The sweep that confined it records it after: tampering before that
+    // record would be undone by it.
+    let recorded = |pid: u32| {
+        let text = std::fs::read_to_string(&state).unwrap_or_default();
+        if text.contains(&format!("\"pid\": {pid},")) {
+            Ok(())
+        } else {
+            Err(format!("{pid} not recorded yet"))
+        }
+    };
+    wait_for(Duration::from_secs(5), || recorded(plain)).unwrap();
     let good = std::fs::read(&state).unwrap();
     let refusals = |sb: &Sandbox| {
         sb.daemon_log()
