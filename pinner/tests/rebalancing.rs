@@ -99,6 +99,18 @@ fn simulate(
     all
 }
 
+/// The first move that takes a guest back to a range it left earlier in
+/// the trace. Under steady demand (or a peak held steady) the host is never
+/// balanced between two moves, so the way back stays barred throughout.
+fn first_return(moves: &[(u32, Move)]) -> Option<&Move> {
+    moves.iter().enumerate().find_map(|(k, (_, m))| {
+        moves[..k]
+            .iter()
+            .any(|(_, before)| before.uuid == m.uuid && before.from == m.to)
+            .then_some(m)
+    })
+}
+
 /// Σ demand² / CPUs over the node shares: what every move across nodes
 /// lowers.
 fn node_potential(host: &HostLoad) -> f64 {
@@ -125,6 +137,7 @@ proptest! {
         // Each guest moves at most once per cool-down, and the moves end:
         // none in the second half of the trace.
         prop_assert!(moves.iter().all(|(i, _)| *i < 60), "{moves:?}");
+        prop_assert_eq!(first_return(&moves), None, "{:?}", moves);
         // Replay: every move across nodes lowers the nodes' potential.
         let mut replay = h.clone();
         for (_, m) in &moves {
@@ -152,17 +165,13 @@ proptest! {
         let moves = simulate(h, 200, |i, g| {
             (g == t).then(|| if (i / half) % 2 == 0 { vcpus } else { low * vcpus })
         });
-        // Moves stop (the window's peak holds its demand steady), and the
-        // flipping guest never makes the same move twice: no back and
-        // forth between two ranges.
+        // Moves stop (the window's peak holds its demand steady), and no
+        // guest, the flipping one included, goes back to a range it left:
+        // no back and forth. (A 1-vCPU guest evening out a busy node's L3
+        // ranges one way, then the other once a bigger guest had left for
+        // another node, was found here.)
         prop_assert!(moves.iter().all(|(i, _)| *i < 100), "{moves:?}");
-        let mine: Vec<&Move> = moves.iter().map(|(_, m)| m).filter(|m| m.uuid == format!("uuid-{t}")).collect();
-        for (k, m) in mine.iter().enumerate() {
-            prop_assert!(
-                mine[k + 1..].iter().all(|later| (&later.from, &later.to) != (&m.from, &m.to)),
-                "{mine:?}"
-            );
-        }
+        prop_assert_eq!(first_return(&moves), None, "{:?}", moves);
     }
 
     #[test]

@@ -17,7 +17,8 @@
 //!     moves), else across nodes (only to a node whose free memory holds
 //!     the guest): from the busiest range to the least busy one, the guest
 //!     whose move narrows that gap most, by at least the threshold, and
-//!     that has not moved within the cool-down;
+//!     that has not moved within the cool-down, nor left that range since
+//!     the host was last balanced;
 //!  4. repeated, each move counted in, up to `max_moves`; after a move the
 //!     count starts again, so the next decision waits for demand measured
 //!     since.
@@ -25,8 +26,12 @@
 //! A move must narrow its gap by the threshold, so the sum over ranges of
 //! demand² / CPUs falls by a fixed amount with each: under steady demand
 //! moves stop, and two guests never trade places. Taking the peak keeps
-//! demand steady for a guest whose load flips faster than the window: it
-//! does not go back and forth.
+//! demand steady for a guest whose load flips faster than the window, and
+//! barring the way back keeps a small guest from evening out a node's L3
+//! ranges one way and, once a bigger guest has left, the other: while an
+//! imbalance lasts, no guest goes back and forth. (The property test found
+//! that guest; a bar for a time instead only put the move back off until
+//! it ran out, under steady demand.)
 
 use crate::engine::cpuset::CpuSet;
 use std::collections::{HashMap, VecDeque};
@@ -113,6 +118,8 @@ pub struct Rebalancer {
     imbalanced: u32,
     /// Guest UUID → when it was last moved (seconds, the caller's clock).
     moved_at: HashMap<String, f64>,
+    /// Guest UUID → the ranges it left since the host was last balanced.
+    left: HashMap<String, Vec<CpuSet>>,
     /// Guest UUID → its demand at the last observations, newest last.
     seen: HashMap<String, VecDeque<f64>>,
     /// The gap at the last observation (demand per pCPU).
@@ -130,6 +137,7 @@ impl Rebalancer {
         self.last_gap = worst_gap(host, &demand);
         if rules.max_moves == 0 || self.last_gap < rules.threshold {
             self.imbalanced = 0;
+            self.left.clear();
             return Vec::new();
         }
         self.imbalanced += 1;
@@ -141,14 +149,16 @@ impl Rebalancer {
         let mut tenants: Vec<Tenant> = host.tenants.clone();
         let mut moves = Vec::new();
         while moves.len() < rules.max_moves as usize {
-            let cooling = |t: &Tenant| self.moved_at.contains_key(&t.uuid);
-            let Some((i, next)) = best_move(rules, host, &demand, &tenants, &cooling) else {
+            let barred = |t: &Tenant, to: &CpuSet| self.barred(t, to);
+            let Some((i, next)) = best_move(rules, host, &demand, &tenants, &barred) else {
                 break;
             };
             spread(host, &mut demand, &tenants[i], -1.0);
             tenants[i].range = next.to.clone();
             spread(host, &mut demand, &tenants[i], 1.0);
             self.moved_at.insert(next.uuid.clone(), now);
+            let left = self.left.entry(next.uuid.clone()).or_default();
+            left.push(next.from.clone());
             moves.push(next);
         }
         if !moves.is_empty() {
@@ -157,14 +167,24 @@ impl Rebalancer {
         moves
     }
 
+    /// Whether guest `t` may not go to `to` now: it is cooling down, or
+    /// left `to` since the host was last balanced.
+    fn barred(&self, t: &Tenant, to: &CpuSet) -> bool {
+        self.moved_at.contains_key(&t.uuid)
+            || self
+                .left
+                .get(&t.uuid)
+                .is_some_and(|ranges| ranges.contains(to))
+    }
+
     /// `host` with each guest's demand the peak of its recent ones (this
     /// observation's recorded); guests gone are forgotten.
     fn steady(&mut self, rules: &Rules, host: &HostLoad) -> HostLoad {
         let window = 2 * rules.samples.max(1) as usize;
-        self.seen
-            .retain(|uuid, _| host.tenants.iter().any(|t| &t.uuid == uuid));
-        self.moved_at
-            .retain(|uuid, _| host.tenants.iter().any(|t| &t.uuid == uuid));
+        let present = |uuid: &String| host.tenants.iter().any(|t| &t.uuid == uuid);
+        self.seen.retain(|uuid, _| present(uuid));
+        self.moved_at.retain(|uuid, _| present(uuid));
+        self.left.retain(|uuid, _| present(uuid));
         let mut steady = host.clone();
         for t in &mut steady.tenants {
             let seen = self.seen.entry(t.uuid.clone()).or_default();
@@ -279,9 +299,9 @@ fn best_move(
     host: &HostLoad,
     demand: &L3Demand,
     tenants: &[Tenant],
-    cooling: &dyn Fn(&Tenant) -> bool,
+    barred: &dyn Fn(&Tenant, &CpuSet) -> bool,
 ) -> Option<(usize, Move)> {
-    let free = |t: &Tenant| t.movable && !cooling(t) && t.demand > 0.0;
+    let free = |t: &Tenant, to: &CpuSet| t.movable && t.demand > 0.0 && !barred(t, to);
     let pick = |found: Vec<Candidate>| {
         found.into_iter().min_by(|a, b| {
             a.gap_after
@@ -340,13 +360,13 @@ struct Pair {
 }
 
 /// One search for moves: the host, its L3 ranges' demand, the guests as
-/// moved so far and which of them may move.
+/// moved so far and which of them may go to a range.
 struct Search<'a> {
     rules: &'a Rules,
     host: &'a HostLoad,
     demand: &'a L3Demand,
     tenants: &'a [Tenant],
-    free: &'a dyn Fn(&Tenant) -> bool,
+    free: &'a dyn Fn(&Tenant, &CpuSet) -> bool,
 }
 
 impl Search<'_> {
@@ -389,7 +409,8 @@ impl Search<'_> {
             across_nodes: false,
         };
         self.pair_moves(pair, |t| {
-            ((self.free)(t) && t.range == *from && t.vcpus as usize <= to.len()).then(|| to.clone())
+            (t.range == *from && t.vcpus as usize <= to.len() && (self.free)(t, to))
+                .then(|| to.clone())
         })
     }
 
@@ -409,9 +430,10 @@ impl Search<'_> {
             across_nodes: true,
         };
         self.pair_moves(pair, |t| {
-            ((self.free)(t) && t.range.is_subset(&from.cpus) && holds(t))
+            (t.range.is_subset(&from.cpus) && holds(t))
                 .then(|| l3_for(to, &demand[lo], t))
                 .flatten()
+                .filter(|range| (self.free)(t, range))
         })
     }
 }
@@ -538,6 +560,45 @@ mod tests {
         assert_ne!(first[0].uuid, second[0].uuid);
         let later = r.step(&rules, &h, 30.0 + rules.cooldown_secs);
         assert_eq!(later[0].uuid, first[0].uuid, "its cool-down is over");
+    }
+
+    #[test]
+    fn a_guest_does_not_go_back_while_the_imbalance_lasts() {
+        // One node: its two L3 ranges only.
+        let node = |tenants: &[(&str, &str, f64)]| {
+            let mut h = host(tenants);
+            h.nodes.truncate(1);
+            h
+        };
+        let rules = Rules {
+            samples: 1,
+            max_moves: 1,
+            cooldown_secs: 30.0,
+            ..Rules::default()
+        };
+        // a leaves 0-3 for 4-7; then b goes quiet and c starts beside a:
+        // 4-7 is the busy range, and a or c (a first by name) evens it out
+        // once b's peak has left the window (two observations).
+        let steps = |r: &mut Rebalancer, first: f64| -> Vec<Move> {
+            let quiet = node(&[("a", "4-7", 4.0), ("b", "0-3", 0.0), ("c", "4-7", 4.0)]);
+            (0..2)
+                .flat_map(|k| r.step(&rules, &quiet, first + 30.0 * f64::from(k)))
+                .collect()
+        };
+        let mut r = Rebalancer::default();
+        let moved = r.step(&rules, &node(&[("a", "0-3", 4.0), ("b", "0-3", 4.0)]), 0.0);
+        assert_eq!((moved[0].name.as_str(), &moved[0].to), ("a", &set("4-7")));
+        let moves = steps(&mut r, 60.0);
+        assert_eq!(moves.len(), 1, "{moves:?}");
+        assert_eq!((moves[0].name.as_str(), &moves[0].to), ("c", &set("0-3")));
+        // With the host balanced in between, the way back is open again.
+        let mut r = Rebalancer::default();
+        r.step(&rules, &node(&[("a", "0-3", 4.0), ("b", "0-3", 4.0)]), 0.0);
+        let balanced = node(&[("a", "4-7", 4.0), ("b", "0-3", 4.0)]);
+        assert!(r.step(&rules, &balanced, 30.0).is_empty());
+        let moves = steps(&mut r, 60.0);
+        assert_eq!(moves.len(), 1, "{moves:?}");
+        assert_eq!((moves[0].name.as_str(), &moves[0].to), ("a", &set("0-3")));
     }
 
     #[test]
