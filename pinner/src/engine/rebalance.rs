@@ -34,7 +34,7 @@
 //! it ran out, under steady demand.)
 
 use crate::engine::cpuset::CpuSet;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 /// When and how much rebalancing moves.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -181,10 +181,11 @@ impl Rebalancer {
     /// observation's recorded); guests gone are forgotten.
     fn steady(&mut self, rules: &Rules, host: &HostLoad) -> HostLoad {
         let window = 2 * rules.samples.max(1) as usize;
-        let present = |uuid: &String| host.tenants.iter().any(|t| &t.uuid == uuid);
-        self.seen.retain(|uuid, _| present(uuid));
-        self.moved_at.retain(|uuid, _| present(uuid));
-        self.left.retain(|uuid, _| present(uuid));
+        let present: HashSet<&str> = host.tenants.iter().map(|t| t.uuid.as_str()).collect();
+        self.seen.retain(|uuid, _| present.contains(uuid.as_str()));
+        self.moved_at
+            .retain(|uuid, _| present.contains(uuid.as_str()));
+        self.left.retain(|uuid, _| present.contains(uuid.as_str()));
         let mut steady = host.clone();
         for t in &mut steady.tenants {
             let seen = self.seen.entry(t.uuid.clone()).or_default();
@@ -221,11 +222,12 @@ fn spread(host: &HostLoad, demand: &mut L3Demand, t: &Tenant, sign: f64) {
     }
 }
 
-fn per_cpu(demand: f64, cpus: &CpuSet) -> f64 {
-    demand / cpus.len().max(1) as f64
+/// Demand per pCPU of a range's (demand, CPUs).
+fn per_cpu((demand, cpus): (f64, usize)) -> f64 {
+    demand / cpus.max(1) as f64
 }
 
-/// The busiest and least busy of `items` (demand, CPUs) by demand per pCPU.
+/// The busiest and least busy of `items` (index, demand per pCPU).
 fn extremes(items: impl Iterator<Item = (usize, f64)>) -> Option<((usize, f64), (usize, f64))> {
     let mut out: Option<((usize, f64), (usize, f64))> = None;
     for (i, x) in items {
@@ -247,7 +249,7 @@ fn l3_extremes(
     n: usize,
 ) -> Option<((usize, f64), (usize, f64))> {
     let l3s = &host.nodes[n].l3s;
-    extremes((0..l3s.len()).map(|l| (l, per_cpu(demand[n][l], &l3s[l]))))
+    extremes((0..l3s.len()).map(|l| (l, per_cpu((demand[n][l], l3s[l].len())))))
 }
 
 /// The node shares of core kind `kind`: busiest and least busy, per pCPU.
@@ -259,7 +261,12 @@ fn node_extremes(
     extremes(
         (0..host.nodes.len())
             .filter(|&n| host.nodes[n].kind == kind)
-            .map(|n| (n, per_cpu(demand[n].iter().sum(), &host.nodes[n].cpus))),
+            .map(|n| {
+                (
+                    n,
+                    per_cpu((demand[n].iter().sum(), host.nodes[n].cpus.len())),
+                )
+            }),
     )
 }
 
@@ -345,9 +352,8 @@ fn best_move(
 /// `d` moves from one to the other; None unless that narrows it by the
 /// threshold.
 fn narrowed(rules: &Rules, busy: (f64, usize), idle: (f64, usize), d: f64) -> Option<f64> {
-    let (b, i) = (busy.1.max(1) as f64, idle.1.max(1) as f64);
-    let before = busy.0 / b - idle.0 / i;
-    let after = ((busy.0 - d) / b - (idle.0 + d) / i).abs();
+    let before = per_cpu(busy) - per_cpu(idle);
+    let after = (per_cpu((busy.0 - d, busy.1)) - per_cpu((idle.0 + d, idle.1))).abs();
     (before - after >= rules.threshold).then_some(after)
 }
 
@@ -372,8 +378,7 @@ struct Search<'a> {
 impl Search<'_> {
     /// The moves over `pair` of every guest `target` finds a range for.
     fn pair_moves(&self, pair: Pair, target: impl Fn(&Tenant) -> Option<CpuSet>) -> Vec<Candidate> {
-        let per_pcpu = |(demand, cpus): (f64, usize)| demand / cpus.max(1) as f64;
-        let (busy, idle) = (per_pcpu(pair.busy), per_pcpu(pair.idle));
+        let (busy, idle) = (per_cpu(pair.busy), per_cpu(pair.idle));
         if busy - idle < self.rules.threshold {
             return Vec::new();
         }
@@ -443,7 +448,7 @@ impl Search<'_> {
 fn l3_for(to: &NodeShare, demand: &[f64], t: &Tenant) -> Option<CpuSet> {
     let fitting = (0..to.l3s.len()).filter(|&l| to.l3s[l].len() >= t.vcpus as usize);
     let l3 = fitting
-        .map(|l| (l, per_cpu(demand[l], &to.l3s[l])))
+        .map(|l| (l, per_cpu((demand[l], to.l3s[l].len()))))
         .min_by(|a, b| a.1.total_cmp(&b.1))
         .map(|(l, _)| to.l3s[l].clone());
     l3.or_else(|| (to.cpus.len() >= t.vcpus as usize).then(|| to.cpus.clone()))
